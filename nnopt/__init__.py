@@ -1,0 +1,65 @@
+"""nnopt: make trained neural networks smaller, faster and cheaper in energy, with measurements.
+
+Importing this package is cheap: the verbs below load their modules on first use, and nothing
+imports ONNX, Keras or transformers until a feature needs it.
+
+>>> import nnopt
+>>> model = nnopt.create_model("simplenet")
+>>> pruned = nnopt.prune(model, nnopt.ThresholdPruneConfig(threshold=0.01))
+>>> quantized = nnopt.quantize(pruned, nnopt.WeightQuantConfig(bits=8))
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from nnopt._version import __version__
+
+# public name -> module that defines it
+_EXPORTS = {
+    "create_model": "nnopt.models",
+    "architectures": "nnopt.models",
+    "from_keras": "nnopt.models",
+    "load_dataset": "nnopt.data",
+    "load_digits": "nnopt.data",
+    "train": "nnopt.training",
+    "TrainConfig": "nnopt.training",
+    "prune": "nnopt.pruning",
+    "ThresholdPruneConfig": "nnopt.pruning",
+    "quantize": "nnopt.quantization",
+    "WeightQuantConfig": "nnopt.quantization",
+    "measure": "nnopt.metrics",
+    "accuracy": "nnopt.metrics",
+    "profile_model": "nnopt.metrics",
+    "measure_latency": "nnopt.metrics",
+    "save_model": "nnopt.io",
+    "load_model": "nnopt.io",
+    "NnoptError": "nnopt.errors",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nnopt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs only
+    from nnopt.data import load_dataset, load_digits
+    from nnopt.errors import NnoptError
+    from nnopt.io import load_model, save_model
+    from nnopt.metrics import accuracy, measure, measure_latency, profile_model
+    from nnopt.models import architectures, create_model, from_keras
+    from nnopt.pruning import ThresholdPruneConfig, prune
+    from nnopt.quantization import WeightQuantConfig, quantize
+    from nnopt.training import TrainConfig, train

@@ -1,0 +1,118 @@
+"""Wall-clock latency: warm-up, then repeated timed calls; median and percentiles.
+
+Protocol (BENCHMARKS.md): at least ``warmup`` untimed calls, then at least ``min_calls`` timed
+calls and at least ``min_seconds`` of timing; ``time.perf_counter``; ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnopt.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Latency of one call at one batch size, in milliseconds (measured)."""
+
+    batch: int
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    calls: int
+
+    def to_dict(self) -> dict[str, float]:
+        return {"median": self.median_ms, "p10": self.p10_ms, "p90": self.p90_ms, "calls": self.calls}
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyStats:
+    device: str
+    threads: int
+    timings: tuple[Timing, ...]
+    method: str = "measured: time.perf_counter around each forward call, after warm-up"
+
+    def at(self, batch: int) -> Timing:
+        for timing in self.timings:
+            if timing.batch == batch:
+                return timing
+        raise KeyError(batch)
+
+    def to_dict(self) -> dict[str, dict[str, float]]:
+        return {str(t.batch): t.to_dict() for t in self.timings}
+
+
+def measure_latency(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    batch_sizes: Sequence[int] = (1, 256),
+    warmup: int = 3,
+    min_calls: int = 20,
+    min_seconds: float = 2.0,
+    device: str = "cpu",
+) -> LatencyStats:
+    """Time ``model`` on random inputs of ``(batch, *input_shape)`` for each batch size."""
+    stats = compare_latency({"model": model}, input_shape, batch_sizes, warmup, min_calls, min_seconds, device)
+    return stats["model"]
+
+
+def compare_latency(
+    models: Mapping[str, nn.Module],
+    input_shape: Sequence[int],
+    batch_sizes: Sequence[int] = (1, 256),
+    warmup: int = 3,
+    min_calls: int = 20,
+    min_seconds: float = 2.0,
+    device: str = "cpu",
+    rounds: int = 5,
+) -> dict[str, LatencyStats]:
+    """Time several models side by side, alternating them in ``rounds`` so that drift in the
+    machine's speed (other load, frequency changes) falls on all of them alike."""
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise ConfigError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
+    if warmup < 0 or min_calls < 1 or min_seconds < 0 or rounds < 1:
+        raise ConfigError("warmup must be >= 0, min_calls, rounds >= 1 and min_seconds >= 0")
+    for model in models.values():
+        model.eval()
+    generator = torch.Generator().manual_seed(0)
+    samples: dict[tuple[str, int], list[float]] = {(n, b): [] for n in models for b in batch_sizes}
+    calls_per_round = max(1, -(-min_calls // rounds))
+    seconds_per_round = min_seconds / rounds
+    with torch.inference_mode():
+        for batch in batch_sizes:
+            x = torch.randn(batch, *input_shape, generator=generator).to(device)
+            for model in models.values():
+                for _ in range(warmup):
+                    model(x)
+            for _ in range(rounds):
+                for name, model in models.items():
+                    _time_calls(model, x, device, calls_per_round, seconds_per_round, samples[name, batch])
+    threads = torch.get_num_threads()
+    return {
+        name: LatencyStats(device, threads, tuple(_summarize(b, samples[name, b]) for b in batch_sizes))
+        for name in models
+    }
+
+
+def _time_calls(model: nn.Module, x: torch.Tensor, device: str, calls: int, seconds: float,
+                out: list[float]) -> None:
+    started = time.perf_counter()
+    done = 0
+    while done < calls or time.perf_counter() - started < seconds:
+        t0 = time.perf_counter()
+        model(x)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        out.append((time.perf_counter() - t0) * 1e3)
+        done += 1
+
+
+def _summarize(batch: int, samples: list[float]) -> Timing:
+    p10, median, p90 = np.percentile(samples, [10, 50, 90])
+    return Timing(batch, float(median), float(p10), float(p90), len(samples))

@@ -1,0 +1,106 @@
+"""A small fine-tuning loop: Adam, cross-entropy on logits, seeded shuffling, a progress bar.
+
+Later techniques hook in through callbacks (``after_step`` runs after every optimizer step:
+re-applying pruning masks, for example) instead of growing this loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from nnopt.config import Config
+from nnopt.data import Split
+from nnopt.errors import ConfigError
+from nnopt.progress import track
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Config):
+    kind = "train"
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.epochs < 0:
+            raise ConfigError(f"TrainConfig.epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"TrainConfig.batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+class TrainCallback(Protocol):
+    def after_step(self, model: nn.Module) -> None: ...
+
+
+@dataclasses.dataclass
+class TrainHistory:
+    """Per-epoch mean training loss and accuracies; ``seconds`` is wall-clock training time."""
+
+    loss: list[float] = dataclasses.field(default_factory=list)
+    train_accuracy: list[float] = dataclasses.field(default_factory=list)
+    eval_accuracy: list[float] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def epochs(self) -> int:
+        return len(self.loss)
+
+
+def train(
+    model: nn.Module,
+    data: Split,
+    config: TrainConfig = TrainConfig(),
+    eval_data: Split | None = None,
+    callbacks: Sequence[TrainCallback] = (),
+    progress: bool | None = None,
+) -> TrainHistory:
+    """Fine-tune ``model`` in place and return its history.
+
+    >>> history = train(model, dataset.train, TrainConfig(epochs=2), eval_data=dataset.test)
+    >>> history.eval_accuracy[-1]  # doctest: +SKIP
+    """
+    from nnopt.metrics.accuracy import accuracy
+
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    history = TrainHistory()
+    start = time.perf_counter()
+    with track("training", total=config.epochs, enabled=progress) as bar:
+        for _ in range(config.epochs):
+            model.train()
+            total_loss, correct = 0.0, 0
+            for x, y in data.batches(config.batch_size, shuffle=True, generator=generator):
+                optimizer.zero_grad(set_to_none=True)
+                logits = model(x)  # (batch, classes)
+                loss = loss_fn(logits, y)
+                loss.backward()
+                optimizer.step()
+                for callback in callbacks:
+                    callback.after_step(model)
+                total_loss += float(loss.detach()) * len(y)
+                correct += int((logits.detach().argmax(-1) == y).sum())
+            history.loss.append(total_loss / len(data))
+            history.train_accuracy.append(correct / len(data))
+            if eval_data is not None:
+                history.eval_accuracy.append(accuracy(model, eval_data))
+            status = f"loss {history.loss[-1]:.4f}"
+            if history.eval_accuracy:
+                status += f"  eval acc {history.eval_accuracy[-1]:.3f}"
+            bar.advance(status=status)
+    model.eval()
+    history.seconds = time.perf_counter() - start
+    return history
