@@ -53,6 +53,17 @@ def refuse_input_overlap(output: Path, inputs: Iterable[Path]) -> None:
             raise OutputError(f"refusing to write {output}: it overlaps the input {item}")
 
 
+def check_replaceable(path: Path, replace_if: str | None) -> None:
+    """Error unless ``path`` is free or an earlier output marked by the file ``replace_if``.
+
+    Call it before long work too, so that a refusal comes first rather than after minutes.
+    """
+    path = Path(path)
+    if path.exists() and (replace_if is None or not (path / replace_if).is_file()):
+        what = f"it has no {replace_if}, so it is not an earlier nnopt output" if replace_if else "it exists"
+        raise OutputError(f"refusing to overwrite {path}: {what}")
+
+
 @contextlib.contextmanager
 def atomic_directory(path: Path, replace_if: str | None = None) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``path`` when the block ends without error.
@@ -61,10 +72,7 @@ def atomic_directory(path: Path, replace_if: str | None = None) -> Iterator[Path
     earlier output of the same kind); anything else is refused, so user files are never lost.
     """
     path = Path(path)
-    if path.exists():
-        if replace_if is None or not (path / replace_if).is_file():
-            what = f"it has no {replace_if}, so it is not an earlier nnopt output" if replace_if else "it exists"
-            raise OutputError(f"refusing to overwrite {path}: {what}")
+    check_replaceable(path, replace_if)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

@@ -46,7 +46,9 @@ def from_keras(model: Any, sample: Any = None) -> nn.Module:
             f"Keras is using the {keras.backend.backend()!r} backend; set KERAS_BACKEND=torch "
             "before importing keras"
         )
-    if not getattr(model, "built", False):
+    if not isinstance(model, keras.Model):
+        raise UnsupportedModelError(f"expected a Keras model, got {type(model).__name__}")
+    if not model.built:
         raise UnsupportedModelError(
             f"Keras model {model.name!r} is not built; call it on data first (or give it an Input)"
         )
@@ -107,13 +109,18 @@ def from_keras(model: Any, sample: Any = None) -> nn.Module:
         for index, layer in weights:
             linear = net.layers[index]
             # Keras kernels are (in, out); torch Linear weights are (out, in).
-            kernel = keras.ops.convert_to_numpy(layer.kernel)
-            linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(kernel.T)))
+            linear.weight.copy_(_tensor(layer.kernel).T)
             if layer.use_bias:
-                linear.bias.copy_(torch.from_numpy(keras.ops.convert_to_numpy(layer.bias)))
+                linear.bias.copy_(_tensor(layer.bias))
     net.eval()
     _verify(model, net, sample, keras)
     return net
+
+
+def _tensor(value: Any) -> torch.Tensor:
+    # Under the torch backend a Keras variable's ``.value`` is a torch Parameter (possibly on GPU);
+    # reading it directly avoids numpy's copy-keyword deprecation in Keras' own conversion.
+    return torch.as_tensor(getattr(value, "value", value)).detach().to("cpu", torch.float32)
 
 
 def _input_shape(model: Any, in_features: int) -> tuple[int, ...]:
@@ -132,9 +139,18 @@ def _verify(model: Any, net: nn.Module, sample: Any, keras: Any) -> None:
     if sample is None:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn((_RANDOM_ROWS, *net.input_shape), generator=gen)
+    elif isinstance(sample, torch.Tensor):
+        x = sample.detach().to("cpu", torch.float32)
     else:
-        x = torch.as_tensor(np.asarray(keras.ops.convert_to_numpy(sample), dtype=np.float32))
-    expected = keras.ops.convert_to_numpy(model(keras.ops.convert_to_tensor(x), training=False))
+        x = torch.as_tensor(np.asarray(sample, dtype=np.float32))
+    # Torch tensors throughout: Keras' numpy conversion warns under NumPy 2 with this torch.
+    try:
+        expected = _tensor(model(keras.ops.convert_to_tensor(x), training=False)).numpy()
+    except Exception as exc:  # any Keras failure here means the model is not a plain chain
+        raise UnsupportedModelError(
+            f"Keras model {model.name!r} failed on a verification batch of shape "
+            f"{tuple(x.shape)} ({type(exc).__name__}: {exc}); pass sample= with real inputs"
+        ) from exc
     with torch.inference_mode():
         got = net.predict_proba(x).numpy()
     if got.shape != expected.shape or not np.allclose(got, expected, rtol=0.0, atol=_ATOL):

@@ -17,7 +17,7 @@ from torch import nn
 from nnopt.config import Config
 from nnopt.data import load_digits
 from nnopt.errors import ConfigError
-from nnopt.io.atomic import atomic_directory, write_bytes_durable
+from nnopt.io.atomic import atomic_directory, check_replaceable, write_bytes_durable
 from nnopt.io.model_dir import save_model
 from nnopt.metrics import Measurement, compare_latency, measure, measurement_rows
 from nnopt.metrics.table import render_table
@@ -126,6 +126,7 @@ def run_classic(config: ClassicConfig, out_dir: str | Path, progress: bool | Non
     from nnopt.envinfo import environment
     from nnopt.report.markdown import render_classic_markdown
 
+    check_replaceable(Path(out_dir), REPORT_JSON)
     dataset = load_digits(seed=config.seed)
     model = create_model("simplenet", seed=config.seed)
     train_cfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed)

@@ -43,7 +43,9 @@ class WeightQuantConfig(Config):
 
 def quantize_weights(model: nn.Module, config: WeightQuantConfig) -> dict[str, Any]:
     """Replace selected layers in place with quantized twins; returns what was done per layer."""
-    targets = select_layers(model, config.layers, default_types=tuple(QUANTIZED_TYPES))
+    # Quantized twins are in the default selection so that re-quantizing names the problem.
+    default_types = (*QUANTIZED_TYPES, *QUANTIZED_TYPES.values())
+    targets = select_layers(model, config.layers, default_types=default_types)
     details: dict[str, Any] = {}
     for name, module in targets:
         if isinstance(module, _QuantizedWeight):

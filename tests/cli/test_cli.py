@@ -1,0 +1,146 @@
+"""The CLI end to end: the demo, profile on every variant, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+from nnopt._version import __version__
+from nnopt.cli import main
+
+VARIANTS = ("baseline", "pruned", "quantized", "pruned+quantized")
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "report"
+    assert main(["demo", "--out", str(out), "--epochs", "20", "--latency-seconds", "0.05"]) == 0
+    return out
+
+
+def test_demo_writes_report_and_variants(demo_dir):
+    report = json.loads((demo_dir / "report.json").read_text())
+    assert report["nnopt_version"] == __version__
+    assert report["dataset"] == {"name": "digits", "train": 1437, "test": 360}
+    assert report["device"] == "cpu" and report["threads"] >= 1
+    rows = {v["name"]: v for v in report["variants"]}
+    assert tuple(rows) == VARIANTS
+    for row in rows.values():
+        assert set(row) >= {"accuracy", "params", "nonzeros", "file_bytes", "macs", "latency_ms"}
+        assert set(row["latency_ms"]) == {"1", "256"}
+        assert row["latency_ms"]["1"]["median"] <= row["latency_ms"]["1"]["p90"]
+        saved = demo_dir / row["directory"] / "model.safetensors"
+        assert saved.stat().st_size == row["file_bytes"]
+    base, both = rows["baseline"], rows["pruned+quantized"]
+    assert base["accuracy"] >= 0.95
+    assert both["accuracy"] >= base["accuracy"] - 0.01
+    assert both["file_bytes"] <= base["file_bytes"] / 3
+    assert rows["pruned"]["nonzeros"] < base["nonzeros"]
+    md = (demo_dir / "report.md").read_text()
+    assert "| pruned+quantized |" in md and "measured" in md
+
+
+@pytest.mark.parametrize("variant", ["baseline", "pruned", "quantized", "pruned_quantized"])
+def test_profile_works_on_every_variant(demo_dir, variant, capsys):
+    assert main(["profile", str(demo_dir / variant), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["architecture"] == "simplenet"
+    assert [layer["name"] for layer in doc["layers"]] == ["features.0", "features.2", "classifier"]
+    assert doc["macs"] == 6464 and doc["params"] == 6570
+    assert doc["file_bytes"] == (demo_dir / variant / "model.safetensors").stat().st_size
+    assert main(["profile", str(demo_dir / variant)]) == 0
+    assert "classifier" in capsys.readouterr().out
+
+
+def test_rerunning_the_demo_replaces_its_own_report(demo_dir, tmp_path):
+    out = tmp_path / "r"
+    for _ in range(2):
+        assert main(["demo", "--out", str(out), "--epochs", "1", "--latency-seconds", "0"]) == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def _expect_error(capsys, argv, message):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("nnopt: error:"), err
+    assert message in err, err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--threshold", "-0.1"], "threshold"),
+        (["--bits", "1"], "bits must be in 2..16"),
+        (["--bits", "17"], "bits must be in 2..16"),
+        (["--epochs", "0"], "epochs"),
+    ],
+)
+def test_bad_demo_arguments_write_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "never"
+    _expect_error(capsys, ["demo", "--out", str(out), *args], message)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_demo_refuses_a_foreign_directory(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("keep")
+    _expect_error(capsys, ["demo", "--out", str(tmp_path), "--epochs", "1"], "refusing to overwrite")
+    assert (tmp_path / "mine.txt").read_text() == "keep"
+
+
+def test_profile_bad_inputs(tmp_path, capsys, demo_dir):
+    _expect_error(capsys, ["profile", str(tmp_path / "missing")], "no such file")
+    (tmp_path / "empty").mkdir()
+    _expect_error(capsys, ["profile", str(tmp_path / "empty")], "not an nnopt model directory")
+    (tmp_path / "m.pkl").write_bytes(pickle.dumps({"a": 1}))
+    _expect_error(capsys, ["profile", str(tmp_path / "m.pkl")], "pickle")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "nnopt.json").write_text("{oops")
+    _expect_error(capsys, ["profile", str(corrupt)], "corrupt")
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    meta = json.loads((demo_dir / "baseline" / "nnopt.json").read_text())
+    meta["architecture"] = "transformer-xl"
+    (unknown / "nnopt.json").write_text(json.dumps(meta))
+    (unknown / "model.safetensors").write_bytes((demo_dir / "baseline" / "model.safetensors").read_bytes())
+    _expect_error(capsys, ["profile", str(unknown)], "unknown architecture 'transformer-xl'")
+
+
+def test_argument_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--bits", "eight"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["frobnicate"])
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["profile", "--help"]])
+def test_help_everywhere(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    assert "usage: nnopt" in capsys.readouterr().out
+
+
+def test_console_script_version():
+    result = subprocess.run([sys.executable, "-m", "nnopt", "--version"], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == f"nnopt {__version__}"
+
+
+def test_importing_nnopt_is_cheap():
+    code = (
+        "import sys, nnopt; m = nnopt.create_model('simplenet'); nnopt.quantize(nnopt.prune(m)); "
+        "heavy = [n for n in ('onnx', 'onnxruntime', 'keras', 'transformers', 'matplotlib') if n in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+    bare = subprocess.run([sys.executable, "-c", "import sys, nnopt; print('torch' in sys.modules)"],
+                          capture_output=True, text=True, check=True)
+    assert bare.stdout.strip() == "False"
