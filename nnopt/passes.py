@@ -50,6 +50,8 @@ def replay_structure(model: nn.Module, applied: AppliedPass) -> None:
 def working_copy(model: Any, inplace: bool = False) -> nn.Module:
     """The module a verb works on: the model itself, a deep copy, or a converted Keras model."""
     if _is_keras(model):
+        if inplace:
+            raise ConfigError("a Keras model is converted to an nnopt model, so inplace=True cannot apply")
         from nnopt.models import from_keras
 
         return from_keras(model)

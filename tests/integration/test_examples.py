@@ -1,0 +1,22 @@
+import importlib.util
+from pathlib import Path
+
+import nnopt
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pytorch_classic_example_end_to_end(tmp_path, capsys):
+    results = _load("classic_simplenet").main(["--epochs", "15", "--out", str(tmp_path / "m")])
+    assert results["baseline_accuracy"] >= 0.95
+    assert results["quantized_accuracy"] >= results["baseline_accuracy"] - 0.01
+    reloaded = nnopt.load_model(tmp_path / "m")
+    assert nnopt.accuracy(reloaded, nnopt.load_digits().test) == results["quantized_accuracy"]
+    assert "QuantizedLinear" in capsys.readouterr().out
