@@ -14,12 +14,11 @@ import warnings
 from pathlib import Path
 
 import torch
+from _common import row, write_results  # noqa: I001  (benchmarks/ is run as a script directory)
 from torch import nn
 
 import nnopt
 from nnopt.metrics import compare_latency, profile_model
-
-from _common import row, write_results  # noqa: I001  (benchmarks/ is run as a script directory)
 
 
 def torch_peer(model: nn.Module, threshold: float) -> tuple[nn.Module, int]:

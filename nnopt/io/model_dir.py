@@ -122,10 +122,9 @@ def load_model(path: str | Path) -> nn.Module:
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise ModelFormatError(
-            f"{path / WEIGHTS_FILE} does not match the recorded architecture: {first[1] if len(first) > 1 else first[0]}"
-        ) from None
+        lines = str(exc).strip().splitlines()
+        reason = lines[1].strip() if len(lines) > 1 else lines[0]  # line 0 is torch's generic preamble
+        raise ModelFormatError(f"{path / WEIGHTS_FILE} does not match the recorded architecture: {reason}") from None
     set_lineage(model, lineage)
     return model.eval()
 

@@ -47,12 +47,19 @@ class LatencyStats:
     def to_dict(self) -> dict[str, dict[str, float]]:
         return {str(t.batch): t.to_dict() for t in self.timings}
 
+    def __str__(self) -> str:
+        from nnopt.metrics.table import render_table
+
+        rows = [(t.batch, t.median_ms, t.p10_ms, t.p90_ms, t.calls) for t in self.timings]
+        caption = f"{self.device}, {self.threads} threads; {self.method}"
+        return render_table(("batch", "median ms", "p10 ms", "p90 ms", "calls"), rows, caption=caption)
+
 
 def measure_latency(
     model: nn.Module,
     input_shape: Sequence[int],
     batch_sizes: Sequence[int] = (1, 256),
-    warmup: int = 3,
+    warmup: int = 10,
     min_calls: int = 20,
     min_seconds: float = 2.0,
     device: str = "cpu",
@@ -66,7 +73,7 @@ def compare_latency(
     models: Mapping[str, nn.Module],
     input_shape: Sequence[int],
     batch_sizes: Sequence[int] = (1, 256),
-    warmup: int = 3,
+    warmup: int = 10,
     min_calls: int = 20,
     min_seconds: float = 2.0,
     device: str = "cpu",
