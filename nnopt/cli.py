@@ -21,6 +21,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NnoptError as exc:
         print(f"nnopt: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # unreadable input, unwritable output, full disk
+        print(f"nnopt: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("nnopt: interrupted; nothing partial was written", file=sys.stderr)
         return 130

@@ -73,6 +73,8 @@ def load_digits(test_size: float = 0.2, seed: int = DEFAULT_SEED) -> Dataset:
     """scikit-learn's 1,797 8×8 digits: stratified split, standardized with train statistics."""
     if not 0.0 < test_size < 1.0:
         raise ConfigError(f"test_size must be in (0, 1), got {test_size}")
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"seed must be in 0..2**32-1, got {seed}")
     from sklearn.datasets import load_digits as sk_load_digits
     from sklearn.model_selection import train_test_split
 

@@ -31,6 +31,8 @@ class AppliedPass:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AppliedPass:
+        if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+            raise ModelFormatError(f"malformed applied-pass record {data!r}")
         try:
             return cls(name=data["name"], config=dict(data["config"]), details=dict(data.get("details", {})))
         except (KeyError, TypeError) as exc:
@@ -54,6 +56,8 @@ class Lineage:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Lineage:
+        if not isinstance(data.get("config"), dict):
+            raise ModelFormatError("malformed model record: 'config' must be a mapping")
         try:
             return cls(
                 architecture=str(data["architecture"]),

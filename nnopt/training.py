@@ -36,6 +36,8 @@ class TrainConfig(Config):
             raise ConfigError(f"TrainConfig.batch_size must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
             raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in 0..2**32-1, got {self.seed}")
         if self.weight_decay < 0:
             raise ConfigError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
 

@@ -10,7 +10,7 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 
 from nnopt.errors import OutputError
@@ -53,23 +53,40 @@ def refuse_input_overlap(output: Path, inputs: Iterable[Path]) -> None:
             raise OutputError(f"refusing to write {output}: it overlaps the input {item}")
 
 
-def check_replaceable(path: Path, replace_if: str | None) -> None:
-    """Error unless ``path`` is free or an earlier output marked by the file ``replace_if``.
+def check_replaceable(path: Path, replace_if: Collection[str] | None) -> None:
+    """Error unless ``path`` is free, or an earlier nnopt output that holds nothing but the
+    names in ``replace_if`` (the first one is the marker, which must be there).
 
     Call it before long work too, so that a refusal comes first rather than after minutes.
     """
     path = Path(path)
-    if path.exists() and (replace_if is None or not (path / replace_if).is_file()):
-        what = f"it has no {replace_if}, so it is not an earlier nnopt output" if replace_if else "it exists"
-        raise OutputError(f"refusing to overwrite {path}: {what}")
+    here = Path.cwd().resolve()
+    if path.resolve() == here or path.resolve() in here.parents:
+        raise OutputError(f"refusing to write to {path}: it is the current directory or one above it")
+    if path.is_symlink():
+        raise OutputError(f"refusing to write to {path}: it is a symbolic link")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise OutputError(f"refusing to overwrite {path}: it is a file, not an earlier nnopt output")
+    if not replace_if:
+        raise OutputError(f"refusing to overwrite {path}: it exists")
+    names = list(replace_if)
+    if not (path / names[0]).is_file():
+        raise OutputError(f"refusing to overwrite {path}: it has no {names[0]}, so it is not an earlier nnopt output")
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in names)
+    if foreign:
+        raise OutputError(
+            f"refusing to overwrite {path}: it holds files nnopt did not write ({', '.join(foreign[:5])})"
+        )
 
 
 @contextlib.contextmanager
-def atomic_directory(path: Path, replace_if: str | None = None) -> Iterator[Path]:
+def atomic_directory(path: Path, replace_if: Collection[str] | None = None) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``path`` when the block ends without error.
 
-    An existing ``path`` is replaced only if it contains the marker file ``replace_if`` (an
-    earlier output of the same kind); anything else is refused, so user files are never lost.
+    An existing ``path`` is replaced only if it is an earlier output of the same kind (see
+    :func:`check_replaceable`); anything else is refused, so user files are never lost.
     """
     path = Path(path)
     check_replaceable(path, replace_if)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from nnopt._version import __version__
-from nnopt.errors import ModelFormatError
+from nnopt.errors import ModelFormatError, NnoptError
 from nnopt.io.atomic import atomic_directory, refuse_input_overlap, sha256_file, write_bytes_durable
 from nnopt.io.safety import refuse_unsafe
 from nnopt.lineage import Lineage, get_lineage, set_lineage
@@ -61,7 +61,9 @@ def save_model(
     # Clone so tensors that share storage (views, tied weights) serialize independently.
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     payload = st_save(tensors, metadata={"format": FORMAT, "architecture": lineage.architecture})
-    with atomic_directory(path, replace_if=META_FILE if overwrite else None) as tmp:
+    if metrics is not None and "file_bytes" in metrics:
+        metrics = {**metrics, "file_bytes": len(payload)}  # known only now that it is serialized
+    with atomic_directory(path, replace_if=(META_FILE, WEIGHTS_FILE) if overwrite else None) as tmp:
         write_bytes_durable(tmp / WEIGHTS_FILE, payload)
         meta = {
             "format": FORMAT,
@@ -96,11 +98,25 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise ModelFormatError(f"{meta_path} is corrupt: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelFormatError(f"{meta_path} is not an nnopt model record (format is not {FORMAT!r})")
+    _check_meta_types(meta_path, meta)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ModelFormatError(
             f"{meta_path} has format_version {meta.get('format_version')!r}; this nnopt reads {FORMAT_VERSION}"
         )
     return meta
+
+
+def _check_meta_types(meta_path: Path, meta: dict[str, Any]) -> None:
+    """Field types, so that a hand-edited record fails here with its field named."""
+    expected = {"architecture": str, "config": dict, "applied": list, "files": dict}
+    for key, kind in expected.items():
+        if not isinstance(meta.get(key), kind):
+            raise ModelFormatError(f"{meta_path}: field {key!r} is missing or not a {kind.__name__}")
+    entry = meta["files"].get(WEIGHTS_FILE)
+    if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("bytes"), int)):
+        raise ModelFormatError(f"{meta_path}: files.{WEIGHTS_FILE} must record its sha256 and bytes")
+    if not all(isinstance(p, dict) for p in meta["applied"]):
+        raise ModelFormatError(f"{meta_path}: every entry of 'applied' must be a mapping")
 
 
 def load_model(path: str | Path) -> nn.Module:
@@ -116,9 +132,15 @@ def load_model(path: str | Path) -> nn.Module:
     meta = read_meta(path)
     tensors = _read_weights(path, meta)
     lineage = Lineage.from_dict(meta)
-    model = build_from_lineage(lineage)
-    for applied in lineage.applied:
-        replay_structure(model, applied)
+    try:
+        model = build_from_lineage(lineage)
+        for applied in lineage.applied:
+            replay_structure(model, applied)
+    except NnoptError:
+        raise
+    except (KeyError, AttributeError, ValueError, TypeError, RuntimeError) as exc:
+        raise ModelFormatError(f"{path / META_FILE} describes a model that cannot be built: {exc!r}") from None
+    _check_tensors(path, model.state_dict(), tensors)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
@@ -126,7 +148,30 @@ def load_model(path: str | Path) -> nn.Module:
         reason = lines[1].strip() if len(lines) > 1 else lines[0]  # line 0 is torch's generic preamble
         raise ModelFormatError(f"{path / WEIGHTS_FILE} does not match the recorded architecture: {reason}") from None
     set_lineage(model, lineage)
+    for module in model.modules():
+        check = getattr(module, "check_loaded", None)
+        if callable(check):
+            check()
     return model.eval()
+
+
+def _check_tensors(path: Path, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
+    """Names, dtypes and shapes must match exactly: load_state_dict would silently cast them."""
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise ModelFormatError(
+            f"{path / WEIGHTS_FILE} does not match the recorded architecture: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for name, tensor in found.items():
+        want = expected[name]
+        if tensor.dtype != want.dtype or tensor.shape != want.shape:
+            raise ModelFormatError(
+                f"{path / WEIGHTS_FILE}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
+                f"the architecture needs {want.dtype} {tuple(want.shape)}"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelFormatError(f"{path / WEIGHTS_FILE}: tensor {name!r} holds NaN or infinite values")
 
 
 def _read_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -137,12 +182,11 @@ def _read_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     if not weights.is_file():
         raise ModelFormatError(f"{path} is not a complete nnopt model: {WEIGHTS_FILE} is missing")
     data = weights.read_bytes()
-    expected = meta.get("files", {}).get(WEIGHTS_FILE, {}).get("sha256")
-    if expected is not None:
-        import hashlib
+    expected = meta["files"][WEIGHTS_FILE]["sha256"]
+    import hashlib
 
-        if hashlib.sha256(data).hexdigest() != expected:
-            raise ModelFormatError(f"{weights} is corrupt or was modified: its sha256 does not match {META_FILE}")
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise ModelFormatError(f"{weights} is corrupt or was modified: its sha256 does not match {META_FILE}")
     try:
         return st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:

@@ -42,6 +42,8 @@ class SequentialConfig(Config):
             raise ConfigError("SequentialConfig.layers: at least one layer is needed")
         for spec in self.layers:
             _layer_from_spec(spec)
+        if not self.input_shape or any(d < 1 for d in self.input_shape):
+            raise ConfigError(f"SequentialConfig.input_shape must be non-empty sizes >= 1, got {self.input_shape}")
         if self.output not in ("none", "softmax"):
             raise ConfigError(f"SequentialConfig.output must be 'none' or 'softmax', got {self.output!r}")
 
@@ -55,6 +57,8 @@ def _layer_from_spec(spec: str) -> nn.Module:
             n_in, n_out = int(args[0]), int(args[1])
         except ValueError:
             raise ConfigError(f"bad layer spec {spec!r}: sizes must be integers") from None
+        if n_in < 1 or n_out < 1:
+            raise ConfigError(f"bad layer spec {spec!r}: sizes must be >= 1")
         if len(args) == 3 and args[2] != "nobias":
             raise ConfigError(f"bad layer spec {spec!r}: third field may only be 'nobias'")
         return nn.Linear(n_in, n_out, bias=len(args) == 2)

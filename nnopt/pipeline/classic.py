@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,8 @@ class ClassicConfig(Config):
         TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed)
         if not self.latency_batches or any(b < 1 for b in self.latency_batches):
             raise ConfigError(f"latency_batches must be >= 1, got {self.latency_batches}")
+        if not math.isfinite(self.latency_seconds) or self.latency_seconds < 0:
+            raise ConfigError(f"latency seconds must be a finite number >= 0, got {self.latency_seconds}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +116,26 @@ METHODS = {
     "in rounds within one process; median, p10, p90 (ms)",
 }
 
+VARIANT_NAMES = ("baseline", "pruned", "quantized", "pruned+quantized")
+
+
+def _report_names() -> tuple[str, ...]:
+    """What an earlier demo report holds (report.json first: it marks the directory)."""
+    return (REPORT_JSON, REPORT_MD, *(_directory(n) for n in VARIANT_NAMES))
+
+
+def _directory(variant: str) -> str:
+    return variant.replace("+", "_")
+
+
 _COMPUTE_FP32 = "fp32 dense"
-_COMPUTE_DEQUANT = "fp32 dense; int{bits} weights dequantized on every call"
+_COMPUTE_DEQUANT = "fp32 dense; {bits}-bit codes (stored as {dtype}) dequantized on every call"
+
+
+def _dtype(bits: int) -> str:
+    from nnopt.quantization.primitives import storage_dtype
+
+    return str(storage_dtype(bits)).removeprefix("torch.")
 
 
 def run_classic(config: ClassicConfig, out_dir: str | Path, progress: bool | None = None) -> ClassicResult:
@@ -126,7 +147,7 @@ def run_classic(config: ClassicConfig, out_dir: str | Path, progress: bool | Non
     from nnopt.envinfo import environment
     from nnopt.report.markdown import render_classic_markdown
 
-    check_replaceable(Path(out_dir), REPORT_JSON)
+    check_replaceable(Path(out_dir), _report_names())
     dataset = load_digits(seed=config.seed)
     model = create_model("simplenet", seed=config.seed)
     train_cfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed)
@@ -135,21 +156,22 @@ def run_classic(config: ClassicConfig, out_dir: str | Path, progress: bool | Non
     prune_cfg = ThresholdPruneConfig(threshold=config.threshold)
     quant_cfg = WeightQuantConfig(bits=config.bits)
     pruned = prune(model, prune_cfg)
+    dequant_path = _COMPUTE_DEQUANT.format(bits=config.bits, dtype=_dtype(config.bits))
     models: dict[str, tuple[nn.Module, str]] = {
         "baseline": (model, _COMPUTE_FP32),
         "pruned": (pruned, _COMPUTE_FP32 + " (zeros still multiplied)"),
-        "quantized": (quantize(model, quant_cfg), _COMPUTE_DEQUANT.format(bits=config.bits)),
-        "pruned+quantized": (quantize(pruned, quant_cfg), _COMPUTE_DEQUANT.format(bits=config.bits)),
+        "quantized": (quantize(model, quant_cfg), dequant_path),
+        "pruned+quantized": (quantize(pruned, quant_cfg), dequant_path),
     }
     timings = compare_latency(
         {name: m for name, (m, _) in models.items()}, model.input_shape,
         config.latency_batches, min_seconds=config.latency_seconds,
     )
     variants = []
-    with atomic_directory(Path(out_dir), replace_if=REPORT_JSON) as tmp:
+    with atomic_directory(Path(out_dir), replace_if=_report_names()) as tmp:
         for name, (variant_model, compute) in models.items():
             measured = measure(variant_model, dataset.test, name=name, latency=timings[name])
-            directory = name.replace("+", "_")
+            directory = _directory(name)
             saved = save_model(variant_model, tmp / directory, metrics=measured.to_dict())
             measured = dataclasses.replace(measured, file_bytes=saved.file_bytes)
             variants.append(Variant(measured, directory, compute))
@@ -157,6 +179,7 @@ def run_classic(config: ClassicConfig, out_dir: str | Path, progress: bool | Non
             config=config, environment=environment(), dataset=dataset.describe(),
             history=history, variants=tuple(variants),
         )
-        write_bytes_durable(tmp / REPORT_JSON, (json.dumps(result.to_report(), indent=2) + "\n").encode())
+        report = json.dumps(result.to_report(), indent=2, allow_nan=False) + "\n"
+        write_bytes_durable(tmp / REPORT_JSON, report.encode())
         write_bytes_durable(tmp / REPORT_MD, render_classic_markdown(result).encode())
     return result

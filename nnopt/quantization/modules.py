@@ -32,6 +32,16 @@ class _QuantizedWeight(nn.Module):
         self.weight_scale.copy_(scale)
         self.weight_zero_point.copy_(zero_point)
 
+    def check_loaded(self) -> None:
+        """Reject codes outside the bit width's range and scales that are not finite and > 0."""
+        from nnopt.errors import ModelFormatError
+
+        qmin, qmax = P.qrange(self.bits, symmetric=False)  # the widest range either scheme uses
+        if self.weight_q.numel() and (int(self.weight_q.min()) < qmin or int(self.weight_q.max()) > qmax):
+            raise ModelFormatError(f"{type(self).__name__}: weight codes lie outside the {self.bits}-bit range")
+        if not bool((torch.isfinite(self.weight_scale) & (self.weight_scale > 0)).all()):
+            raise ModelFormatError(f"{type(self).__name__}: weight scales must be finite and > 0")
+
     def dequantized_weight(self) -> torch.Tensor:
         return P.dequantize(self.weight_q, self.weight_scale, self.weight_zero_point)
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from nnopt.config import Config
-from nnopt.errors import ConfigError, UnsupportedModelError
+from nnopt.errors import ConfigError, ModelFormatError, UnsupportedModelError
 from nnopt.lineage import AppliedPass
 from nnopt.quantization import primitives as P
 from nnopt.quantization.modules import QUANTIZED_TYPES, _QuantizedWeight
@@ -57,6 +57,8 @@ def quantize_weights(model: nn.Module, config: WeightQuantConfig) -> dict[str, A
                 + ", ".join(t.__name__ for t in QUANTIZED_TYPES)
             )
         weight = module.weight.detach()
+        if not bool(torch.isfinite(weight).all()):
+            raise UnsupportedModelError(f"layer {name!r} has NaN or infinite weights; they cannot be quantized")
         axis = 0 if config.per_channel else None
         scale, zero = P.compute_qparams(weight, config.bits, config.symmetric, channel_axis=axis)
         codes = P.quantize(weight, scale, zero, config.bits, config.symmetric)
@@ -73,7 +75,9 @@ def replay(model: nn.Module, applied: AppliedPass) -> None:
     config = WeightQuantConfig.from_dict(applied.config, where=f"pass {applied.name!r}")
     for name in applied.details.get("layers", {}):
         module = model.get_submodule(name)
-        qtype = QUANTIZED_TYPES[type(module)]
+        qtype = QUANTIZED_TYPES.get(type(module))
+        if qtype is None:
+            raise ModelFormatError(f"recorded quantized layer {name!r} is a {type(module).__name__}, not Linear/Conv2d")
         shape = _qparam_shape(module.weight, config.per_channel)
         _set_submodule(model, name, qtype(module, config.bits, shape))
 

@@ -25,7 +25,7 @@ def render_classic_markdown(result: ClassicResult) -> str:
         f"with Adam (lr {cfg.lr}) and cross-entropy on scikit-learn digits "
         f"({result.dataset['train']} train / {result.dataset['test']} test rows, stratified, seed {cfg.seed}); "
         f"then pruned with |w| < θ = {cfg.threshold} → 0 and quantized with w_q = round(w·S), "
-        f"symmetric int{cfg.bits} per tensor.",
+        f"symmetric {cfg.bits}-bit codes per tensor.",
         "",
         f"Device: {env['device']} ({env['cpu']}), {env['threads']} threads; torch {env['torch']}; "
         f"nnopt {env['nnopt']}.",
@@ -43,7 +43,7 @@ def render_classic_markdown(result: ClassicResult) -> str:
         lines.append(
             f"- **{m.name}**: accuracy {acc:+.1f} points; weights file {m.file_bytes:,} bytes "
             f"({ratio:.2f}× smaller than {base.file_bytes:,}); "
-            f"{1 - m.nonzeros / m.params:.1%} of weights are zero; {speed}."
+            f"{1 - m.nonzeros / m.params:.1%} of parameters (weights and biases) are zero; {speed}."
         )
     lines += [
         "",

@@ -78,6 +78,9 @@ def _expect_error(capsys, argv, message):
         (["--bits", "1"], "bits must be in 2..16"),
         (["--bits", "17"], "bits must be in 2..16"),
         (["--epochs", "0"], "epochs"),
+        (["--seed", "-1"], "seed"),
+        (["--latency-seconds", "nan"], "latency seconds"),
+        (["--latency-seconds", "inf"], "latency seconds"),
     ],
 )
 def test_bad_demo_arguments_write_nothing(tmp_path, capsys, args, message):
@@ -90,6 +93,24 @@ def test_demo_refuses_a_foreign_directory(tmp_path, capsys):
     (tmp_path / "mine.txt").write_text("keep")
     _expect_error(capsys, ["demo", "--out", str(tmp_path), "--epochs", "1"], "refusing to overwrite")
     assert (tmp_path / "mine.txt").read_text() == "keep"
+
+
+def test_demo_keeps_user_files_next_to_an_old_report(demo_dir, tmp_path, capsys):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "report.json").write_text("{}")
+    (out / "my_notes.txt").write_text("precious")
+    _expect_error(capsys, ["demo", "--out", str(out), "--epochs", "1"], "my_notes.txt")
+    assert (out / "my_notes.txt").read_text() == "precious"
+
+
+def test_demo_refuses_the_current_directory_and_unwritable_places(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _expect_error(capsys, ["demo", "--out", ".", "--epochs", "1"], "current directory")
+    (tmp_path / "afile").write_text("x")
+    _expect_error(capsys, ["demo", "--out", "afile", "--epochs", "1"], "it is a file")
+    assert main(["demo", "--out", "afile/sub", "--epochs", "1", "--latency-seconds", "0"]) == 2
+    assert "nnopt: error:" in capsys.readouterr().err
 
 
 def test_profile_bad_inputs(tmp_path, capsys, demo_dir):

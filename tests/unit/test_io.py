@@ -126,7 +126,7 @@ def test_shape_mismatch_is_a_format_error(trained_simplenet, tmp_path):
     meta = json.loads((tmp_path / "m" / "nnopt.json").read_text())
     meta["config"]["hidden"] = [64, 31]
     (tmp_path / "m" / "nnopt.json").write_text(json.dumps(meta))
-    with pytest.raises(ModelFormatError, match="does not match the recorded architecture"):
+    with pytest.raises(ModelFormatError, match=r"is torch.float32 \(.*\), the architecture needs torch.float32"):
         load_model(tmp_path / "m")
 
 
@@ -155,3 +155,75 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
 def test_save_requires_an_nnopt_model(tmp_path):
     with pytest.raises(ModelFormatError, match="not created by nnopt"):
         save_model(torch.nn.Linear(2, 2), tmp_path / "x")
+
+
+def _rewrite(model_dir, tensors=None, meta_edit=None):
+    """Replace a saved model's tensors and/or record, keeping the sha256 consistent."""
+    import hashlib
+
+    from safetensors.torch import save as st_save
+
+    meta_path = model_dir / "nnopt.json"
+    meta = json.loads(meta_path.read_text())
+    if tensors is not None:
+        payload = st_save(tensors)
+        (model_dir / "model.safetensors").write_bytes(payload)
+        meta["files"]["model.safetensors"] = {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    if meta_edit:
+        meta_edit(meta)
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_tampered_tensors_are_refused_even_with_a_matching_sha(trained_simplenet, tmp_path):
+    q = nnopt.quantize(trained_simplenet)
+    good = {k: v.contiguous() for k, v in q.state_dict().items()}
+    cases = {
+        "int32 codes": ({**good, "features.0.weight_q": good["features.0.weight_q"].to(torch.int32) + 900}, "int32"),
+        "NaN bias": ({**good, "classifier.bias": torch.full_like(good["classifier.bias"], float("nan"))}, "NaN"),
+        "zero scale": ({**good, "classifier.weight_scale": torch.zeros_like(good["classifier.weight_scale"])},
+                       "scales must be finite"),
+        "missing": ({k: v for k, v in good.items() if k != "classifier.bias"}, "missing"),
+    }
+    for i, (tensors, message) in enumerate(cases.values()):
+        save_model(q, tmp_path / str(i))
+        _rewrite(tmp_path / str(i), tensors=tensors)
+        with pytest.raises(ModelFormatError, match=message):
+            load_model(tmp_path / str(i))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["files"]["model.safetensors"].pop("sha256"), "sha256"),
+        (lambda m: m.update(files=3), "'files'"),
+        (lambda m: m.update(applied="x"), "'applied'"),
+        (lambda m: m.update(config=[]), "'config'"),
+        (lambda m: m.pop("architecture"), "'architecture'"),
+        (lambda m: m["applied"].append({"name": "quantize-weights", "config": {}, "details": {"layers": {"nope": {}}}}),
+         "cannot be built"),
+        (lambda m: m["applied"].append({"name": "quantize-weights", "config": {},
+                                        "details": {"layers": {"features.1": {}}}}), "ReLU"),
+        (lambda m: m["applied"].append({"name": "magic", "config": {}}), "pass 'magic'"),
+    ],
+)
+def test_malformed_records_name_the_problem(trained_simplenet, tmp_path, edit, message):
+    save_model(trained_simplenet, tmp_path / "m")
+    _rewrite(tmp_path / "m", meta_edit=edit)
+    with pytest.raises(ModelFormatError, match=message):
+        load_model(tmp_path / "m")
+
+
+def test_non_finite_weights_cannot_be_quantized(trained_simplenet):
+    broken = nnopt.prune(trained_simplenet, nnopt.ThresholdPruneConfig(threshold=0.0))
+    with torch.no_grad():
+        broken.classifier.weight[0, 0] = float("nan")
+    with pytest.raises(nnopt.NnoptError, match="NaN or infinite"):
+        nnopt.quantize(broken)
+
+
+def test_replacing_an_output_with_foreign_files_is_refused(trained_simplenet, tmp_path):
+    save_model(trained_simplenet, tmp_path / "m")
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="notes.txt"):
+        save_model(trained_simplenet, tmp_path / "m", overwrite=True)
+    assert (tmp_path / "m" / "notes.txt").read_text() == "mine"
