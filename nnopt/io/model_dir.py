@@ -98,11 +98,11 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise ModelFormatError(f"{meta_path} is corrupt: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelFormatError(f"{meta_path} is not an nnopt model record (format is not {FORMAT!r})")
-    _check_meta_types(meta_path, meta)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ModelFormatError(
             f"{meta_path} has format_version {meta.get('format_version')!r}; this nnopt reads {FORMAT_VERSION}"
         )
+    _check_meta_types(meta_path, meta)
     return meta
 
 
