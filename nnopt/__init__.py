@@ -27,6 +27,10 @@ _EXPORTS = {
     "TrainConfig": "nnopt.training",
     "prune": "nnopt.pruning",
     "ThresholdPruneConfig": "nnopt.pruning",
+    "MagnitudePruneConfig": "nnopt.pruning",
+    "NMPruneConfig": "nnopt.pruning",
+    "GradualPruneConfig": "nnopt.pruning",
+    "finetune": "nnopt.pruning",
     "quantize": "nnopt.quantization",
     "WeightQuantConfig": "nnopt.quantization",
     "measure": "nnopt.metrics",
@@ -60,6 +64,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs only
     from nnopt.io import load_model, save_model
     from nnopt.metrics import accuracy, measure, measure_latency, profile_model
     from nnopt.models import architectures, create_model, from_keras
-    from nnopt.pruning import ThresholdPruneConfig, prune
+    from nnopt.pruning import (
+        GradualPruneConfig,
+        MagnitudePruneConfig,
+        NMPruneConfig,
+        ThresholdPruneConfig,
+        finetune,
+        prune,
+    )
     from nnopt.quantization import WeightQuantConfig, quantize
     from nnopt.training import TrainConfig, train

@@ -63,6 +63,35 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("path", metavar="PATH", help="an nnopt model directory")
     profile.add_argument("--json", action="store_true", help="print JSON instead of a table")
     profile.set_defaults(handler=cmd_profile)
+
+    prune = commands.add_parser(
+        "prune", help="unstructured pruning of a saved model, saved compressed",
+        description="Prune a saved nnopt model by threshold, sparsity target (uniform, global or LAMP) or "
+        "N:M pattern, optionally gradually with fine-tuning, and save it in the packed format.",
+    )
+    prune.add_argument("path", metavar="PATH", help="an nnopt model directory")
+    how = prune.add_mutually_exclusive_group(required=True)
+    how.add_argument("--sparsity", type=float, metavar="S", help="fraction of selected weights to zero, in [0, 1)")
+    how.add_argument("--threshold", type=float, metavar="T", help="zero weights with |w| < T")
+    how.add_argument("--nm", metavar="N:M", help="keep N of every M consecutive input weights, e.g. 2:4")
+    prune.add_argument("--global", dest="allocation", action="store_const", const="global",
+                       help="one magnitude threshold across layers (same as --allocation global)")
+    prune.add_argument("--allocation", choices=("uniform", "global", "lamp"), default=None,
+                       help="how --sparsity is spread over layers (default: uniform)")
+    prune.add_argument("--schedule", choices=("oneshot", "gradual"), default="oneshot",
+                       help="gradual: cubic sparsity ramp with fine-tuning (needs --sparsity and --data)")
+    prune.add_argument("--epochs", type=int, default=0,
+                       help="fine-tuning epochs (gradual: the whole schedule, default 30; oneshot: after pruning)")
+    prune.add_argument("--data", choices=("digits",), default=None,
+                       help="data set for fine-tuning and for accuracy before/after")
+    prune.add_argument("--layers", action="append", default=[], metavar="PATTERN",
+                       help="layer name, re:REGEX or type:TYPE (repeatable); default: all Linear/Conv2d "
+                       "but the final classifier")
+    prune.add_argument("--format", choices=("packed", "safetensors"), default="packed",
+                       help="weights file format (default: packed, which stores only non-zeros)")
+    prune.add_argument("-o", "--out", required=True, metavar="OUT", help="output model directory")
+    prune.add_argument("--overwrite", action="store_true", help="replace an earlier nnopt model at OUT")
+    prune.set_defaults(handler=cmd_prune)
     return parser
 
 
@@ -79,13 +108,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from nnopt.errors import ConfigError
+    from nnopt.pipeline.prune_run import run_prune
+    from nnopt.pruning import GradualPruneConfig, MagnitudePruneConfig, NMPruneConfig, ThresholdPruneConfig
+
+    layers = tuple(args.layers)
+    allocation = args.allocation or "uniform"
+    if args.epochs < 0:
+        raise ConfigError(f"--epochs must be >= 0, got {args.epochs}")
+    if args.schedule == "gradual":
+        if args.sparsity is None:
+            raise ConfigError("--schedule gradual needs --sparsity")
+        config = GradualPruneConfig(final_sparsity=args.sparsity, epochs=args.epochs or 30,
+                                    allocation=args.allocation or "global", layers=layers)
+    elif args.sparsity is not None:
+        config = MagnitudePruneConfig(sparsity=args.sparsity, allocation=allocation, layers=layers)
+    elif args.threshold is not None:
+        config = ThresholdPruneConfig(threshold=args.threshold, layers=layers)
+    else:
+        n, sep, m = args.nm.partition(":")
+        if not (sep and n.isdigit() and m.isdigit()):
+            raise ConfigError(f"--nm takes N:M with two integers, e.g. 2:4; got {args.nm!r}")
+        config = NMPruneConfig(n=int(n), m=int(m), layers=layers)
+    finetune_epochs = 0 if args.schedule == "gradual" else args.epochs
+    result = run_prune(args.path, config, args.out, data_name=args.data, finetune_epochs=finetune_epochs,
+                       weights_format=args.format, overwrite=args.overwrite)
+    print(result)
+    print(f"\nwrote {result.out}")
+    return 0
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
-    from nnopt.io.model_dir import WEIGHTS_FILE, load_model, read_meta
+    from nnopt.io.model_dir import load_model, read_meta, weights_file
     from nnopt.metrics import profile_model
 
     meta = read_meta(args.path)
     model = load_model(args.path)
-    file_bytes = meta["files"][WEIGHTS_FILE]["bytes"]
+    file_bytes = meta["files"][weights_file(meta)]["bytes"]
     profile = profile_model(model, file_bytes=file_bytes)
     applied = [p["name"] for p in meta.get("applied", [])]
     if args.json:

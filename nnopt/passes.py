@@ -66,20 +66,23 @@ def record(model: nn.Module, name: str, config: dict[str, Any], details: dict[st
         with_pass(model, AppliedPass(name=name, config=config, details=details))
 
 
-Apply = Callable[[nn.Module, Any], dict[str, Any]]
+Apply = Callable[..., dict[str, Any]]  # (model, config, **context) -> details to record
 
 
 def run_verb(
-    verb: str, table: dict[type, tuple[str, Apply]], model: Any, config: Any, inplace: bool
+    verb: str, table: dict[type, tuple[str, Apply]], model: Any, config: Any, inplace: bool, **context: Any
 ) -> nn.Module:
-    """Shared body of the verbs: find the config's implementation, run it, record the pass."""
+    """Shared body of the verbs: find the config's implementation, run it, record the pass.
+
+    ``context`` (data for passes that fine-tune, for example) goes to the implementation as is.
+    """
     entry = table.get(type(config))
     if entry is None:
         known = ", ".join(c.__name__ for c in table)
         raise ConfigError(f"{type(config).__name__} is not a {verb} config; known: {known}")
     name, apply = entry
     target = working_copy(model, inplace)
-    details = apply(target, config)
+    details = apply(target, config, **context)
     record(target, name, config.to_dict(), details)
     return target
 

@@ -19,24 +19,35 @@ import torch
 from torch import nn
 
 from nnopt._version import __version__
-from nnopt.errors import ModelFormatError, NnoptError
+from nnopt.errors import ConfigError, ModelFormatError, NnoptError
 from nnopt.io.atomic import atomic_directory, refuse_input_overlap, sha256_file, write_bytes_durable
 from nnopt.io.safety import refuse_unsafe
 from nnopt.lineage import Lineage, get_lineage, set_lineage
 
 WEIGHTS_FILE = "model.safetensors"
+PACKED_FILE = "model.nnpk"
 META_FILE = "nnopt.json"
+# Weight formats: "safetensors" (standard, dense) or "packed" (sparse positions, bit-packed codes,
+# entropy coded; see nnopt.io.packed). Exactly one weights file per model directory.
+WEIGHT_FILES = {"safetensors": WEIGHTS_FILE, "packed": PACKED_FILE}
 FORMAT = "nnopt-model"
 FORMAT_VERSION = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class SavedModel:
-    """Where a model was written and the size of its weights file (the ``file_bytes`` metric)."""
+    """Where a model was written and the size of its weights file (the ``file_bytes`` metric).
+
+    ``compression_ratio`` = bytes of the same model as a dense fp32 safetensors file / bytes written.
+    """
 
     path: Path
     file_bytes: int
     meta: dict[str, Any]
+
+    @property
+    def compression_ratio(self) -> float:
+        return float(self.meta["compression_ratio"])
 
 
 def save_model(
@@ -45,26 +56,33 @@ def save_model(
     metrics: dict[str, Any] | None = None,
     inputs: Iterable[str | Path] = (),
     overwrite: bool = False,
+    weights_format: str = "safetensors",
 ) -> SavedModel:
     """Write ``model`` as an nnopt model directory, atomically.
+
+    ``weights_format="packed"`` stores sparse positions, bit-packed integer codes and entropy
+    coded streams (``model.nnpk``); the default is a standard ``model.safetensors``.
 
     ``inputs`` are paths this run read from: writing onto or into them is refused. An existing
     ``path`` is replaced only when ``overwrite`` is set and it is an nnopt model directory.
 
     >>> save_model(create_model("simplenet"), "out/simplenet")  # doctest: +SKIP
     """
-    from safetensors.torch import save as st_save
-
+    if weights_format not in WEIGHT_FILES:
+        raise ConfigError(f"weights_format must be one of {', '.join(WEIGHT_FILES)}, got {weights_format!r}")
     path = Path(path)
     refuse_input_overlap(path, inputs)
     lineage = get_lineage(model)
     # Clone so tensors that share storage (views, tied weights) serialize independently.
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    payload = st_save(tensors, metadata={"format": FORMAT, "architecture": lineage.architecture})
+    payload, packing = _serialize(model, tensors, weights_format, lineage.architecture)
+    weights_file = WEIGHT_FILES[weights_format]
+    dense_bytes = dense_fp32_bytes(model)
     if metrics is not None and "file_bytes" in metrics:
         metrics = {**metrics, "file_bytes": len(payload)}  # known only now that it is serialized
-    with atomic_directory(path, replace_if=(META_FILE, WEIGHTS_FILE) if overwrite else None) as tmp:
-        write_bytes_durable(tmp / WEIGHTS_FILE, payload)
+    replaceable = (META_FILE, *WEIGHT_FILES.values())
+    with atomic_directory(path, replace_if=replaceable if overwrite else None) as tmp:
+        write_bytes_durable(tmp / weights_file, payload)
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -73,10 +91,52 @@ def save_model(
             **lineage.to_dict(),
             "metrics": metrics or {},
             "versions": library_versions(),
-            "files": {WEIGHTS_FILE: {"bytes": len(payload), "sha256": sha256_file(tmp / WEIGHTS_FILE)}},
+            "files": {weights_file: {"bytes": len(payload), "sha256": sha256_file(tmp / weights_file)}},
+            "weights_format": weights_format,
+            "dense_fp32_bytes": dense_bytes,
+            "compression_ratio": dense_bytes / len(payload),
         }
+        if packing is not None:
+            meta["packing"] = packing
         write_bytes_durable(tmp / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
     return SavedModel(path=path, file_bytes=len(payload), meta=meta)
+
+
+def _serialize(
+    model: nn.Module, tensors: dict[str, torch.Tensor], weights_format: str, architecture: str
+) -> tuple[bytes, list[dict[str, Any]] | None]:
+    if weights_format == "safetensors":
+        from safetensors.torch import save as st_save
+
+        return st_save(tensors, metadata={"format": FORMAT, "architecture": architecture}), None
+    from nnopt.io.packed import pack_tensors
+
+    # Integer codes are stored in exactly their bit width (two 4-bit codes per byte, ...).
+    code_bits = {
+        f"{name}.weight_q": module.bits
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "weight_q", None), torch.Tensor)
+    }
+    payload, infos = pack_tensors(tensors, code_bits=code_bits)
+    return payload, [dataclasses.asdict(info) for info in infos]
+
+
+def dense_fp32_bytes(model: nn.Module) -> int:
+    """Bytes of the model's architecture, unpruned and unquantized, as an fp32 safetensors file:
+    the reference for compression ratios."""
+    from safetensors.torch import save as st_save
+
+    from nnopt.models.registry import build_from_lineage
+
+    lineage = get_lineage(model)
+    dense = build_from_lineage(Lineage(lineage.architecture, lineage.config))
+    tensors = {k: (v.float() if v.is_floating_point() else v) for k, v in dense.state_dict().items()}
+    return len(st_save(tensors, metadata={"format": FORMAT, "architecture": lineage.architecture}))
+
+
+def weights_file(meta: dict[str, Any]) -> str:
+    """The name of the one weights file that a validated record lists."""
+    return next(name for name in meta["files"] if name in WEIGHT_FILES.values())
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -112,9 +172,12 @@ def _check_meta_types(meta_path: Path, meta: dict[str, Any]) -> None:
     for key, kind in expected.items():
         if not isinstance(meta.get(key), kind):
             raise ModelFormatError(f"{meta_path}: field {key!r} is missing or not a {kind.__name__}")
-    entry = meta["files"].get(WEIGHTS_FILE)
+    names = [name for name in meta["files"] if name in WEIGHT_FILES.values()]
+    if len(names) != 1:
+        raise ModelFormatError(f"{meta_path}: files must list exactly one of {', '.join(WEIGHT_FILES.values())}")
+    entry = meta["files"][names[0]]
     if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("bytes"), int)):
-        raise ModelFormatError(f"{meta_path}: files.{WEIGHTS_FILE} must record its sha256 and bytes")
+        raise ModelFormatError(f"{meta_path}: files.{names[0]} must record its sha256 and bytes")
     if not all(isinstance(p, dict) for p in meta["applied"]):
         raise ModelFormatError(f"{meta_path}: every entry of 'applied' must be a mapping")
 
@@ -140,13 +203,8 @@ def load_model(path: str | Path) -> nn.Module:
         raise
     except (KeyError, AttributeError, ValueError, TypeError, RuntimeError) as exc:
         raise ModelFormatError(f"{path / META_FILE} describes a model that cannot be built: {exc!r}") from None
-    _check_tensors(path, model.state_dict(), tensors)
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        lines = str(exc).strip().splitlines()
-        reason = lines[1].strip() if len(lines) > 1 else lines[0]  # line 0 is torch's generic preamble
-        raise ModelFormatError(f"{path / WEIGHTS_FILE} does not match the recorded architecture: {reason}") from None
+    _check_tensors(path / weights_file(meta), model.state_dict(), tensors)
+    model.load_state_dict(tensors, strict=True)  # cannot fail now: names, dtypes and shapes were checked
     set_lineage(model, lineage)
     for module in model.modules():
         check = getattr(module, "check_loaded", None)
@@ -155,38 +213,42 @@ def load_model(path: str | Path) -> nn.Module:
     return model.eval()
 
 
-def _check_tensors(path: Path, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
+def _check_tensors(weights: Path, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
     """Names, dtypes and shapes must match exactly: load_state_dict would silently cast them."""
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or unexpected:
         raise ModelFormatError(
-            f"{path / WEIGHTS_FILE} does not match the recorded architecture: "
+            f"{weights} does not match the recorded architecture: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     for name, tensor in found.items():
         want = expected[name]
         if tensor.dtype != want.dtype or tensor.shape != want.shape:
             raise ModelFormatError(
-                f"{path / WEIGHTS_FILE}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
+                f"{weights}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
                 f"the architecture needs {want.dtype} {tuple(want.shape)}"
             )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ModelFormatError(f"{path / WEIGHTS_FILE}: tensor {name!r} holds NaN or infinite values")
+            raise ModelFormatError(f"{weights}: tensor {name!r} holds NaN or infinite values")
 
 
 def _read_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    import hashlib
+
+    name = weights_file(meta)
+    weights = path / name
+    if not weights.is_file():
+        raise ModelFormatError(f"{path} is not a complete nnopt model: {name} is missing")
+    data = weights.read_bytes()
+    if hashlib.sha256(data).hexdigest() != meta["files"][name]["sha256"]:
+        raise ModelFormatError(f"{weights} is corrupt or was modified: its sha256 does not match {META_FILE}")
+    if name == PACKED_FILE:
+        from nnopt.io.packed import unpack_tensors
+
+        return unpack_tensors(data)
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
 
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ModelFormatError(f"{path} is not a complete nnopt model: {WEIGHTS_FILE} is missing")
-    data = weights.read_bytes()
-    expected = meta["files"][WEIGHTS_FILE]["sha256"]
-    import hashlib
-
-    if hashlib.sha256(data).hexdigest() != expected:
-        raise ModelFormatError(f"{weights} is corrupt or was modified: its sha256 does not match {META_FILE}")
     try:
         return st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:

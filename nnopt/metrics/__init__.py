@@ -30,11 +30,13 @@ class Measurement:
     macs: int
     file_bytes: int | None
     latency: LatencyStats | None
+    compression_ratio: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
             "name": self.name, "accuracy": self.accuracy, "params": self.params,
-            "nonzeros": self.nonzeros, "file_bytes": self.file_bytes, "macs": self.macs,
+            "nonzeros": self.nonzeros, "file_bytes": self.file_bytes, "compression_ratio": self.compression_ratio,
+            "macs": self.macs,
             "latency_ms": self.latency.to_dict() if self.latency else None,
         }
 
@@ -45,11 +47,12 @@ class Measurement:
 def measurement_rows(items: Sequence[Measurement]) -> tuple[list[str], list[list[object]]]:
     """Column names and rows for a table of measurements (one row per model)."""
     batches = sorted({t.batch for m in items if m.latency for t in m.latency.timings})
-    columns = ["variant", "accuracy", "params", "non-zeros", "MACs", "file bytes"]
+    columns = ["variant", "accuracy", "params", "non-zeros", "MACs", "file bytes", "ratio"]
     columns += [f"ms @{b} (median / p90)" for b in batches]
     rows = []
     for m in items:
-        row: list[object] = [m.name, m.accuracy, m.params, m.nonzeros, m.macs, m.file_bytes]
+        ratio = f"{m.compression_ratio:.1f}×" if m.compression_ratio else "-"
+        row: list[object] = [m.name, m.accuracy, m.params, m.nonzeros, m.macs, m.file_bytes, ratio]
         for b in batches:
             t = m.latency.at(b) if m.latency else None
             row.append(f"{t.median_ms:.3f} / {t.p90_ms:.3f}" if t else "-")

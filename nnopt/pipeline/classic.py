@@ -23,7 +23,7 @@ from nnopt.io.model_dir import save_model
 from nnopt.metrics import Measurement, compare_latency, measure, measurement_rows
 from nnopt.metrics.table import render_table
 from nnopt.models import create_model
-from nnopt.pruning import ThresholdPruneConfig, prune
+from nnopt.pruning import GradualPruneConfig, ThresholdPruneConfig, prune
 from nnopt.quantization import WeightQuantConfig, quantize
 from nnopt.quantization.primitives import MAX_BITS, MIN_BITS
 from nnopt.training import TrainConfig, TrainHistory, train
@@ -43,6 +43,8 @@ class ClassicConfig(Config):
     seed: int = 0
     latency_batches: tuple[int, ...] = (1, 256)
     latency_seconds: float = 1.0
+    sparsity: float = 0.9
+    gradual_epochs: int = 15
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -50,6 +52,7 @@ class ClassicConfig(Config):
         if not MIN_BITS <= self.bits <= MAX_BITS:
             raise ConfigError(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {self.bits}")
         ThresholdPruneConfig(threshold=self.threshold)  # validates θ
+        GradualPruneConfig(final_sparsity=self.sparsity, epochs=self.gradual_epochs)
         TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed)
         if not self.latency_batches or any(b < 1 for b in self.latency_batches):
             raise ConfigError(f"latency_batches must be >= 1, got {self.latency_batches}")
@@ -111,12 +114,13 @@ METHODS = {
     "params": "counted: weight values (parameters and integer codes)",
     "nonzeros": "counted: weight values that are not zero",
     "macs": "estimated: analytic multiply-accumulates per sample for a dense kernel, zeros included",
-    "file_bytes": "measured: size of model.safetensors as written",
+    "file_bytes": "measured: size of the weights file as written (model.safetensors, or model.nnpk when packed)",
+    "compression_ratio": "measured: bytes of the same architecture as a dense fp32 safetensors file / file_bytes",
     "latency_ms": "measured: time.perf_counter per forward call after warm-up, variants alternated "
     "in rounds within one process; median, p10, p90 (ms)",
 }
 
-VARIANT_NAMES = ("baseline", "pruned", "quantized", "pruned+quantized")
+VARIANT_NAMES = ("baseline", "pruned", "quantized", "pruned+quantized", "gradual", "gradual+quantized")
 
 
 def _report_names() -> tuple[str, ...]:
@@ -157,24 +161,34 @@ def run_classic(config: ClassicConfig, out_dir: str | Path, progress: bool | Non
     quant_cfg = WeightQuantConfig(bits=config.bits)
     pruned = prune(model, prune_cfg)
     dequant_path = _COMPUTE_DEQUANT.format(bits=config.bits, dtype=_dtype(config.bits))
-    models: dict[str, tuple[nn.Module, str]] = {
-        "baseline": (model, _COMPUTE_FP32),
-        "pruned": (pruned, _COMPUTE_FP32 + " (zeros still multiplied)"),
-        "quantized": (quantize(model, quant_cfg), dequant_path),
-        "pruned+quantized": (quantize(pruned, quant_cfg), dequant_path),
+    gradual_cfg = GradualPruneConfig(final_sparsity=config.sparsity, epochs=config.gradual_epochs,
+                                     batch_size=config.batch_size, lr=config.lr, seed=config.seed)
+    gradual = prune(model, gradual_cfg, data=dataset.train, progress=progress)
+    zeros_note = " (zeros still multiplied)"
+    # (model, compute path, weights file format): the classic four keep the standard dense file,
+    # the gradual ones show what the packed format does with the zeros.
+    models: dict[str, tuple[nn.Module, str, str]] = {
+        "baseline": (model, _COMPUTE_FP32, "safetensors"),
+        "pruned": (pruned, _COMPUTE_FP32 + zeros_note, "safetensors"),
+        "quantized": (quantize(model, quant_cfg), dequant_path, "safetensors"),
+        "pruned+quantized": (quantize(pruned, quant_cfg), dequant_path, "safetensors"),
+        "gradual": (gradual, _COMPUTE_FP32 + zeros_note, "packed"),
+        "gradual+quantized": (quantize(gradual, quant_cfg), dequant_path + zeros_note, "packed"),
     }
     timings = compare_latency(
-        {name: m for name, (m, _) in models.items()}, model.input_shape,
+        {name: m for name, (m, _, _) in models.items()}, model.input_shape,
         config.latency_batches, min_seconds=config.latency_seconds,
     )
     variants = []
     with atomic_directory(Path(out_dir), replace_if=_report_names()) as tmp:
-        for name, (variant_model, compute) in models.items():
+        for name, (variant_model, compute, weights_format) in models.items():
             measured = measure(variant_model, dataset.test, name=name, latency=timings[name])
             directory = _directory(name)
-            saved = save_model(variant_model, tmp / directory, metrics=measured.to_dict())
-            measured = dataclasses.replace(measured, file_bytes=saved.file_bytes)
-            variants.append(Variant(measured, directory, compute))
+            saved = save_model(variant_model, tmp / directory, metrics=measured.to_dict(),
+                               weights_format=weights_format)
+            measured = dataclasses.replace(measured, file_bytes=saved.file_bytes,
+                                           compression_ratio=saved.compression_ratio)
+            variants.append(Variant(measured, directory, f"{compute}; {weights_format} file"))
         result = ClassicResult(
             config=config, environment=environment(), dataset=dataset.describe(),
             history=history, variants=tuple(variants),

@@ -1,4 +1,9 @@
-"""Pruning: ``prune(model, config)`` dispatches on the config's type."""
+"""Pruning: ``prune(model, config)`` dispatches on the config's type.
+
+Unstructured configs: :class:`ThresholdPruneConfig` (|w| < θ → 0), :class:`MagnitudePruneConfig`
+(a sparsity target, allocated uniformly, globally or by LAMP scores), :class:`NMPruneConfig`
+(N:M patterns) and :class:`GradualPruneConfig` (cubic schedule with fine-tuning; needs data).
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,58 @@ from typing import Any
 from torch import nn
 
 from nnopt.config import Config
+from nnopt.data import Split
 from nnopt.passes import Apply, register_pass, run_verb
-from nnopt.pruning.magnitude import THRESHOLD_PASS, ThresholdPruneConfig, prune_threshold
+from nnopt.pruning.magnitude import (
+    MAGNITUDE_PASS,
+    THRESHOLD_PASS,
+    MagnitudePruneConfig,
+    ThresholdPruneConfig,
+    prune_magnitude,
+    prune_threshold,
+)
+from nnopt.pruning.masks import MaskKeeper
+from nnopt.pruning.nm import NM_PASS, NMPruneConfig, prune_nm
+from nnopt.pruning.schedule import GRADUAL_PASS, GradualPruneConfig, prune_gradual
+from nnopt.training import TrainConfig, TrainHistory, train
 
-__all__ = ["ThresholdPruneConfig", "prune"]
+__all__ = [
+    "GradualPruneConfig", "MagnitudePruneConfig", "MaskKeeper", "NMPruneConfig", "ThresholdPruneConfig",
+    "finetune", "prune",
+]
 
-_PRUNERS: dict[type, tuple[str, Apply]] = {ThresholdPruneConfig: (THRESHOLD_PASS, prune_threshold)}
-register_pass(THRESHOLD_PASS)  # values only: nothing to replay on load
+_PRUNERS: dict[type, tuple[str, Apply]] = {
+    ThresholdPruneConfig: (THRESHOLD_PASS, prune_threshold),
+    MagnitudePruneConfig: (MAGNITUDE_PASS, prune_magnitude),
+    NMPruneConfig: (NM_PASS, prune_nm),
+    GradualPruneConfig: (GRADUAL_PASS, prune_gradual),
+}
+for _name, _ in _PRUNERS.values():
+    register_pass(_name)  # values only: nothing to replay on load
 
 
-def prune(model: Any, config: Config = ThresholdPruneConfig(), inplace: bool = False) -> nn.Module:
+def prune(
+    model: Any,
+    config: Config = ThresholdPruneConfig(),
+    data: Split | None = None,
+    eval_data: Split | None = None,
+    inplace: bool = False,
+    progress: bool | None = None,
+) -> nn.Module:
     """Prune ``model`` as ``config`` says and return the result (a copy unless ``inplace``).
 
-    >>> pruned = prune(model, ThresholdPruneConfig(threshold=0.01))
-    >>> float((pruned.classifier.weight == 0).float().mean())  # doctest: +SKIP
-    0.07
+    ``data`` is needed by configs that fine-tune (gradual pruning).
+
+    >>> pruned = prune(model, MagnitudePruneConfig(sparsity=0.9, allocation="global"))
+    >>> pruned = prune(model, GradualPruneConfig(final_sparsity=0.9), data=dataset.train)
     """
-    return run_verb("pruning", _PRUNERS, model, config, inplace)
+    return run_verb("pruning", _PRUNERS, model, config, inplace, data=data, eval_data=eval_data, progress=progress)
+
+
+def finetune(
+    model: nn.Module, data: Split, config: TrainConfig = TrainConfig(), eval_data: Split | None = None,
+    progress: bool | None = None,
+) -> TrainHistory:
+    """Fine-tune in place while every zero weight of a Linear/Conv2d layer stays exactly zero."""
+    return train(model, data, config, eval_data=eval_data, callbacks=[MaskKeeper.from_zeros(model)],
+                 progress=progress)

@@ -12,7 +12,7 @@ import pytest
 from nnopt._version import __version__
 from nnopt.cli import main
 
-VARIANTS = ("baseline", "pruned", "quantized", "pruned+quantized")
+VARIANTS = ("baseline", "pruned", "quantized", "pruned+quantized", "gradual", "gradual+quantized")
 
 
 @pytest.fixture(scope="module")
@@ -33,25 +33,32 @@ def test_demo_writes_report_and_variants(demo_dir):
         assert set(row) >= {"accuracy", "params", "nonzeros", "file_bytes", "macs", "latency_ms"}
         assert set(row["latency_ms"]) == {"1", "256"}
         assert row["latency_ms"]["1"]["median"] <= row["latency_ms"]["1"]["p90"]
-        saved = demo_dir / row["directory"] / "model.safetensors"
-        assert saved.stat().st_size == row["file_bytes"]
+        weights = [p for p in (demo_dir / row["directory"]).iterdir() if p.name.startswith("model.")]
+        assert len(weights) == 1 and weights[0].stat().st_size == row["file_bytes"]
+        assert row["compression_ratio"] == pytest.approx(base_bytes(report) / row["file_bytes"], rel=1e-6)
     base, both = rows["baseline"], rows["pruned+quantized"]
     assert base["accuracy"] >= 0.95
     assert both["accuracy"] >= base["accuracy"] - 0.01
     assert both["file_bytes"] <= base["file_bytes"] / 3
     assert rows["pruned"]["nonzeros"] < base["nonzeros"]
+    gradual = rows["gradual+quantized"]
+    assert gradual["accuracy"] >= base["accuracy"] - 0.02
+    assert gradual["nonzeros"] < 0.25 * base["nonzeros"]
+    assert gradual["compression_ratio"] > 8 and rows["gradual"]["compression_ratio"] > 3  # zeros not stored
     md = (demo_dir / "report.md").read_text()
     assert "| pruned+quantized |" in md and "measured" in md
 
 
-@pytest.mark.parametrize("variant", ["baseline", "pruned", "quantized", "pruned_quantized"])
+@pytest.mark.parametrize("variant", ["baseline", "pruned", "quantized", "pruned_quantized", "gradual",
+                                     "gradual_quantized"])
 def test_profile_works_on_every_variant(demo_dir, variant, capsys):
     assert main(["profile", str(demo_dir / variant), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["architecture"] == "simplenet"
     assert [layer["name"] for layer in doc["layers"]] == ["features.0", "features.2", "classifier"]
     assert doc["macs"] == 6464 and doc["params"] == 6570
-    assert doc["file_bytes"] == (demo_dir / variant / "model.safetensors").stat().st_size
+    weights = next(p for p in (demo_dir / variant).iterdir() if p.name.startswith("model."))
+    assert doc["file_bytes"] == weights.stat().st_size
     assert main(["profile", str(demo_dir / variant)]) == 0
     assert "classifier" in capsys.readouterr().out
 
@@ -61,6 +68,10 @@ def test_rerunning_the_demo_replaces_its_own_report(demo_dir, tmp_path):
     for _ in range(2):
         assert main(["demo", "--out", str(out), "--epochs", "1", "--latency-seconds", "0"]) == 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def base_bytes(report):
+    return next(v for v in report["variants"] if v["name"] == "baseline")["file_bytes"]
 
 
 def _expect_error(capsys, argv, message):

@@ -9,6 +9,9 @@ from nnopt.lineage import get_lineage
 def test_threshold_rule_exactly(trained_simplenet):
     theta = 0.05
     pruned = nnopt.prune(trained_simplenet, nnopt.ThresholdPruneConfig(threshold=theta))
+    # the final classifier is left alone unless selected
+    assert torch.equal(pruned.classifier.weight, trained_simplenet.classifier.weight)
+    pruned = nnopt.prune(trained_simplenet, nnopt.ThresholdPruneConfig(threshold=theta, layers=("type:Linear",)))
     for name in ("features.0", "features.2", "classifier"):
         w = trained_simplenet.get_submodule(name).weight.detach()
         expected = torch.where(w.abs() < theta, torch.zeros_like(w), w)
@@ -39,7 +42,7 @@ def test_zero_threshold_changes_nothing_and_huge_threshold_zeros_all(trained_sim
     same = nnopt.prune(trained_simplenet, nnopt.ThresholdPruneConfig(threshold=0.0))
     assert torch.equal(same.classifier.weight, trained_simplenet.classifier.weight)
     empty = nnopt.prune(trained_simplenet, nnopt.ThresholdPruneConfig(threshold=1e9))
-    assert torch.count_nonzero(empty.classifier.weight) == 0
+    assert torch.count_nonzero(empty.features[0].weight) == 0
 
 
 def test_pruning_a_cnn_covers_conv_layers():
@@ -55,5 +58,5 @@ def test_errors():
     with pytest.raises(ConfigError, match="not a pruning config"):
         nnopt.prune(model, nnopt.WeightQuantConfig())
     quantized = nnopt.quantize(model)
-    with pytest.raises(UnsupportedModelError, match="prune before quantizing"):
+    with pytest.raises(UnsupportedModelError, match="before quantizing"):
         nnopt.prune(quantized, nnopt.ThresholdPruneConfig(layers=("classifier",)))

@@ -1,0 +1,42 @@
+"""Masks that keep pruned weights at exactly zero through fine-tuning.
+
+Masks live in a training callback, never in the model: after each optimizer step the callback
+multiplies the weights by their masks (Adam's momentum would otherwise revive them). When
+training ends, the model holds plain dense weights with zeros: no mask tensors, no copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from nnopt.pruning.targets import PRUNABLE_TYPES
+
+
+def apply_masks(targets: Sequence[tuple[str, nn.Module]], masks: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, module in targets:
+            module.weight.mul_(masks[name])
+
+
+class MaskKeeper:
+    """A training callback (``after_step``) that re-applies fixed keep-masks."""
+
+    def __init__(self, masks: dict[str, torch.Tensor]) -> None:
+        self.masks = masks
+
+    @classmethod
+    def from_zeros(cls, model: nn.Module) -> MaskKeeper:
+        """Masks from the zeros already in every Linear/Conv2d weight that has any."""
+        masks = {}
+        for name, module in model.named_modules():
+            if isinstance(module, PRUNABLE_TYPES) and bool((module.weight == 0).any()):
+                masks[name] = module.weight.detach() != 0
+        return cls(masks)
+
+    def after_step(self, model: nn.Module) -> None:
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                model.get_submodule(name).weight.mul_(mask)

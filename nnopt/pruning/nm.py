@@ -1,0 +1,62 @@
+"""N:M semi-structured sparsity: in every group of M consecutive input weights, N are kept.
+
+Groups run along the input dimension (in_features, or in_channels of a conv at each kernel
+position), the layout that sparse tensor cores and 2:4 kernels expect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from nnopt.config import Config
+from nnopt.errors import ConfigError
+from nnopt.pruning.masks import apply_masks
+from nnopt.pruning.targets import layer_stats, prune_targets
+from nnopt.select import validate_patterns
+
+NM_PASS = "prune-nm"
+
+
+@dataclasses.dataclass(frozen=True)
+class NMPruneConfig(Config):
+    kind = "prune-nm"
+    n: int = 2
+    m: int = 4
+    layers: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if not 1 <= self.n < self.m:
+            raise ConfigError(f"N:M needs 1 <= N < M, got {self.n}:{self.m}")
+        validate_patterns(self.layers)
+
+
+def grouped_view(weight: torch.Tensor, m: int, name: str) -> torch.Tensor:
+    """(groups, m) view with each row one group of m consecutive input weights."""
+    if weight.ndim == 4:  # (out, in, kh, kw) -> (out, kh, kw, in)
+        weight = weight.permute(0, 2, 3, 1)
+    fan_in = weight.shape[-1]
+    if fan_in % m:
+        raise ConfigError(f"layer {name!r}: M={m} does not divide its input dimension {fan_in}")
+    return weight.reshape(-1, m)
+
+
+def nm_mask(weight: torch.Tensor, n: int, m: int, name: str = "weight") -> torch.Tensor:
+    """Keep-mask with exactly n largest-magnitude weights in each group of m."""
+    groups = grouped_view(weight.detach().abs(), m, name)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(1, torch.topk(groups, n, dim=1).indices, True)
+    if weight.ndim == 4:
+        out, c_in, kh, kw = weight.shape
+        return keep.view(out, kh, kw, c_in).permute(0, 3, 1, 2)
+    return keep.view_as(weight)
+
+
+def prune_nm(model: nn.Module, config: NMPruneConfig, **_: Any) -> dict[str, Any]:
+    targets = prune_targets(model, config.layers)
+    masks = {name: nm_mask(module.weight, config.n, config.m, name) for name, module in targets}
+    apply_masks(targets, masks)  # only after every layer's masks are known: a bad layer changes nothing
+    return {"pattern": f"{config.n}:{config.m}", **layer_stats(targets)}

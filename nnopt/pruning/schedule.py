@@ -1,0 +1,119 @@
+"""Gradual magnitude pruning (Zhu & Gupta, 2017) with fine-tuning between pruning steps.
+
+Sparsity follows the cubic schedule s_t = s_f + (s_i − s_f)·(1 − (t − t0)/(n·Δt))³ at the
+pruning steps t = t0, t0 + Δt, ..., t0 + n·Δt; between them the model trains with its masks held,
+so weights pruned early have time to be compensated for by the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from nnopt.config import Config
+from nnopt.data import Split
+from nnopt.errors import ConfigError
+from nnopt.pruning.magnitude import check_allocation, check_sparsity, magnitude_masks
+from nnopt.pruning.masks import apply_masks
+from nnopt.pruning.targets import layer_stats, prune_targets
+from nnopt.select import validate_patterns
+from nnopt.training import TrainConfig, train
+
+GRADUAL_PASS = "prune-gradual"
+
+
+@dataclasses.dataclass(frozen=True)
+class GradualPruneConfig(Config):
+    """Prune to ``final_sparsity`` over ``prune_steps`` events spread across the first
+    ``ramp_fraction`` of ``epochs`` of fine-tuning; the remaining epochs recover accuracy."""
+
+    kind = "prune-gradual"
+    final_sparsity: float = 0.9
+    initial_sparsity: float = 0.0
+    epochs: int = 30
+    ramp_fraction: float = 0.6
+    prune_steps: int = 10
+    allocation: str = "global"
+    batch_size: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+    layers: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        check_sparsity(self.final_sparsity, "final_sparsity")
+        check_sparsity(self.initial_sparsity, "initial_sparsity")
+        if self.initial_sparsity > self.final_sparsity:
+            raise ConfigError("initial_sparsity must not exceed final_sparsity")
+        if not (math.isfinite(self.ramp_fraction) and 0.0 < self.ramp_fraction <= 1.0):
+            raise ConfigError(f"ramp_fraction must be in (0, 1], got {self.ramp_fraction}")
+        if self.prune_steps < 1:
+            raise ConfigError(f"prune_steps must be >= 1, got {self.prune_steps}")
+        check_allocation(self.allocation)
+        validate_patterns(self.layers)
+        self.train_config()  # validates epochs, batch size, lr and seed
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed)
+
+
+def cubic_sparsity(step: int, begin: int, end: int, initial: float, final: float) -> float:
+    """Target sparsity at ``step`` on the cubic ramp from ``begin`` to ``end``."""
+    if step <= begin:
+        return initial
+    if step >= end:
+        return final
+    progress = (step - begin) / (end - begin)
+    return final + (initial - final) * (1.0 - progress) ** 3
+
+
+class GradualPruner:
+    """Training callback: prunes at the scheduled steps and holds the masks after every step."""
+
+    def __init__(self, targets: list[tuple[str, nn.Module]], config: GradualPruneConfig, total_steps: int) -> None:
+        self.targets = targets
+        self.config = config
+        self.end = max(1, int(config.ramp_fraction * total_steps))
+        self.interval = max(1, self.end // config.prune_steps)
+        self.step = 0
+        self.history: list[tuple[int, float]] = []
+        self.masks = self._prune(config.initial_sparsity) if config.initial_sparsity > 0 else {}
+
+    def _prune(self, sparsity: float) -> dict[str, torch.Tensor]:
+        masks = magnitude_masks(self.targets, sparsity, self.config.allocation)
+        apply_masks(self.targets, masks)
+        self.history.append((self.step, sparsity))
+        return masks
+
+    def after_step(self, model: nn.Module) -> None:
+        self.step += 1
+        if self.step % self.interval == 0 and self.step <= self.end:
+            c = self.config
+            self.masks = self._prune(cubic_sparsity(self.step, 0, self.end, c.initial_sparsity, c.final_sparsity))
+        elif self.masks:
+            apply_masks(self.targets, self.masks)
+
+    def finish(self) -> None:
+        """Make sure the final sparsity is reached, whatever the step arithmetic left."""
+        if not self.history or self.history[-1][1] < self.config.final_sparsity:
+            self.masks = self._prune(self.config.final_sparsity)
+
+
+def prune_gradual(model: nn.Module, config: GradualPruneConfig, data: Split | None = None,
+                  eval_data: Split | None = None, progress: bool | None = None, **_: Any) -> dict[str, Any]:
+    if data is None:
+        raise ConfigError("gradual pruning fine-tunes the model: pass training data (data=...)")
+    targets = prune_targets(model, config.layers)
+    steps_per_epoch = math.ceil(len(data) / config.batch_size)
+    pruner = GradualPruner(targets, config, total_steps=config.epochs * steps_per_epoch)
+    history = train(model, data, config.train_config(), eval_data=eval_data, callbacks=[pruner], progress=progress)
+    pruner.finish()
+    return {
+        "allocation": config.allocation,
+        "schedule": [{"step": step, "sparsity": round(s, 6)} for step, s in pruner.history],
+        "loss": history.loss,
+        **layer_stats(targets),
+    }
