@@ -31,6 +31,8 @@ _EXPORTS = {
     "NMPruneConfig": "nnopt.pruning",
     "GradualPruneConfig": "nnopt.pruning",
     "finetune": "nnopt.pruning",
+    "sparsify": "nnopt.sparse",
+    "SparseKernelConfig": "nnopt.sparse",
     "quantize": "nnopt.quantization",
     "WeightQuantConfig": "nnopt.quantization",
     "measure": "nnopt.metrics",
@@ -73,4 +75,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs only
         prune,
     )
     from nnopt.quantization import WeightQuantConfig, quantize
+    from nnopt.sparse import SparseKernelConfig, sparsify
     from nnopt.training import TrainConfig, train

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "but the final classifier")
     prune.add_argument("--format", choices=("packed", "safetensors"), default="packed",
                        help="weights file format (default: packed, which stores only non-zeros)")
+    prune.add_argument("--kernel-batch", type=int, default=1, metavar="B",
+                       help="batch size at which sparse (CSR) kernels are measured against dense ones; each "
+                       "Linear uses the faster (default: 1); 0 keeps every layer dense")
     prune.add_argument("-o", "--out", required=True, metavar="OUT", help="output model directory")
     prune.add_argument("--overwrite", action="store_true", help="replace an earlier nnopt model at OUT")
     prune.set_defaults(handler=cmd_prune)
@@ -132,8 +135,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise ConfigError(f"--nm takes N:M with two integers, e.g. 2:4; got {args.nm!r}")
         config = NMPruneConfig(n=int(n), m=int(m), layers=layers)
     finetune_epochs = 0 if args.schedule == "gradual" else args.epochs
+    if args.kernel_batch < 0:
+        raise ConfigError(f"--kernel-batch must be >= 0, got {args.kernel_batch}")
     result = run_prune(args.path, config, args.out, data_name=args.data, finetune_epochs=finetune_epochs,
-                       weights_format=args.format, overwrite=args.overwrite)
+                       weights_format=args.format, overwrite=args.overwrite, kernel_batch=args.kernel_batch)
     print(result)
     print(f"\nwrote {result.out}")
     return 0

@@ -159,11 +159,15 @@ def _macs_of(module: nn.Module, output: torch.Tensor) -> int:
 
 
 def _weight_tensors(module: nn.Module) -> list[torch.Tensor]:
-    """The module's own weights: parameters plus quantized codes (not scales or BN statistics)."""
+    """The module's own weights: parameters plus quantized codes or a sparse layer's weight (as a
+    dense view, so counts mean the same for every kernel); not scales or BN statistics."""
     tensors = [p for p in module.parameters(recurse=False)]
     codes = getattr(module, "weight_q", None)
     if isinstance(codes, torch.Tensor):
         tensors.insert(0, codes)
+    dense_weight = getattr(module, "dense_weight", None)
+    if callable(dense_weight):
+        tensors.insert(0, dense_weight())
     return tensors
 
 
