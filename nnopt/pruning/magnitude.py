@@ -76,7 +76,7 @@ def prune_threshold(model: nn.Module, config: ThresholdPruneConfig, **_: Any) ->
     targets = prune_targets(model, config.layers)
     with torch.no_grad():
         for _name, module in targets:
-            module.weight.mul_(module.weight.abs() >= config.threshold)
+            module.weight.masked_fill_(module.weight.abs() < config.threshold, 0.0)
     return layer_stats(targets)
 
 

@@ -18,7 +18,13 @@ from nnopt.pruning.targets import PRUNABLE_TYPES
 def apply_masks(targets: Sequence[tuple[str, nn.Module]], masks: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, module in targets:
-            module.weight.mul_(masks[name])
+            zero_where_dropped(module.weight, masks[name])
+
+
+def zero_where_dropped(weight: torch.Tensor, keep: torch.Tensor) -> None:
+    # masked_fill writes +0.0; multiplying by the mask would leave -0.0 for negative weights, which
+    # is a distinct bit pattern that the packed format (exact to the bit) would have to store.
+    weight.masked_fill_(~keep, 0.0)
 
 
 class MaskKeeper:
@@ -39,4 +45,4 @@ class MaskKeeper:
     def after_step(self, model: nn.Module) -> None:
         with torch.no_grad():
             for name, mask in self.masks.items():
-                model.get_submodule(name).weight.mul_(mask)
+                zero_where_dropped(model.get_submodule(name).weight, mask)

@@ -138,3 +138,11 @@ def test_gradual_pruning_reaches_target_and_keeps_accuracy(digits):
     assert len(sparsities) >= 6 and sparsities == sorted(sparsities)
     with pytest.raises(ConfigError, match="training data"):
         nnopt.prune(model, config)
+
+
+def test_pruned_zeros_are_positive_zeros(trained_simplenet):
+    # -0.0 would be a different bit pattern and cost space in the exact packed format
+    for config in (MagnitudePruneConfig(sparsity=0.9), nnopt.ThresholdPruneConfig(threshold=0.1)):
+        w = nnopt.prune(trained_simplenet, config).features[0].weight
+        zeros = w[w == 0]
+        assert zeros.numel() > 0 and not bool(torch.signbit(zeros).any())
