@@ -22,6 +22,11 @@ def prune_targets(model: nn.Module, patterns: Sequence[str] = ()) -> list[tuple[
     if patterns:
         chosen = select_layers(model, patterns)
     else:
+        if not any(isinstance(m, PRUNABLE_TYPES) for m in model.modules()):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has no float Linear or Conv2d layer to prune "
+                "(quantized and sparse-kernel layers cannot be pruned: prune before quantizing)"
+            )
         chosen = select_layers(model, (), default_types=PRUNABLE_TYPES)[:-1]
         if not chosen:
             raise SelectionError(
