@@ -64,3 +64,10 @@ def validate_patterns(patterns: Sequence[str]) -> None:
                 raise ConfigError(f"bad layer pattern {pattern!r}: {exc}") from None
         elif not pattern:
             raise ConfigError("empty layer pattern")
+
+
+def replace_layer(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where the layer called ``name`` (dotted path) is now."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

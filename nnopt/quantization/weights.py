@@ -13,7 +13,7 @@ from nnopt.errors import ConfigError, ModelFormatError, UnsupportedModelError
 from nnopt.lineage import AppliedPass
 from nnopt.quantization import primitives as P
 from nnopt.quantization.modules import QUANTIZED_TYPES, _QuantizedWeight
-from nnopt.select import select_layers, validate_patterns
+from nnopt.select import replace_layer, select_layers, validate_patterns
 
 PASS_NAME = "quantize-weights"
 
@@ -64,7 +64,7 @@ def quantize_weights(model: nn.Module, config: WeightQuantConfig) -> dict[str, A
         codes = P.quantize(weight, scale, zero, config.bits, config.symmetric)
         qmodule = qtype(module, config.bits, tuple(scale.shape))
         qmodule.set_codes(codes, scale, zero)
-        _set_submodule(model, name, qmodule)
+        replace_layer(model, name, qmodule)
         error = (qmodule.dequantized_weight() - weight).abs().max()
         details[name] = {"shape": list(weight.shape), "max_abs_error": float(error)}
     return {"layers": details}
@@ -79,16 +79,10 @@ def replay(model: nn.Module, applied: AppliedPass) -> None:
         if qtype is None:
             raise ModelFormatError(f"recorded quantized layer {name!r} is a {type(module).__name__}, not Linear/Conv2d")
         shape = _qparam_shape(module.weight, config.per_channel)
-        _set_submodule(model, name, qtype(module, config.bits, shape))
+        replace_layer(model, name, qtype(module, config.bits, shape))
 
 
 def _qparam_shape(weight: torch.Tensor, per_channel: bool) -> tuple[int, ...]:
     if per_channel:
         return (weight.shape[0],) + (1,) * (weight.ndim - 1)
     return (1,) * weight.ndim
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)

@@ -29,7 +29,7 @@ from torch import nn
 from nnopt.config import Config
 from nnopt.errors import ConfigError, ModelFormatError, UnsupportedModelError
 from nnopt.lineage import AppliedPass
-from nnopt.select import select_layers, validate_patterns
+from nnopt.select import replace_layer, select_layers, validate_patterns
 
 PASS_NAME = "sparse-kernels"
 CSR = "csr"
@@ -254,7 +254,7 @@ def choose_kernels(model: nn.Module, config: SparseKernelConfig, **_: Any) -> di
         speedup = dense_ms / sparse_ms if sparse_ms > 0 else math.inf
         use_sparse = speedup >= config.min_speedup
         if use_sparse:
-            _set_submodule(model, name, sparse.train(was_training))
+            replace_layer(model, name, sparse.train(was_training))
         layers[name] = {
             "kernel": CSR if use_sparse else DENSE,
             "shape": [linear.out_features, linear.in_features],
@@ -291,14 +291,8 @@ def replay(model: nn.Module, applied: AppliedPass) -> None:
         weight = module.weight
         sparse = SparseLinear(module.in_features, module.out_features, module.bias is not None,
                               weight.dtype, weight.device)
-        _set_submodule(model, name, sparse.train(module.training))
+        replace_layer(model, name, sparse.train(module.training))
 
 
 def _same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
     return all(x is y for x, y in zip(a, b))
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)

@@ -74,14 +74,6 @@ def base_bytes(report):
     return next(v for v in report["variants"] if v["name"] == "baseline")["file_bytes"]
 
 
-def _expect_error(capsys, argv, message):
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("nnopt: error:"), err
-    assert message in err, err
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -94,56 +86,56 @@ def _expect_error(capsys, argv, message):
         (["--latency-seconds", "inf"], "latency seconds"),
     ],
 )
-def test_bad_demo_arguments_write_nothing(tmp_path, capsys, args, message):
+def test_bad_demo_arguments_write_nothing(tmp_path, args, message, expect_error):
     out = tmp_path / "never"
-    _expect_error(capsys, ["demo", "--out", str(out), *args], message)
+    expect_error(["demo", "--out", str(out), *args], message)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_demo_refuses_a_foreign_directory(tmp_path, capsys):
+def test_demo_refuses_a_foreign_directory(tmp_path, expect_error):
     (tmp_path / "mine.txt").write_text("keep")
-    _expect_error(capsys, ["demo", "--out", str(tmp_path), "--epochs", "1"], "refusing to overwrite")
+    expect_error(["demo", "--out", str(tmp_path), "--epochs", "1"], "refusing to overwrite")
     assert (tmp_path / "mine.txt").read_text() == "keep"
 
 
-def test_demo_keeps_user_files_next_to_an_old_report(demo_dir, tmp_path, capsys):
+def test_demo_keeps_user_files_next_to_an_old_report(demo_dir, tmp_path, expect_error):
     out = tmp_path / "r"
     out.mkdir()
     (out / "report.json").write_text("{}")
     (out / "my_notes.txt").write_text("precious")
-    _expect_error(capsys, ["demo", "--out", str(out), "--epochs", "1"], "my_notes.txt")
+    expect_error(["demo", "--out", str(out), "--epochs", "1"], "my_notes.txt")
     assert (out / "my_notes.txt").read_text() == "precious"
 
 
-def test_demo_refuses_the_current_directory_and_unwritable_places(tmp_path, capsys, monkeypatch):
+def test_demo_refuses_the_current_directory_and_unwritable_places(tmp_path, capsys, monkeypatch, expect_error):
     monkeypatch.chdir(tmp_path)
-    _expect_error(capsys, ["demo", "--out", ".", "--epochs", "1"], "current directory")
+    expect_error(["demo", "--out", ".", "--epochs", "1"], "current directory")
     (tmp_path / "afile").write_text("x")
-    _expect_error(capsys, ["demo", "--out", "afile", "--epochs", "1"], "it is a file")
+    expect_error(["demo", "--out", "afile", "--epochs", "1"], "it is a file")
     assert main(["demo", "--out", "afile/sub", "--epochs", "1", "--latency-seconds", "0"]) == 2
     assert "nnopt: error:" in capsys.readouterr().err
 
 
-def test_profile_bad_inputs(tmp_path, capsys, demo_dir):
-    _expect_error(capsys, ["profile", str(tmp_path / "missing")], "no such file")
+def test_profile_bad_inputs(tmp_path, demo_dir, expect_error):
+    expect_error(["profile", str(tmp_path / "missing")], "no such file")
     (tmp_path / "empty").mkdir()
-    _expect_error(capsys, ["profile", str(tmp_path / "empty")], "not an nnopt model directory")
+    expect_error(["profile", str(tmp_path / "empty")], "not an nnopt model directory")
     (tmp_path / "m.pkl").write_bytes(pickle.dumps({"a": 1}))
-    _expect_error(capsys, ["profile", str(tmp_path / "m.pkl")], "pickle")
+    expect_error(["profile", str(tmp_path / "m.pkl")], "pickle")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "nnopt.json").write_text("{oops")
-    _expect_error(capsys, ["profile", str(corrupt)], "corrupt")
+    expect_error(["profile", str(corrupt)], "corrupt")
     unknown = tmp_path / "unknown"
     unknown.mkdir()
     meta = json.loads((demo_dir / "baseline" / "nnopt.json").read_text())
     meta["architecture"] = "transformer-xl"
     (unknown / "nnopt.json").write_text(json.dumps(meta))
     (unknown / "model.safetensors").write_bytes((demo_dir / "baseline" / "model.safetensors").read_bytes())
-    _expect_error(capsys, ["profile", str(unknown)], "unknown architecture 'transformer-xl'")
+    expect_error(["profile", str(unknown)], "unknown architecture 'transformer-xl'")
 
 
-def test_argument_errors_exit_2(capsys):
+def test_argument_errors_exit_2():
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--bits", "eight"])
     assert exc.value.code == 2

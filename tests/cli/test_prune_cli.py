@@ -71,11 +71,9 @@ def test_saved_pruned_model_gives_identical_outputs(saved, tmp_path, digits):
         (["--sparsity", "0.5", "--layers", "type:ReLU"], "no float weight"),
     ],
 )
-def test_bad_prune_input_writes_nothing(saved, tmp_path, capsys, args, message):
+def test_bad_prune_input_writes_nothing(saved, tmp_path, expect_error, args, message):
     out = tmp_path / "never"
-    assert main(["prune", str(saved), *args, "-o", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("nnopt: error:") and len(err.splitlines()) == 1 and message in err, err
+    expect_error(["prune", str(saved), *args, "-o", str(out)], message)
     assert not out.exists()
 
 
