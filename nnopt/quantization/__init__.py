@@ -1,4 +1,8 @@
-"""Quantization: ``quantize(model, config)`` dispatches on the config's type."""
+"""Quantization: ``quantize(model, config)`` dispatches on the config's type.
+
+Each technique lives in its own module and registers its config type in
+:mod:`nnopt.quantization.registry` when imported below.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +11,31 @@ from typing import Any
 from torch import nn
 
 from nnopt.config import Config
-from nnopt.passes import Apply, register_pass, run_verb
-from nnopt.quantization import weights
+from nnopt.passes import run_verb
+from nnopt.quantization import weights  # noqa: F401  (registers its pass)
+from nnopt.quantization.registry import QUANTIZERS
 from nnopt.quantization.weights import WeightQuantConfig
 
 __all__ = ["WeightQuantConfig", "quantize"]
 
-_QUANTIZERS: dict[type, tuple[str, Apply]] = {
-    WeightQuantConfig: (weights.PASS_NAME, weights.quantize_weights),
-}
-register_pass(weights.PASS_NAME, weights.replay)
 
-
-def quantize(model: Any, config: Config = WeightQuantConfig(), inplace: bool = False) -> nn.Module:
+def quantize(
+    model: Any,
+    config: Config = WeightQuantConfig(),
+    data: Any = None,
+    eval_data: Any = None,
+    inplace: bool = False,
+    progress: bool | None = None,
+) -> nn.Module:
     """Quantize ``model`` as ``config`` says and return the result (a copy unless ``inplace``).
+
+    ``data`` is needed by configs that calibrate or fine-tune (static int8, QAT, clustering,
+    mixed precision): a :class:`nnopt.data.Split` or an iterable of input batches.
 
     >>> q = quantize(model, WeightQuantConfig(bits=8))
     >>> q.classifier.weight_q.dtype
     torch.int8
     """
-    return run_verb("quantization", _QUANTIZERS, model, config, inplace)
+    return run_verb(
+        "quantization", QUANTIZERS, model, config, inplace, data=data, eval_data=eval_data, progress=progress
+    )

@@ -13,6 +13,7 @@ from nnopt.errors import ConfigError, ModelFormatError, UnsupportedModelError
 from nnopt.lineage import AppliedPass
 from nnopt.quantization import primitives as P
 from nnopt.quantization.modules import QUANTIZED_TYPES, _QuantizedWeight
+from nnopt.quantization.registry import register_quantizer
 from nnopt.select import replace_layer, select_layers, validate_patterns
 
 PASS_NAME = "quantize-weights"
@@ -41,7 +42,7 @@ class WeightQuantConfig(Config):
         validate_patterns(self.layers)
 
 
-def quantize_weights(model: nn.Module, config: WeightQuantConfig) -> dict[str, Any]:
+def quantize_weights(model: nn.Module, config: WeightQuantConfig, **context: Any) -> dict[str, Any]:
     """Replace selected layers in place with quantized twins; returns what was done per layer."""
     # Quantized twins are in the default selection so that re-quantizing names the problem.
     default_types = (*QUANTIZED_TYPES, *QUANTIZED_TYPES.values())
@@ -86,3 +87,6 @@ def _qparam_shape(weight: torch.Tensor, per_channel: bool) -> tuple[int, ...]:
     if per_channel:
         return (weight.shape[0],) + (1,) * (weight.ndim - 1)
     return (1,) * weight.ndim
+
+
+register_quantizer(WeightQuantConfig, PASS_NAME, quantize_weights, replay)
