@@ -12,7 +12,8 @@ from torch import nn
 
 from nnopt.config import Config
 from nnopt.passes import run_verb
-from nnopt.quantization import weights  # noqa: F401  (registers its pass)
+# Imported for their registrations.
+from nnopt.quantization import clustering, mixed, ptq, qat, weights  # noqa: F401
 from nnopt.quantization.registry import QUANTIZERS
 from nnopt.quantization.weights import WeightQuantConfig
 

@@ -77,3 +77,26 @@ def dequantize(
 ) -> torch.Tensor:
     """Float weights ``(w_q − z) / S`` in float32."""
     return (codes.to(torch.float32) - torch.as_tensor(zero_point, dtype=torch.float32)) / scale
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Two signed 4-bit codes per byte along the last dimension (even index in the low nibble).
+
+    ``codes`` holds integers in −8..7 with an even last dimension; returns uint8 of half that size.
+    """
+    if codes.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even last dimension, got {codes.shape[-1]}")
+    if codes.numel() and (int(codes.min()) < -8 or int(codes.max()) > 7):
+        raise ValueError("int4 codes must lie in -8..7")
+    nibbles = codes.to(torch.int16) & 0xF  # two's complement low nibble
+    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: int8 codes in −8..7, last dimension doubled."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed int4 data must be uint8, got {packed.dtype}")
+    p = packed.to(torch.int16)
+    low, high = p & 0xF, (p >> 4) & 0xF
+    both = torch.stack((low, high), dim=-1).flatten(-2)
+    return torch.where(both >= 8, both - 16, both).to(torch.int8)
