@@ -12,12 +12,24 @@ from torch import nn
 
 from nnopt.config import Config
 from nnopt.passes import run_verb
-# Imported for their registrations.
-from nnopt.quantization import clustering, mixed, ptq, qat, weights  # noqa: F401
+from nnopt.quantization import clustering, mixed, ptq, qat, weights  # noqa: F401  (their registrations)
+from nnopt.quantization.clustering import ClusterConfig
+from nnopt.quantization.mixed import MixedPrecisionConfig, sensitivity
+from nnopt.quantization.ptq import DynamicQuantConfig, StaticQuantConfig
 from nnopt.quantization.registry import QUANTIZERS
 from nnopt.quantization.weights import WeightQuantConfig
 
-__all__ = ["WeightQuantConfig", "quantize"]
+__all__ = [
+    "ClusterConfig", "DynamicQuantConfig", "MixedPrecisionConfig", "QATConfig", "StaticQuantConfig",
+    "WeightQuantConfig", "quantize", "sensitivity",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # QATConfig lives in qat.py, which is filled in separately; resolve it lazily.
+    if name == "QATConfig":
+        return qat.QATConfig
+    raise AttributeError(f"module 'nnopt.quantization' has no attribute {name!r}")
 
 
 def quantize(

@@ -3,18 +3,37 @@
 Convention (the mission's rule): ``w_q = clamp(round(w · S) + z)`` and ``w ≈ (w_q − z) / S``,
 where ``S`` is a multiplier (codes per unit), ``z`` an integer zero point (0 when symmetric).
 For in-range weights the rounding error is at most ``1 / (2S)``.
+
+Granularity: one ``(S, z)`` per tensor, per slice along a channel axis (:func:`compute_qparams`),
+or per group of consecutive elements along the last dimension (:func:`compute_group_qparams`).
+Every variant derives ``(S, z)`` from a range with the one formula in :func:`qparams_from_range`.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+# Storage primitives accept up to 16 bits (the packed format stores int16 codes); quantization
+# configs are limited to 2..8 bits by :func:`check_quant_bits`.
 MIN_BITS, MAX_BITS = 2, 16
+QUANT_MIN_BITS, QUANT_MAX_BITS = 2, 8
+
+# A range so narrow that ``qmax / span`` overflows float32 would store S = inf (and 0 · inf = NaN);
+# capping S keeps scales finite and > 0, and tiny values still round to within 1/(2S) of themselves.
+_MAX_SCALE = torch.finfo(torch.float32).max
 
 
 def check_bits(bits: int) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+
+
+def check_quant_bits(bits: int) -> None:
+    """Bit widths a quantization config may ask for: 2..8 (wider codes are storage-only)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not QUANT_MIN_BITS <= bits <= QUANT_MAX_BITS:
+        raise ValueError(f"bits must be an integer in {QUANT_MIN_BITS}..{QUANT_MAX_BITS}, got {bits!r}")
 
 
 def qrange(bits: int, symmetric: bool = True) -> tuple[int, int]:
@@ -38,6 +57,36 @@ def reduce_dims(w: torch.Tensor, channel_axis: int | None) -> tuple[int, ...]:
     return tuple(d for d in range(w.ndim) if d != axis)
 
 
+def qparams_from_range(
+    lo: torch.Tensor | float, hi: torch.Tensor | float, bits: int = 8, symmetric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale multiplier ``S`` (float32) and zero point ``z`` (int32) for values in ``[lo, hi]``.
+
+    ``lo``/``hi`` are observed minima/maxima (tensors broadcast together, e.g. one per channel).
+    The range is widened to include 0 so that zeros (pruned weights, ReLU outputs) stay exactly
+    zero; an empty range (all zeros) gets ``S = 1``. Symmetric uses ``max(|lo|, |hi|)`` and ``z = 0``.
+    """
+    qmin, qmax = qrange(bits, symmetric)
+    # float64 so S is not off by an ulp at the range's ends.
+    lo = torch.as_tensor(lo).detach().to(torch.float64)
+    hi = torch.as_tensor(hi).detach().to(torch.float64)
+    if not bool((torch.isfinite(lo) & torch.isfinite(hi)).all()):
+        raise ValueError("quantization range must be finite (the data holds NaN or inf)")
+    if bool((lo > hi).any()):
+        raise ValueError("quantization range has lo > hi")
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    if symmetric:
+        max_abs = torch.maximum(-lo, hi)
+        scale = torch.where(max_abs > 0, qmax / max_abs, torch.ones_like(max_abs)).clamp(max=_MAX_SCALE)
+        zero = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        span = hi - lo
+        scale = torch.where(span > 0, (qmax - qmin) / span, torch.ones_like(span)).clamp(max=_MAX_SCALE)
+        # lo ≤ 0 and lo · S ≥ −(qmax − qmin), so z stays inside [qmin, qmax].
+        zero = (qmin - torch.round(lo * scale)).to(torch.int32)
+    return scale.to(torch.float32), zero
+
+
 def compute_qparams(
     w: torch.Tensor, bits: int = 8, symmetric: bool = True, channel_axis: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,21 +94,10 @@ def compute_qparams(
 
     Returned tensors broadcast against ``w`` (kept dims). An all-zero slice gets ``S = 1``.
     """
-    qmin, qmax = qrange(bits, symmetric)
     dims = reduce_dims(w, channel_axis)
-    w = w.detach().to(torch.float64)  # float64 so S is not off by an ulp at the range's ends
-    if symmetric:
-        max_abs = w.abs().amax(dim=dims, keepdim=True)
-        scale = torch.where(max_abs > 0, qmax / max_abs, torch.ones_like(max_abs))
-        zero = torch.zeros_like(scale, dtype=torch.int32)
-    else:
-        # The range always includes 0 so that zeros (pruned weights) stay exactly zero.
-        lo = w.amin(dim=dims, keepdim=True).clamp(max=0)
-        hi = w.amax(dim=dims, keepdim=True).clamp(min=0)
-        span = hi - lo
-        scale = torch.where(span > 0, (qmax - qmin) / span, torch.ones_like(span))
-        zero = (qmin - torch.round(lo * scale)).to(torch.int32)
-    return scale.to(torch.float32), zero
+    w = w.detach()
+    # min/max are exact in any dtype; qparams_from_range does the arithmetic in float64.
+    return qparams_from_range(w.amin(dim=dims, keepdim=True), w.amax(dim=dims, keepdim=True), bits, symmetric)
 
 
 def quantize(
@@ -78,6 +116,84 @@ def dequantize(
     """Float weights ``(w_q − z) / S`` in float32."""
     return (codes.to(torch.float32) - torch.as_tensor(zero_point, dtype=torch.float32)) / scale
 
+
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | int = 0, bits: int = 8,
+    symmetric: bool = True,
+) -> torch.Tensor:
+    """``dequantize(quantize(x))`` in float32: the values a quantized tensor really represents."""
+    return dequantize(quantize(x, scale, zero_point, bits, symmetric), scale, zero_point)
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10·log10(Σref² / Σ(ref − approx)²)`` in dB (inf when equal)."""
+    if reference.shape != approx.shape:
+        raise ValueError(f"sqnr_db needs equal shapes, got {tuple(reference.shape)} and {tuple(approx.shape)}")
+    ref = reference.detach().to(torch.float64)
+    noise = float(((ref - approx.detach().to(torch.float64)) ** 2).sum())
+    if noise == 0:
+        return math.inf
+    signal = float((ref**2).sum())
+    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+# -- per-group: groups of ``group_size`` consecutive elements along the last dimension, per row --
+
+
+def _check_group_size(shape: torch.Size, group_size: int) -> int:
+    """Number of groups per row; names the sizes when ``group_size`` does not fit ``shape``."""
+    if len(shape) == 0:
+        raise ValueError("per-group quantization needs a tensor with at least one dimension")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}")
+    if shape[-1] % group_size:
+        raise ValueError(
+            f"group_size {group_size} does not divide the last dimension {shape[-1]} of shape {tuple(shape)}"
+        )
+    return shape[-1] // group_size
+
+
+def _grouped(t: torch.Tensor, scale: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """``t`` viewed as ``(*t.shape[:-1], n_groups, group_size)``; ``group_size`` defaults to what ``scale`` implies."""
+    if group_size is None:
+        if scale.ndim < 2 or scale.shape[-2] == 0 or (t.ndim and t.shape[-1] % scale.shape[-2]):
+            raise ValueError(f"cannot infer group_size from scale shape {tuple(scale.shape)} for {tuple(t.shape)}")
+        group_size = t.shape[-1] // scale.shape[-2]
+    n_groups = _check_group_size(t.shape, group_size)
+    return t.reshape(*t.shape[:-1], n_groups, group_size)
+
+
+def compute_group_qparams(
+    w: torch.Tensor, bits: int = 8, symmetric: bool = True, group_size: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S, z)`` per group of ``group_size`` consecutive elements along the last dimension.
+
+    Shapes are ``(*w.shape[:-1], w.shape[-1] // group_size, 1)``, broadcasting against
+    ``w.reshape(*w.shape[:-1], -1, group_size)``.
+    """
+    n_groups = _check_group_size(w.shape, group_size)
+    # One row per group, so the per-channel min–max path does the work.
+    scale, zero = compute_qparams(w.reshape(-1, group_size), bits, symmetric, channel_axis=0)
+    shape = (*w.shape[:-1], n_groups, 1)
+    return scale.reshape(shape), zero.reshape(shape)
+
+
+def quantize_grouped(
+    w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | int = 0, bits: int = 8,
+    symmetric: bool = True, group_size: int | None = None,
+) -> torch.Tensor:
+    """Codes with ``w``'s shape, each group quantized with its own ``(S, z)`` from :func:`compute_group_qparams`."""
+    return quantize(_grouped(w, scale, group_size), scale, zero_point, bits, symmetric).reshape(w.shape)
+
+
+def dequantize_grouped(
+    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | int = 0, group_size: int | None = None
+) -> torch.Tensor:
+    """Float32 values with ``codes``' shape: the inverse of :func:`quantize_grouped`."""
+    return dequantize(_grouped(codes, scale, group_size), scale, zero_point).reshape(codes.shape)
+
+
+# -- int4 storage: two codes per byte --
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """Two signed 4-bit codes per byte along the last dimension (even index in the low nibble).

@@ -1,0 +1,201 @@
+"""ONNX export of nnopt models (fp32 and int8) and ONNX Runtime sessions to run them.
+
+int8 layers export in the forms ONNX Runtime runs with integer kernels:
+- dynamic int8 Linear → ``DynamicQuantizeLinear → MatMulInteger → Cast → Mul (→ Add)``, the
+  pattern ONNX Runtime fuses into its int8 GEMM with a float epilogue;
+- static int8 Linear/Conv2d → QuantizeLinear/DequantizeLinear pairs around the float op (the
+  QDQ form), which ONNX Runtime turns into integer operators.
+
+Uses the TorchScript-based exporter (``dynamo=False``): its symbolic functions are what lets a
+layer choose its own ONNX nodes. onnx and onnxruntime are the ``onnx`` extra, imported lazily.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnopt.errors import ConfigError, UnsupportedModelError
+
+OPSET = 17
+
+
+class _DynamicInt8LinearFn(torch.autograd.Function):
+    """Carries a dynamic int8 Linear through tracing; ``symbolic`` gives its ONNX nodes."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, weight_t: torch.Tensor, weight_step: torch.Tensor, bias: torch.Tensor,
+        smoothing: torch.Tensor | None,
+    ) -> torch.Tensor:
+        # Only shape and dtype matter here: the exported graph comes from ``symbolic``.
+        x = x if smoothing is None else x * smoothing
+        return torch.nn.functional.linear(x, weight_t.t().to(x.dtype) * weight_step[:, None], bias)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, weight_t: Any, weight_step: Any, bias: Any, smoothing: Any) -> Any:
+        if not _is_none(smoothing):
+            x = g.op("Mul", x, smoothing)
+        x_q, x_step, x_zero = g.op("DynamicQuantizeLinear", x, outputs=3)
+        acc = g.op("MatMulInteger", x_q, weight_t, x_zero)
+        out = g.op("Mul", g.op("Cast", acc, to_i=1), g.op("Mul", x_step, weight_step))  # to_i=1: FLOAT
+        return g.op("Add", out, bias)
+
+
+def _is_none(value: Any) -> bool:
+    return value is None or (hasattr(value, "node") and value.node().mustBeNone())
+
+
+def dynamic_int8_linear(module: Any, x: torch.Tensor) -> torch.Tensor:
+    """What ``Int8DynamicLinear.forward`` returns during export."""
+    bias = module.bias if module.bias is not None else torch.zeros(module.out_features)
+    smoothing = _constant(module.input_smoothing) if module.smoothing else None
+    weight_t = _constant(module.weight_q.t())  # (in, out) as MatMulInteger wants
+    return _DynamicInt8LinearFn.apply(x, weight_t, _constant(module.weight_step), _constant(bias), smoothing)
+
+
+class _StaticInt8Fn(torch.autograd.Function):
+    """Carries a static int8 Linear/Conv2d through tracing; ``symbolic`` emits the QDQ form."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, weight_q: torch.Tensor, weight_step: torch.Tensor, bias: torch.Tensor,
+        x_step: torch.Tensor, x_zero: torch.Tensor, conv: tuple[Any, ...] | None,
+    ) -> torch.Tensor:
+        weight = weight_q.to(x.dtype) * weight_step.view((-1,) + (1,) * (weight_q.ndim - 1))
+        if conv is None:
+            return torch.nn.functional.linear(x, weight, bias)
+        return torch.nn.functional.conv2d(x, weight, bias, *conv)
+
+    @staticmethod
+    def symbolic(
+        g: Any, x: Any, weight_q: Any, weight_step: Any, bias: Any, x_step: Any, x_zero: Any, conv: Any
+    ) -> Any:
+        x = g.op("DequantizeLinear", g.op("QuantizeLinear", x, x_step, x_zero), x_step, x_zero)
+        w_zero = g.op("Constant", value_t=torch.zeros(_static_dim(weight_q), dtype=torch.int8))
+        weight = g.op("DequantizeLinear", weight_q, weight_step, w_zero, axis_i=0)
+        if conv is None:
+            return g.op("Add", g.op("MatMul", x, g.op("Transpose", weight, perm_i=[1, 0])), bias)
+        stride, padding, dilation = conv
+        return g.op(
+            "Conv", x, weight, bias, strides_i=list(stride), pads_i=list(padding) * 2, dilations_i=list(dilation)
+        )
+
+
+def _static_dim(value: Any) -> int:
+    return int(value.type().sizes()[0])
+
+
+def static_int8(module: Any, x: torch.Tensor) -> torch.Tensor:
+    """What static int8 layers return during export: float ops between QDQ pairs (int8 weights)."""
+    bias = module.bias if module.bias is not None else torch.zeros(module.weight_q.shape[0])
+    x_step = torch.tensor(float(1.0 / module.input_scale))
+    x_zero = torch.tensor(int(module.input_zero_point), dtype=torch.int8)
+    conv = (module.stride, module.padding, module.dilation) if module.weight_q.ndim == 4 else None
+    return _StaticInt8Fn.apply(
+        x, _constant(module.weight_q), _constant(module.weight_step), _constant(bias), x_step, x_zero, conv
+    )
+
+
+def _constant(t: torch.Tensor) -> torch.Tensor:
+    """A copy the tracer records as a constant, not as ops on a module's buffers (so no runtime
+    reciprocal or dequantization is left in the graph)."""
+    return torch.from_numpy(t.detach().cpu().numpy().copy())
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: torch.Tensor | tuple[torch.Tensor, ...] | Mapping[str, torch.Tensor],
+    path: str | Path | None = None,
+    input_names: Sequence[str] | None = None,
+    dynamic_batch: bool = True,
+) -> bytes:
+    """Export ``model`` to ONNX (opset 17); returns the bytes and writes them atomically to ``path``.
+
+    ``example_inputs``: one tensor, a tuple, or a mapping of keyword inputs (e.g. ``input_ids``,
+    ``attention_mask`` of a transformer encoder). Batch (and sequence, for 2-D integer inputs)
+    dimensions are dynamic unless ``dynamic_batch=False``.
+    """
+    onnx = _require("onnx")
+    if isinstance(example_inputs, Mapping):
+        names = list(input_names or example_inputs.keys())
+        args: tuple[Any, ...] = (dict(example_inputs),)
+        tensors = list(example_inputs.values())
+    else:
+        tensors = [example_inputs] if isinstance(example_inputs, torch.Tensor) else list(example_inputs)
+        names = list(input_names or [f"input_{i}" for i in range(len(tensors))])
+        args = tuple(tensors)
+    dynamic_axes = {}
+    if dynamic_batch:
+        for name, tensor in zip(names, tensors):
+            axes = {0: "batch"}
+            if tensor.ndim == 2 and not tensor.is_floating_point():
+                axes[1] = "sequence"
+            dynamic_axes[name] = axes
+        dynamic_axes["output"] = {0: "batch"}
+    buffer = io.BytesIO()
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice, tracer warnings
+            torch.onnx.export(
+                model, args, buffer, dynamo=False, opset_version=OPSET, input_names=names, output_names=["output"],
+                dynamic_axes=dynamic_axes, do_constant_folding=True,
+            )
+    except Exception as exc:  # the exporter raises many types; name the model and the cause
+        raise UnsupportedModelError(f"ONNX export of {type(model).__name__} failed: {exc}") from None
+    finally:
+        model.train(was_training)
+    data = buffer.getvalue()
+    onnx.checker.check_model(onnx.load_from_string(data))
+    if path is not None:
+        from nnopt.io.atomic import atomic_write_bytes
+
+        atomic_write_bytes(Path(path), data)
+    return data
+
+
+class OnnxRunner:
+    """An ONNX Runtime session on the best available execution provider, called like a model."""
+
+    def __init__(self, model: bytes | str | Path, threads: int | None = None) -> None:
+        ort = _require("onnxruntime")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            if threads < 1:
+                raise ConfigError(f"threads must be >= 1, got {threads}")
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        source = model if isinstance(model, bytes) else str(model)
+        self.session = ort.InferenceSession(source, options, providers=providers)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    def __call__(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        feeds = dict(zip(self.input_names, args))
+        feeds.update(kwargs)
+        arrays = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+                  for k, v in feeds.items()}
+        return torch.from_numpy(self.session.run(None, arrays)[0])
+
+
+def _require(name: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise UnsupportedModelError(f"{name} is not installed; pip install 'nnopt[onnx]'") from None
