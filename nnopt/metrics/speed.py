@@ -7,8 +7,9 @@ calls and at least ``min_seconds`` of timing; ``time.perf_counter``; ``torch.inf
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -83,37 +84,51 @@ def compare_latency(
     machine's speed (other load, frequency changes) falls on all of them alike."""
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise ConfigError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
-    if warmup < 0 or min_calls < 1 or min_seconds < 0 or rounds < 1:
-        raise ConfigError("warmup must be >= 0, min_calls, rounds >= 1 and min_seconds >= 0")
     for model in models.values():
         model.eval()
     generator = torch.Generator().manual_seed(0)
-    samples: dict[tuple[str, int], list[float]] = {(n, b): [] for n in models for b in batch_sizes}
-    calls_per_round = max(1, -(-min_calls // rounds))
-    seconds_per_round = min_seconds / rounds
+    timings: dict[str, list[Timing]] = {name: [] for name in models}
     with torch.inference_mode():
         for batch in batch_sizes:
             x = torch.randn(batch, *input_shape, generator=generator).to(device)
-            for model in models.values():
-                for _ in range(warmup):
-                    model(x)
-            for _ in range(rounds):
-                for name, model in models.items():
-                    _time_calls(model, x, device, calls_per_round, seconds_per_round, samples[name, batch])
+            calls = {name: functools.partial(model, x) for name, model in models.items()}
+            for name, timing in compare_calls(calls, batch, warmup, min_calls, min_seconds, rounds, device).items():
+                timings[name].append(timing)
     threads = torch.get_num_threads()
-    return {
-        name: LatencyStats(device, threads, tuple(_summarize(b, samples[name, b]) for b in batch_sizes))
-        for name in models
-    }
+    return {name: LatencyStats(device, threads, tuple(timings[name])) for name in models}
 
 
-def _time_calls(model: nn.Module, x: torch.Tensor, device: str, calls: int, seconds: float,
-                out: list[float]) -> None:
+def compare_calls(
+    calls: Mapping[str, Callable[[], object]],
+    batch: int,
+    warmup: int = 10,
+    min_calls: int = 20,
+    min_seconds: float = 2.0,
+    rounds: int = 5,
+    device: str = "cpu",
+) -> dict[str, Timing]:
+    """Time zero-argument callables side by side (any runtime: torch, ONNX Runtime, ...),
+    alternating them in ``rounds``; ``batch`` only labels the result."""
+    if warmup < 0 or min_calls < 1 or min_seconds < 0 or rounds < 1:
+        raise ConfigError("warmup must be >= 0, min_calls, rounds >= 1 and min_seconds >= 0")
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    calls_per_round = max(1, -(-min_calls // rounds))
+    seconds_per_round = min_seconds / rounds
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    for _ in range(rounds):
+        for name, call in calls.items():
+            _time_calls(call, device, calls_per_round, seconds_per_round, samples[name])
+    return {name: _summarize(batch, samples[name]) for name in calls}
+
+
+def _time_calls(call: Callable[[], object], device: str, calls: int, seconds: float, out: list[float]) -> None:
     started = time.perf_counter()
     done = 0
     while done < calls or time.perf_counter() - started < seconds:
         t0 = time.perf_counter()
-        model(x)
+        call()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         out.append((time.perf_counter() - t0) * 1e3)

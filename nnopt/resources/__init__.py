@@ -1,0 +1,1 @@
+"""Data files shipped with nnopt (read with importlib.resources; see nnopt.text)."""
