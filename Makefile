@@ -18,7 +18,7 @@ $(VENV)/.demo-installed: pyproject.toml | $(PY)
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml $(VENV)/.demo-installed
-	$(PIP) install -e ".[dev,keras]"
+	$(PIP) install -e ".[dev,keras,onnx,hf]"
 	touch $@
 
 demo: $(VENV)/.demo-installed

@@ -95,7 +95,58 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("-o", "--out", required=True, metavar="OUT", help="output model directory")
     prune.add_argument("--overwrite", action="store_true", help="replace an earlier nnopt model at OUT")
     prune.set_defaults(handler=cmd_prune)
+
+    quant = commands.add_parser(
+        "quantize", help="quantize a saved model: int8 (dynamic, static, weight-only), int4, clustering, QAT",
+        description="Quantize a saved nnopt model with one scheme and save it. int8-dynamic and int8-static "
+        "compute with int8 matrix kernels; int8-weight and int4-weight store narrow codes (grouped with "
+        "--group) and dequantize per call; cluster stores a k-means codebook plus indices; qat fine-tunes "
+        "with fake quantization, then converts to int8.",
+    )
+    quant.add_argument("path", metavar="PATH", help="an nnopt model directory")
+    quant.add_argument("--scheme", required=True, choices=SCHEMES_HELP, metavar="SCHEME",
+                       help="one of: " + ", ".join(SCHEMES_HELP))
+    quant.add_argument("--group", type=int, default=None, metavar="G",
+                       help="group size for int8-weight/int4-weight (e.g. 32, 64, 128); must divide each "
+                       "layer's input size (default: one scale per output channel)")
+    quant.add_argument("--calib", type=int, default=256, metavar="N",
+                       help="calibration samples from the training split (default: 256)")
+    quant.add_argument("--data", choices=("digits",), default=None,
+                       help="data set for calibration, fine-tuning and accuracy before/after")
+    quant.add_argument("--observer", choices=("minmax", "percentile", "mse"), default="minmax",
+                       help="int8-static: how activation ranges are chosen (default: minmax)")
+    quant.add_argument("--smoothing", type=float, default=None, metavar="ALPHA",
+                       help="int8-dynamic: SmoothQuant migration strength in (0, 1]; needs --data")
+    quant.add_argument("--bits", type=int, default=None, metavar="B", help="cluster: codebook of 2^B centroids "
+                       "(default: 4)")
+    quant.add_argument("--epochs", type=int, default=0,
+                       help="cluster: centroid fine-tuning epochs; qat: training epochs (default 3)")
+    quant.add_argument("--format", choices=("safetensors", "packed"), default="safetensors",
+                       help="weights file format (default: safetensors)")
+    quant.add_argument("-o", "--out", required=True, metavar="OUT", help="output model directory")
+    quant.add_argument("--overwrite", action="store_true", help="replace an earlier nnopt model at OUT")
+    quant.set_defaults(handler=cmd_quantize)
     return parser
+
+
+SCHEMES_HELP = ("int8-dynamic", "int8-static", "int8-weight", "int4-weight", "cluster", "qat")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from nnopt.errors import ConfigError
+    from nnopt.pipeline.quantize_run import QuantizeOptions, run_quantize
+
+    if args.epochs < 0:
+        raise ConfigError(f"--epochs must be >= 0, got {args.epochs}")
+    if args.calib < 1:
+        raise ConfigError(f"--calib must be >= 1, got {args.calib}")
+    options = QuantizeOptions(scheme=args.scheme, group=args.group, calib=args.calib, bits=args.bits,
+                              epochs=args.epochs, smoothing=args.smoothing, observer=args.observer)
+    result = run_quantize(args.path, options, args.out, data_name=args.data, weights_format=args.format,
+                          overwrite=args.overwrite)
+    print(result)
+    print(f"\nwrote {result.out}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

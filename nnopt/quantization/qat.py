@@ -1,1 +1,310 @@
-"""Placeholder: filled in by the quantization work of issue 4."""
+"""Quantization-aware training (QAT): fine-tune through simulated int8, then convert to real int8.
+
+The recipe (Jacob et al. 2018, "Quantization and Training of Neural Networks for Efficient
+Integer-Arithmetic-Only Inference"):
+
+1. every selected Linear/Conv2d becomes a fake-quant twin whose forward computes with
+   ``dequantize(quantize(·))`` of its weight (symmetric int8 per output channel, the scheme of
+   the static int8 layers) and of its input (asymmetric int8 per tensor);
+2. input ranges start from a min–max calibration on a few training batches (the PTQ ranges),
+   then follow an exponential moving average of each batch's min/max while training, and are
+   frozen for the last epoch(s) so the network settles on the ranges it will be deployed with;
+3. rounding has zero gradient almost everywhere, so gradients pass through a straight-through
+   estimator (STE): identity inside the clipping range, zero outside it (clipped values do not
+   move the loss);
+4. the fine-tuned twins are converted into :class:`~nnopt.quantization.ptq.Int8StaticLinear` /
+   :class:`~nnopt.quantization.ptq.Int8StaticConv2d` with the trained weights and the observed
+   ranges: the same codes the fake-quant forward simulated, now computed with an int8 GEMM.
+
+Pruned weights stay exactly zero: symmetric quantization maps 0 to code 0, and fine-tuning keeps
+a :class:`~nnopt.pruning.masks.MaskKeeper` over the zeros present when training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnopt.config import Config
+from nnopt.data import Split
+from nnopt.errors import ConfigError
+from nnopt.pruning.masks import MaskKeeper
+from nnopt.quantization import primitives as P
+from nnopt.quantization.observers import MinMaxObserver
+from nnopt.quantization.ptq import STATIC_TYPES, _targets, calibration_inputs, observe_inputs, replay_static
+from nnopt.quantization.registry import register_quantizer
+from nnopt.select import replace_layer, validate_patterns
+from nnopt.training import TrainConfig, TrainHistory, train
+
+PASS_NAME = "quantize-qat"
+BITS = 8  # the int8 kernels fix the width
+
+
+@dataclasses.dataclass(frozen=True)
+class QATConfig(Config):
+    """Fine-tune with simulated int8 for ``epochs`` (Adam at ``lr``), then convert to static int8.
+
+    ``layers`` selects Linear and Conv2d layers (empty: all of them). Input ranges start from a
+    min–max calibration on the first ``calibration_samples`` training rows, then follow an EMA
+    of each batch's min/max with ``observer_momentum`` (``new = m · old + (1 − m) · batch``).
+    ``freeze_observers_epoch``: ranges update during the first that many epochs and stay fixed
+    afterwards (0: the calibrated ranges throughout; None or ≥ ``epochs``: never frozen).
+    The default freezes them for the last of the 3 default epochs.
+    """
+
+    kind = "qat"
+    epochs: int = 3
+    lr: float = 1e-4
+    batch_size: int = 32
+    layers: tuple[str, ...] = ()
+    observer_momentum: float = 0.9
+    freeze_observers_epoch: int | None = 2
+    calibration_samples: int = 256
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.epochs < 0:
+            raise ConfigError(f"QATConfig.epochs must be >= 0, got {self.epochs}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"QATConfig.lr must be a finite number > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise ConfigError(f"QATConfig.batch_size must be >= 1, got {self.batch_size}")
+        validate_patterns(self.layers)
+        if not (math.isfinite(self.observer_momentum) and 0.0 <= self.observer_momentum < 1.0):
+            raise ConfigError(f"QATConfig.observer_momentum must be in [0, 1), got {self.observer_momentum}")
+        if self.freeze_observers_epoch is not None and self.freeze_observers_epoch < 0:
+            raise ConfigError(
+                f"QATConfig.freeze_observers_epoch must be >= 0 or None, got {self.freeze_observers_epoch}"
+            )
+        if self.calibration_samples < 1:
+            raise ConfigError(f"QATConfig.calibration_samples must be >= 1, got {self.calibration_samples}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"QATConfig.seed must be in 0..2**32-1, got {self.seed}")
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, seed=self.seed)
+
+
+# --------------------------------------------------------------------------- the estimator
+
+
+class FakeQuantizeSTE(torch.autograd.Function):
+    """``dequantize(quantize(x))`` forward; straight-through backward inside the clipping range.
+
+    The clipping range is what the codes can represent, ``[(q_min − z) / S, (q_max − z) / S]``.
+    Inside it the gradient passes unchanged (rounding is treated as the identity); outside it is
+    zero, since there the output is a constant (the clamped end code).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool
+    ) -> torch.Tensor:
+        qmin, qmax = P.qrange(bits, symmetric)
+        # float64 bounds, like P.quantize's arithmetic, so the mask agrees with the clamping.
+        s, z = scale.to(torch.float64), zero.to(torch.float64)
+        inside = (x >= (qmin - z) / s) & (x <= (qmax - z) / s)
+        ctx.save_for_backward(inside)
+        return P.fake_quantize(x, scale, zero, bits, symmetric).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
+def fake_quantize_ste(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | int = 0, bits: int = BITS, symmetric: bool = True
+) -> torch.Tensor:
+    """Fake-quantize ``x`` with ``(S, z)`` (broadcast against it) through :class:`FakeQuantizeSTE`."""
+    zero_t = torch.as_tensor(zero, dtype=torch.int32)
+    return FakeQuantizeSTE.apply(x, scale, zero_t, bits, symmetric)
+
+
+# --------------------------------------------------------------------------- fake-quant layers
+
+
+class _FakeQuant(nn.Module):
+    """Shared by the fake-quant twins: the input range observer and both fake quantizers.
+
+    ``input_lo``/``input_hi`` hold the input range; in training mode each forward first moves
+    them toward the batch's min/max (unless ``observing`` is off), then quantizes with them.
+    """
+
+    weight: torch.Tensor
+    input_lo: torch.Tensor
+    input_hi: torch.Tensor
+
+    def _init_observer(self, lo: float, hi: float, momentum: float) -> None:
+        self.register_buffer("input_lo", torch.tensor(lo, dtype=torch.float32))
+        self.register_buffer("input_hi", torch.tensor(hi, dtype=torch.float32))
+        self.momentum = momentum
+        self.observing = True
+
+    def input_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(S, z)`` of the input: asymmetric int8 over the current range (widened to hold 0)."""
+        return P.qparams_from_range(self.input_lo, self.input_hi, BITS, symmetric=False)
+
+    def fake_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.observing:
+            with torch.no_grad():
+                m = self.momentum
+                self.input_lo.mul_(m).add_((1 - m) * x.detach().amin().to(torch.float32))
+                self.input_hi.mul_(m).add_((1 - m) * x.detach().amax().to(torch.float32))
+        scale, zero = self.input_qparams()
+        return fake_quantize_ste(x, scale, zero, BITS, symmetric=False)
+
+    def fake_weight(self) -> torch.Tensor:
+        # Per output channel, from the current weights: the scheme Int8Static*.set_weight stores.
+        scale, _ = P.compute_qparams(self.weight, BITS, symmetric=True, channel_axis=0)
+        return fake_quantize_ste(self.weight, scale, 0, BITS, symmetric=True)
+
+
+class FakeQuantLinear(_FakeQuant, nn.Linear):
+    """A Linear that trains through int8 simulation. Shares ``source``'s weight and bias Parameters.
+
+    Still an ``nn.Linear``, so callbacks that keep pruned zeros (``MaskKeeper``) find its weight.
+    """
+
+    def __init__(self, source: nn.Linear, lo: float, hi: float, momentum: float) -> None:
+        nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate and randomly init a weight
+        self.in_features, self.out_features = source.in_features, source.out_features
+        self.weight, self.bias = source.weight, source.bias
+        self._init_observer(lo, hi, momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.fake_input(x), self.fake_weight(), self.bias)
+
+
+class FakeQuantConv2d(_FakeQuant, nn.Conv2d):
+    """A Conv2d that trains through int8 simulation. Shares ``source``'s weight and bias Parameters."""
+
+    _CONV_ATTRS = (
+        "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
+        "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice",
+    )
+
+    def __init__(self, source: nn.Conv2d, lo: float, hi: float, momentum: float) -> None:
+        nn.Module.__init__(self)
+        for attr in self._CONV_ATTRS:
+            setattr(self, attr, getattr(source, attr))
+        self.weight, self.bias = source.weight, source.bias
+        self._init_observer(lo, hi, momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.fake_input(x), self.fake_weight(), self.bias)
+
+
+FAKE_QUANT_TYPES: dict[type[nn.Module], type[_FakeQuant]] = {nn.Linear: FakeQuantLinear, nn.Conv2d: FakeQuantConv2d}
+_FLOAT_TYPES = {fake: float_type for float_type, fake in FAKE_QUANT_TYPES.items()}
+
+
+class _ObserverFreezer:
+    """Training callback: stops range updates after ``steps`` optimizer steps (an epoch boundary)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps, self.done = steps, 0
+
+    def after_step(self, model: nn.Module) -> None:
+        self.done += 1
+        if self.done == self.steps:
+            set_observing(model, False)
+
+
+def set_observing(model: nn.Module, enabled: bool) -> None:
+    """Turn input range updates of every fake-quant layer in ``model`` on or off."""
+    for module in model.modules():
+        if isinstance(module, _FakeQuant):
+            module.observing = enabled
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+def prepare_qat(model: nn.Module, config: QATConfig, data: Any) -> list[str]:
+    """Replace the selected layers of ``model`` (in place) by calibrated fake-quant twins.
+
+    Input ranges come from a min–max pass of the float model over the first
+    ``config.calibration_samples`` rows of ``data``: the ranges static PTQ would use.
+    Returns the names of the replaced layers.
+    """
+    targets = _targets(model, config.layers, tuple(STATIC_TYPES))
+    for _name, module in targets:
+        STATIC_TYPES[type(module)](module)  # fail now, not after training, on what int8 cannot run
+    batches = calibration_inputs(data, config.calibration_samples)
+    observed = observe_inputs(model, targets, batches, MinMaxObserver)
+    for name, module in targets:
+        try:
+            lo, hi = observed[name].clip_range(BITS, symmetric=False)
+        except ValueError as exc:
+            raise ConfigError(f"layer {name!r}: {exc}; is it used by forward()?") from None
+        fake = FAKE_QUANT_TYPES[type(module)](module, float(lo), float(hi), config.observer_momentum)
+        fake.train(module.training)
+        replace_layer(model, name, fake)
+    return [name for name, _ in targets]
+
+
+def finetune_qat(
+    model: nn.Module, config: QATConfig, data: Split, eval_data: Split | None = None, progress: bool | None = None
+) -> TrainHistory:
+    """Train a prepared model (in place) with pruned zeros kept and ranges frozen as configured."""
+    # The fake-quant twins are Linear/Conv2d, so the keeper finds (and keeps) every pruned zero.
+    callbacks: list[Any] = [MaskKeeper.from_zeros(model)]
+    freeze = config.freeze_observers_epoch
+    set_observing(model, freeze != 0)
+    if freeze is not None and 0 < freeze < config.epochs:
+        steps_per_epoch = math.ceil(len(data) / config.batch_size)
+        callbacks.append(_ObserverFreezer(freeze * steps_per_epoch))
+    try:
+        return train(model, data, config.train_config(), eval_data=eval_data, callbacks=callbacks, progress=progress)
+    finally:
+        set_observing(model, True)
+
+
+def convert_qat(model: nn.Module) -> dict[str, Any]:
+    """Replace every fake-quant layer of ``model`` (in place) by its real int8 static twin.
+
+    The int8 layer stores the codes the fake quantizers simulated: the same per-channel weight
+    scales (from the trained weights) and the input ``(S, z)`` of the observed range.
+    Returns per layer the shape and input parameters, as static PTQ records them.
+    """
+    details: dict[str, Any] = {}
+    fakes = [(name, m) for name, m in model.named_modules() if isinstance(m, _FakeQuant)]
+    for name, fake in fakes:
+        qmodule = STATIC_TYPES[_FLOAT_TYPES[type(fake)]](fake)
+        qmodule.set_weight(fake.weight.detach())
+        scale, zero = fake.input_qparams()
+        qmodule.set_input(scale, zero)
+        replace_layer(model, name, qmodule)
+        details[name] = {
+            "shape": list(fake.weight.shape), "input_scale": float(scale), "input_zero_point": int(zero),
+            "input_range": [float(fake.input_lo), float(fake.input_hi)],
+        }
+    return details
+
+
+def quantize_qat(model: nn.Module, config: QATConfig, **context: Any) -> dict[str, Any]:
+    """Prepare, fine-tune on ``context["data"]`` and convert ``model`` in place; returns the details."""
+    data = context.get("data")
+    if data is None:
+        raise ConfigError("QATConfig needs data=... to fine-tune")
+    if not isinstance(data, Split):
+        raise ConfigError(f"QATConfig needs data= a Split with labels to fine-tune, got {type(data).__name__}")
+    if len(data) == 0:
+        raise ConfigError("QATConfig: the training data is empty")
+    prepare_qat(model, config, data)
+    history = finetune_qat(model, config, data, eval_data=context.get("eval_data"), progress=context.get("progress"))
+    layers = convert_qat(model)
+    model.eval()
+    training = {"epochs": history.epochs, "loss": history.loss, "train_accuracy": history.train_accuracy}
+    if history.eval_accuracy:
+        training["eval_accuracy"] = history.eval_accuracy
+    return {"layers": layers, "training": training}
+
+
+register_quantizer(QATConfig, PASS_NAME, quantize_qat, replay_static)

@@ -1,8 +1,10 @@
-"""Weight quantization (the classic rule): store integer codes plus scale, dequantize to evaluate."""
+"""Weight-only quantization (the classic rule): store integer codes plus scales; compute with a weight-only
+kernel where torch has one for the shape, else dequantize (see :mod:`nnopt.quantization.modules`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -12,20 +14,30 @@ from nnopt.config import Config
 from nnopt.errors import ConfigError, ModelFormatError, UnsupportedModelError
 from nnopt.lineage import AppliedPass
 from nnopt.quantization import primitives as P
-from nnopt.quantization.modules import QUANTIZED_TYPES, _QuantizedWeight
+from nnopt.quantization.modules import COMPUTE_MODES, QUANTIZED_TYPES, _QuantizedWeight
 from nnopt.quantization.registry import register_quantizer
 from nnopt.select import replace_layer, select_layers, validate_patterns
 
 PASS_NAME = "quantize-weights"
+MIN_BITS, MAX_BITS = 2, 8
+# Storage layouts recorded per layer, so that a load re-creates exactly the saved buffers.
+STORAGE_CODES, STORAGE_PACKED = "int8", "int4-packed"
 
 
 @dataclasses.dataclass(frozen=True)
 class WeightQuantConfig(Config):
-    """``w_q = round(w · S)`` with ``S`` from the bit width and the weights' range.
+    """``w_q = round(w · S)`` with ``S`` from the bit width (2..8) and the weights' range.
 
-    ``per_channel`` gives each output channel its own ``S``; ``symmetric=False`` adds a zero point.
+    ``per_channel`` gives each output channel its own ``S``; ``group_size=G`` gives each run of ``G``
+    consecutive input elements of an output row its own ``S`` (Conv2d: over the flattened
+    in_channels·kh·kw), and must divide every selected layer's input dimension. ``symmetric=False``
+    adds a zero point. Symmetric codes of ≤ 4 bits are stored two per byte (``weight_packed``).
+    ``compute="auto"`` uses torch's weight-only int8/int4 kernels for Linear where they support the
+    shape (bf16 activations); ``"dequantize"`` always rebuilds the fp32 weight.
     ``layers`` selects layers (names, ``re:`` patterns, ``type:`` names); empty means every
     Linear and Conv2d.
+
+    >>> WeightQuantConfig(bits=4, group_size=32)  # int4 weight-only, one scale per 32 inputs
     """
 
     kind = "quantize-weights"
@@ -33,26 +45,89 @@ class WeightQuantConfig(Config):
     symmetric: bool = True
     per_channel: bool = False
     layers: tuple[str, ...] = ()
+    group_size: int | None = None
+    compute: str = "auto"
 
     def validate(self) -> None:
-        try:
-            P.check_bits(self.bits)
-        except ValueError as exc:
-            raise ConfigError(f"WeightQuantConfig.bits: {exc}") from None
+        if not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ConfigError(f"WeightQuantConfig.bits: bits must be an integer in {MIN_BITS}..{MAX_BITS}, "
+                              f"got {self.bits!r}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ConfigError(f"WeightQuantConfig.group_size: must be a positive integer or None, "
+                              f"got {self.group_size!r}")
+        if self.compute not in COMPUTE_MODES:
+            raise ConfigError(f"WeightQuantConfig.compute: must be one of {', '.join(COMPUTE_MODES)}, "
+                              f"got {self.compute!r}")
         validate_patterns(self.layers)
 
 
+@dataclasses.dataclass(frozen=True)
+class _LayerPlan:
+    """Shapes and layout of one layer's quantized storage, derived from the config and the weight's shape."""
+
+    qparam_shape: tuple[int, ...]
+    packed: bool
+
+    @property
+    def storage(self) -> str:
+        return STORAGE_PACKED if self.packed else STORAGE_CODES
+
+
+def _plan(name: str, shape: torch.Size, config: WeightQuantConfig) -> _LayerPlan:
+    out_dim, flat_in = shape[0], math.prod(shape[1:])
+    if config.group_size is not None:
+        if flat_in % config.group_size:
+            what = "input dimension" if len(shape) == 2 else "flattened input dimension (in_channels·kh·kw)"
+            raise ConfigError(f"WeightQuantConfig.group_size: {config.group_size} does not divide the {what} "
+                              f"{flat_in} of layer {name!r}")
+        qparam_shape: tuple[int, ...] = (out_dim, flat_in // config.group_size)
+    elif config.per_channel:
+        qparam_shape = (out_dim,) + (1,) * (len(shape) - 1)
+    else:
+        qparam_shape = (1,) * len(shape)
+    # An odd input dimension cannot split into byte pairs: such layers keep one int8 per code.
+    packed = config.bits <= 4 and config.symmetric and flat_in % 2 == 0
+    return _LayerPlan(qparam_shape, packed)
+
+
+def _make_module(
+    module: nn.Module, config: WeightQuantConfig, plan: _LayerPlan, packed: bool | None = None
+) -> _QuantizedWeight:
+    qtype = QUANTIZED_TYPES[type(module)]
+    return qtype(module, config.bits, plan.qparam_shape, group_size=config.group_size,  # type: ignore[call-arg]
+                 packed=plan.packed if packed is None else packed, compute=config.compute)
+
+
+def _qparams_and_codes(
+    weight: torch.Tensor, config: WeightQuantConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes in the weight's shape, S, z) per tensor, channel or group."""
+    if config.group_size is None:
+        axis = 0 if config.per_channel else None
+        scale, zero = P.compute_qparams(weight, config.bits, config.symmetric, channel_axis=axis)
+        return P.quantize(weight, scale, zero, config.bits, config.symmetric), scale, zero
+    # Groups are rows of a (out·groups, G) view: per-channel qparams of that view are per-group ones.
+    rows = weight.reshape(-1, config.group_size)
+    scale, zero = P.compute_qparams(rows, config.bits, config.symmetric, channel_axis=0)
+    codes = P.quantize(rows, scale, zero, config.bits, config.symmetric).reshape(weight.shape)
+    groups = (weight.shape[0], -1)
+    return codes, scale.reshape(groups), zero.reshape(groups)
+
+
 def quantize_weights(model: nn.Module, config: WeightQuantConfig, **context: Any) -> dict[str, Any]:
-    """Replace selected layers in place with quantized twins; returns what was done per layer."""
+    """Replace selected layers in place with quantized twins; returns what was done per layer.
+
+    Every selected layer is checked (type, finite weights, group size) before any is replaced, so a
+    failure leaves the model as it was.
+    """
     # Quantized twins are in the default selection so that re-quantizing names the problem.
     default_types = (*QUANTIZED_TYPES, *QUANTIZED_TYPES.values())
     targets = select_layers(model, config.layers, default_types=default_types)
-    details: dict[str, Any] = {}
+    prepared: list[tuple[str, torch.Tensor, _QuantizedWeight]] = []
     for name, module in targets:
         if isinstance(module, _QuantizedWeight):
             raise UnsupportedModelError(f"layer {name!r} is already quantized")
-        qtype = QUANTIZED_TYPES.get(type(module))
-        if qtype is None:
+        if type(module) not in QUANTIZED_TYPES:
             raise UnsupportedModelError(
                 f"layer {name!r} is a {type(module).__name__}; weight quantization supports "
                 + ", ".join(t.__name__ for t in QUANTIZED_TYPES)
@@ -60,33 +135,45 @@ def quantize_weights(model: nn.Module, config: WeightQuantConfig, **context: Any
         weight = module.weight.detach()
         if not bool(torch.isfinite(weight).all()):
             raise UnsupportedModelError(f"layer {name!r} has NaN or infinite weights; they cannot be quantized")
-        axis = 0 if config.per_channel else None
-        scale, zero = P.compute_qparams(weight, config.bits, config.symmetric, channel_axis=axis)
-        codes = P.quantize(weight, scale, zero, config.bits, config.symmetric)
-        qmodule = qtype(module, config.bits, tuple(scale.shape))
+        plan = _plan(name, weight.shape, config)
+        try:
+            qmodule = _make_module(module, config, plan)
+        except ValueError as exc:  # e.g. a Conv2d padding mode the quantized twin cannot run
+            raise UnsupportedModelError(f"layer {name!r}: {exc}") from None
+        prepared.append((name, weight, qmodule))
+    details: dict[str, Any] = {}
+    for name, weight, qmodule in prepared:
+        codes, scale, zero = _qparams_and_codes(weight, config)
         qmodule.set_codes(codes, scale, zero)
         replace_layer(model, name, qmodule)
         error = (qmodule.dequantized_weight() - weight).abs().max()
-        details[name] = {"shape": list(weight.shape), "max_abs_error": float(error)}
+        details[name] = {
+            "shape": list(weight.shape),
+            "max_abs_error": float(error),
+            "storage": STORAGE_PACKED if qmodule.packed else STORAGE_CODES,
+            # The path a float32 CPU input takes (informational; replay does not read it).
+            "kernel": getattr(qmodule, "kernel_name", "dequantize"),
+        }
     return {"layers": details}
 
 
 def replay(model: nn.Module, applied: AppliedPass) -> None:
     """Re-create the quantized layers a saved model records (codes are loaded afterwards)."""
     config = WeightQuantConfig.from_dict(applied.config, where=f"pass {applied.name!r}")
-    for name in applied.details.get("layers", {}):
+    for name, info in applied.details.get("layers", {}).items():
         module = model.get_submodule(name)
-        qtype = QUANTIZED_TYPES.get(type(module))
-        if qtype is None:
+        if type(module) not in QUANTIZED_TYPES:
             raise ModelFormatError(f"recorded quantized layer {name!r} is a {type(module).__name__}, not Linear/Conv2d")
-        shape = _qparam_shape(module.weight, config.per_channel)
-        replace_layer(model, name, qtype(module, config.bits, shape))
-
-
-def _qparam_shape(weight: torch.Tensor, per_channel: bool) -> tuple[int, ...]:
-    if per_channel:
-        return (weight.shape[0],) + (1,) * (weight.ndim - 1)
-    return (1,) * weight.ndim
+        try:
+            plan = _plan(name, module.weight.shape, config)
+        except ConfigError as exc:
+            raise ModelFormatError(f"pass {applied.name!r}: {exc}") from None
+        # The recorded layout wins over today's rule, so files keep loading if the rule changes.
+        storage = info.get("storage") if isinstance(info, dict) else None
+        if storage not in (None, STORAGE_CODES, STORAGE_PACKED):
+            raise ModelFormatError(f"pass {applied.name!r}: layer {name!r} records unknown storage {storage!r}")
+        packed = None if storage is None else storage == STORAGE_PACKED
+        replace_layer(model, name, _make_module(module, config, plan, packed))
 
 
 register_quantizer(WeightQuantConfig, PASS_NAME, quantize_weights, replay)
