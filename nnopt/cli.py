@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threshold", type=float, default=0.01, metavar="T",
                       help="pruning threshold θ: weights with |w| < θ become 0 (default: 0.01)")
     demo.add_argument("--bits", type=int, default=8, metavar="B",
-                      help="quantization bit width, 2..16 (default: 8)")
+                      help="quantization bit width, 2..8 (default: 8)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--latency-seconds", type=float, default=1.0, metavar="S",
                       help="minimum timing per variant and batch size (default: 1.0)")

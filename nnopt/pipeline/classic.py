@@ -1,8 +1,9 @@
 """The classic example end to end: train SimpleNet, prune with θ, quantize with round(w·S).
 
-Four variants (baseline, pruned, quantized, pruned+quantized) are saved as model directories
-and measured side by side in one process: accuracy on the held-out test split, counts, bytes of
-the written weights file, and latency.
+The classic four variants (baseline, pruned, quantized, pruned+quantized), then gradual pruning
+and the quantization schemes (static int8 and QAT on int8 kernels, grouped int4 weights, a 4-bit
+k-means codebook) are saved as model directories and measured side by side in one process:
+accuracy on the held-out test split, counts, bytes of the written weights file, and latency.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from nnopt.metrics import Measurement, compare_latency, measure, measurement_row
 from nnopt.metrics.table import render_table
 from nnopt.models import create_model
 from nnopt.pruning import GradualPruneConfig, ThresholdPruneConfig, prune
-from nnopt.quantization import WeightQuantConfig, quantize
-from nnopt.quantization.primitives import MAX_BITS, MIN_BITS
+from nnopt.quantization import ClusterConfig, QATConfig, StaticQuantConfig, WeightQuantConfig, quantize
+from nnopt.quantization.primitives import QUANT_MAX_BITS, QUANT_MIN_BITS
 from nnopt.sparse import SparseKernelConfig, kernel_summary, sparsify
 from nnopt.training import TrainConfig, TrainHistory, train
 
@@ -51,8 +52,8 @@ class ClassicConfig(Config):
     def validate(self) -> None:
         if self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
-        if not MIN_BITS <= self.bits <= MAX_BITS:
-            raise ConfigError(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {self.bits}")
+        if not QUANT_MIN_BITS <= self.bits <= QUANT_MAX_BITS:
+            raise ConfigError(f"bits must be in {QUANT_MIN_BITS}..{QUANT_MAX_BITS}, got {self.bits}")
         ThresholdPruneConfig(threshold=self.threshold)  # validates θ
         GradualPruneConfig(final_sparsity=self.sparsity, epochs=self.gradual_epochs)
         TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed)
@@ -122,7 +123,10 @@ METHODS = {
     "in rounds within one process; median, p10, p90 (ms)",
 }
 
-VARIANT_NAMES = ("baseline", "pruned", "quantized", "pruned+quantized", "gradual", "gradual+quantized")
+VARIANT_NAMES = (
+    "baseline", "pruned", "quantized", "pruned+quantized", "gradual", "gradual+quantized",
+    "int8-static", "qat-int8", "int4-weight-g32", "cluster-4bit",
+)
 
 
 def _report_names() -> tuple[str, ...]:
@@ -136,6 +140,7 @@ def _directory(variant: str) -> str:
 
 _COMPUTE_FP32 = "fp32 dense"
 _COMPUTE_DEQUANT = "fp32 dense; {bits}-bit codes (stored as {dtype}) dequantized on every call"
+_COMPUTE_INT8 = "int8 × int8 GEMM (torch._int_mm), activation ranges calibrated on training rows"
 
 
 def _dtype(bits: int) -> str:
@@ -179,6 +184,16 @@ def run_classic(config: ClassicConfig, out_dir: str | Path, progress: bool | Non
         "pruned+quantized": (quantize(pruned, quant_cfg), dequant_path, "safetensors"),
         "gradual": (gradual_fast, f"fp32; {kernels}", "packed"),
         "gradual+quantized": (quantize(gradual, quant_cfg), dequant_path + zeros_note, "packed"),
+        "int8-static": (quantize(model, StaticQuantConfig(), data=dataset.train), _COMPUTE_INT8, "safetensors"),
+        "qat-int8": (quantize(model, QATConfig(epochs=3, seed=config.seed), data=dataset.train, progress=progress),
+                     _COMPUTE_INT8 + ", after 3 epochs of fake-quantized training", "safetensors"),
+        "int4-weight-g32": (quantize(model, WeightQuantConfig(bits=4, group_size=32)),
+                            "fp32 dense; int4 codes (two per byte), one scale per 32 inputs, dequantized per call",
+                            "safetensors"),
+        "cluster-4bit": (quantize(model, ClusterConfig(bits=4, finetune_epochs=2, seed=config.seed),
+                                  data=dataset.train, progress=progress),
+                         "fp32 dense; 16-centroid codebook gathered per call (centroids fine-tuned 2 epochs)",
+                         "packed"),
     }
     timings = compare_latency(
         {name: m for name, (m, _, _) in models.items()}, model.input_shape,

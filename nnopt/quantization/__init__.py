@@ -16,6 +16,7 @@ from nnopt.quantization import clustering, mixed, ptq, qat, weights  # noqa: F40
 from nnopt.quantization.clustering import ClusterConfig
 from nnopt.quantization.mixed import MixedPrecisionConfig, sensitivity
 from nnopt.quantization.ptq import DynamicQuantConfig, StaticQuantConfig
+from nnopt.quantization.qat import QATConfig
 from nnopt.quantization.registry import QUANTIZERS
 from nnopt.quantization.weights import WeightQuantConfig
 
@@ -23,13 +24,6 @@ __all__ = [
     "ClusterConfig", "DynamicQuantConfig", "MixedPrecisionConfig", "QATConfig", "StaticQuantConfig",
     "WeightQuantConfig", "quantize", "sensitivity",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # QATConfig lives in qat.py, which is filled in separately; resolve it lazily.
-    if name == "QATConfig":
-        return qat.QATConfig
-    raise AttributeError(f"module 'nnopt.quantization' has no attribute {name!r}")
 
 
 def quantize(

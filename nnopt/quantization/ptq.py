@@ -93,19 +93,22 @@ class _Int8Weight(nn.Module):
         self.register_buffer("weight_q", torch.zeros(weight.shape, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(weight.shape[0], dtype=torch.float32))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        # Derived per-channel constants, kept out of the state dict and refreshed whenever the codes
+        # change: recomputing Σ_k W_q per call would cost as much as the GEMM itself at batch 1.
+        self.register_buffer("weight_step", torch.ones(weight.shape[0]), persistent=False)
+        self.register_buffer("weight_colsum", torch.zeros(weight.shape[0], dtype=torch.int32), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh())
+
+    def refresh(self) -> None:
+        """Recompute the derived constants from ``weight_q`` and ``weight_scale``."""
+        self.weight_step = 1.0 / self.weight_scale  # (out,) the real value of one weight code
+        self.weight_colsum = self.weight_q.flatten(1).sum(dim=1, dtype=torch.int32)
 
     def set_weight(self, weight: torch.Tensor) -> None:
         scale, _ = P.compute_qparams(weight, 8, symmetric=True, channel_axis=0)
         self.weight_q.copy_(P.quantize(weight, scale, 0, 8, symmetric=True))
         self.weight_scale.copy_(scale.flatten())
-
-    @property
-    def weight_step(self) -> torch.Tensor:
-        return 1.0 / self.weight_scale  # (out,) the real value of one weight code
-
-    @property
-    def weight_colsum(self) -> torch.Tensor:
-        return self.weight_q.flatten(1).sum(dim=1, dtype=torch.int32)
+        self.refresh()
 
     def dequantized_weight(self) -> torch.Tensor:
         shape = (-1,) + (1,) * (self.weight_q.ndim - 1)

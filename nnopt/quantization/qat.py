@@ -74,7 +74,10 @@ class QATConfig(Config):
             raise ConfigError(f"QATConfig.lr must be a finite number > 0, got {self.lr}")
         if self.batch_size < 1:
             raise ConfigError(f"QATConfig.batch_size must be >= 1, got {self.batch_size}")
-        validate_patterns(self.layers)
+        try:
+            validate_patterns(self.layers)
+        except ConfigError as exc:
+            raise ConfigError(f"QATConfig.layers: {exc}") from None
         if not (math.isfinite(self.observer_momentum) and 0.0 <= self.observer_momentum < 1.0):
             raise ConfigError(f"QATConfig.observer_momentum must be in [0, 1), got {self.observer_momentum}")
         if self.freeze_observers_epoch is not None and self.freeze_observers_epoch < 0:
@@ -96,9 +99,9 @@ class QATConfig(Config):
 class FakeQuantizeSTE(torch.autograd.Function):
     """``dequantize(quantize(x))`` forward; straight-through backward inside the clipping range.
 
-    The clipping range is what the codes can represent, ``[(q_min − z) / S, (q_max − z) / S]``.
-    Inside it the gradient passes unchanged (rounding is treated as the identity); outside it is
-    zero, since there the output is a constant (the clamped end code).
+    Inside the range the codes represent (``round(x · S) + z`` within ``q_min..q_max``) the
+    gradient passes unchanged: rounding is treated as the identity. Outside it is zero, since
+    there the output is a constant (the clamped end code).
     """
 
     @staticmethod
@@ -106,10 +109,10 @@ class FakeQuantizeSTE(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool
     ) -> torch.Tensor:
         qmin, qmax = P.qrange(bits, symmetric)
-        # float64 bounds, like P.quantize's arithmetic, so the mask agrees with the clamping.
-        s, z = scale.to(torch.float64), zero.to(torch.float64)
-        inside = (x >= (qmin - z) / s) & (x <= (qmax - z) / s)
-        ctx.save_for_backward(inside)
+        # The unclamped codes, computed as P.quantize does (float64), so that the mask marks exactly
+        # the values the clamp changes; bounds like (q_max − z) / S would be off by an ulp of S.
+        codes = torch.round(x.detach().to(torch.float64) * scale.to(torch.float64)) + zero
+        ctx.save_for_backward((codes >= qmin) & (codes <= qmax))
         return P.fake_quantize(x, scale, zero, bits, symmetric).to(x.dtype)
 
     @staticmethod

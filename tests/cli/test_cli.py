@@ -78,8 +78,8 @@ def base_bytes(report):
     ("args", "message"),
     [
         (["--threshold", "-0.1"], "threshold"),
-        (["--bits", "1"], "bits must be in 2..16"),
-        (["--bits", "17"], "bits must be in 2..16"),
+        (["--bits", "1"], "bits must be in 2..8"),
+        (["--bits", "9"], "bits must be in 2..8"),
         (["--epochs", "0"], "epochs"),
         (["--seed", "-1"], "seed"),
         (["--latency-seconds", "nan"], "latency seconds"),

@@ -1,0 +1,150 @@
+"""`nnopt quantize`: load a saved model, quantize it with one scheme, save it, and measure
+before and after side by side (accuracy, file bytes, latency on this machine)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nnopt.config import Config
+from nnopt.data import Dataset, load_dataset
+from nnopt.errors import ConfigError
+from nnopt.io.atomic import check_replaceable, refuse_input_overlap
+from nnopt.io.model_dir import META_FILE, WEIGHT_FILES, load_model, read_meta, save_model, weights_file
+from nnopt.metrics import accuracy
+from nnopt.metrics.speed import compare_latency
+from nnopt.metrics.table import render_table
+from nnopt.quantization import (
+    ClusterConfig,
+    DynamicQuantConfig,
+    QATConfig,
+    StaticQuantConfig,
+    WeightQuantConfig,
+    quantize,
+)
+
+SCHEMES = ("int8-dynamic", "int8-static", "int8-weight", "int4-weight", "cluster", "qat")
+NEEDS_DATA = ("int8-static", "qat")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeOptions:
+    """What the command line says, before it becomes a config."""
+
+    scheme: str
+    group: int | None = None
+    calib: int = 256
+    bits: int | None = None
+    epochs: int = 0
+    smoothing: float | None = None
+    observer: str = "minmax"
+
+
+def build_config(options: QuantizeOptions) -> Config:
+    """The quantization config a scheme name stands for; every field is validated by the config."""
+    scheme, group = options.scheme, options.group
+    if scheme not in SCHEMES:
+        raise ConfigError(f"unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+    if group is not None and scheme not in ("int8-weight", "int4-weight"):
+        raise ConfigError(f"--group applies to int8-weight and int4-weight, not {scheme}")
+    if options.bits is not None and scheme != "cluster":
+        raise ConfigError(f"--bits applies to cluster (the scheme name fixes the width of {scheme})")
+    if scheme == "int8-dynamic":
+        return DynamicQuantConfig(smoothing=options.smoothing, calibration_samples=options.calib)
+    if options.smoothing is not None:
+        raise ConfigError("--smoothing applies to int8-dynamic only")
+    if scheme == "int8-static":
+        return StaticQuantConfig(observer=options.observer, calibration_samples=options.calib)
+    if scheme in ("int8-weight", "int4-weight"):
+        return WeightQuantConfig(bits=8 if scheme == "int8-weight" else 4, per_channel=True, group_size=group)
+    if scheme == "cluster":
+        return ClusterConfig(bits=options.bits or 4, finetune_epochs=options.epochs)
+    return QATConfig(epochs=options.epochs or 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeRun:
+    """Before/after figures of one `nnopt quantize` run."""
+
+    scheme: str
+    rows: tuple[tuple[str, Any, Any], ...]  # (figure, before, after)
+    out: Path
+    timing_note: str
+
+    def __str__(self) -> str:
+        table = render_table(("", "before", "after"), list(self.rows), title=f"nnopt quantize: {self.scheme}")
+        notes = ("accuracy: measured on the held-out test split (calibration used training rows only);\n"
+                 "file bytes: measured on disk; compression ratio: dense fp32 safetensors bytes / bytes written;\n"
+                 f"latency: {self.timing_note}")
+        return f"{table}\n{notes}"
+
+
+def run_quantize(
+    path: str | Path,
+    options: QuantizeOptions,
+    out: str | Path,
+    data_name: str | None = None,
+    weights_format: str = "safetensors",
+    overwrite: bool = False,
+    latency_seconds: float = 0.5,
+) -> QuantizeRun:
+    """Validate everything first, then quantize ``path`` into ``out``."""
+    out = Path(out)
+    config = build_config(options)
+    if weights_format not in WEIGHT_FILES:
+        raise ConfigError(f"format must be one of {', '.join(WEIGHT_FILES)}, got {weights_format!r}")
+    wants_data = options.scheme in NEEDS_DATA or options.smoothing is not None or options.epochs > 0
+    if wants_data and not data_name:
+        raise ConfigError(f"{options.scheme} with these options needs calibration or training data: add --data digits")
+    refuse_input_overlap(out, [path])
+    check_replaceable(out, (META_FILE, *WEIGHT_FILES.values()) if overwrite else None)
+    meta = read_meta(path)
+    model = load_model(path)
+    dataset = load_dataset(data_name) if data_name else None
+    if dataset is not None:
+        _check_fits(model, dataset)
+
+    data = dataset.train.subset(min(options.calib, len(dataset.train))) if dataset else None
+    if options.scheme in ("qat", "cluster") and dataset is not None:
+        data = dataset.train  # fine-tuning uses the whole training split
+    quantized = quantize(model, config, data=data)
+    metrics: dict[str, Any] = {}
+    rows: list[tuple[str, Any, Any]] = []
+    if dataset is not None:
+        metrics["accuracy"] = accuracy(quantized, dataset.test)
+        rows.append(("accuracy", round(accuracy(model, dataset.test), 4), round(metrics["accuracy"], 4)))
+    saved = save_model(quantized, out, metrics=metrics, inputs=[path], overwrite=overwrite,
+                       weights_format=weights_format)
+    old_bytes = meta["files"][weights_file(meta)]["bytes"]
+    rows.append(("file bytes", old_bytes, saved.file_bytes))
+    rows.append(("compression ratio", round(meta.get("compression_ratio", 1.0), 2), round(saved.compression_ratio, 2)))
+    example = _example_input(model, dataset)
+    note = "not measured"
+    if example is not None:
+        batch = 32
+        stats = compare_latency({"before": model, "after": quantized}, tuple(example.shape[1:]),
+                                batch_sizes=(1, batch), min_seconds=latency_seconds)
+        for size in (1, batch):
+            rows.append((f"latency ms, batch {size}", round(stats["before"].at(size).median_ms, 4),
+                         round(stats["after"].at(size).median_ms, 4)))
+        note = (f"measured on this machine, median of alternated calls, {torch.get_num_threads()} threads; "
+                "weight-only schemes dequantize per call and are not expected to be faster")
+    return QuantizeRun(scheme=options.scheme, rows=tuple(rows), out=out, timing_note=note)
+
+
+def _check_fits(model: torch.nn.Module, dataset: Dataset) -> None:
+    shape = tuple(getattr(model, "input_shape", dataset.feature_shape))
+    image = (1, 8, 8) if dataset.feature_shape == (64,) else dataset.feature_shape  # digits rows are 8×8 images
+    if shape not in (dataset.feature_shape, image):
+        raise ConfigError(f"the model takes inputs of shape {shape}, but {dataset.name} rows have "
+                          f"{dataset.feature_shape}")
+
+
+def _example_input(model: torch.nn.Module, dataset: Dataset | None) -> torch.Tensor | None:
+    if dataset is not None:
+        return dataset.test.x[:1]
+    shape = getattr(model, "input_shape", None)
+    return None if shape is None else torch.randn(1, *shape)
