@@ -107,7 +107,9 @@ def profile_model(model: nn.Module, input_shape: Sequence[int] | None = None,
             params=sum(t.numel() for t in tensors),
             nonzeros=sum(int(torch.count_nonzero(_codes_as_values(module, t))) for t in tensors),
             macs=macs.get(name, 0),
-            dtype=str(main.dtype).removeprefix("torch.") if main is not None else "-",
+            dtype=getattr(module, "weight_storage", None) or (
+                str(main.dtype).removeprefix("torch.") if main is not None else "-"
+            ),
             bytes=sum(t.numel() * t.element_size() for t in module.state_dict().values()),
         ))
     return ModelProfile(layers=tuple(layers), file_bytes=file_bytes)
@@ -145,10 +147,15 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
     return counts
 
 
+# Where a layer keeps its weights: integer codes, codebook indices, packed int4 codes, or floats.
+_WEIGHT_ATTRIBUTES = ("weight_q", "weight_indices", "weight_packed", "weight")
+
+
 def _macs_of(module: nn.Module, output: torch.Tensor) -> int:
-    weight = getattr(module, "weight_q", None)
-    if weight is None:
-        weight = getattr(module, "weight", None)
+    codes = getattr(module, "weight_codes", None)
+    weight = codes() if callable(codes) else next(
+        (w for a in _WEIGHT_ATTRIBUTES if isinstance(w := getattr(module, a, None), torch.Tensor)), None
+    )
     if not isinstance(weight, torch.Tensor) or not isinstance(output, torch.Tensor):
         return 0
     if hasattr(module, "in_features"):  # Linear-like: (batch, ..., out) outputs, in MACs each
@@ -165,6 +172,8 @@ def _weight_tensors(module: nn.Module) -> list[torch.Tensor]:
     codes = getattr(module, "weight_q", None)
     if isinstance(codes, torch.Tensor):
         tensors.insert(0, codes)
+    elif isinstance(getattr(module, "weight_packed", None), torch.Tensor):
+        tensors.insert(0, module.weight_codes())  # int4 codes unpacked: one value per weight
     dense_weight = getattr(module, "dense_weight", None)
     if callable(dense_weight):
         tensors.insert(0, dense_weight())
@@ -174,5 +183,5 @@ def _weight_tensors(module: nn.Module) -> list[torch.Tensor]:
 def _codes_as_values(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     # An int code equal to the zero point is a zero weight.
     if tensor is getattr(module, "weight_q", None):
-        return tensor.to(torch.int32) - module.weight_zero_point
+        return tensor.to(torch.int32) - getattr(module, "weight_zero_point", 0)
     return tensor

@@ -188,7 +188,8 @@ def run_classic(config: ClassicConfig, out_dir: str | Path, progress: bool | Non
         "qat-int8": (quantize(model, QATConfig(epochs=3, seed=config.seed), data=dataset.train, progress=progress),
                      _COMPUTE_INT8 + ", after 3 epochs of fake-quantized training", "safetensors"),
         "int4-weight-g32": (quantize(model, WeightQuantConfig(bits=4, group_size=32)),
-                            "fp32 dense; int4 codes (two per byte), one scale per 32 inputs, dequantized per call",
+                            "int4 codes (two per byte), one scale per 32 inputs; int4 weight-only kernel with bf16 "
+                            "activations where torch has one, else dequantized per call",
                             "safetensors"),
         "cluster-4bit": (quantize(model, ClusterConfig(bits=4, finetune_epochs=2, seed=config.seed),
                                   data=dataset.train, progress=progress),

@@ -12,10 +12,10 @@ Two storage layouts:
 Scales are per tensor ``(1, …)``, per output channel ``(out, 1, …)``, or per group of ``group_size``
 consecutive elements of the flattened input dimension, ``(out, in·kh·kw / group_size)``.
 
-Compute. ``dequantize`` rebuilds the fp32 weight on every call (``(w_q − z) / S``) and runs F.linear /
-F.conv2d: exact and general, but slow for large layers. For Linear on CPU, ``compute="auto"`` uses
-torch's weight-only kernels where they support the shape, with bf16 activations (their fp32-activation
-paths were 3–50× slower than dequantizing here) and fp32 accumulation:
+Compute (``compute=``). ``"dequantize"`` rebuilds the fp32 weight on every call (``(w_q − z) / S``) and
+runs F.linear / F.conv2d: exact and general, but slow for large layers. For Linear on CPU, torch's
+weight-only kernels run with bf16 activations (their fp32-activation paths were 8–90× slower than fp32
+here) and fp32 accumulation:
 
 - ``torch._weight_int4pack_mm_for_cpu``: codes of ≤ 4 bits, out % 16 == 0, groups of 32/64/128/256
   (per-channel / per-tensor scales are repeated into such groups; asymmetric zero points fold into the
@@ -23,29 +23,41 @@ paths were 3–50× slower than dequantizing here) and fp32 accumulation:
 - ``torch._weight_int8pack_mm``: otherwise, symmetric codes with per-channel or per-tensor scales and
   in % 16 == 0 (other in-sizes gave wrong results or crashed in torch 2.13, so they are never passed).
 
-Everything else (Conv2d, grouped int5..8, autograd through the input, non-CPU tensors) dequantizes.
-The kernels' bf16 rounding adds ≈3e-3 relative error (norm) to the outputs, well inside the quantization
-error itself (≈9e-3 for per-channel int8, ≈1e-1 for int4 G=32 on Gaussian weights).
+``"kernel"`` uses them wherever they support the shape (no fp32 weight is ever materialized). ``"auto"``
+(the default) does too, except the int8 kernel for layers under 131072 weights (e.g. 256×256), where
+dequantizing measured faster at every batch size. The choice depends on the layer only, never on the
+batch, so a row's output does not change with the batch it is in. Everything else (Conv2d, grouped
+int5..8, autograd through the input, non-CPU tensors) dequantizes. The kernels' bf16 rounding adds ≈3e-3
+relative error (norm) to the outputs, inside the quantization error itself (≈9e-3 for per-channel int8,
+≈1e-1 for int4 G=32 on Gaussian weights).
 
-Measured here, 4096×4096 Linear, torch 2.13 CPU, 2 threads, median ms over interleaved rounds (the
-machine was shared with other jobs, so absolute numbers are noisy; the ordering was stable):
+Measured, 4096×4096 Linear, torch 2.13 CPU (AVX-512 Xeon), 2 threads, median ms via
+``nnopt.metrics.speed.compare_latency`` (paths interleaved):
 
 =====================================  ========  =========
 path                                    batch 1   batch 32
 =====================================  ========  =========
-fp32 F.linear (cached fp32 weight)         12.0       25.4
-dequantize int8 + F.linear (fallback)     213        252
-dequantize int4 G=32 + F.linear           553        577
-_weight_int8pack_mm, fp32 activations      36.0     1488
-_weight_int8pack_mm, bf16 activations      12.0       40.0
-_weight_int4pack_mm (G=32), fp32 act.      86.7     2433
-_weight_int4pack_mm (G=32), bf16 act.      12.0       10.5
+fp32 F.linear (cached fp32 weight)         1.41       7.03
+dequantize int8 + F.linear                75.3       68.4
+dequantize int4 G=32 + F.linear           88.1       78.9
+_weight_int8pack_mm, fp32 activations     10.9      313
+_weight_int4pack_mm G=32, fp32 act.       21.7      613
+_weight_int8pack_mm, bf16 activations      0.66       8.94
+_weight_int4pack_mm G=32, bf16 act.        0.65       8.76
+_weight_int4pack_mm G=128, bf16 act.       0.60       8.45
 =====================================  ========  =========
+
+The kernels win in the memory-bound regime. Past a crossover, dequantizing once per call and running
+the fp32 GEMM is faster (same machine): int8 from ≈16–32 rows for 1024², ≈256–512 for 4096² (at 512
+rows: 194 vs 154 ms), never for 64² or 256²; int4 from ≈128–256 rows for 256²–4096², ≈512 for 64².
+Throughput-bound callers with large batches can pass ``compute="dequantize"``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,10 +65,48 @@ from torch import nn
 
 from nnopt.quantization import primitives as P
 
-COMPUTE_MODES = ("auto", "dequantize")
+COMPUTE_MODES = ("auto", "kernel", "dequantize")
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts, widest first
 
-Kernel = Callable[[torch.Tensor], torch.Tensor]  # (rows, in) bf16 -> (rows, out) bf16
+# compute="auto" leaves smaller layers to the dequantize path: measured faster for them at every batch size.
+INT8_KERNEL_MIN_WEIGHTS = 131072
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kernel:
+    name: str
+    run: Callable[[torch.Tensor], torch.Tensor]  # (rows, in) bf16 -> (rows, out) bf16
+
+
+class _KernelCache:
+    """Kernel-format weights built from the buffers. Copies and pickles start empty: the kernel closes
+    over the original module's tensors, so a copy must build its own."""
+
+    def __init__(self) -> None:
+        self.key: tuple[str, tuple[tuple[torch.Tensor, int], ...]] | None = None
+        self.kernel: _Kernel | None = None
+
+    def clear(self) -> None:
+        self.key, self.kernel = None, None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _KernelCache:
+        return _KernelCache()
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return (_KernelCache, ())
+
+
+def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """:func:`~nnopt.quantization.primitives.unpack_int4` by sign-extending shifts on int8 (same result,
+    ~8× faster measured on 4096×2048 bytes: 17 vs 138 ms; the dequantize path runs it on every call)."""
+    signed = packed.view(torch.int8)
+    low, high = (signed << 4) >> 4, signed >> 4  # arithmetic shifts sign-extend each nibble
+    return torch.stack((low, high), dim=-1).flatten(-2)
+
+
+def _version(t: torch.Tensor) -> int:
+    # Inference tensors keep no version counter; set_codes/load_state_dict still reset the cache.
+    return -1 if t.is_inference() else t._version
 
 
 class _QuantizedWeight(nn.Module):
@@ -80,13 +130,13 @@ class _QuantizedWeight(nn.Module):
         self.weight_shape = shape
         if packed:
             self.register_buffer("weight_packed", torch.zeros(shape[0], flat_in // 2, dtype=torch.uint8))
+            self.register_buffer("weight_scale", torch.ones(qparam_shape, dtype=torch.float32))
         else:
             self.register_buffer("weight_q", torch.zeros(shape, dtype=P.storage_dtype(bits)))
-        self.register_buffer("weight_scale", torch.ones(qparam_shape, dtype=torch.float32))
-        if not packed:
+            self.register_buffer("weight_scale", torch.ones(qparam_shape, dtype=torch.float32))
             self.register_buffer("weight_zero_point", torch.zeros(qparam_shape, dtype=torch.int32))
-        # (source tensors, their versions) -> kernel; rebuilt when load_state_dict/set_codes change them.
-        self._kernel_cache: tuple[tuple[tuple[torch.Tensor, int], ...], Kernel | None] | None = None
+        # Keyed by (source tensors, their versions): rebuilt when load_state_dict/set_codes/.to() change them.
+        self._kernel_cache = _KernelCache()
 
     @property
     def weight_storage(self) -> str:
@@ -108,7 +158,7 @@ class _QuantizedWeight(nn.Module):
             self.weight_q.copy_(codes)
             self.weight_zero_point.copy_(zero_point)
         self.weight_scale.copy_(scale)
-        self._kernel_cache = None
+        self._kernel_cache.clear()
 
     def check_loaded(self) -> None:
         """Reject codes outside the bit width's range and scales that are not finite and > 0."""
@@ -121,12 +171,12 @@ class _QuantizedWeight(nn.Module):
             raise ModelFormatError(f"{type(self).__name__}: weight codes lie outside the {self.bits}-bit range")
         if not bool((torch.isfinite(self.weight_scale) & (self.weight_scale > 0)).all()):
             raise ModelFormatError(f"{type(self).__name__}: weight scales must be finite and > 0")
-        self._kernel_cache = None
+        self._kernel_cache.clear()
 
     def weight_codes(self) -> torch.Tensor:
         """Integer codes in the weight's shape (``weight_q`` itself, or unpacked from ``weight_packed``)."""
         if self.packed:
-            return P.unpack_int4(self.weight_packed).reshape(self.weight_shape)
+            return _unpack_int4(self.weight_packed).reshape(self.weight_shape)
         return self.weight_q
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -135,14 +185,14 @@ class _QuantizedWeight(nn.Module):
         zero = 0 if self.packed else self.weight_zero_point
         if self.group_size is None:
             return P.dequantize(codes, self.weight_scale, zero)
-        groups = self.weight_scale.shape[1]
-        if not self.packed:
-            zero = self.weight_zero_point.unsqueeze(-1)
-        grouped = codes.reshape(self.weight_shape[0], groups, self.group_size)
-        return P.dequantize(grouped, self.weight_scale.unsqueeze(-1), zero).reshape(self.weight_shape)
+        # Each (out, groups) scale and zero point covers group_size consecutive codes of its row.
+        zero = zero if self.packed else zero.unsqueeze(-1)
+        rows = codes.reshape(self.weight_shape[0], -1)
+        return P.dequantize_grouped(rows, self.weight_scale.unsqueeze(-1), zero, self.group_size).reshape(
+            self.weight_shape)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        self._kernel_cache = None
+        self._kernel_cache.clear()
         super()._load_from_state_dict(*args, **kwargs)
 
 
@@ -161,20 +211,18 @@ class QuantizedLinear(_QuantizedWeight):
         if kernel is None:
             return F.linear(x, self.dequantized_weight(), self.bias)
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        y = kernel(rows).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        y = kernel.run(rows).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     @property
-    def kernel_name(self) -> str:
-        """Which compute path a float32 CPU input takes: ``"int4pack_mm"``, ``"int8pack_mm"`` or ``"dequantize"``."""
-        if self.compute != "auto":
-            return "dequantize"
-        kernel = self._kernel()
-        return "dequantize" if kernel is None else getattr(kernel, "kernel_name", "kernel")
+    def compute_path(self) -> str:
+        """The path a float32 CPU input takes: ``"int4pack_mm"``, ``"int8pack_mm"`` or ``"dequantize"``."""
+        kernel = self._kernel() if self.compute != "dequantize" else None
+        return "dequantize" if kernel is None else kernel.name
 
-    def _kernel_for(self, x: torch.Tensor) -> Kernel | None:
+    def _kernel_for(self, x: torch.Tensor) -> _Kernel | None:
         if (
-            self.compute != "auto"
+            self.compute == "dequantize"
             or x.device.type != "cpu"
             or x.dtype not in (torch.float32, torch.bfloat16)
             or (x.requires_grad and torch.is_grad_enabled())  # the kernels have no backward
@@ -182,20 +230,19 @@ class QuantizedLinear(_QuantizedWeight):
             return None
         return self._kernel()
 
-    def _kernel(self) -> Kernel | None:
-        sources = self._sources()
-        cached = self._kernel_cache
-        if cached is not None and all(
-            t is s and v == _version(s) for (t, v), s in zip(cached[0], sources, strict=True)
+    def _kernel(self) -> _Kernel | None:
+        sources, cache = self._sources(), self._kernel_cache
+        if cache.key is not None and cache.key[0] == self.compute and all(
+            t is s and v == _version(s) for (t, v), s in zip(cache.key[1], sources, strict=True)
         ):
-            return cached[1]
+            return cache.kernel
         # Built as ordinary tensors even when called under inference_mode, so later autograd-mode calls may use it.
         with torch.inference_mode(False), torch.no_grad():
-            kernel = self._build_kernel() if sources[0].device.type == "cpu" else None
-        self._kernel_cache = (tuple((s, _version(s)) for s in sources), kernel)
-        return kernel
+            cache.kernel = self._build_kernel() if sources[0].device.type == "cpu" else None
+        cache.key = (self.compute, tuple((s, _version(s)) for s in sources))
+        return cache.kernel
 
-    def _build_kernel(self) -> Kernel | None:
+    def _build_kernel(self) -> _Kernel | None:
         out_f, in_f = self.out_features, self.in_features
         zero = torch.zeros(()) if self.packed else self.weight_zero_point
         if self.group_size is None:  # one scale per row (or tensor): expand to (out, 1)
@@ -214,30 +261,25 @@ class QuantizedLinear(_QuantizedWeight):
             offset = -zero.double().repeat_interleave(repeat, dim=1) * step
             scale_and_zero = torch.stack((step.t(), offset.t()), dim=-1).to(torch.bfloat16).contiguous()
 
-            def int4_kernel(rows: torch.Tensor) -> torch.Tensor:
+            def int4(rows: torch.Tensor) -> torch.Tensor:
                 return torch._weight_int4pack_mm_for_cpu(rows, weight, group, scale_and_zero)
 
-            int4_kernel.kernel_name = "int4pack_mm"  # type: ignore[attr-defined]
-            return int4_kernel
+            return _Kernel("int4pack_mm", int4)
+        if self.compute == "auto" and out_f * in_f < INT8_KERNEL_MIN_WEIGHTS:
+            return None
         if self.group_size is None and in_f % 16 == 0 and not bool(zero.ne(0).any()):
             codes8 = self.weight_codes().contiguous()
             row_step = (1.0 / scale.double()).reshape(out_f).to(torch.bfloat16)
 
-            def int8_kernel(rows: torch.Tensor) -> torch.Tensor:
+            def int8(rows: torch.Tensor) -> torch.Tensor:
                 return torch._weight_int8pack_mm(rows, codes8, row_step)
 
-            int8_kernel.kernel_name = "int8pack_mm"  # type: ignore[attr-defined]
-            return int8_kernel
+            return _Kernel("int8pack_mm", int8)
         return None
 
     def extra_repr(self) -> str:
         group = "" if self.group_size is None else f", group_size={self.group_size}"
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
-
-
-def _version(t: torch.Tensor) -> int:
-    # Inference tensors keep no version counter; set_codes/load_state_dict still reset the cache.
-    return -1 if t.is_inference() else t._version
 
 
 class QuantizedConv2d(_QuantizedWeight):

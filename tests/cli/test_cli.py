@@ -12,7 +12,10 @@ import pytest
 from nnopt._version import __version__
 from nnopt.cli import main
 
-VARIANTS = ("baseline", "pruned", "quantized", "pruned+quantized", "gradual", "gradual+quantized")
+VARIANTS = (
+    "baseline", "pruned", "quantized", "pruned+quantized", "gradual", "gradual+quantized",
+    "int8-static", "qat-int8", "int4-weight-g32", "cluster-4bit",
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +48,18 @@ def test_demo_writes_report_and_variants(demo_dir):
     assert gradual["accuracy"] >= base["accuracy"] - 0.02
     assert gradual["nonzeros"] < 0.25 * base["nonzeros"]
     assert gradual["compression_ratio"] > 8 and rows["gradual"]["compression_ratio"] > 3  # zeros not stored
+    assert rows["int8-static"]["accuracy"] >= base["accuracy"] - 0.005
+    assert rows["qat-int8"]["accuracy"] >= base["accuracy"] - 0.01
+    assert rows["int4-weight-g32"]["accuracy"] >= base["accuracy"] - 0.01
+    assert rows["int4-weight-g32"]["file_bytes"] < rows["quantized"]["file_bytes"]  # two codes per byte
+    assert rows["cluster-4bit"]["accuracy"] >= base["accuracy"] - 0.015
+    assert "int8 × int8 GEMM" in rows["int8-static"]["compute"]
     md = (demo_dir / "report.md").read_text()
     assert "| pruned+quantized |" in md and "measured" in md
 
 
 @pytest.mark.parametrize("variant", ["baseline", "pruned", "quantized", "pruned_quantized", "gradual",
-                                     "gradual_quantized"])
+                                     "gradual_quantized", "int8-static", "qat-int8", "int4-weight-g32"])
 def test_profile_works_on_every_variant(demo_dir, variant, capsys):
     assert main(["profile", str(demo_dir / variant), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)

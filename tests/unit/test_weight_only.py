@@ -12,7 +12,8 @@ from nnopt.errors import ConfigError, ModelFormatError
 from nnopt.io import load_model, save_model
 from nnopt.metrics.accuracy import accuracy
 from nnopt.metrics.profile import profile_model
-from nnopt.quantization.modules import QuantizedConv2d, QuantizedLinear
+from nnopt.quantization import primitives as P
+from nnopt.quantization.modules import QuantizedConv2d, QuantizedLinear, _unpack_int4
 from nnopt.quantization.weights import WeightQuantConfig, quantize_weights
 
 
@@ -56,6 +57,8 @@ def test_int4_is_packed_two_codes_per_byte(tmp_path):
     # The profile counts the bytes the state dict really holds.
     profile = profile_model(int4)
     assert profile.layers[0].bytes == 256 * 32 + 256 * 2 * 4 + 256 * 4
+    every_byte = torch.arange(256, dtype=torch.uint8).reshape(8, 32)
+    assert torch.equal(_unpack_int4(every_byte), P.unpack_int4(every_byte))
     # An odd input dimension cannot pair codes into bytes: that layer keeps int8 codes.
     odd = _quantize_layer(nn.Linear(9, 16), bits=4)
     assert not odd.packed and odd.weight_q.dtype == torch.int8
@@ -145,8 +148,8 @@ def test_invalid_settings_are_refused(field, value, message):
 ])
 def test_kernel_path_matches_the_dequantize_path(config, kernel):
     torch.manual_seed(0)
-    q = _quantize_layer(nn.Linear(128, 48), **config)
-    assert q.kernel_name == kernel
+    q = _quantize_layer(nn.Linear(128, 48), **config, compute="kernel")
+    assert q.compute_path == kernel
     reference = _quantize_layer(nn.Linear(128, 48), **config, compute="dequantize")
     reference.load_state_dict(q.state_dict())
     for shape in [(1, 128), (33, 128), (2, 3, 128), (128,)]:
@@ -159,15 +162,32 @@ def test_kernel_path_matches_the_dequantize_path(config, kernel):
         assert float((out - expected).norm() / expected.norm()) < 1e-2
 
 
+def test_auto_uses_the_int8_kernel_only_for_larger_layers():
+    int4 = _quantize_layer(nn.Linear(64, 64), bits=4, group_size=32)
+    assert int4.compute_path == "int4pack_mm"
+    small_int8 = _quantize_layer(nn.Linear(256, 256), bits=8, per_channel=True)
+    assert small_int8.compute_path == "dequantize"
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        assert torch.equal(small_int8(x), F.linear(x, small_int8.dequantized_weight(), small_int8.bias))
+    assert _quantize_layer(nn.Linear(512, 256), bits=8, per_channel=True).compute_path == "int8pack_mm"
+    # The path depends on the layer only: a row's output is the same whatever batch it comes in.
+    x = torch.randn(300, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(int4(x)[:3], int4(x[:3]))
+
+
 def test_kernel_cache_follows_new_codes_and_autograd_uses_dequantize():
     torch.manual_seed(0)
     a = _quantize_layer(nn.Linear(64, 32), bits=4, group_size=32)
     b = _quantize_layer(nn.Linear(64, 32), bits=4, group_size=32)
     x = torch.randn(4, 64)
     with torch.no_grad():
-        a(x)  # builds a's kernel weights
+        a_out = a(x)  # builds a's kernel weights
+        a_copy = copy.deepcopy(a)
         a.load_state_dict(b.state_dict())
         torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+        torch.testing.assert_close(a_copy(x), a_out, rtol=0, atol=0)  # a copy never shares a's kernel weights
     # Gradients with respect to the input flow through the dequantized weight (the kernels have no backward).
     x.requires_grad_(True)
     a(x).sum().backward()
