@@ -112,9 +112,12 @@ def torch_dynamic(model: nn.Module, per_channel: bool) -> nn.Module:
 
 
 def ort_quantize_dynamic(fp32_onnx: Path, out: Path) -> Path:
+    from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(fp32_onnx), str(out), per_channel=True, weight_type=QuantType.QInt8)
+    # Fused graphs hold contrib ops that shape inference cannot type; their outputs are float.
+    quantize_dynamic(str(fp32_onnx), str(out), per_channel=True, weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": TensorProto.FLOAT})
     return out
 
 

@@ -12,6 +12,7 @@ layer choose its own ONNX nodes. onnx and onnxruntime are the ``onnx`` extra, im
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from collections.abc import Mapping, Sequence
@@ -143,8 +144,9 @@ def export_onnx(
     buffer = io.BytesIO()
     was_training = model.training
     model.eval()
+    export_mode = getattr(model, "onnx_export_mode", None)  # a model's own choice of exportable layers
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), export_mode() if callable(export_mode) else contextlib.nullcontext():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice, tracer warnings
             torch.onnx.export(
                 model, args, buffer, dynamo=False, opset_version=OPSET, input_names=names, output_names=["output"],

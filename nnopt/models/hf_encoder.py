@@ -13,12 +13,13 @@ torch.Size([2, 384])
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
 import importlib.resources
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -75,6 +76,17 @@ class SentenceEncoder(nn.Module):
     @property
     def hidden_size(self) -> int:
         return int(self.encoder_model.config.hidden_size)
+
+    @contextlib.contextmanager
+    def onnx_export_mode(self) -> Iterator[None]:
+        """Export with the plain (eager) attention: its graph is the pattern ONNX Runtime fuses, while
+        exporting sdpa adds NaN guards around the softmax that cost ~25% of the runtime."""
+        previous = self.encoder_model.config._attn_implementation
+        self.encoder_model.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            self.encoder_model.set_attn_implementation(previous)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``input_ids`` and ``attention_mask`` are ``(batch, tokens)``; no mask means every token is real."""

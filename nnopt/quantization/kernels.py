@@ -71,3 +71,23 @@ def im2col_codes(
     out_w = (w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
     patches = cols.transpose(1, 2).reshape(n * out_h * out_w, -1).to(torch.int8)
     return patches, (out_h, out_w)
+
+
+_INT8_GEMM_OK: dict[str, bool] = {}
+
+
+def require_int8_gemm(device: str = "cpu") -> None:
+    """Fail early, naming the fix, where this torch build has no int8 GEMM for ``device``."""
+    from nnopt.errors import UnsupportedModelError
+
+    if device not in _INT8_GEMM_OK:
+        try:
+            rows = torch.ones(17, 16, dtype=torch.int8, device=device)  # CUDA wants more than 16 rows
+            _INT8_GEMM_OK[device] = int(torch._int_mm(rows, rows[:16].t())[0, 0]) == 16
+        except (RuntimeError, AttributeError):
+            _INT8_GEMM_OK[device] = False
+    if not _INT8_GEMM_OK[device]:
+        raise UnsupportedModelError(
+            f"this torch build has no int8 matrix kernel (torch._int_mm) on {device}; "
+            "use a weight-only scheme (int8-weight, int4-weight) or torch >= 2.4"
+        )

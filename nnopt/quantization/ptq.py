@@ -329,6 +329,7 @@ class _ChannelAbsMax:
 
 
 def _targets(model: nn.Module, patterns: tuple[str, ...], allowed: tuple[type[nn.Module], ...]) -> list[Any]:
+    K.require_int8_gemm(next((str(p.device) for p in model.parameters()), "cpu"))
     targets = select_layers(model, patterns, default_types=(*allowed, *INT8_TYPES))
     for name, module in targets:
         if isinstance(module, INT8_TYPES):

@@ -127,3 +127,9 @@ def test_bad_input_is_named(trained_simplenet, digits):
         nnopt.DynamicQuantConfig(smoothing=1.5)
     with pytest.raises(nnopt.NnoptError, match="already int8"):
         nnopt.quantize(nnopt.quantize(trained_simplenet, nnopt.DynamicQuantConfig()), nnopt.DynamicQuantConfig())
+
+
+def test_a_device_without_int8_gemm_is_named(trained_simplenet, monkeypatch):
+    monkeypatch.setitem(K._INT8_GEMM_OK, "cpu", False)
+    with pytest.raises(nnopt.NnoptError, match="no int8 matrix kernel"):
+        nnopt.quantize(trained_simplenet, nnopt.DynamicQuantConfig())

