@@ -80,7 +80,7 @@ def timed_rows(
     """Time every variant side by side at one batch size; the first variant is the baseline."""
     with torch.inference_mode():
         timings = compare_calls(variants, batch, warmup=3, min_calls=20 if batch == 1 else 10,
-                                min_seconds=seconds * len(variants), rounds=5)
+                                min_seconds=seconds, rounds=5)  # seconds per variant, over 5 rounds
     base = timings[next(iter(variants))].median_ms
     out = []
     for key, timing in timings.items():

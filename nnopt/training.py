@@ -43,6 +43,8 @@ class TrainConfig(Config):
 
 
 class TrainCallback(Protocol):
+    """Runs after every optimizer step; may also define ``after_epoch(model, epoch)`` (0-based)."""
+
     def after_step(self, model: nn.Module) -> None: ...
 
 
@@ -99,6 +101,10 @@ def train(
             history.train_accuracy.append(correct / len(data))
             if eval_data is not None:
                 history.eval_accuracy.append(accuracy(model, eval_data))
+            for callback in callbacks:
+                after_epoch = getattr(callback, "after_epoch", None)
+                if after_epoch is not None:
+                    after_epoch(model, history.epochs - 1)
             status = f"loss {history.loss[-1]:.4f}"
             if history.eval_accuracy:
                 status += f"  eval acc {history.eval_accuracy[-1]:.3f}"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -55,19 +56,25 @@ class QATConfig(Config):
     ``freeze_observers_epoch``: ranges update during the first that many epochs and stay fixed
     afterwards (0: the calibrated ranges throughout; None or ≥ ``epochs``: never frozen).
     The default freezes them for the last of the 3 default epochs.
+    ``validation_fraction`` of the training rows is held out; the weights and ranges with the
+    lowest loss there (the calibrated start included) are the ones converted, so QAT never
+    returns a model that validates worse than the PTQ model it started from (0: keep the last).
     """
 
     kind = "qat"
     epochs: int = 3
-    lr: float = 1e-4
+    lr: float = 1e-5  # 1% of the training rate: QAT refines a converged model, it does not retrain it
     batch_size: int = 32
     layers: tuple[str, ...] = ()
     observer_momentum: float = 0.9
     freeze_observers_epoch: int | None = 2
     calibration_samples: int = 256
+    validation_fraction: float = 0.1
     seed: int = 0
 
     def validate(self) -> None:
+        if not (math.isfinite(self.validation_fraction) and 0.0 <= self.validation_fraction < 0.5):
+            raise ConfigError(f"QATConfig.validation_fraction must be in [0, 0.5), got {self.validation_fraction}")
         if self.epochs < 0:
             raise ConfigError(f"QATConfig.epochs must be >= 0, got {self.epochs}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -253,11 +260,12 @@ def prepare_qat(model: nn.Module, config: QATConfig, data: Any) -> list[str]:
 
 
 def finetune_qat(
-    model: nn.Module, config: QATConfig, data: Split, eval_data: Split | None = None, progress: bool | None = None
+    model: nn.Module, config: QATConfig, data: Split, eval_data: Split | None = None, progress: bool | None = None,
+    extra_callbacks: Sequence[Any] = (),
 ) -> TrainHistory:
     """Train a prepared model (in place) with pruned zeros kept and ranges frozen as configured."""
     # The fake-quant twins are Linear/Conv2d, so the keeper finds (and keeps) every pruned zero.
-    callbacks: list[Any] = [MaskKeeper.from_zeros(model)]
+    callbacks: list[Any] = [MaskKeeper.from_zeros(model), *extra_callbacks]
     freeze = config.freeze_observers_epoch
     set_observing(model, freeze != 0)
     if freeze is not None and 0 < freeze < config.epochs:
@@ -301,13 +309,60 @@ def quantize_qat(model: nn.Module, config: QATConfig, **context: Any) -> dict[st
     if len(data) == 0:
         raise ConfigError("QATConfig: the training data is empty")
     prepare_qat(model, config, data)
-    history = finetune_qat(model, config, data, eval_data=context.get("eval_data"), progress=context.get("progress"))
+    train_rows, held_out = _split_validation(data, config)
+    keeper = _BestOnValidation(model, held_out) if held_out is not None else None
+    history = finetune_qat(model, config, train_rows, eval_data=context.get("eval_data"),
+                           progress=context.get("progress"), extra_callbacks=[keeper] if keeper else [])
+    if keeper is not None:
+        keeper.restore(model)
     layers = convert_qat(model)
     model.eval()
     training = {"epochs": history.epochs, "loss": history.loss, "train_accuracy": history.train_accuracy}
     if history.eval_accuracy:
         training["eval_accuracy"] = history.eval_accuracy
+    if keeper is not None:
+        training["validation_loss"] = keeper.losses
+        training["kept_epoch"] = keeper.best_epoch  # 0: the calibrated start, k: after epoch k
     return {"layers": layers, "training": training}
+
+
+def _split_validation(data: Split, config: QATConfig) -> tuple[Split, Split | None]:
+    held = int(len(data) * config.validation_fraction)
+    if held == 0 or config.epochs == 0:
+        return data, None
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))
+    return Split(data.x[order[held:]], data.y[order[held:]]), Split(data.x[order[:held]], data.y[order[:held]])
+
+
+class _BestOnValidation:
+    """Keeps a copy of the state (weights and observed ranges) with the lowest held-out loss."""
+
+    def __init__(self, model: nn.Module, data: Split) -> None:
+        self.data = data
+        self.losses: list[float] = []
+        self.best_epoch = 0
+        self.best_state: dict[str, torch.Tensor] = {}
+        self._consider(model, epoch=0)
+
+    def after_step(self, model: nn.Module) -> None:
+        return None
+
+    def after_epoch(self, model: nn.Module, epoch: int) -> None:
+        self._consider(model, epoch + 1)
+
+    def restore(self, model: nn.Module) -> None:
+        model.load_state_dict(self.best_state)
+
+    def _consider(self, model: nn.Module, epoch: int) -> None:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            loss = float(nn.functional.cross_entropy(model(self.data.x), self.data.y))
+        model.train(was_training)
+        self.losses.append(loss)
+        if loss <= min(self.losses):
+            self.best_epoch = epoch
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 register_quantizer(QATConfig, PASS_NAME, quantize_qat, replay_static)

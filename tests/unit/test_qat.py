@@ -127,15 +127,20 @@ def test_qat_int8_is_within_half_a_point_of_fp32_and_of_static_ptq(trained_simpl
     assert applied.name == "quantize-qat"
     assert set(applied.details["layers"]) == set(LAYERS)
     assert len(applied.details["training"]["loss"]) == 3
+    training = applied.details["training"]
+    assert len(training["validation_loss"]) == 4 and 0 <= training["kept_epoch"] <= 3
+    assert training["validation_loss"][training["kept_epoch"]] == min(training["validation_loss"])
 
 
 def test_converted_model_matches_the_fake_quant_model(trained_simplenet, qat_model, digits):
-    fake, converted, model = _fake_and_converted(trained_simplenet, QATConfig(), digits.train, digits.test.x)
+    config = QATConfig(validation_fraction=0.0)  # train on every row, keep the last epoch, as the pieces do
+    fake, converted, model = _fake_and_converted(trained_simplenet, config, digits.train, digits.test.x)
     assert (fake.argmax(-1) == converted.argmax(-1)).float().mean() >= 0.99
     # Same codes on both sides; only float summation order differs (measured 3.8e-6 on logits up to ~18).
     assert (fake - converted).abs().max() < 1e-4
     # The pieces are what quantize() runs: the same int8 model.
-    assert torch.equal(converted, _outputs(qat_model, digits.test.x))
+    whole = nnopt.quantize(trained_simplenet, config, data=digits.train)
+    assert torch.equal(converted, _outputs(whole, digits.test.x))
 
 
 def test_zero_epochs_is_static_minmax_ptq(trained_simplenet, digits):
