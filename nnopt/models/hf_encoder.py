@@ -77,6 +77,12 @@ class SentenceEncoder(nn.Module):
     def hidden_size(self) -> int:
         return int(self.encoder_model.config.hidden_size)
 
+    def example_inputs(self, batch: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Random token ids (no padding) of ``input_shape`` tokens, for timing; ids skip the special tokens."""
+        vocab = int(self.encoder_model.config.vocab_size)
+        ids = torch.randint(1000, vocab, (batch, *self.input_shape), generator=generator)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
     @contextlib.contextmanager
     def onnx_export_mode(self) -> Iterator[None]:
         """Export with the plain (eager) attention: its graph is the pattern ONNX Runtime fuses, while

@@ -44,6 +44,14 @@ def test_embeddings_are_unit_norm_rows_of_384(model):
     assert not model.training
 
 
+def test_example_inputs_are_full_length_token_ids(model):
+    inputs = model.example_inputs(3, generator=torch.Generator().manual_seed(0))
+    assert inputs["input_ids"].shape == (3, 128) and inputs["input_ids"].dtype == torch.int64
+    assert int(inputs["attention_mask"].sum()) == 3 * 128
+    with torch.inference_mode():
+        assert model(**inputs).shape == (3, 384)
+
+
 def test_encode_batch_gives_int64_ids_and_mask(hf):
     batch = hf.encode_batch(["Hello there.", "A rather longer sentence than the first one."], max_length=16)
     assert set(batch) == {"input_ids", "attention_mask"}
