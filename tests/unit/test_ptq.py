@@ -8,7 +8,7 @@ import torch
 import nnopt
 from nnopt.errors import ConfigError
 from nnopt.quantization import kernels as K
-from nnopt.quantization.ptq import Int8DynamicLinear, Int8StaticConv2d, Int8StaticLinear
+from nnopt.quantization.ptq import Int8DynamicLinear, Int8Embedding, Int8StaticConv2d, Int8StaticLinear
 
 
 def test_int8_linear_equals_integer_reference():
@@ -133,3 +133,14 @@ def test_a_device_without_int8_gemm_is_named(trained_simplenet, monkeypatch):
     monkeypatch.setitem(K._INT8_GEMM_OK, "cpu", False)
     with pytest.raises(nnopt.NnoptError, match="no int8 matrix kernel"):
         nnopt.quantize(trained_simplenet, nnopt.DynamicQuantConfig())
+
+
+def test_int8_embedding_rows_dequantize_within_half_a_step():
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(50, 8)
+    q = Int8Embedding(table)
+    q.set_weight(table.weight.detach())
+    ids = torch.tensor([[0, 7, 49], [3, 3, 1]])
+    step = q.weight_step[ids].unsqueeze(-1)
+    assert ((q(ids) - table(ids)).abs() <= step / 2 + 1e-7).all()
+    assert q.weight_q.dtype == torch.int8 and q.state_dict().keys() == {"weight_q", "weight_scale"}
