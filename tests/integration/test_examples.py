@@ -20,3 +20,15 @@ def test_pytorch_classic_example_end_to_end(tmp_path, capsys):
     reloaded = nnopt.load_model(tmp_path / "m")
     assert nnopt.accuracy(reloaded, nnopt.load_digits().test) == results["quantized_accuracy"]
     assert "QuantizedLinear" in capsys.readouterr().out
+
+
+def test_minilm_int8_example(tmp_path, capsys):
+    import pytest
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("onnxruntime")
+    results = _load("minilm_int8").main(["--out", str(tmp_path / "m"), "--seconds", "0.2"])
+    assert results["cosine_mean"] >= 0.995 and results["cosine_min"] >= 0.98
+    assert results["compression_ratio"] > 3.8
+    assert results["time_ratio"] > 0  # a measured ratio; its size depends on the machine
+    assert "measured" in capsys.readouterr().out
