@@ -96,14 +96,6 @@ class _KernelCache:
         return (_KernelCache, ())
 
 
-def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """:func:`~nnopt.quantization.primitives.unpack_int4` by sign-extending shifts on int8 (same result,
-    ~8× faster measured on 4096×2048 bytes: 17 vs 138 ms; the dequantize path runs it on every call)."""
-    signed = packed.view(torch.int8)
-    low, high = (signed << 4) >> 4, signed >> 4  # arithmetic shifts sign-extend each nibble
-    return torch.stack((low, high), dim=-1).flatten(-2)
-
-
 def _version(t: torch.Tensor) -> int:
     # Inference tensors keep no version counter; set_codes/load_state_dict still reset the cache.
     return -1 if t.is_inference() else t._version
@@ -176,7 +168,7 @@ class _QuantizedWeight(nn.Module):
     def weight_codes(self) -> torch.Tensor:
         """Integer codes in the weight's shape (``weight_q`` itself, or unpacked from ``weight_packed``)."""
         if self.packed:
-            return _unpack_int4(self.weight_packed).reshape(self.weight_shape)
+            return P.unpack_int4(self.weight_packed).reshape(self.weight_shape)
         return self.weight_q
 
     def dequantized_weight(self) -> torch.Tensor:

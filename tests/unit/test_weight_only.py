@@ -13,7 +13,7 @@ from nnopt.io import load_model, save_model
 from nnopt.metrics.accuracy import accuracy
 from nnopt.metrics.profile import profile_model
 from nnopt.quantization import primitives as P
-from nnopt.quantization.modules import QuantizedConv2d, QuantizedLinear, _unpack_int4
+from nnopt.quantization.modules import QuantizedConv2d, QuantizedLinear
 from nnopt.quantization.weights import WeightQuantConfig, quantize_weights
 
 
@@ -58,7 +58,9 @@ def test_int4_is_packed_two_codes_per_byte(tmp_path):
     profile = profile_model(int4)
     assert profile.layers[0].bytes == 256 * 32 + 256 * 2 * 4 + 256 * 4
     every_byte = torch.arange(256, dtype=torch.uint8).reshape(8, 32)
-    assert torch.equal(_unpack_int4(every_byte), P.unpack_int4(every_byte))
+    nibbles = torch.stack((every_byte.long() & 0xF, every_byte.long() >> 4), dim=-1).flatten(-2)
+    reference = torch.where(nibbles >= 8, nibbles - 16, nibbles).to(torch.int8)  # two's complement by hand
+    assert torch.equal(P.unpack_int4(every_byte), reference)
     # An odd input dimension cannot pair codes into bytes: that layer keeps int8 codes.
     odd = _quantize_layer(nn.Linear(9, 16), bits=4)
     assert not odd.packed and odd.weight_q.dtype == torch.int8
