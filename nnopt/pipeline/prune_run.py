@@ -10,13 +10,11 @@ from typing import Any
 from torch import nn
 
 from nnopt.config import Config
-from nnopt.data import load_dataset
 from nnopt.errors import ConfigError
-from nnopt.io.atomic import check_replaceable, refuse_input_overlap
-from nnopt.io.model_dir import META_FILE, WEIGHT_FILES, load_model, read_meta, save_model, weights_file
+from nnopt.io.model_dir import save_model
 from nnopt.lineage import get_lineage
 from nnopt.metrics import accuracy, profile_model
-from nnopt.metrics.table import render_table
+from nnopt.pipeline.runs import Row, open_run, render_run, size_rows
 from nnopt.pruning import GradualPruneConfig, finetune, prune
 from nnopt.sparse import SparseKernelConfig, kernel_summary, sparsify
 from nnopt.training import TrainConfig
@@ -27,16 +25,15 @@ class PruneRun:
     """Before/after figures of one `nnopt prune` run."""
 
     method: str
-    rows: tuple[tuple[str, Any, Any], ...]  # (figure, before, after)
+    rows: tuple[Row, ...]
     out: Path
     kernels: str = ""
 
     def __str__(self) -> str:
-        table = render_table(("", "before", "after"), list(self.rows), title=f"nnopt prune: {self.method}")
         notes = ("accuracy: measured on the held-out test split; file bytes: measured on disk;\n"
                  "compression ratio: dense fp32 safetensors bytes / bytes written;\n"
                  f"{self.kernels} (measured, median of alternated calls)")
-        return f"{table}\n{notes}"
+        return render_run(f"nnopt prune: {self.method}", self.rows, notes)
 
 
 def run_prune(
@@ -51,19 +48,11 @@ def run_prune(
 ) -> PruneRun:
     """Validate everything first, then prune ``path`` into ``out``."""
     out = Path(out)
-    if weights_format not in WEIGHT_FILES:
-        raise ConfigError(f"format must be one of {', '.join(WEIGHT_FILES)}, got {weights_format!r}")
     gradual = isinstance(config, GradualPruneConfig)
     if (gradual or finetune_epochs) and not data_name:
         raise ConfigError("fine-tuning needs data: add --data digits")
-    refuse_input_overlap(out, [path])
-    check_replaceable(out, (META_FILE, *WEIGHT_FILES.values()) if overwrite else None)
-    meta = read_meta(path)
-    model = load_model(path)
-    dataset = load_dataset(data_name) if data_name else None
-    if dataset is not None and tuple(model.input_shape) not in (dataset.feature_shape, _image_shape(dataset)):
-        raise ConfigError(f"the model takes inputs of shape {tuple(model.input_shape)}, "
-                          f"but {dataset.name} rows have {dataset.feature_shape}")
+    run = open_run(path, out, weights_format, overwrite, data_name)
+    model, dataset = run.model, run.dataset
 
     pruned = prune(model, config, data=dataset.train if dataset else None)
     if finetune_epochs and not gradual:
@@ -78,20 +67,13 @@ def run_prune(
     before, after = profile_model(model), profile_model(pruned)
     saved = save_model(pruned, out, metrics=metrics, inputs=[path], overwrite=overwrite,
                        weights_format=weights_format)
-    old_bytes = meta["files"][weights_file(meta)]["bytes"]
     rows = [
         ("non-zero weights", before.nonzeros, after.nonzeros),
         ("zero share of parameters", round(1 - before.nonzeros / before.params, 4),
          round(1 - after.nonzeros / after.params, 4)),
-        ("file bytes", old_bytes, saved.file_bytes),
-        ("compression ratio", round(meta.get("compression_ratio", saved.meta["dense_fp32_bytes"] / old_bytes), 2),
-         round(saved.compression_ratio, 2)),
+        *size_rows(run.meta, saved),
     ]
     if dataset is not None:
         rows.insert(0, ("accuracy", round(accuracy(model, dataset.test), 4), round(metrics["accuracy"], 4)))
     return PruneRun(method=config.kind, rows=tuple(rows), out=out, kernels=kernels)
 
-
-def _image_shape(dataset: Any) -> tuple[int, ...]:
-    # digits rows (64,) are also 1×8×8 images for the CNN
-    return (1, 8, 8) if dataset.feature_shape == (64,) else dataset.feature_shape

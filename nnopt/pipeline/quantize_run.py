@@ -11,14 +11,12 @@ from typing import Any
 import torch
 
 from nnopt.config import Config
-from nnopt.data import Dataset, load_dataset
 from nnopt.errors import ConfigError
-from nnopt.io.atomic import check_replaceable, refuse_input_overlap
-from nnopt.io.model_dir import META_FILE, WEIGHT_FILES, load_model, read_meta, save_model, weights_file
+from nnopt.io.model_dir import save_model
 from nnopt.metrics import accuracy
 from nnopt.metrics.profile import model_input_shape
 from nnopt.metrics.speed import compare_calls
-from nnopt.metrics.table import render_table
+from nnopt.pipeline.runs import Row, open_run, render_run, size_rows
 from nnopt.quantization import (
     ClusterConfig,
     DynamicQuantConfig,
@@ -72,16 +70,15 @@ class QuantizeRun:
     """Before/after figures of one `nnopt quantize` run."""
 
     scheme: str
-    rows: tuple[tuple[str, Any, Any], ...]  # (figure, before, after)
+    rows: tuple[Row, ...]
     out: Path
     timing_note: str
 
     def __str__(self) -> str:
-        table = render_table(("", "before", "after"), list(self.rows), title=f"nnopt quantize: {self.scheme}")
         notes = ("accuracy: measured on the held-out test split (calibration used training rows only);\n"
                  "file bytes: measured on disk; compression ratio: dense fp32 safetensors bytes / bytes written;\n"
                  f"latency: {self.timing_note}")
-        return f"{table}\n{notes}"
+        return render_run(f"nnopt quantize: {self.scheme}", self.rows, notes)
 
 
 def run_quantize(
@@ -96,33 +93,24 @@ def run_quantize(
     """Validate everything first, then quantize ``path`` into ``out``."""
     out = Path(out)
     config = build_config(options)
-    if weights_format not in WEIGHT_FILES:
-        raise ConfigError(f"format must be one of {', '.join(WEIGHT_FILES)}, got {weights_format!r}")
     wants_data = options.scheme in NEEDS_DATA or options.smoothing is not None or options.epochs > 0
     if wants_data and not data_name:
         raise ConfigError(f"{options.scheme} with these options needs calibration or training data: add --data digits")
-    refuse_input_overlap(out, [path])
-    check_replaceable(out, (META_FILE, *WEIGHT_FILES.values()) if overwrite else None)
-    meta = read_meta(path)
-    model = load_model(path)
-    dataset = load_dataset(data_name) if data_name else None
-    if dataset is not None:
-        _check_fits(model, dataset)
+    run = open_run(path, out, weights_format, overwrite, data_name)
+    model, dataset = run.model, run.dataset
 
     data = dataset.train.subset(min(options.calib, len(dataset.train))) if dataset else None
     if options.scheme in ("qat", "cluster") and dataset is not None:
         data = dataset.train  # fine-tuning uses the whole training split
     quantized = quantize(model, config, data=data)
     metrics: dict[str, Any] = {}
-    rows: list[tuple[str, Any, Any]] = []
+    rows: list[Row] = []
     if dataset is not None:
         metrics["accuracy"] = accuracy(quantized, dataset.test)
         rows.append(("accuracy", round(accuracy(model, dataset.test), 4), round(metrics["accuracy"], 4)))
     saved = save_model(quantized, out, metrics=metrics, inputs=[path], overwrite=overwrite,
                        weights_format=weights_format)
-    old_bytes = meta["files"][weights_file(meta)]["bytes"]
-    rows.append(("file bytes", old_bytes, saved.file_bytes))
-    rows.append(("compression ratio", round(meta.get("compression_ratio", 1.0), 2), round(saved.compression_ratio, 2)))
+    rows += size_rows(run.meta, saved)
     generator = torch.Generator().manual_seed(0)
     for size in (1, 32):
         inputs = _example_inputs(model, size, generator)
@@ -135,14 +123,6 @@ def run_quantize(
             "(int8 GEMMs pay off on wide layers; on small ones the quantize/rescale passes cost more than they save; "
             "transformer encoders are fastest through ONNX Runtime: nnopt.export_onnx)")
     return QuantizeRun(scheme=options.scheme, rows=tuple(rows), out=out, timing_note=note)
-
-
-def _check_fits(model: torch.nn.Module, dataset: Dataset) -> None:
-    shape = tuple(getattr(model, "input_shape", dataset.feature_shape))
-    image = (1, 8, 8) if dataset.feature_shape == (64,) else dataset.feature_shape  # digits rows are 8×8 images
-    if shape not in (dataset.feature_shape, image):
-        raise ConfigError(f"the model takes inputs of shape {shape}, but {dataset.name} rows have "
-                          f"{dataset.feature_shape}")
 
 
 def _example_inputs(model: torch.nn.Module, batch: int, generator: torch.Generator) -> Any:
