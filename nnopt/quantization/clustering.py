@@ -32,6 +32,7 @@ from nnopt.errors import ConfigError, ModelFormatError, UnsupportedModelError
 from nnopt.lineage import AppliedPass
 from nnopt.quantization.modules import QUANTIZED_TYPES, _QuantizedWeight
 from nnopt.quantization.registry import register_quantizer
+from nnopt.quantization.targets import check_target
 from nnopt.select import replace_layer, select_layers, validate_patterns
 
 PASS_NAME = "cluster"
@@ -339,19 +340,10 @@ def cluster_weights(model: nn.Module, config: ClusterConfig, **context: Any) -> 
 
 
 def _check_clusterable(name: str, module: nn.Module) -> None:
-    if isinstance(module, _ClusteredWeight):
-        raise UnsupportedModelError(f"layer {name!r} is already clustered")
-    if isinstance(module, _QuantizedWeight):
-        raise UnsupportedModelError(f"layer {name!r} is already quantized")
-    if type(module) not in CLUSTERED_TYPES:
-        raise UnsupportedModelError(
-            f"layer {name!r} is a {type(module).__name__}; weight clustering supports "
-            + ", ".join(t.__name__ for t in CLUSTERED_TYPES)
-        )
+    already = ((_ClusteredWeight, "clustered"), (_QuantizedWeight, "quantized"))
+    check_target(name, module, CLUSTERED_TYPES, "weight clustering", already=already)
     if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
         raise UnsupportedModelError(f"layer {name!r}: only zero padding is supported for clustered Conv2d")
-    if not bool(torch.isfinite(module.weight).all()):
-        raise UnsupportedModelError(f"layer {name!r} has NaN or infinite weights; they cannot be clustered")
 
 
 def _mse(module: _ClusteredWeight, weight: torch.Tensor) -> float:

@@ -30,6 +30,7 @@ from nnopt.lineage import AppliedPass
 from nnopt.quantization import kernels as K
 from nnopt.quantization import primitives as P
 from nnopt.quantization.registry import register_quantizer
+from nnopt.quantization.targets import check_target
 from nnopt.select import replace_layer, select_layers, validate_patterns
 
 DYNAMIC_PASS = "quantize-int8-dynamic"
@@ -353,13 +354,7 @@ def _targets(model: nn.Module, patterns: tuple[str, ...], allowed: tuple[type[nn
     K.require_int8_gemm(next((str(p.device) for p in model.parameters()), "cpu"))
     targets = select_layers(model, patterns, default_types=(*allowed, *INT8_TYPES))
     for name, module in targets:
-        if isinstance(module, INT8_TYPES):
-            raise UnsupportedModelError(f"layer {name!r} is already int8-quantized")
-        if type(module) not in allowed:
-            kinds = ", ".join(t.__name__ for t in allowed)
-            raise UnsupportedModelError(f"layer {name!r} is a {type(module).__name__}; this scheme supports {kinds}")
-        if not bool(torch.isfinite(module.weight).all()):
-            raise UnsupportedModelError(f"layer {name!r} has NaN or infinite weights; they cannot be quantized")
+        check_target(name, module, allowed, "this int8 scheme", already=((INT8_TYPES, "int8-quantized"),))
     return targets
 
 

@@ -16,6 +16,7 @@ from nnopt.lineage import AppliedPass
 from nnopt.quantization import primitives as P
 from nnopt.quantization.modules import COMPUTE_MODES, QUANTIZED_TYPES, QuantizedLinear, _QuantizedWeight
 from nnopt.quantization.registry import register_quantizer
+from nnopt.quantization.targets import check_target
 from nnopt.select import replace_layer, select_layers, validate_patterns
 
 PASS_NAME = "quantize-weights"
@@ -126,16 +127,8 @@ def quantize_weights(model: nn.Module, config: WeightQuantConfig, **context: Any
     targets = select_layers(model, config.layers, default_types=default_types)
     prepared: list[tuple[str, torch.Tensor, _QuantizedWeight]] = []
     for name, module in targets:
-        if isinstance(module, _QuantizedWeight):
-            raise UnsupportedModelError(f"layer {name!r} is already quantized")
-        if type(module) not in QUANTIZED_TYPES:
-            raise UnsupportedModelError(
-                f"layer {name!r} is a {type(module).__name__}; weight quantization supports "
-                + ", ".join(t.__name__ for t in QUANTIZED_TYPES)
-            )
+        check_target(name, module, QUANTIZED_TYPES, "weight quantization", already=((_QuantizedWeight, "quantized"),))
         weight = module.weight.detach()
-        if not bool(torch.isfinite(weight).all()):
-            raise UnsupportedModelError(f"layer {name!r} has NaN or infinite weights; they cannot be quantized")
         plan = _plan(name, weight.shape, config)
         try:
             qmodule = _make_module(module, config, plan)
