@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quantization.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    nnopt.tune_allocator()  # the same process settings for every variant; recorded in env
     warnings.filterwarnings("ignore")
     chosen = [w for w in args.only.split(",") if w]
     unknown = set(chosen) - set(WORKLOADS)
@@ -138,6 +139,9 @@ def minilm_rows(tmp: Path, seconds: float) -> list[dict[str, Any]]:
     variants["nnopt", "int8-dynamic"] = nnopt.quantize(model, nnopt.DynamicQuantConfig())
     variants["nnopt", "int8-dynamic-smooth0.7"] = nnopt.quantize(
         model, nnopt.DynamicQuantConfig(smoothing=0.7), data=calib
+    )
+    variants["nnopt", "int8-dynamic-smooth0.7 bf16-attention"] = nnopt.quantize(
+        model, nnopt.DynamicQuantConfig(smoothing=0.7, attention_dtype="bfloat16"), data=calib
     )
     variants["nnopt", "int8-weight"] = nnopt.quantize(model, nnopt.WeightQuantConfig(bits=8, per_channel=True))
     variants["nnopt", "int4-weight-g32"] = nnopt.quantize(

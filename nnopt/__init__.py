@@ -50,6 +50,7 @@ _EXPORTS = {
     "save_model": "nnopt.io",
     "load_model": "nnopt.io",
     "NnoptError": "nnopt.errors",
+    "tune_allocator": "nnopt.runtime",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -15,7 +15,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     from nnopt.errors import NnoptError
+    from nnopt.runtime import tune_allocator
 
+    tune_allocator()  # the CLI owns its process: keep freed activation memory for reuse (see nnopt.runtime)
     try:
         return handler(args)
     except NnoptError as exc:

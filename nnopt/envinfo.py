@@ -20,5 +20,9 @@ def environment(device: str = "cpu") -> dict[str, object]:
     import torch
 
     from nnopt.io.model_dir import library_versions
+    from nnopt.runtime import runtime_settings
 
-    return {"device": device, "cpu": cpu_model(), "threads": torch.get_num_threads(), **library_versions()}
+    return {
+        "device": device, "cpu": cpu_model(), "threads": torch.get_num_threads(), **library_versions(),
+        **runtime_settings(),
+    }

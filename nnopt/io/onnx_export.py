@@ -59,7 +59,8 @@ def dynamic_int8_linear(module: Any, x: torch.Tensor) -> torch.Tensor:
     bias = module.bias if module.bias is not None else torch.zeros(module.out_features)
     smoothing = _constant(module.input_smoothing) if module.smoothing else None
     weight_t = _constant(module.weight_q.t())  # (in, out) as MatMulInteger wants
-    return _DynamicInt8LinearFn.apply(x, weight_t, _constant(module.weight_step), _constant(bias), smoothing)
+    out = _DynamicInt8LinearFn.apply(x, weight_t, _constant(module.weight_step), _constant(bias), smoothing)
+    return torch.nn.functional.gelu(out) if module.activation == "gelu" else out
 
 
 class _StaticInt8Fn(torch.autograd.Function):

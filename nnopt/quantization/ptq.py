@@ -29,6 +29,7 @@ from nnopt.errors import ConfigError, ModelFormatError, UnsupportedModelError
 from nnopt.lineage import AppliedPass
 from nnopt.quantization import kernels as K
 from nnopt.quantization import primitives as P
+from nnopt.quantization.encoder_fusion import apply_fusions, plan_fusions, shared_groups
 from nnopt.quantization.registry import register_quantizer
 from nnopt.quantization.targets import check_target
 from nnopt.select import replace_layer, select_layers, validate_patterns
@@ -36,6 +37,7 @@ from nnopt.select import replace_layer, select_layers, validate_patterns
 DYNAMIC_PASS = "quantize-int8-dynamic"
 STATIC_PASS = "quantize-int8-static"
 OBSERVER_NAMES = ("minmax", "percentile", "mse")
+OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,9 @@ class DynamicQuantConfig(Config):
     ``calibration_samples`` caps how many inputs it reads. ``layers`` selects Linear layers
     (empty: all of them). ``embeddings`` also stores Embedding tables as int8 rows (a lookup
     dequantizes only the rows it reads), which is most of a transformer encoder's file.
+    ``attention_dtype="bfloat16"`` has a BERT-family encoder's query, key and value projections
+    write bfloat16, so that attention runs in bf16 (AMX/AVX-512 BF16 kernels on x86); the
+    projections themselves stay int8.
     """
 
     kind = "int8-dynamic"
@@ -53,6 +58,7 @@ class DynamicQuantConfig(Config):
     smoothing: float | None = None
     calibration_samples: int = 64
     embeddings: bool = True
+    attention_dtype: str = "float32"
 
     def validate(self) -> None:
         validate_patterns(self.layers)
@@ -60,6 +66,10 @@ class DynamicQuantConfig(Config):
             raise ConfigError(f"DynamicQuantConfig.smoothing must lie in (0, 1], got {self.smoothing}")
         if self.calibration_samples < 1:
             raise ConfigError(f"DynamicQuantConfig.calibration_samples must be >= 1, got {self.calibration_samples}")
+        if self.attention_dtype not in OUTPUT_DTYPES:
+            known = ", ".join(OUTPUT_DTYPES)
+            chosen = self.attention_dtype
+            raise ConfigError(f"DynamicQuantConfig.attention_dtype must be one of {known}, got {chosen!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,33 +135,84 @@ class _Int8Weight(nn.Module):
 
 
 class Int8DynamicLinear(_Int8Weight):
-    """Linear with int8 weights; each call quantizes its input per tensor and runs an int8 GEMM."""
+    """Linear with int8 weights; each call quantizes its input per tensor and runs an int8 GEMM.
+
+    ``activation`` ("none" or "gelu", exact erf form) is applied to the output; oneDNN fuses it
+    into the GEMM's epilogue, as it writes ``output_dtype`` (see
+    :mod:`nnopt.quantization.encoder_fusion`). Any float input is read as float32.
+    """
 
     input_smoothing: torch.Tensor
 
-    def __init__(self, source: nn.Linear, smoothing: bool = False) -> None:
+    def __init__(self, source: nn.Linear, smoothing: bool = False, activation: str = "none") -> None:
         super().__init__()
+        if activation not in K.ONEDNN_ACTIVATIONS:
+            raise ConfigError(f"Int8DynamicLinear activation must be one of {K.ONEDNN_ACTIVATIONS}, got {activation!r}")
         self.in_features, self.out_features = source.in_features, source.out_features
         self._init_weight(source.weight, source.bias)
         if smoothing:  # 1 / s per input channel; a buffer so that it is saved with the codes
             self.register_buffer("input_smoothing", torch.ones(self.in_features))
         self.smoothing = smoothing
+        self.activation = activation
+        self.output_dtype = torch.float32
+        self._onednn = K.OnednnWeightCache()
+        self.shared_input: K.SharedInputCodes | None = None  # set by encoder_fusion for query/key/value
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def refresh(self) -> None:
+        super().refresh()
+        if hasattr(self, "_onednn"):
+            self._onednn.clear()
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``act(x Wᵀ + b)``, plus ``residual`` (same shape as the output) when given."""
         if torch.onnx.is_in_onnx_export():
             from nnopt.io.onnx_export import dynamic_int8_linear
 
-            return dynamic_int8_linear(self, x)
-        if self.smoothing:
-            x = x * self.input_smoothing
-        flat = x.reshape(-1, self.in_features)  # (tokens, in)
-        scale, zero = K.dynamic_qparams(flat)
-        x_q = K.quantize_activation(flat, scale, zero)
-        out = K.int8_linear(x_q, scale, zero, self.weight_q, self.weight_step, self.weight_colsum, self.bias)
+            out = dynamic_int8_linear(self, x)
+            return out if residual is None else out + residual
+        if residual is not None and (residual.dtype != torch.float32 or self.output_dtype != torch.float32):
+            return self.forward(x) + residual
+        if x.dtype != torch.float32 and x.is_floating_point():
+            x = x.float()
+        if x.is_cpu and x.dtype == torch.float32 and x.numel() and K.onednn_int8_available():
+            codes, step, zero = self._input_codes(x)
+            packed, w_zero = self._onednn.get(self.weight_q)
+            flat_residual = None if residual is None else residual.reshape(-1, self.out_features)
+            out = K.onednn_int8_linear(
+                codes, step, zero, packed, self.weight_step, self.bias, self.activation, w_zero, self.output_dtype,
+                flat_residual,
+            )
+        else:
+            if self.smoothing:
+                x = x * self.input_smoothing
+            flat = x.reshape(-1, self.in_features)  # (tokens, in)
+            scale, zero_t = K.dynamic_qparams(flat)
+            x_q = K.quantize_activation(flat, scale, zero_t)
+            out = K.int8_linear(x_q, scale, zero_t, self.weight_q, self.weight_step, self.weight_colsum, self.bias)
+            if self.activation == "gelu":
+                out = torch.nn.functional.gelu(out)
+            out = out.to(self.output_dtype)
+            if residual is not None:
+                out = out + residual.reshape(-1, self.out_features)
         return out.reshape(*x.shape[:-1], self.out_features)
 
+    def _input_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        """uint8 codes of the (smoothed) input, reused from a sibling that read the same tensor."""
+        smoothing = self.input_smoothing if self.smoothing else None
+        shared = self.shared_input
+        if shared is not None and (hit := shared.lookup(x, smoothing)) is not None:
+            return hit
+        smoothed = x if smoothing is None else x * smoothing
+        codes = K.quantize_activation_u8(smoothed.reshape(-1, self.in_features))
+        if shared is not None:
+            shared.store(x, smoothing, codes)
+        return codes
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, smoothing={self.smoothing}"
+        fused = "" if self.activation == "none" else f", activation={self.activation}"
+        if self.output_dtype != torch.float32:
+            fused += f", output_dtype={self.output_dtype}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, smoothing={self.smoothing}{fused}"
 
 
 class Int8Embedding(_Int8Weight):
@@ -363,20 +424,8 @@ def quantize_dynamic(model: nn.Module, config: DynamicQuantConfig, **context: An
     selected = _targets(model, config.layers, allowed)
     tables = [(name, m) for name, m in selected if isinstance(m, nn.Embedding)]
     targets = [(name, m) for name, m in selected if isinstance(m, nn.Linear)]
-    smoothing: dict[str, torch.Tensor] = {}
-    if config.smoothing is not None:
-        if context.get("data") is None:
-            raise ConfigError("DynamicQuantConfig.smoothing needs data=... to calibrate activation ranges")
-        batches = calibration_inputs(context["data"], config.calibration_samples)
-        observed = observe_inputs(model, targets, batches, _ChannelAbsMax)
-        for name, module in targets:
-            act_max = observed[name].value
-            if act_max is None:
-                raise ConfigError(f"layer {name!r} saw no calibration input; is it used by forward()?")
-            w_max = module.weight.detach().abs().amax(dim=0)
-            # s_k = max|x_k|^α / max|W_k|^(1−α); clamped so dead channels do not divide by zero.
-            s = act_max.clamp(min=1e-5) ** config.smoothing / w_max.clamp(min=1e-5) ** (1 - config.smoothing)
-            smoothing[name] = s.clamp(min=1e-5)
+    plan = plan_fusions(model, {name for name, _ in targets}, attention_bf16=config.attention_dtype == "bfloat16")
+    smoothing = _smoothing_vectors(model, targets, config, context.get("data"), shared_groups(plan))
     details: dict[str, Any] = {}
     for name, module in targets:
         qmodule = Int8DynamicLinear(module, smoothing=name in smoothing)
@@ -388,13 +437,44 @@ def quantize_dynamic(model: nn.Module, config: DynamicQuantConfig, **context: An
         error = (qmodule.dequantized_weight() - weight).abs().max()
         replace_layer(model, name, qmodule)
         details[name] = {"shape": list(weight.shape), "smoothing": name in smoothing, "max_abs_error": float(error)}
+    for dense in apply_fusions(model, plan, fold_values=True):
+        details[dense]["smoothing"] = False  # now carried by the value projection's scales
+        details[dense]["smoothing_in_value"] = True
     for name, module in tables:
         table = Int8Embedding(module)
         table.set_weight(module.weight.detach())
         replace_layer(model, name, table)
         error = (table.dequantized_weight() - module.weight.detach()).abs().max()
         details[name] = {"shape": list(module.weight.shape), "embedding": True, "max_abs_error": float(error)}
-    return {"layers": details}
+    return {"layers": details, "fusions": plan}
+
+
+def _smoothing_vectors(
+    model: nn.Module, targets: list[Any], config: DynamicQuantConfig, data: Any, groups: dict[str, list[str]]
+) -> dict[str, torch.Tensor]:
+    """SmoothQuant's s per target Linear: s_k = max|x_k|^α / max|W_·k|^(1−α).
+
+    Linears that share an input (``groups``) get one s from their joint weight range, so that
+    the input is smoothed and quantized once for all of them.
+    """
+    if config.smoothing is None:
+        return {}
+    if data is None:
+        raise ConfigError("DynamicQuantConfig.smoothing needs data=... to calibrate activation ranges")
+    batches = calibration_inputs(data, config.calibration_samples)
+    observed = observe_inputs(model, targets, batches, _ChannelAbsMax)
+    modules = dict(targets)
+    w_max = {name: module.weight.detach().abs().amax(dim=0) for name, module in targets}
+    smoothing = {}
+    for name in modules:
+        act_max = observed[name].value
+        if act_max is None:
+            raise ConfigError(f"layer {name!r} saw no calibration input; is it used by forward()?")
+        joint = torch.stack([w_max[member] for member in groups.get(name, [name])]).amax(dim=0)
+        # clamped so that dead channels do not divide by zero
+        s = act_max.clamp(min=1e-5) ** config.smoothing / joint.clamp(min=1e-5) ** (1 - config.smoothing)
+        smoothing[name] = s.clamp(min=1e-5)
+    return smoothing
 
 
 def quantize_static(model: nn.Module, config: StaticQuantConfig, **context: Any) -> dict[str, Any]:
@@ -426,6 +506,7 @@ def replay_dynamic(model: nn.Module, applied: AppliedPass) -> None:
             continue
         module = _recorded(model, name, nn.Linear)
         replace_layer(model, name, Int8DynamicLinear(module, smoothing=bool(info.get("smoothing"))))
+    apply_fusions(model, applied.details.get("fusions", {}), fold_values=False)
 
 
 def replay_static(model: nn.Module, applied: AppliedPass) -> None:
