@@ -30,6 +30,7 @@ _EXPORTS = {
     "MagnitudePruneConfig": "nnopt.pruning",
     "NMPruneConfig": "nnopt.pruning",
     "GradualPruneConfig": "nnopt.pruning",
+    "StructuredPruneConfig": "nnopt.pruning",
     "finetune": "nnopt.pruning",
     "sparsify": "nnopt.sparse",
     "SparseKernelConfig": "nnopt.sparse",

@@ -67,15 +67,33 @@ def build_parser() -> argparse.ArgumentParser:
     profile.set_defaults(handler=cmd_profile)
 
     prune = commands.add_parser(
-        "prune", help="unstructured pruning of a saved model, saved compressed",
+        "prune", help="unstructured or structured pruning of a saved model",
         description="Prune a saved nnopt model by threshold, sparsity target (uniform, global or LAMP) or "
-        "N:M pattern, optionally gradually with fine-tuning, and save it in the packed format.",
+        "N:M pattern, optionally gradually with fine-tuning, and save it in the packed format; or, with "
+        "--structured, remove whole channels, neurons and attention heads ranked by importance and save a "
+        "smaller dense model.",
     )
     prune.add_argument("path", metavar="PATH", help="an nnopt model directory")
     how = prune.add_mutually_exclusive_group(required=True)
     how.add_argument("--sparsity", type=float, metavar="S", help="fraction of selected weights to zero, in [0, 1)")
     how.add_argument("--threshold", type=float, metavar="T", help="zero weights with |w| < T")
     how.add_argument("--nm", metavar="N:M", help="keep N of every M consecutive input weights, e.g. 2:4")
+    how.add_argument("--structured", action="store_true",
+                     help="remove whole channels/neurons (and heads with --head-ratio); needs --ratio")
+    prune.add_argument("--ratio", type=float, metavar="R",
+                       help="--structured: share of channels (FFN neurons) removed, in [0, 1)")
+    prune.add_argument("--head-ratio", type=float, default=0.0, metavar="H",
+                       help="--structured: share of attention heads removed per encoder layer (default 0)")
+    prune.add_argument("--importance", default="gradient", metavar="NAME",
+                       help="--structured: gradient (sum of |dL/dw| of a channel's weights), taylor, l1, l2 or "
+                       "random (default: gradient)")
+    prune.add_argument("--rounds", type=int, default=1, metavar="K",
+                       help="--structured: prune in K steps, fine-tuning after each (default 1)")
+    prune.add_argument("--finetune-epochs", type=int, default=0, metavar="E",
+                       help="--structured: recovery epochs after each round (default 0)")
+    prune.add_argument("--distill", type=float, default=0.0, metavar="W",
+                       help="--structured: weight in [0, 1] of distillation from the unpruned model during "
+                       "recovery (default 0; sentence encoders recover by distillation only)")
     prune.add_argument("--global", dest="allocation", action="store_const", const="global",
                        help="one magnitude threshold across layers (same as --allocation global)")
     prune.add_argument("--allocation", choices=("uniform", "global", "lamp"), default=None,
@@ -171,6 +189,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     layers = tuple(args.layers)
     allocation = args.allocation or "uniform"
+    if args.structured:
+        return _structured_prune(args, layers, allocation)
+    if args.ratio is not None:
+        raise ConfigError("--ratio applies to --structured pruning; use --sparsity for weight sparsity")
     if args.epochs < 0:
         raise ConfigError(f"--epochs must be >= 0, got {args.epochs}")
     if args.schedule == "gradual":
@@ -192,6 +214,27 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise ConfigError(f"--kernel-batch must be >= 0, got {args.kernel_batch}")
     result = run_prune(args.path, config, args.out, data_name=args.data, finetune_epochs=finetune_epochs,
                        weights_format=args.format, overwrite=args.overwrite, kernel_batch=args.kernel_batch)
+    print(result)
+    print(f"\nwrote {result.out}")
+    return 0
+
+
+def _structured_prune(args: argparse.Namespace, layers: tuple[str, ...], allocation: str) -> int:
+    from nnopt.errors import ConfigError
+    from nnopt.pipeline.prune_run import run_structured_prune
+    from nnopt.pruning import StructuredPruneConfig
+
+    if args.ratio is None:
+        raise ConfigError("--structured needs --ratio R (share of channels to remove, in [0, 1))")
+    if allocation == "lamp" or args.schedule != "oneshot":
+        raise ConfigError("--structured takes --allocation uniform or global, and no --schedule")
+    config = StructuredPruneConfig(
+        ratio=args.ratio, head_ratio=args.head_ratio, importance=args.importance, allocation=allocation,
+        rounds=args.rounds, finetune_epochs=args.finetune_epochs, distill=args.distill, layers=layers,
+    )
+    weights_format = "safetensors" if args.format == "packed" else args.format  # dense result: nothing to pack
+    result = run_structured_prune(args.path, config, args.out, data_name=args.data,
+                                  weights_format=weights_format, overwrite=args.overwrite)
     print(result)
     print(f"\nwrote {result.out}")
     return 0

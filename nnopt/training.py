@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -69,8 +69,11 @@ def train(
     eval_data: Split | None = None,
     callbacks: Sequence[TrainCallback] = (),
     progress: bool | None = None,
+    loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainHistory:
     """Fine-tune ``model`` in place and return its history.
+
+    ``loss(logits, x, y)`` replaces cross-entropy (knowledge distillation uses it to see ``x``).
 
     >>> history = train(model, dataset.train, TrainConfig(epochs=2), eval_data=dataset.test)
     >>> history.eval_accuracy[-1]  # doctest: +SKIP
@@ -90,12 +93,12 @@ def train(
             for x, y in data.batches(config.batch_size, shuffle=True, generator=generator):
                 optimizer.zero_grad(set_to_none=True)
                 logits = model(x)  # (batch, classes)
-                loss = loss_fn(logits, y)
-                loss.backward()
+                value = loss_fn(logits, y) if loss is None else loss(logits, x, y)
+                value.backward()
                 optimizer.step()
                 for callback in callbacks:
                     callback.after_step(model)
-                total_loss += float(loss.detach()) * len(y)
+                total_loss += float(value.detach()) * len(y)
                 correct += int((logits.detach().argmax(-1) == y).sum())
             history.loss.append(total_loss / len(data))
             history.train_accuracy.append(correct / len(data))

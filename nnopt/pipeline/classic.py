@@ -1,9 +1,10 @@
 """The classic example end to end: train SimpleNet, prune with θ, quantize with round(w·S).
 
-The classic four variants (baseline, pruned, quantized, pruned+quantized), then gradual pruning
-and the quantization schemes (static int8 and QAT on int8 kernels, grouped int4 weights, a 4-bit
-k-means codebook) are saved as model directories and measured side by side in one process:
-accuracy on the held-out test split, counts, bytes of the written weights file, and latency.
+The classic four variants (baseline, pruned, quantized, pruned+quantized), then gradual pruning,
+structured pruning (half the hidden neurons removed) and the quantization schemes (static int8
+and QAT on int8 kernels, grouped int4 weights, a 4-bit k-means codebook) are saved as model
+directories and measured side by side in one process: accuracy on the held-out test split,
+counts, bytes of the written weights file, and latency.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from nnopt.lineage import get_lineage
 from nnopt.metrics import Measurement, compare_latency, measure, measurement_rows
 from nnopt.metrics.table import render_table
 from nnopt.models import create_model
-from nnopt.pruning import GradualPruneConfig, ThresholdPruneConfig, prune
+from nnopt.pruning import GradualPruneConfig, StructuredPruneConfig, ThresholdPruneConfig, prune
 from nnopt.quantization import ClusterConfig, QATConfig, StaticQuantConfig, WeightQuantConfig, quantize
 from nnopt.quantization.primitives import QUANT_MAX_BITS, QUANT_MIN_BITS
 from nnopt.sparse import SparseKernelConfig, kernel_summary, sparsify
@@ -125,7 +126,7 @@ METHODS = {
 
 VARIANT_NAMES = (
     "baseline", "pruned", "quantized", "pruned+quantized", "gradual", "gradual+quantized",
-    "int8-static", "qat-int8", "int4-weight-g32", "cluster-4bit",
+    "int8-static", "qat-int8", "int4-weight-g32", "structured-50", "cluster-4bit",
 )
 
 
@@ -191,6 +192,10 @@ def run_classic(config: ClassicConfig, out_dir: str | Path, progress: bool | Non
                             "int4 codes (two per byte), one scale per 32 inputs; int4 weight-only kernel with bf16 "
                             "activations where torch has one, else dequantized per call",
                             "safetensors"),
+        "structured-50": (prune(model, StructuredPruneConfig(ratio=0.5, finetune_epochs=3, seed=config.seed),
+                                data=dataset.train),
+                          "fp32 dense, half the hidden neurons removed (gradient importance Σ|∂L/∂w|, 3 epochs "
+                          "of recovery): a smaller dense model", "safetensors"),
         "cluster-4bit": (quantize(model, ClusterConfig(bits=4, finetune_epochs=2, seed=config.seed),
                                   data=dataset.train, progress=progress),
                          "fp32 dense; 16-centroid codebook gathered per call (centroids fine-tuned 2 epochs)",

@@ -77,3 +77,98 @@ def run_prune(
         rows.insert(0, ("accuracy", round(accuracy(model, dataset.test), 4), round(metrics["accuracy"], 4)))
     return PruneRun(method=config.kind, rows=tuple(rows), out=out, kernels=kernels)
 
+
+
+def run_structured_prune(
+    path: str | Path,
+    config: Config,
+    out: str | Path,
+    data_name: str | None = None,
+    weights_format: str = "safetensors",
+    overwrite: bool = False,
+) -> PruneRun:
+    """Structured pruning of ``path`` into ``out``: a smaller dense model, measured before/after.
+
+    Classifiers read ``data_name`` (gradients, recovery, accuracy); a sentence encoder uses the
+    bundled sentences (calibration part) for gradients and recovery, and reports the cosine of its
+    embeddings to the original's on the evaluation part.
+    """
+    from nnopt.metrics.speed import compare_latency
+    from nnopt.models.hf_encoder import SentenceEncoder
+
+    out = Path(out)
+    run = open_run(path, out, weights_format, overwrite, data_name)
+    model, dataset = run.model, run.dataset
+    encoder = isinstance(model, SentenceEncoder)
+    from nnopt.pruning.structured import NEEDS_GRADIENTS
+
+    reasons = ([f"importance {config.importance!r}"] if config.importance in NEEDS_GRADIENTS else []) + (
+        ["fine-tuning"] if config.finetune_epochs else [])
+    if reasons and not encoder and dataset is None:
+        raise ConfigError(f"{' and '.join(reasons)} need{'s' if len(reasons) == 1 else ''} data: add --data digits")
+    data = _sentence_batches() if encoder else (dataset.train if dataset else None)
+    pruned = prune(model, config, data=data)
+    metrics: dict[str, Any] = {}
+    rows: list[Row] = []
+    if encoder:
+        cosine = _encoder_fidelity(model, pruned)
+        metrics["cosine_mean"] = cosine.cosine_mean
+        rows.append(("embedding cosine to the input (mean / min)", "1 / 1",
+                     f"{cosine.cosine_mean:.4f} / {cosine.cosine_min:.4f}"))
+    elif dataset is not None:
+        metrics["accuracy"] = accuracy(pruned, dataset.test)
+        rows.append(("accuracy", round(accuracy(model, dataset.test), 4), round(metrics["accuracy"], 4)))
+    before, after = profile_model(model), profile_model(pruned)
+    saved = save_model(pruned, out, metrics=metrics, inputs=[path], overwrite=overwrite,
+                       weights_format=weights_format)
+    rows += [("parameters", before.params, after.params), ("MACs per example", before.macs, after.macs)]
+    if encoder:
+        timing = _encoder_latency(model, pruned)
+    else:
+        stats = compare_latency({"before": model, "after": pruned}, model.input_shape, (1, 32), min_seconds=1.0)
+        timing = {b: (stats["before"].at(b).median_ms, stats["after"].at(b).median_ms) for b in (1, 32)}
+    for batch, (old, new) in timing.items():
+        rows.append((f"latency batch {batch}, ms (measured)", round(old, 3), round(new, 3)))
+    rows += size_rows(run.meta, saved)
+    groups = get_lineage(pruned).applied[-1].details["groups"]
+    widths = ", ".join(f"{name} {g['before']}→{g['after']}" for name, g in list(groups.items())[:8])
+    return PruneRun(method=f"{config.kind} ({config.importance})", rows=tuple(rows), out=out,
+                    kernels=f"groups: {widths}{' …' if len(groups) > 8 else ''}; latency: dense kernels, median of "
+                    "alternated calls")
+
+
+def _sentence_batches() -> list[dict[str, Any]]:
+    from nnopt.models.hf_encoder import encode_batch
+    from nnopt.text import load_sentences
+
+    calibration = load_sentences()[240:]
+    return [dict(encode_batch(calibration[i : i + 17], pad_to_max_length=False)) for i in (0, 17)]
+
+
+def _encoder_fidelity(model: nn.Module, pruned: nn.Module) -> Any:
+    import torch
+
+    from nnopt.models.hf_encoder import embed_sentences
+    from nnopt.text import embedding_fidelity, load_sentences
+
+    evaluation = load_sentences()[:240]
+    with torch.inference_mode():
+        return embedding_fidelity(embed_sentences(model, evaluation), embed_sentences(pruned, evaluation))
+
+
+def _encoder_latency(model: nn.Module, pruned: nn.Module) -> dict[int, tuple[float, float]]:
+    import functools
+
+    import torch
+
+    from nnopt.metrics.speed import compare_calls
+
+    timing = {}
+    for batch in (1, 32):
+        inputs = model.example_inputs(batch, torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            stats = compare_calls({"before": functools.partial(model, **inputs),
+                                   "after": functools.partial(pruned, **inputs)}, batch=batch, warmup=2,
+                                  min_calls=3, min_seconds=1.0, rounds=3)
+        timing[batch] = (stats["before"].median_ms, stats["after"].median_ms)
+    return timing

@@ -25,11 +25,18 @@ from nnopt.pruning.magnitude import (
 from nnopt.pruning.masks import MaskKeeper
 from nnopt.pruning.nm import NM_PASS, NMPruneConfig, prune_nm
 from nnopt.pruning.schedule import GRADUAL_PASS, GradualPruneConfig, prune_gradual
+from nnopt.pruning.structured import (
+    STRUCTURED_PASS,
+    StructuredPruneConfig,
+    prune_structured,
+    register_importance,
+    replay_structured,
+)
 from nnopt.training import TrainConfig, TrainHistory, train
 
 __all__ = [
-    "GradualPruneConfig", "MagnitudePruneConfig", "MaskKeeper", "NMPruneConfig", "ThresholdPruneConfig",
-    "finetune", "prune",
+    "GradualPruneConfig", "MagnitudePruneConfig", "MaskKeeper", "NMPruneConfig", "StructuredPruneConfig",
+    "ThresholdPruneConfig", "finetune", "prune", "register_importance",
 ]
 
 _PRUNERS: dict[type, tuple[str, Apply]] = {
@@ -40,22 +47,27 @@ _PRUNERS: dict[type, tuple[str, Apply]] = {
 }
 for _name, _ in _PRUNERS.values():
     register_pass(_name)  # values only: nothing to replay on load
+_PRUNERS[StructuredPruneConfig] = (STRUCTURED_PASS, prune_structured)
+register_pass(STRUCTURED_PASS, replay_structured)  # layers change shape: re-create them on load
 
 
 def prune(
     model: Any,
     config: Config = ThresholdPruneConfig(),
-    data: Split | None = None,
+    data: Split | Any | None = None,
     eval_data: Split | None = None,
     inplace: bool = False,
     progress: bool | None = None,
 ) -> nn.Module:
     """Prune ``model`` as ``config`` says and return the result (a copy unless ``inplace``).
 
-    ``data`` is needed by configs that fine-tune (gradual pruning).
+    ``data`` is needed by configs that fine-tune (gradual pruning) or read gradients (structured
+    pruning with the ``gradient`` or ``taylor`` criterion); for a sentence encoder it is a list of
+    token batches (dicts of ``input_ids`` and ``attention_mask``).
 
     >>> pruned = prune(model, MagnitudePruneConfig(sparsity=0.9, allocation="global"))
     >>> pruned = prune(model, GradualPruneConfig(final_sparsity=0.9), data=dataset.train)
+    >>> smaller = prune(model, StructuredPruneConfig(ratio=0.5, importance="gradient"), data=dataset.train)
     """
     return run_verb("pruning", _PRUNERS, model, config, inplace, data=data, eval_data=eval_data, progress=progress)
 

@@ -14,7 +14,7 @@ from nnopt.cli import main
 
 VARIANTS = (
     "baseline", "pruned", "quantized", "pruned+quantized", "gradual", "gradual+quantized",
-    "int8-static", "qat-int8", "int4-weight-g32", "cluster-4bit",
+    "int8-static", "qat-int8", "int4-weight-g32", "structured-50", "cluster-4bit",
 )
 
 
@@ -53,6 +53,10 @@ def test_demo_writes_report_and_variants(demo_dir):
     assert rows["int4-weight-g32"]["accuracy"] >= base["accuracy"] - 0.01
     assert rows["int4-weight-g32"]["file_bytes"] < rows["quantized"]["file_bytes"]  # two codes per byte
     assert rows["cluster-4bit"]["accuracy"] >= base["accuracy"] - 0.015
+    structured = rows["structured-50"]  # physically smaller: fewer parameters and MACs, not zeros
+    assert structured["params"] < 0.6 * base["params"] and structured["macs"] < 0.6 * base["macs"]
+    assert structured["nonzeros"] == pytest.approx(structured["params"], rel=0.05)
+    assert structured["accuracy"] >= base["accuracy"] - 0.03
     assert "int8 × int8 GEMM" in rows["int8-static"]["compute"]
     md = (demo_dir / "report.md").read_text()
     assert "| pruned+quantized |" in md and "measured" in md

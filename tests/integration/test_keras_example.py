@@ -118,3 +118,23 @@ def test_unbuilt_model_is_refused():
     km = keras.Sequential([keras.layers.Dense(10)])
     with pytest.raises(UnsupportedModelError, match="call it on data first"):
         nnopt.from_keras(km)
+
+
+def test_structured_pruning_of_the_keras_simplenet(digits, tmp_path):
+    km = _mlp(
+        keras.layers.Dense(64, activation="relu"),
+        keras.layers.Dense(32, activation="relu"),
+        keras.layers.Dense(10, activation="softmax"),
+    )
+    model = nnopt.from_keras(km, sample=digits.test.x)
+    nnopt.train(model, digits.train, nnopt.TrainConfig(epochs=5), progress=False)
+    config = nnopt.StructuredPruneConfig(ratio=0.5, importance="gradient", finetune_epochs=3)
+    small = nnopt.prune(model, config, data=digits.train)
+    widths = [m.out_features for m in small.modules() if isinstance(m, torch.nn.Linear)]
+    assert widths == [32, 16, 10]  # hidden layers halved, the 10 outputs kept
+    nnopt.save_model(small, tmp_path / "small")
+    reloaded = nnopt.load_model(tmp_path / "small")
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded(digits.test.x), small(digits.test.x), rtol=0, atol=0)
+        accuracy = (small(digits.test.x).argmax(-1) == digits.test.y).float().mean()
+    assert accuracy > 0.85

@@ -1,0 +1,286 @@
+"""Structured pruning: remove whole channels, neurons and attention heads; the result is a
+smaller dense model that ordinary kernels run faster.
+
+Three separate parts (DESIGN.md): :mod:`.groups` finds which channels are coupled,
+:mod:`.importance` scores each channel, :mod:`.surgery` cuts each layer type. This module holds
+the config and the pass: allocation (uniform or global), iterative rounds of prune → fine-tune,
+and optional knowledge distillation from the unpruned model during recovery.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnopt.config import Config
+from nnopt.data import Split
+from nnopt.errors import ConfigError, SelectionError
+from nnopt.lineage import AppliedPass
+from nnopt.pruning.structured.groups import ChannelGroup, channel_groups, is_bert_encoder
+from nnopt.pruning.structured.importance import (
+    IMPORTANCE,
+    NEEDS_GRADIENTS,
+    Gradients,
+    ImportanceInputs,
+    accumulate_gradients,
+    check_importance,
+    register_importance,
+    score,
+)
+from nnopt.pruning.structured.surgery import mask_channels, remove_channels, resize_layers
+from nnopt.select import select_layers, validate_patterns
+
+STRUCTURED_PASS = "prune-structured"
+ALLOCATIONS = ("uniform", "global")
+
+__all__ = [
+    "IMPORTANCE", "NEEDS_GRADIENTS", "STRUCTURED_PASS", "ChannelGroup", "Gradients", "StructuredPruneConfig",
+    "channel_groups", "mask_channels", "prune_structured", "register_importance", "remove_channels",
+    "replay_structured",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredPruneConfig(Config):
+    """Remove ``ratio`` of the channels (neurons) of every prunable group, ranked by ``importance``.
+
+    ``allocation``: ``uniform`` (the same ratio in every group) or ``global`` (one ranking across
+    groups, scores normalized by each group's mean, ``ratio`` of all channels overall; every group
+    keeps at least ``min_channels``). ``head_ratio``: share of attention heads removed per layer
+    of a transformer encoder (its FFN neurons follow ``ratio``). ``batches``: mini-batches whose
+    gradients the ``gradient`` and ``taylor`` criteria accumulate. ``rounds`` > 1 prunes
+    step by step, fine-tuning ``finetune_epochs`` after each round (needs ``data``); ``distill``
+    in (0, 1] mixes in knowledge distillation from the unpruned model at ``temperature``.
+    ``layers`` limits pruning to groups whose producing layer matches.
+    """
+
+    kind = "prune-structured"
+    ratio: float = 0.5
+    head_ratio: float = 0.0
+    importance: str = "gradient"
+    allocation: str = "uniform"
+    batches: int = 8
+    batch_size: int = 32
+    rounds: int = 1
+    finetune_epochs: int = 0
+    lr: float = 1e-3
+    distill: float = 0.0
+    temperature: float = 4.0
+    min_channels: int = 1
+    seed: int = 0
+    layers: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        for field, value in (("ratio", self.ratio), ("head_ratio", self.head_ratio)):
+            if not (isinstance(value, int | float) and math.isfinite(value) and 0.0 <= value < 1.0):
+                raise ConfigError(f"StructuredPruneConfig.{field} must lie in [0, 1), got {value!r}")
+        check_importance(self.importance)
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"StructuredPruneConfig.allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        for field in ("batches", "batch_size", "rounds", "min_channels"):
+            if getattr(self, field) < 1:
+                raise ConfigError(f"StructuredPruneConfig.{field} must be >= 1, got {getattr(self, field)}")
+        if self.finetune_epochs < 0:
+            raise ConfigError(f"StructuredPruneConfig.finetune_epochs must be >= 0, got {self.finetune_epochs}")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ConfigError(f"StructuredPruneConfig.distill must lie in [0, 1], got {self.distill}")
+        if not (self.temperature > 0 and self.lr > 0):
+            raise ConfigError("StructuredPruneConfig.temperature and lr must be > 0")
+        validate_patterns(self.layers)
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+def prune_structured(model: nn.Module, config: StructuredPruneConfig, **context: Any) -> dict[str, Any]:
+    """Prune ``model`` in place; returns the record (new layer shapes, group sizes, criterion)."""
+    data = context.get("data")
+    example = context.get("example")
+    if example is None:
+        example = _example_input(model, data)
+    teacher = copy.deepcopy(model).eval() if config.distill > 0 else None
+    needs_data = config.importance in NEEDS_GRADIENTS or config.finetune_epochs > 0
+    if needs_data and data is None:
+        raise ConfigError(
+            f"structured pruning with importance {config.importance!r}"
+            f"{' and fine-tuning' if config.finetune_epochs else ''} needs data=..."
+        )
+    groups = _selected(model, channel_groups(model, example), config.layers)
+    original = {g.name: g.size for g in groups}
+    shapes: dict[str, dict[str, Any]] = {}
+    history = []
+    for round_index in range(1, config.rounds + 1):
+        groups = _selected(model, channel_groups(model, example), config.layers)
+        gradients = None
+        if config.importance in NEEDS_GRADIENTS:
+            gradients = accumulate_gradients(model, _batches(data, config), _task_loss, config.batches)
+        scores = {g.name: score(config.importance, ImportanceInputs(model, g, gradients, config.seed)) for g in groups}
+        removed = _allocate(groups, scores, original, config, round_index / config.rounds)
+        shapes.update(remove_channels(model, groups, removed))
+        entry: dict[str, Any] = {"round": round_index, "removed": sum(int(r.numel()) for r in removed.values())}
+        if config.finetune_epochs > 0:
+            entry["finetune_loss"] = _recover(model, teacher, data, config)
+        history.append(entry)
+    model.eval()
+    final = {g.name: g.size for g in _selected(model, channel_groups(model, example), config.layers)}
+    return {
+        "shapes": shapes,
+        "groups": {name: {"before": original[name], "after": final.get(name, original[name])} for name in original},
+        "importance": config.importance,
+        "rounds": history,
+    }
+
+
+def replay_structured(model: nn.Module, applied: AppliedPass) -> None:
+    resize_layers(model, applied.details.get("shapes", {}))
+
+
+def _example_input(model: nn.Module, data: Any) -> Any:
+    if is_bert_encoder(model):
+        return None
+    if isinstance(data, Split):
+        return data.x[:2]
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        raise ConfigError("structured pruning needs data=... or a model with an input_shape to trace it")
+    return torch.zeros(2, *shape)
+
+
+def _selected(model: nn.Module, groups: list[ChannelGroup], patterns: tuple[str, ...]) -> list[ChannelGroup]:
+    prunable = [g for g in groups if g.prunable]
+    if patterns:
+        names = {name for name, _ in select_layers(model, patterns)}
+        prunable = [g for g in prunable if any(m.role == "out" and m.module in names for m in g.members)]
+    if not prunable:
+        reasons = sorted({g.frozen for g in groups if g.frozen})
+        raise SelectionError(
+            "no prunable channel group" + (" among the selected layers" if patterns else "")
+            + (f"; frozen because: {'; '.join(reasons[:5])}" if reasons else "")
+        )
+    return prunable
+
+
+def _allocate(
+    groups: list[ChannelGroup], scores: dict[str, torch.Tensor], original: dict[str, int],
+    config: StructuredPruneConfig, progress: float,
+) -> dict[str, torch.Tensor]:
+    """Channels to remove per group this round, so that the cumulative share reaches the target."""
+    removed: dict[str, torch.Tensor] = {}
+    targets = {}
+    for g in groups:
+        ratio = (config.head_ratio if g.kind == "head" else config.ratio) * progress
+        keep = max(config.min_channels, original[g.name] - round(ratio * original[g.name]))
+        targets[g.name] = max(0, g.size - keep)
+    global_groups = [g for g in groups if g.kind != "head"] if config.allocation == "global" else []
+    for g in groups:
+        if g in global_groups:
+            continue
+        removed[g.name] = torch.argsort(scores[g.name], stable=True)[: targets[g.name]].sort().values
+    if global_groups:
+        removed.update(_allocate_global(global_groups, scores, sum(targets[g.name] for g in global_groups), config))
+    return removed
+
+
+def _allocate_global(
+    groups: list[ChannelGroup], scores: dict[str, torch.Tensor], total: int, config: StructuredPruneConfig
+) -> dict[str, torch.Tensor]:
+    entries = []
+    for g in groups:
+        normalized = scores[g.name] / scores[g.name].mean().clamp(min=1e-30)
+        entries += [(float(v), g.name, c) for c, v in enumerate(normalized)]
+    entries.sort(key=lambda e: e[0])
+    left = {g.name: g.size for g in groups}
+    chosen: dict[str, list[int]] = {g.name: [] for g in groups}
+    for _, name, channel in entries:
+        if total <= 0:
+            break
+        if left[name] > config.min_channels:
+            chosen[name].append(channel)
+            left[name] -= 1
+            total -= 1
+    return {name: torch.tensor(sorted(channels), dtype=torch.int64) for name, channels in chosen.items()}
+
+
+# --------------------------------------------------------------------------- losses and recovery
+
+
+def _batches(data: Any, config: StructuredPruneConfig) -> Iterable[Any]:
+    if isinstance(data, Split):
+        generator = torch.Generator().manual_seed(config.seed)
+        return data.batches(config.batch_size, shuffle=True, generator=generator)
+    if isinstance(data, dict):
+        return [data]
+    return data
+
+
+def _task_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Cross-entropy for (x, y) batches; for token batches of a sentence encoder (no labels), the
+    unsupervised SimCSE loss: two dropout views of each sentence should match each other."""
+    if isinstance(batch, tuple | list) and len(batch) == 2:
+        model.eval()  # importance of the trained network as it runs (BatchNorm statistics fixed)
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+    if isinstance(batch, dict):
+        model.train()  # dropout makes the two views differ
+        first, second = model(**batch), model(**batch)  # (n, dim) each
+        similarity = first @ second.t() / 0.05
+        return F.cross_entropy(similarity, torch.arange(similarity.shape[0]))
+    raise ConfigError(f"structured pruning cannot compute a loss on batches of type {type(batch).__name__}")
+
+
+def _recover(model: nn.Module, teacher: nn.Module | None, data: Any, config: StructuredPruneConfig) -> float:
+    """Fine-tune after a round: cross-entropy (mixed with distillation if asked) or, for
+    sentence encoders, cosine distillation to the unpruned model's embeddings."""
+    if isinstance(data, Split):
+        from nnopt.training import TrainConfig, train
+
+        loss = None if teacher is None else _distillation_loss(teacher, config.distill, config.temperature)
+        history = train(
+            model, data, TrainConfig(epochs=config.finetune_epochs, batch_size=config.batch_size, lr=config.lr,
+                                     seed=config.seed), loss=loss, progress=False,
+        )
+        return float(history.loss[-1])
+    reference = teacher if teacher is not None else None
+    if reference is None:
+        raise ConfigError("fine-tuning a pruned sentence encoder distills from the original: set distill > 0")
+    return _distill_encoder(model, reference, list(_batches(data, config)), config)
+
+
+def _distillation_loss(
+    teacher: nn.Module, weight: float, temperature: float
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            soft = F.softmax(teacher(x) / temperature, dim=-1)
+        kd = F.kl_div(F.log_softmax(logits / temperature, dim=-1), soft, reduction="batchmean") * temperature**2
+        return (1 - weight) * F.cross_entropy(logits, y) + weight * kd
+
+    return loss
+
+
+def _distill_encoder(
+    model: nn.Module, teacher: nn.Module, batches: list[Any], config: StructuredPruneConfig
+) -> float:
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    torch.manual_seed(config.seed)
+    last = 0.0
+    model.train()
+    for _ in range(config.finetune_epochs):
+        for batch in batches:
+            with torch.no_grad():
+                target = teacher(**batch)
+            loss = (1 - F.cosine_similarity(model(**batch), target, dim=-1)).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            last = float(loss.detach())
+    model.eval()
+    return last
+
