@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +47,43 @@ def write_results(
               + ("Latency measured side by side in one process (variants alternated). " if timed else "")
               + "Accuracy on the held-out test split; file bytes of the written file (measured).\n\n")
     atomic_write_bytes(out.with_suffix(".md"), (header + table + "\n").encode())
+
+
+def parse_args(
+    doc: str, name: str, workloads: Sequence[str], quick_help: str, extra: Sequence[tuple[tuple[str, ...], dict]] = (),
+) -> tuple[argparse.Namespace, list[str]]:
+    """The options every benchmark shares (--quick, --threads, --only, --out, plus ``extra``), applied:
+    torch threads set, nnopt's allocator tuning on (the same for every variant; recorded in env)."""
+    import torch
+
+    import nnopt
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--threads", type=int, default=2, help="threads for timing")
+    for flags, options in extra:
+        parser.add_argument(*flags, **options)
+    parser.add_argument("--only", default=",".join(workloads), help="comma-separated workloads")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / f"{name}.json")
+    args = parser.parse_args()
+    chosen = [w for w in args.only.split(",") if w]
+    unknown = set(chosen) - set(workloads)
+    if unknown:
+        raise SystemExit(f"unknown workloads: {sorted(unknown)}; known: {', '.join(workloads)}")
+    torch.set_num_threads(args.threads)
+    nnopt.tune_allocator()
+    warnings.filterwarnings("ignore")
+    return args, chosen
+
+
+def minilm_timing_inputs(batch: int) -> dict[str, Any]:
+    """``batch`` sequences of exactly 128 real tokens (no padding): windows of the bundled corpus."""
+    from nnopt.models.hf_encoder import encode_batch
+    from nnopt.text import load_sentences
+
+    words = " ".join(load_sentences()).split()
+    step = len(words) // 32  # 32 windows of running text, each long enough to fill 128 tokens
+    sequences = [" ".join((words * 2)[i * step : i * step + 200]) for i in range(32)]
+    inputs = dict(encode_batch(sequences[:batch], max_length=128, pad_to_max_length=True))
+    assert int(inputs["attention_mask"].sum()) == 128 * batch, "every timed sequence is 128 real tokens"
+    return inputs

@@ -21,20 +21,18 @@ directory weights, .onnx, or torch.save of a torch-quantized state dict).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import io
 import os
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import row, write_results  # noqa: I001  (benchmarks/ is run as a script directory)
+from _common import minilm_timing_inputs, parse_args, row, write_results  # noqa: I001  (benchmarks/ is run as a script directory)
 from torch import nn
 
 import nnopt
@@ -46,19 +44,7 @@ EXTRA = ("cosine_mean", "cosine_min", "argmax_agreement", "max_abs_diff_vs_nnopt
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="shorter timing; still every tool")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated workloads")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quantization.json")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    nnopt.tune_allocator()  # the same process settings for every variant; recorded in env
-    warnings.filterwarnings("ignore")
-    chosen = [w for w in args.only.split(",") if w]
-    unknown = set(chosen) - set(WORKLOADS)
-    if unknown:
-        raise SystemExit(f"unknown workloads: {sorted(unknown)}; known: {', '.join(WORKLOADS)}")
+    args, chosen = parse_args(__doc__, "quantization", WORKLOADS, "shorter timing; still every tool")
     seconds = 1.0 if args.quick else 3.0
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -178,13 +164,9 @@ def minilm_rows(tmp: Path, seconds: float) -> list[dict[str, Any]]:
     for key, path in ort_models.items():
         extra[key]["file_bytes"] = path.stat().st_size
 
-    words = " ".join(sentences).split()
-    step = len(words) // 32  # 32 windows of running text, each long enough to fill 128 tokens
-    sequences = [" ".join((words * 2)[i * step : i * step + 200]) for i in range(32)]
     rows = []
     for batch in (1, 32):
-        inputs = dict(encode_batch(sequences[:batch], max_length=128, pad_to_max_length=True))
-        assert int(inputs["attention_mask"].sum()) == 128 * batch, "every timed sequence is 128 real tokens"
+        inputs = minilm_timing_inputs(batch)
         calls: dict[tuple[str, str], Callable[[], object]] = {
             key: functools.partial(module, **inputs) for key, module in variants.items()
         }

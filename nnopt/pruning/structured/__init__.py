@@ -42,8 +42,8 @@ ALLOCATIONS = ("uniform", "global")
 
 __all__ = [
     "IMPORTANCE", "NEEDS_GRADIENTS", "STRUCTURED_PASS", "ChannelGroup", "Gradients", "StructuredPruneConfig",
-    "channel_groups", "mask_channels", "prune_structured", "register_importance", "remove_channels",
-    "replay_structured",
+    "channel_groups", "distillation_loss", "mask_channels", "prune_structured", "register_importance",
+    "remove_channels", "replay_structured",
 ]
 
 
@@ -58,7 +58,9 @@ class StructuredPruneConfig(Config):
     gradients the ``gradient`` and ``taylor`` criteria accumulate. ``rounds`` > 1 prunes
     step by step, fine-tuning ``finetune_epochs`` after each round (needs ``data``); ``distill``
     in (0, 1] mixes in knowledge distillation from the unpruned model at ``temperature``.
-    ``layers`` limits pruning to groups whose producing layer matches.
+    ``layers`` limits pruning to groups whose producing layer matches. ``lr`` (recovery) defaults to
+    1e-3 for classifiers and 1e-4 for sentence encoders (1e-3 measured worse than no recovery on
+    MiniLM: cosine 0.821 → 0.715; 1e-4 lifts it to 0.860).
     """
 
     kind = "prune-structured"
@@ -70,7 +72,7 @@ class StructuredPruneConfig(Config):
     batch_size: int = 32
     rounds: int = 1
     finetune_epochs: int = 0
-    lr: float = 1e-3
+    lr: float | None = None
     distill: float = 0.0
     temperature: float = 4.0
     min_channels: int = 1
@@ -91,7 +93,7 @@ class StructuredPruneConfig(Config):
             raise ConfigError(f"StructuredPruneConfig.finetune_epochs must be >= 0, got {self.finetune_epochs}")
         if not 0.0 <= self.distill <= 1.0:
             raise ConfigError(f"StructuredPruneConfig.distill must lie in [0, 1], got {self.distill}")
-        if not (self.temperature > 0 and self.lr > 0):
+        if not (self.temperature > 0 and (self.lr is None or self.lr > 0)):
             raise ConfigError("StructuredPruneConfig.temperature and lr must be > 0")
         validate_patterns(self.layers)
 
@@ -120,7 +122,7 @@ def prune_structured(model: nn.Module, config: StructuredPruneConfig, **context:
         groups = _selected(model, channel_groups(model, example), config.layers)
         gradients = None
         if config.importance in NEEDS_GRADIENTS:
-            gradients = accumulate_gradients(model, _batches(data, config), _task_loss, config.batches)
+            gradients = accumulate_gradients(model, _batches(data, config), _task_loss, config.batches, groups)
         scores = {g.name: score(config.importance, ImportanceInputs(model, g, gradients, config.seed)) for g in groups}
         removed = _allocate(groups, scores, original, config, round_index / config.rounds)
         shapes.update(remove_channels(model, groups, removed))
@@ -184,7 +186,11 @@ def _allocate(
             continue
         removed[g.name] = torch.argsort(scores[g.name], stable=True)[: targets[g.name]].sort().values
     if global_groups:
-        removed.update(_allocate_global(global_groups, scores, sum(targets[g.name] for g in global_groups), config))
+        # the cumulative target over all global groups, less what earlier rounds already removed
+        total_original = sum(original[g.name] for g in global_groups)
+        done = sum(original[g.name] - g.size for g in global_groups)
+        total = max(0, round(config.ratio * progress * total_original) - done)
+        removed.update(_allocate_global(global_groups, scores, total, config))
     return removed
 
 
@@ -241,9 +247,9 @@ def _recover(model: nn.Module, teacher: nn.Module | None, data: Any, config: Str
     if isinstance(data, Split):
         from nnopt.training import TrainConfig, train
 
-        loss = None if teacher is None else _distillation_loss(teacher, config.distill, config.temperature)
+        loss = None if teacher is None else distillation_loss(teacher, config.distill, config.temperature)
         history = train(
-            model, data, TrainConfig(epochs=config.finetune_epochs, batch_size=config.batch_size, lr=config.lr,
+            model, data, TrainConfig(epochs=config.finetune_epochs, batch_size=config.batch_size, lr=config.lr or 1e-3,
                                      seed=config.seed), loss=loss, progress=False,
         )
         return float(history.loss[-1])
@@ -253,9 +259,12 @@ def _recover(model: nn.Module, teacher: nn.Module | None, data: Any, config: Str
     return _distill_encoder(model, reference, list(_batches(data, config)), config)
 
 
-def _distillation_loss(
+def distillation_loss(
     teacher: nn.Module, weight: float, temperature: float
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``loss(logits, x, y)`` for :func:`nnopt.train`: (1 − weight)·cross-entropy + weight·T²·KL of
+    the softened outputs of ``teacher`` (Hinton et al., 2015)."""
+
     def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             soft = F.softmax(teacher(x) / temperature, dim=-1)
@@ -268,7 +277,7 @@ def _distillation_loss(
 def _distill_encoder(
     model: nn.Module, teacher: nn.Module, batches: list[Any], config: StructuredPruneConfig
 ) -> float:
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr or 1e-4)
     torch.manual_seed(config.seed)
     last = 0.0
     model.train()

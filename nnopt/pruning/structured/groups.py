@@ -19,6 +19,7 @@ channels (LayerNorm, softmax over channels), where removing one channel changes 
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from typing import Any
 
@@ -216,9 +217,10 @@ def _visit(node: Any, modules: dict[str, nn.Module], spaces: _Spaces, layouts: d
     if node.op == "call_module":
         module = modules[node.target]
         if isinstance(module, PRUNABLE_LAYERS) and type(module) in PRUNABLE_LAYERS:
-            if isinstance(module, nn.Conv2d) and module.groups != 1:
-                _freeze_all(first, spaces, f"grouped convolution {node.target}")
-                return _fresh(node, spaces, f"grouped convolution {node.target}")
+            reason = _layer_refusal(node, module)
+            if reason:  # channels are not on dim 1 (a Linear on a feature map) or are mixed in groups
+                _freeze_all(first, spaces, reason)
+                return _fresh(node, spaces, reason)
             if first is not None:
                 _members(first, spaces, node.target, "in")
             space = spaces.new(module.weight.shape[0], node.target)
@@ -251,12 +253,24 @@ def _visit(node: Any, modules: dict[str, nn.Module], spaces: _Spaces, layouts: d
         return None
     if node.op == "call_method" and target in ("reshape", "view") and first is not None:
         in_shape, out_shape = _shape(node.all_input_nodes[0]), _shape(node)
-        if in_shape is not None and out_shape is not None and len(out_shape) == 2 and len(in_shape) == 4:
+        if (in_shape is not None and out_shape is not None and len(out_shape) == 2 and len(in_shape) == 4
+                and out_shape[0] == in_shape[0]):
             return _flatten(node, first, spaces, 1, -1)
         if in_shape == out_shape:
             return first
     label = getattr(target, "__name__", str(target))
     return _unknown(node, inputs, spaces, f"operation {label} ({node.name})")
+
+
+def _layer_refusal(node: Any, module: nn.Module) -> str:
+    """Why a Linear/Conv2d's channels cannot be followed ("" when they can)."""
+    shape = _shape(node.all_input_nodes[0]) if node.all_input_nodes else None
+    wanted = 2 if isinstance(module, nn.Linear) else 4
+    if shape is None or len(shape) != wanted:
+        return f"{type(module).__name__} {node.target} on a {len(shape) if shape else '?'}-D input"
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return f"grouped convolution {node.target}"
+    return ""
 
 
 def _unknown(node: Any, inputs: list[list[_Segment]], spaces: _Spaces, what: str) -> Any:
@@ -267,7 +281,10 @@ def _unknown(node: Any, inputs: list[list[_Segment]], spaces: _Spaces, what: str
 
 
 def _elementwise(node: Any, inputs: list[list[_Segment]], spaces: _Spaces) -> Any:
-    if len(inputs) == 1:  # with a scalar or a constant: channels keep their places
+    untracked = [arg for arg in node.all_input_nodes if _shape(arg) and math.prod(_shape(arg)) > 1]
+    if len(untracked) > len(inputs):  # a parameter or buffer tensor: it has one entry per channel
+        return _unknown(node, inputs, spaces, f"element-wise {node.name} with a parameter tensor")
+    if len(inputs) == 1:  # with a scalar: channels keep their places
         return inputs[0]
     first = inputs[0]
     shapes = [_shape(arg) for arg in node.all_input_nodes]

@@ -25,11 +25,14 @@ from nnopt.pruning.structured.groups import NORM_LAYERS, ChannelGroup, Member
 
 @dataclasses.dataclass
 class Gradients:
-    """Accumulated gradients per parameter name: Σ_batches |g| and Σ_batches g."""
+    """Accumulated gradients per parameter name: Σ_batches |g| and Σ_batches g; and, per group,
+    the Taylor scores Σ_batches |Σ_channel w·g| (absolute value per batch, so that opposite
+    gradients of different batches do not cancel)."""
 
     abs_sum: dict[str, torch.Tensor]
     sum: dict[str, torch.Tensor]
     batches: int
+    taylor: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -134,9 +137,24 @@ def gradient(inputs: ImportanceInputs) -> torch.Tensor:
 
 
 def taylor(inputs: ImportanceInputs) -> torch.Tensor:
-    """|Σ w · ∂L/∂w| over every weight the channel touches: the first-order loss change."""
+    """|Σ w · ∂L/∂w| over every weight the channel touches (the first-order loss change when the
+    channel goes), per batch, summed over batches."""
     grads = _gradient_of(inputs, "sum")
+    per_batch = inputs.gradients.taylor.get(inputs.group.name) if inputs.gradients else None
+    if per_batch is not None:
+        return per_batch
     return _reduce(inputs, lambda name, w: w * grads(name, w), ALL_ROLES).abs()
+
+
+def _taylor_terms(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
+    """|Σ w·g| per channel of ``group`` for the gradients now in ``.grad``."""
+    inputs = ImportanceInputs(model, group, None)
+
+    def product(name: str, weight: torch.Tensor) -> torch.Tensor:
+        grad = model.get_parameter(name).grad
+        return torch.zeros_like(weight) if grad is None else weight * grad
+
+    return _reduce(inputs, product, ALL_ROLES).abs()
 
 
 def random_scores(inputs: ImportanceInputs) -> torch.Tensor:
@@ -156,12 +174,16 @@ register_importance("random", random_scores)
 
 
 def accumulate_gradients(
-    model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor], limit: int
+    model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor], limit: int,
+    groups: Iterable[ChannelGroup] = (),
 ) -> Gradients:
-    """Σ|g| and Σg of every parameter over up to ``limit`` batches of ``loss_fn(model, batch)``.
+    """Σ|g| and Σg of every parameter over up to ``limit`` batches of ``loss_fn(model, batch)``,
+    and the per-batch Taylor scores of ``groups``.
 
     The model's own ``requires_grad`` flags and gradients are restored afterwards.
     """
+    groups = list(groups)
+    taylor_sum = {g.name: torch.zeros(g.size, dtype=torch.float64) for g in groups}
     params = dict(model.named_parameters())
     saved_flags = {name: p.requires_grad for name, p in params.items()}
     saved_grads = {name: p.grad for name, p in params.items()}
@@ -182,6 +204,9 @@ def accumulate_gradients(
                 if p.grad is not None:
                     abs_sum[name] += p.grad.abs()
                     plain_sum[name] += p.grad
+            with torch.no_grad():
+                for group in groups:
+                    taylor_sum[group.name] += _taylor_terms(model, group)
             seen += 1
     finally:
         for name, p in params.items():
@@ -190,4 +215,4 @@ def accumulate_gradients(
         model.train(was_training)
     if seen == 0:
         raise ConfigError("gradient importance saw no batches: is the data empty?")
-    return Gradients(abs_sum, plain_sum, seen)
+    return Gradients(abs_sum, plain_sum, seen, taylor_sum)
