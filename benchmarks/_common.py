@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +88,82 @@ def minilm_timing_inputs(batch: int) -> dict[str, Any]:
     inputs = dict(encode_batch(sequences[:batch], max_length=128, pad_to_max_length=True))
     assert int(inputs["attention_mask"].sum()) == 128 * batch, "every timed sequence is 128 real tokens"
     return inputs
+
+
+def side_by_side_rows(
+    workload: str, calls: dict[tuple[str, str], Any], batch: int, seconds: float,
+    extra: dict[tuple[str, str], dict[str, Any]], min_calls: int, rounds: int = 5, digits: int = 4,
+) -> list[dict[str, Any]]:
+    """Time every ``(tool, variant)`` call side by side at one batch size; the first is the baseline.
+
+    ``seconds`` and ``min_calls`` are per variant, spread over ``rounds`` alternations, so that a
+    burst of load from elsewhere falls on every variant alike. ``extra`` holds each variant's other
+    fields: standard row fields go into the row, others are appended after them.
+    """
+    import torch
+
+    from nnopt.metrics.speed import compare_calls
+
+    with torch.inference_mode():
+        timings = compare_calls(calls, batch, warmup=3, min_calls=min_calls, min_seconds=seconds, rounds=rounds)
+    base = timings[next(iter(calls))].median_ms
+    out = []
+    for (tool, variant), timing in timings.items():
+        info = extra.get((tool, variant), {})
+        r = row(workload=workload, tool=tool, variant=variant, batch=batch,
+                latency_ms_median=round(timing.median_ms, digits), latency_ms_p10=round(timing.p10_ms, digits),
+                latency_ms_p90=round(timing.p90_ms, digits), speedup_vs_baseline=round(base / timing.median_ms, 3),
+                **{k: v for k, v in info.items() if k in ROW_FIELDS})
+        r.update({k: v for k, v in info.items() if k not in ROW_FIELDS})
+        out.append(r)
+    return out
+
+
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[None]:
+    """Run a block at ``n`` torch threads, then restore the previous count."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def load_average_env(start: tuple[float, float, float]) -> dict[str, Any]:
+    """The machine's load average at the start and end of a run, for the results' env."""
+    import os
+
+    return {"loadavg_1_5_15_min": {"start": [round(v, 2) for v in start],
+                                   "end": [round(v, 2) for v in os.getloadavg()]}}
+
+
+TRAIN_THREADS_OPTION = (("--train-threads",), {"type": int, "default": 1, "help": "threads for training small models"})
+_STARTED = __import__("time").perf_counter()
+
+
+def log(message: str) -> None:
+    """A progress line with the seconds since the benchmark started."""
+    import time
+
+    print(f"[{time.perf_counter() - _STARTED:6.1f} s] {message}", flush=True)
+
+
+def run_workloads(
+    args: argparse.Namespace, chosen: Sequence[str], runners: dict[str, Any]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run each chosen workload's ``runner(args)``; returns the rows and the load-average env, with
+    torch back at the timing thread count (which env records)."""
+    import os
+
+    import torch
+
+    start = os.getloadavg()
+    rows: list[dict[str, Any]] = []
+    for workload in chosen:
+        log(workload)
+        rows += runners[workload](args)
+    torch.set_num_threads(args.threads)
+    return rows, load_average_env(start)

@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import minilm_timing_inputs, parse_args, row, write_results  # noqa: I001  (benchmarks/ is run as a script directory)
+from _common import minilm_timing_inputs, parse_args, side_by_side_rows, write_results  # noqa: I001  (benchmarks/ is run as a script directory)
 from torch import nn
 
 import nnopt
-from nnopt.metrics.speed import compare_calls
 from nnopt.text import embedding_fidelity
 
 WORKLOADS = ("minilm", "digits", "linear4096")
@@ -67,20 +66,7 @@ def timed_rows(
     extra: dict[tuple[str, str], dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """Time every variant side by side at one batch size; the first variant is the baseline."""
-    with torch.inference_mode():
-        timings = compare_calls(variants, batch, warmup=3, min_calls=20 if batch == 1 else 10,
-                                min_seconds=seconds, rounds=5)  # seconds per variant, over 5 rounds
-    base = timings[next(iter(variants))].median_ms
-    out = []
-    for key, timing in timings.items():
-        tool, variant = key
-        r = row(workload=workload, tool=tool, variant=variant, batch=batch,
-                latency_ms_median=round(timing.median_ms, 3), latency_ms_p10=round(timing.p10_ms, 3),
-                latency_ms_p90=round(timing.p90_ms, 3), speedup_vs_baseline=round(base / timing.median_ms, 2),
-                **{k: v for k, v in extra.get(key, {}).items() if k not in EXTRA})
-        r.update({k: v for k, v in extra.get(key, {}).items() if k in EXTRA})
-        out.append(r)
-    return out
+    return side_by_side_rows(workload, variants, batch, seconds, extra, 20 if batch == 1 else 10, digits=3)
 
 
 def nnopt_bytes(model: nn.Module, path: Path) -> int:

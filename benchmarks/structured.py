@@ -37,23 +37,30 @@ thread, and on a busy machine the threads' synchronization slows it several-fold
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import functools
 import importlib.metadata
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _common import ROW_FIELDS, minilm_timing_inputs, parse_args, row, write_results  # noqa: I001  (benchmarks/ is run as a script directory)
+from _common import (  # noqa: I001  (benchmarks/ is run as a script directory)
+    TRAIN_THREADS_OPTION,
+    log,
+    minilm_timing_inputs,
+    parse_args,
+    run_workloads,
+    side_by_side_rows,
+    threads,
+    write_results,
+)
 from torch import nn
 
 import nnopt
 from nnopt.metrics.accuracy import accuracy
-from nnopt.metrics.speed import compare_calls
 
 WORKLOADS = ("cnn", "minilm")
 CRITERIA = ("gradient", "taylor", "l1", "l2", "random")
@@ -62,24 +69,13 @@ RECOVERY_EPOCHS = 10
 DISTILL, TEMPERATURE = 0.5, 4.0  # nnopt's recovery loss at distill=0.5 (its default temperature)
 MINILM_HEAD_RATIO = 2 / 12
 
-_started = time.perf_counter()
 _notes: dict[str, str] = {}
 
 
-def log(message: str) -> None:
-    print(f"[{time.perf_counter() - _started:6.1f} s] {message}", flush=True)
-
-
 def main() -> None:
-    train_threads = (("--train-threads",), {"type": int, "default": 1, "help": "threads for training the CNN"})
     quick = "one ratio, fewer epochs, shorter timing; still every tool"
-    args, chosen = parse_args(__doc__, "structured", WORKLOADS, quick, extra=(train_threads,))
-    rows: list[dict[str, Any]] = []
-    load_start = os.getloadavg()
-    for workload in chosen:
-        log(workload)
-        rows += RUNNERS[workload](args)
-    torch.set_num_threads(args.threads)  # env records the timing threads
+    args, chosen = parse_args(__doc__, "structured", WORKLOADS, quick, extra=(TRAIN_THREADS_OPTION,))
+    rows, load_env = run_workloads(args, chosen, RUNNERS)
     import torch_pruning as tp
 
     write_results(
@@ -88,8 +84,7 @@ def main() -> None:
             "torch_pruning": importlib.metadata.version("torch-pruning"),
             "torch_pruning_reported_version": tp.__version__,
             "train_threads": args.train_threads, "quick": args.quick, "notes": _notes,
-            "loadavg_1_5_15_min": {"start": [round(v, 2) for v in load_start],
-                                   "end": [round(v, 2) for v in os.getloadavg()]},
+            **load_env,
         },
     )
     log(f"wrote {args.out} and {args.out.with_suffix('.md')}")
@@ -98,45 +93,18 @@ def main() -> None:
 # --------------------------------------------------------------------------- shared helpers
 
 
-@contextlib.contextmanager
-def threads(n: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def timed_rows(
     workload: str, variants: dict[tuple[str, str], Callable[[], object]], batch: int, seconds: float,
     extra: dict[tuple[str, str], dict[str, Any]], min_calls: int, rounds: int,
 ) -> list[dict[str, Any]]:
-    """Time every variant side by side at one batch size; the first variant is the baseline.
-
-    ``seconds`` and ``min_calls`` are per variant, spread over ``rounds`` alternations, so that a
-    burst of load from elsewhere on the machine falls on every variant alike.
-    """
-    with torch.inference_mode():
-        timings = compare_calls(variants, batch, warmup=3, min_calls=min_calls, min_seconds=seconds, rounds=rounds)
-    base_key = next(iter(variants))
-    base = timings[base_key].median_ms
-    base_macs = extra[base_key]["macs"]
-    out = []
-    for key, timing in timings.items():
-        tool, variant = key
-        info = extra.get(key, {})
-        speedup = base / timing.median_ms
-        r = row(workload=workload, tool=tool, variant=variant, batch=batch,
-                latency_ms_median=round(timing.median_ms, 4), latency_ms_p10=round(timing.p10_ms, 4),
-                latency_ms_p90=round(timing.p90_ms, 4), speedup_vs_baseline=round(speedup, 3),
-                **{k: v for k, v in info.items() if k in ROW_FIELDS})
-        reduction = base_macs / info["macs"]
+    """Side-by-side rows (the first variant is the baseline) with the MAC reduction beside each speed-up."""
+    rows = side_by_side_rows(workload, variants, batch, seconds, extra, min_calls, rounds)
+    base_macs = extra[next(iter(variants))]["macs"]
+    for r in rows:
+        reduction = base_macs / extra[r["tool"], r["variant"]]["macs"]
         r["mac_reduction"] = round(reduction, 3)
-        r["speedup_over_mac_reduction"] = round(speedup / reduction, 3)
-        r.update({k: v for k, v in info.items() if k not in ROW_FIELDS})
-        out.append(r)
-    return out
+        r["speedup_over_mac_reduction"] = round(r["speedup_vs_baseline"] / reduction, 3)
+    return rows
 
 
 def counts(model: nn.Module) -> dict[str, int]:

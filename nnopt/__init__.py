@@ -52,6 +52,14 @@ _EXPORTS = {
     "load_model": "nnopt.io",
     "NnoptError": "nnopt.errors",
     "tune_allocator": "nnopt.runtime",
+    "simplify": "nnopt.simplify",
+    "FoldBatchNormConfig": "nnopt.simplify",
+    "LowRankConfig": "nnopt.simplify",
+    "thread_sweep": "nnopt.parallel",
+    "parallel_predict": "nnopt.parallel",
+    "throughput_vs_workers": "nnopt.parallel",
+    "ddp_train": "nnopt.parallel",
+    "system_report": "nnopt.envinfo",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

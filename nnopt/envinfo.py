@@ -1,19 +1,56 @@
-"""What machine a measurement ran on: device, CPU model, threads, library versions."""
+"""What machine a measurement ran on: device, CPU model and features, threads, library versions.
+
+``environment()`` is the short record every result carries; ``system_report()`` is the full
+picture that ``nnopt env`` prints (CPU features that nnopt's kernels use, torch build, GPU,
+ONNX Runtime providers, allocator).
+"""
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
+from typing import Any
+
+CPUINFO = Path("/proc/cpuinfo")
+
+# /proc/cpuinfo flags that decide which kernels run fast: fma/avx2 (fp32 GEMM), avx512f, VNNI (int8
+# dot products), bf16, and AMX tiles (oneDNN's int8/bf16 matrix units).
+CPU_FEATURES = ("fma", "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
 
-def cpu_model() -> str:
+def _cpuinfo_text() -> str | None:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return CPUINFO.read_text()
     except OSError:
-        pass
+        return None
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    text = _cpuinfo_text() if cpuinfo is None else cpuinfo
+    for line in (text or "").splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def parse_cpu_flags(cpuinfo: str) -> frozenset[str]:
+    """The flags of the first processor in ``/proc/cpuinfo`` text (``flags`` on x86, ``Features`` on ARM)."""
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def cpu_features(cpuinfo: str | None = None) -> dict[str, bool | None]:
+    """Each of :data:`CPU_FEATURES`: present (True) or absent (False); None for all when the CPU's
+    flags cannot be read (no /proc/cpuinfo, e.g. macOS), rather than a guess."""
+    text = _cpuinfo_text() if cpuinfo is None else cpuinfo
+    if text is None:
+        return dict.fromkeys(CPU_FEATURES)
+    flags = parse_cpu_flags(text)
+    return {name: name in flags for name in CPU_FEATURES}
 
 
 def environment(device: str = "cpu") -> dict[str, object]:
@@ -26,3 +63,97 @@ def environment(device: str = "cpu") -> dict[str, object]:
         "device": device, "cpu": cpu_model(), "threads": torch.get_num_threads(), **library_versions(),
         **runtime_settings(),
     }
+
+
+def gpu_info() -> list[dict[str, Any]]:
+    """One entry per visible CUDA device (name, memory, compute capability); empty without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    gpus = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        gpus.append({
+            "index": index, "name": props.name, "memory_bytes": int(props.total_memory),
+            "capability": f"{props.major}.{props.minor}",
+        })
+    return gpus
+
+
+def onnxruntime_info() -> dict[str, Any]:
+    """ONNX Runtime's version and execution providers; version None when it is not installed."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {"onnxruntime": None, "onnxruntime_providers": []}
+    return {"onnxruntime": ort.__version__, "onnxruntime_providers": list(ort.get_available_providers())}
+
+
+def system_report(device: str | None = None) -> dict[str, Any]:
+    """Everything about this machine and process that a speed measurement depends on.
+
+    Flat keys of :func:`environment` (device, cpu, threads, library versions, allocator) plus
+    CPU features, logical cores, inter-op threads, torch build facts, GPUs and ONNX Runtime.
+
+    >>> report = system_report()
+    >>> isinstance(report["cpu_features"]["avx2"], (bool, type(None)))
+    True
+    """
+    import torch
+
+    from nnopt.quantization.kernels import onednn_int8_available
+
+    gpus = gpu_info()
+    device = device or ("cuda" if gpus else "cpu")
+    report: dict[str, Any] = environment(device)
+    report.update({
+        "cpu_features": cpu_features(),
+        "cpu_features_source": str(CPUINFO) if _cpuinfo_text() is not None else "unavailable",
+        "logical_cores": os.cpu_count(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "mkldnn": bool(torch.backends.mkldnn.is_available()),
+        "onednn_int8": bool(onednn_int8_available()),
+        "torch_cuda": torch.version.cuda,
+        "gpu": gpus or "none",
+        **onnxruntime_info(),
+    })
+    return report
+
+
+def render_system_report(report: dict[str, Any]) -> str:
+    """``system_report()`` as a two-column table."""
+    from nnopt.metrics.table import render_table
+
+    def yes_no(value: bool | None) -> str:
+        return "unknown" if value is None else ("yes" if value else "no")
+
+    rows: list[tuple[str, Any]] = [
+        ("device", report["device"]),
+        ("CPU", report["cpu"]),
+        ("logical cores", report["logical_cores"]),
+        ("torch threads (intra-op)", report["threads"]),
+        ("torch threads (inter-op)", report["interop_threads"]),
+    ]
+    features = report["cpu_features"]
+    rows += [(f"CPU feature {name}", "present" if features[name] else
+              ("unknown" if features[name] is None else "absent")) for name in features]
+    rows += [
+        ("oneDNN (mkldnn) in torch", yes_no(report["mkldnn"])),
+        ("oneDNN int8 kernels", yes_no(report["onednn_int8"])),
+        ("torch CUDA build", report["torch_cuda"] or "none"),
+    ]
+    gpus = report["gpu"]
+    if isinstance(gpus, list):
+        rows += [(f"GPU {g['index']}", f"{g['name']}, {g['memory_bytes'] / 2**30:.1f} GiB, "
+                  f"capability {g['capability']}") for g in gpus]
+    else:
+        rows.append(("GPU", "none"))
+    for name in ("nnopt", "torch", "numpy", "safetensors", "python"):
+        rows.append((name, report.get(name, "-")))
+    ort = report["onnxruntime"]
+    rows.append(("onnxruntime", ort or "not installed (pip install 'nnopt[onnx]')"))
+    if ort:
+        rows.append(("onnxruntime providers", ", ".join(report["onnxruntime_providers"]) or "none"))
+    rows.append(("allocator", report["allocator"]))
+    return render_table(("item", "value"), rows, caption=f"CPU features read from {report['cpu_features_source']}")

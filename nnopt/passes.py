@@ -94,4 +94,5 @@ def _is_keras(model: Any) -> bool:
 def _ensure_builtin() -> None:
     import nnopt.pruning  # noqa: F401
     import nnopt.quantization  # noqa: F401
+    import nnopt.simplify  # noqa: F401
     import nnopt.sparse  # noqa: F401

@@ -1,0 +1,550 @@
+"""``nnopt bench``: latency, throughput and peak memory of a saved model over a threads × batch grid.
+
+Protocol (BENCHMARKS.md): warm-up calls, then at least ``min_calls`` timed calls and at least
+``seconds`` of timing per row with ``time.perf_counter`` under ``torch.inference_mode``; median
+and 10th–90th percentiles. Backends: torch eager, ``torch.compile`` (compiled once; its compile
+time is reported apart from the timings) and ONNX Runtime (the model exported with
+``nnopt.export_onnx``). Results are a BENCHMARKS.md document (benchmark ``"bench"``), and
+``compare_runs`` checks a run against an earlier one for regressions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nnopt.errors import ConfigError, UnsupportedModelError
+
+BENCHMARK = "bench"
+BACKENDS = ("torch", "onnxruntime", "compiled")
+DEVICES = ("cpu", "cuda")
+DEFAULT_TOLERANCE = 0.1
+ONNX_FIX = "pip install 'nnopt[onnx]'"
+# Every row field that BENCHMARKS.md lists, in its order; bench adds its own after these.
+ROW_FIELDS = (
+    "workload", "tool", "variant", "batch", "latency_ms_median", "latency_ms_p10", "latency_ms_p90",
+    "file_bytes", "macs", "params", "nonzeros", "accuracy", "cosine_mean", "cosine_min",
+    "speedup_vs_baseline", "energy_mj", "energy_method",
+)
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchOptions:
+    """What to time. ``threads`` None: the process's current ``torch.get_num_threads()``."""
+
+    batches: tuple[int, ...] = (1, 8, 32)
+    threads: tuple[int, ...] | None = None
+    device: str = "cpu"
+    backend: str = "torch"
+    seconds: float = 2.0
+    min_calls: int = 20
+    warmup: int = 5
+
+    def validate(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError(f"unknown device {self.device!r}; choose {' or '.join(DEVICES)}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {self.backend!r}; choose torch, onnxruntime or compiled")
+        if not self.batches or any(b < 1 for b in self.batches):
+            raise ConfigError("--batch takes comma-separated integers >= 1, e.g. 1,8,32")
+        if self.threads is not None and (not self.threads or any(t < 1 for t in self.threads)):
+            raise ConfigError("--threads takes comma-separated integers >= 1, e.g. 1,2")
+        if not (math.isfinite(self.seconds) and self.seconds >= 0):
+            raise ConfigError(f"--seconds must be a number >= 0, got {self.seconds}")
+        if self.min_calls < 1 or self.warmup < 3:
+            raise ConfigError("min_calls must be >= 1 and warmup >= 3 (BENCHMARKS.md protocol)")
+
+    def thread_counts(self) -> tuple[int, ...]:
+        return self.threads or (torch.get_num_threads(),)
+
+    def grid(self) -> list[tuple[str, int, int]]:
+        """The (variant, batch, threads) keys of the rows a run produces."""
+        return [(self.backend, b, t) for t in self.thread_counts() for b in self.batches]
+
+
+def parse_int_list(text: str, message: str) -> tuple[int, ...]:
+    """``"1,8,32"`` -> ``(1, 8, 32)``; ConfigError(message) unless every item is an integer >= 1."""
+    items = [item.strip() for item in str(text).split(",")]
+    if not items or not all(item.isdigit() and int(item) >= 1 for item in items):
+        raise ConfigError(message)
+    return tuple(int(item) for item in items)
+
+
+def check_available(options: BenchOptions) -> None:
+    """Errors for a valid request that this machine cannot serve (before any model is loaded)."""
+    options.validate()
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("CUDA is not available on this machine; use --device cpu")
+    if options.backend == "onnxruntime":
+        missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ConfigError(f"the onnxruntime backend needs {' and '.join(missing)}; {ONNX_FIX}")
+        if options.device == "cuda":
+            import onnxruntime as ort
+
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ConfigError("this onnxruntime has no CUDAExecutionProvider; install onnxruntime-gpu "
+                                  "or use --device cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchResult:
+    """One run: the BENCHMARKS.md ``env`` and ``rows``, plus how memory and compile time were obtained."""
+
+    workload: str
+    env: dict[str, Any]
+    rows: tuple[dict[str, Any], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"benchmark": BENCHMARK, "env": self.env, "rows": [dict(r) for r in self.rows]}
+
+    def __str__(self) -> str:
+        from nnopt.metrics.table import render_table
+
+        columns = ("variant", "threads", "batch", "median ms", "p10 ms", "p90 ms", "calls", "examples/s",
+                   "peak RSS MiB", "+RSS MiB")
+        rows = [(r["variant"], r["threads"], r["batch"], r["latency_ms_median"], r["latency_ms_p10"],
+                 r["latency_ms_p90"], r["calls"], r["throughput_per_s"], r["peak_rss_mib"], r["peak_rss_delta_mib"])
+                for r in self.rows]
+        env = self.env
+        lines = [
+            f"{self.workload} on {env['device']} ({env['cpu']}), backend {env['backend']}"
+            + (f" ({env['onnxruntime_provider']})" if env.get("onnxruntime_provider") else ""),
+            f"latency: {env['timing_method']}",
+            f"memory: {env['memory_method']}",
+        ]
+        before, after = env.get("load_average") or (None, None)
+        if before is not None and after is not None:
+            lines.append(f"machine load (1-min average) {before:.2f} at start, {after:.2f} at end, on "
+                         f"{env['logical_cores']} logical cores; other work inflates and spreads timings")
+        if env.get("compile_seconds") is not None:
+            lines.append(f"compile: {env['compile_seconds']:.2f} s ({env['compile_method']}), not in the timings")
+        return render_table(columns, rows, title=f"nnopt bench: {self.workload}", caption="\n".join(lines))
+
+
+def run_bench(path: str | Path, options: BenchOptions) -> BenchResult:
+    """Time the saved model at ``path`` for each threads × batch of ``options``."""
+    from nnopt.envinfo import environment
+    from nnopt.io.model_dir import load_model, read_meta, weights_file
+
+    check_available(options)
+    path = Path(path)
+    meta = read_meta(path)
+    model = load_model(path).eval()
+    workload = path.resolve().name  # the model directory's name, also for "." or a trailing slash
+    sizes = _model_sizes(model)
+    file_bytes = int(meta["files"][weights_file(meta)]["bytes"])
+    memory = _MemoryProbe()
+    env: dict[str, Any] = {**environment(options.device), "backend": options.backend,
+                           "architecture": meta["architecture"],
+                           "applied": [p.get("name") for p in meta["applied"]],
+                           "timing_method": f"measured: time.perf_counter around each call after {options.warmup} "
+                           f"warm-up calls; >= {options.min_calls} calls and >= {options.seconds} s per row; "
+                           "torch.inference_mode" + ("; torch.cuda.synchronize before each reading"
+                                                     if options.device == "cuda" else ""),
+                           "memory_method": memory.method}
+    if options.device == "cuda":
+        env["memory_method"] += "; GPU: torch.cuda.max_memory_allocated per row"
+    runner = _make_backend(model, options)
+    load_before = _load_average()
+    rows: list[dict[str, Any]] = []
+    previous_threads = torch.get_num_threads()
+    try:
+        with runner, torch.inference_mode():
+            for threads in options.thread_counts():
+                torch.set_num_threads(threads)
+                for batch in options.batches:
+                    inputs = _inputs(model, batch, options.device)
+                    call = runner.call(threads, inputs)
+                    rows.append(_time_row(call, batch, threads, options, memory, inputs) | {
+                        "workload": workload, "file_bytes": file_bytes, **sizes,
+                    })
+            env.update(runner.env())
+    finally:
+        torch.set_num_threads(previous_threads)
+    env["threads"] = list(options.thread_counts())
+    env["load_average"] = [load_before, _load_average()]
+    env["logical_cores"] = os.cpu_count()
+    return BenchResult(workload, env, tuple(_ordered(row, options.backend) for row in rows))
+
+
+def _ordered(row: dict[str, Any], backend: str) -> dict[str, Any]:
+    full = {
+        "tool": "nnopt", "variant": backend, "accuracy": None, "cosine_mean": None, "cosine_min": None,
+        "speedup_vs_baseline": None, "energy_mj": None, "energy_method": None, **row,
+    }
+    return {**{key: full[key] for key in ROW_FIELDS}, **{k: v for k, v in full.items() if k not in ROW_FIELDS}}
+
+
+def _time_row(call: Callable[[], object], batch: int, threads: int, options: BenchOptions,
+              memory: _MemoryProbe, inputs: Any) -> dict[str, Any]:
+    from nnopt.metrics.speed import compare_calls
+
+    memory.start()
+    if options.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    timing = compare_calls({"row": call}, batch, warmup=options.warmup, min_calls=options.min_calls,
+                           min_seconds=options.seconds, rounds=1, device=options.device)["row"]
+    peak, delta = memory.stop()
+    row: dict[str, Any] = {
+        "batch": batch, "latency_ms_median": _sig(timing.median_ms), "latency_ms_p10": _sig(timing.p10_ms),
+        "latency_ms_p90": _sig(timing.p90_ms), "threads": threads, "device": options.device,
+        "calls": timing.calls, "throughput_per_s": _sig(batch / (timing.median_ms / 1e3)),
+        "peak_rss_mib": peak, "peak_rss_delta_mib": delta, "input_shape": _shape_of(inputs),
+    }
+    if options.device == "cuda":
+        row["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 2)
+    return row
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average: other work on the machine inflates and spreads the timings."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):  # not on Windows
+        return None
+
+
+def _sig(value: float) -> float:
+    """Six significant digits: sub-microsecond latencies keep their precision, long ones lose only noise."""
+    return float(f"{value:.6g}")
+
+
+def _shape_of(inputs: Any) -> list[int]:
+    tensor = next(iter(inputs.values())) if isinstance(inputs, Mapping) else inputs
+    return list(tensor.shape)
+
+
+def _inputs(model: nn.Module, batch: int, device: str) -> Any:
+    """The model's own example inputs (token ids and mask for an encoder), else standard-normal rows of
+    ``input_shape``; seeded, so every run times the same data."""
+    from nnopt.metrics.profile import model_input_shape
+
+    generator = torch.Generator().manual_seed(0)
+    own = getattr(model, "example_inputs", None)
+    if callable(own):
+        return {k: v.to(device) for k, v in own(batch, generator=generator).items()}
+    try:
+        shape = model_input_shape(model)
+    except ValueError as exc:
+        raise UnsupportedModelError(f"cannot build inputs: {exc}") from None
+    return torch.randn(batch, *shape, generator=generator).to(device)
+
+
+def _bind(fn: Callable[..., object], inputs: Any) -> Callable[[], object]:
+    return functools.partial(fn, **inputs) if isinstance(inputs, Mapping) else functools.partial(fn, inputs)
+
+
+def _model_sizes(model: nn.Module) -> dict[str, int | None]:
+    """Parameters, non-zeros and MACs (analytic, per sample) from ``nnopt.profile_model``; None where the
+    model cannot be profiled rather than a made-up number."""
+    from nnopt.metrics import profile_model
+
+    try:
+        profile = profile_model(model)
+    except (ValueError, TypeError, RuntimeError, NotImplementedError):
+        return {"params": None, "nonzeros": None, "macs": None}
+    return {"params": profile.params, "nonzeros": profile.nonzeros, "macs": profile.macs}
+
+
+class _Backend:
+    """Makes the zero-argument call that is timed, per thread count and inputs."""
+
+    def __init__(self, model: nn.Module, options: BenchOptions) -> None:
+        self.model = model.to(options.device)
+        self.options = options
+
+    def __enter__(self) -> _Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def call(self, threads: int, inputs: Any) -> Callable[[], object]:
+        return _bind(self.model, inputs)
+
+    def env(self) -> dict[str, Any]:
+        return {}
+
+
+class _CompiledBackend(_Backend):
+    """``torch.compile`` once per thread count: inductor's CPU kernels bake ``torch.get_num_threads()`` into
+    their code (its thread-count-agnostic mode measured 10-100x slower at 2 threads here), so dynamo's
+    caches are cleared (``torch.compiler.reset``) before each thread count. The first call of each
+    (threads, batch) shape (tracing and code generation) is timed as compile time, never as latency."""
+
+    def __init__(self, model: nn.Module, options: BenchOptions) -> None:
+        super().__init__(model, options)
+        self.compile_seconds = 0.0
+        self.threads: int | None = None
+        self.compiled: Callable[..., object] = self.model
+
+    def __exit__(self, *exc: object) -> None:
+        torch.compiler.reset()
+
+    def call(self, threads: int, inputs: Any) -> Callable[[], object]:
+        started = time.perf_counter()
+        if threads != self.threads:
+            torch.compiler.reset()
+            self.compiled = torch.compile(self.model)
+            self.threads = threads
+        call = _bind(self.compiled, inputs)
+        try:
+            call()
+            if self.options.device == "cuda":
+                torch.cuda.synchronize()
+        except Exception as exc:  # dynamo/inductor raise many types; name the model and the cause
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UnsupportedModelError(
+                f"torch.compile of {type(self.model).__name__} failed: {first}; try --backend torch"
+            ) from None
+        self.compile_seconds += time.perf_counter() - started
+        return call
+
+    def env(self) -> dict[str, Any]:
+        return {"compile_seconds": round(self.compile_seconds, 3),
+                "compile_method": "measured: torch.compile once per thread count plus the first call of each "
+                "(threads, batch), which traces and generates code (one forward pass each included)"}
+
+
+class _OnnxBackend(_Backend):
+    """The model exported once with ``nnopt.export_onnx`` (dynamic batch) to a temporary file, and one
+    ONNX Runtime session per thread count."""
+
+    def __init__(self, model: nn.Module, options: BenchOptions) -> None:
+        self.model = model.cpu()  # exported on the CPU; the session picks its provider
+        self.options = options
+        self._tmp = tempfile.TemporaryDirectory(prefix="nnopt-bench-")
+        self.path = Path(self._tmp.name) / "model.onnx"
+        self.runners: dict[int, Any] = {}
+
+    def __enter__(self) -> _OnnxBackend:
+        from nnopt.io.onnx_export import export_onnx
+
+        try:
+            export_onnx(self.model, _inputs(self.model, min(self.options.batches), "cpu"), self.path)
+        except BaseException:
+            self._tmp.cleanup()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.runners.clear()
+        self._tmp.cleanup()
+
+    def call(self, threads: int, inputs: Any) -> Callable[[], object]:
+        from nnopt.io.onnx_export import OnnxRunner
+
+        if threads not in self.runners:
+            self.runners[threads] = OnnxRunner(self.path, threads=threads)
+        if isinstance(inputs, Mapping):
+            inputs = {k: v.cpu() for k, v in inputs.items()}
+        else:
+            inputs = inputs.cpu()
+        return _bind(self.runners[threads], inputs)
+
+    def env(self) -> dict[str, Any]:
+        from nnopt.envinfo import onnxruntime_info
+
+        providers = {runner.provider for runner in self.runners.values()}
+        return {"onnxruntime": onnxruntime_info()["onnxruntime"],
+                "onnxruntime_provider": ", ".join(sorted(providers)), "onnx_bytes": self.path.stat().st_size
+                if self.path.exists() else None}
+
+
+_BACKENDS: dict[str, type[_Backend]] = {"torch": _Backend, "compiled": _CompiledBackend, "onnxruntime": _OnnxBackend}
+
+
+def _make_backend(model: nn.Module, options: BenchOptions) -> _Backend:
+    return _BACKENDS[options.backend](model, options)
+
+
+class _MemoryProbe:
+    """Peak resident memory of the process during one row.
+
+    Linux: freed heap memory is handed back first (glibc ``malloc_trim``), the kernel's peak-RSS counter
+    is reset (``/proc/self/clear_refs``), and the row reports ``VmHWM`` (its peak) and the peak's rise
+    over the RSS at the start of the row. Elsewhere, or when the counter cannot be reset, the process's
+    high-water mark ``ru_maxrss``, whose rise is 0 for a row that stays under an earlier peak.
+    """
+
+    def __init__(self) -> None:
+        self.libc = _glibc()
+        self.resettable = self._try_reset()
+        if self.resettable:
+            self.method = ("measured: peak RSS (VmHWM, reset per row via /proc/self/clear_refs) and its rise over "
+                           "the row's starting RSS (VmRSS), after returning freed heap memory (malloc_trim); "
+                           "includes the model and the runtime")
+        else:
+            self.method = ("measured: ru_maxrss, the process's RSS high-water mark, and its rise during the row "
+                           "(0 when a row stays under an earlier peak)")
+        self.before = 0.0
+
+    def _try_reset(self) -> bool:
+        try:
+            _CLEAR_REFS.write_text("5")
+            return _status_kib("VmHWM") is not None
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        if self.resettable:
+            if self.libc is not None:
+                self.libc.malloc_trim(0)
+            self._try_reset()
+            self.before = (_status_kib("VmRSS") or 0) / 1024
+        else:
+            self.before = _maxrss_mib()
+
+    def stop(self) -> tuple[float, float]:
+        peak = (_status_kib("VmHWM") or 0) / 1024 if self.resettable else _maxrss_mib()
+        return round(peak, 2), round(max(0.0, peak - self.before), 2)
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _maxrss_mib() -> float:
+    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return value / 2**20 if platform.system() == "Darwin" else value / 1024  # bytes on macOS, KiB on Linux
+
+
+def _glibc() -> Any:
+    from nnopt.runtime import _glibc as runtime_glibc
+
+    libc = runtime_glibc()
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+# --- comparing two runs -------------------------------------------------------------------------
+
+
+def load_bench_json(path: str | Path) -> dict[str, Any]:
+    """Read an earlier ``nnopt bench --json`` document; ConfigError naming what is wrong otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--compare {path}: no such file")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--compare {path} is not a bench JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("benchmark") != BENCHMARK or not isinstance(doc.get("rows"), list):
+        raise ConfigError(
+            f"--compare {path} is not a bench JSON (expected \"benchmark\": \"bench\" and a list of rows)"
+        )
+    for i, row in enumerate(doc["rows"]):
+        if not (isinstance(row, dict) and isinstance(row.get("variant"), str) and _is_int(row.get("batch"))
+                and _is_int(row.get("threads")) and _is_positive(row.get("latency_ms_median"))):
+            raise ConfigError(f"--compare {path} is not a bench JSON: row {i} lacks variant, batch, threads or a "
+                              "positive latency_ms_median")
+    return doc
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def check_comparable(old: Mapping[str, Any], options: BenchOptions, path: str | Path) -> None:
+    """Error before timing anything when the old run shares no (variant, batch, threads) with this one."""
+    old_keys = {(r["variant"], r["batch"], r["threads"]) for r in old["rows"]}
+    if not old_keys & set(options.grid()):
+        raise ConfigError(f"--compare {path} has no row with the same backend, batch and threads as this run")
+
+
+def check_tolerance(tolerance: float) -> None:
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ConfigError(f"--tolerance must be a number >= 0 (0.1 = 10% slower), got {tolerance}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """Old against new medians per (variant, batch, threads); ``ratio`` = new / old."""
+
+    rows: tuple[dict[str, Any], ...]
+    tolerance: float
+
+    @property
+    def regressions(self) -> tuple[dict[str, Any], ...]:
+        return tuple(r for r in self.rows if r["verdict"] == "REGRESSION")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tolerance": self.tolerance, "regressions": len(self.regressions), "rows": [dict(r) for r in self.rows]}
+
+    def __str__(self) -> str:
+        from nnopt.metrics.table import render_table
+
+        columns = ("variant", "batch", "threads", "old median ms", "new median ms", "new/old", "verdict")
+        rows = [(r["variant"], r["batch"], r["threads"], r["old_ms"], r["new_ms"], r["ratio"], r["verdict"])
+                for r in self.rows]
+        n = len(self.regressions)
+        caption = (f"regression: new median more than {self.tolerance:.0%} slower than old; "
+                   + (f"{n} regression{'s' if n != 1 else ''}" if n else "no regression"))
+        return render_table(columns, rows, title="comparison with the earlier run", caption=caption)
+
+
+def compare_runs(old: Mapping[str, Any], new: BenchResult, tolerance: float = DEFAULT_TOLERANCE) -> Comparison:
+    check_tolerance(tolerance)
+    old_rows = {(r["variant"], r["batch"], r["threads"]): r for r in old["rows"]}
+    rows = []
+    for row in new.rows:
+        key = (row["variant"], row["batch"], row["threads"])
+        before = old_rows.get(key)
+        if before is None:
+            rows.append({"variant": key[0], "batch": key[1], "threads": key[2], "old_ms": None,
+                         "new_ms": row["latency_ms_median"], "ratio": None, "verdict": "not in old run"})
+            continue
+        ratio = row["latency_ms_median"] / before["latency_ms_median"]
+        verdict = "REGRESSION" if ratio > 1 + tolerance else ("faster" if ratio < 1 - tolerance else "ok")
+        rows.append({"variant": key[0], "batch": key[1], "threads": key[2], "old_ms": before["latency_ms_median"],
+                     "new_ms": row["latency_ms_median"], "ratio": round(ratio, 3), "verdict": verdict})
+    return Comparison(tuple(rows), tolerance)
+
+
+def check_output(path: str | Path) -> None:
+    """Error before timing when ``--out`` cannot be written (missing folder, a directory)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--out {path} is a directory; give a file name, e.g. {path / 'bench.json'}")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--out {path}: the folder {path.parent} does not exist")
+
+
+def write_json(path: str | Path, doc: Mapping[str, Any]) -> None:
+    from nnopt.io.atomic import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), (json.dumps(doc, indent=2) + "\n").encode())
+
+
+__all__ = [
+    "BACKENDS", "DEVICES", "BenchOptions", "BenchResult", "Comparison", "check_available", "check_comparable",
+    "check_output", "check_tolerance", "compare_runs", "load_bench_json", "parse_int_list", "run_bench",
+    "write_json",
+]
