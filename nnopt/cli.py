@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch eager, ONNX Runtime (needs nnopt[onnx]) or torch.compile (default: torch)")
     bench.add_argument("--seconds", type=float, default=2.0, metavar="S",
                        help="minimum timing per row, on top of at least 20 calls (default: 2.0)")
+    bench.add_argument("--dtype", default="fp32", metavar="{fp32,bf16}",
+                       help="bf16 runs the torch and compiled backends under torch.autocast(bfloat16); fast on "
+                       "CPUs with AVX-512 BF16 or AMX-BF16, emulated (and flagged) elsewhere (default: fp32)")
     bench.add_argument("--json", action="store_true",
                        help="print the BENCHMARKS.md JSON document instead of tables")
     bench.add_argument("--out", default=None, metavar="FILE", help="also write the JSON document to FILE (atomically)")
@@ -176,6 +179,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tolerance", type=float, default=0.1, metavar="F",
                        help="--compare: allowed slow-down of the median as a fraction (default: 0.1 = 10%%)")
     bench.set_defaults(handler=cmd_bench)
+
+    advise = commands.add_parser(
+        "advise", help="which data-free techniques make a saved model faster on this machine, measured",
+        description="Build the variants nnopt can make without data (fp32 baseline, bf16 autocast, int8 dynamic, "
+        "BatchNorm folding, CSR sparse kernels for already sparse Linears, torch.compile with --compile), time "
+        "them side by side at --batch on this machine, check their outputs against the baseline on random "
+        "inputs, and say for each whether it is faster here and, if not, why.",
+    )
+    advise.add_argument("path", metavar="PATH", help="an nnopt model directory")
+    advise.add_argument("--batch", default="32", metavar="B", help="batch size to time (default: 32)")
+    advise.add_argument("--threads", default=None, metavar="N",
+                        help="torch intra-op threads (default: the current torch.get_num_threads())")
+    advise.add_argument("--seconds", type=float, default=1.0, metavar="S",
+                        help="minimum timing per technique, on top of at least 20 calls (default: 1.0)")
+    advise.add_argument("--device", default="cpu", metavar="{cpu,cuda}", help="where to run (default: cpu)")
+    advise.add_argument("--compile", action="store_true",
+                        help="also try torch.compile (takes seconds; compile time reported apart)")
+    advise.add_argument("--json", action="store_true", help='print {"advice": [...], "env": ...} instead of a table')
+    advise.set_defaults(handler=cmd_advise)
 
     env = commands.add_parser(
         "env", help="this machine as nnopt's speed depends on it: CPU features, threads, torch build, GPU",
@@ -304,7 +326,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     threads = (None if args.threads is None else
                bench.parse_int_list(args.threads, "--threads takes comma-separated integers >= 1, e.g. 1,2"))
     options = bench.BenchOptions(batches=batches, threads=threads, device=args.device, backend=args.backend,
-                                 seconds=args.seconds)
+                                 seconds=args.seconds, dtype=args.dtype)
     bench.check_available(options)
     bench.check_tolerance(args.tolerance)
     old = None
@@ -328,6 +350,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.out is not None:
             print(f"\nwrote {args.out}")
     return 1 if comparison is not None and comparison.regressions else 0
+
+
+def cmd_advise(args: argparse.Namespace) -> int:
+    from nnopt.pipeline.advice import AdviseOptions, parse_count, run_advise
+
+    options = AdviseOptions(batch=parse_count(args.batch, "--batch"),
+                            threads=None if args.threads is None else parse_count(args.threads, "--threads"),
+                            seconds=args.seconds, device=args.device, compile=args.compile)
+    result = run_advise(args.path, options)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result)
+    return 0
 
 
 def cmd_env(args: argparse.Namespace) -> int:

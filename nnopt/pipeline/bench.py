@@ -5,7 +5,9 @@ Protocol (BENCHMARKS.md): warm-up calls, then at least ``min_calls`` timed calls
 and 10th–90th percentiles. Backends: torch eager, ``torch.compile`` (compiled once; its compile
 time is reported apart from the timings) and ONNX Runtime (the model exported with
 ``nnopt.export_onnx``). Results are a BENCHMARKS.md document (benchmark ``"bench"``), and
-``compare_runs`` checks a run against an earlier one for regressions.
+``compare_runs`` checks a run against an earlier one for regressions. ``dtype="bf16"`` runs the
+torch and compiled backends under ``torch.autocast(device, torch.bfloat16)``; on a CPU without
+AVX-512 BF16 or AMX-BF16 bf16 is emulated, and the run says so in its env (``warnings``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from nnopt.errors import ConfigError, UnsupportedModelError
 
 BENCHMARK = "bench"
 BACKENDS = ("torch", "onnxruntime", "compiled")
+DTYPES = ("fp32", "bf16")
 DEVICES = ("cpu", "cuda")
 DEFAULT_TOLERANCE = 0.1
 ONNX_FIX = "pip install 'nnopt[onnx]'"
@@ -55,12 +58,18 @@ class BenchOptions:
     seconds: float = 2.0
     min_calls: int = 20
     warmup: int = 5
+    dtype: str = "fp32"
 
     def validate(self) -> None:
         if self.device not in DEVICES:
             raise ConfigError(f"unknown device {self.device!r}; choose {' or '.join(DEVICES)}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; choose torch, onnxruntime or compiled")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}; choose fp32 or bf16")
+        if self.dtype == "bf16" and self.backend == "onnxruntime":
+            raise ConfigError("--dtype bf16 runs the torch and compiled backends under torch.autocast; the "
+                              "onnxruntime backend runs the exported fp32 graph: use --backend torch or compiled")
         if not self.batches or any(b < 1 for b in self.batches):
             raise ConfigError("--batch takes comma-separated integers >= 1, e.g. 1,8,32")
         if self.threads is not None and (not self.threads or any(t < 1 for t in self.threads)):
@@ -73,9 +82,55 @@ class BenchOptions:
     def thread_counts(self) -> tuple[int, ...]:
         return self.threads or (torch.get_num_threads(),)
 
+    @property
+    def variant(self) -> str:
+        """The rows' variant: the backend, plus the dtype when it is not fp32 (``"torch bf16"``)."""
+        return self.backend if self.dtype == "fp32" else f"{self.backend} {self.dtype}"
+
     def grid(self) -> list[tuple[str, int, int]]:
         """The (variant, batch, threads) keys of the rows a run produces."""
-        return [(self.backend, b, t) for t in self.thread_counts() for b in self.batches]
+        return [(self.variant, b, t) for t in self.thread_counts() for b in self.batches]
+
+
+def bf16_support(device: str = "cpu") -> tuple[bool | None, str]:
+    """Whether ``device`` computes bf16 natively (True), emulates it (False) or cannot tell (None), and why.
+
+    CPU: AVX-512 BF16 or AMX-BF16 in ``/proc/cpuinfo`` (``nnopt.envinfo.cpu_features``); CUDA: torch's
+    ``is_bf16_supported``.
+    """
+    from nnopt import envinfo
+
+    if device == "cuda":
+        native = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        return native, "the GPU supports bf16" if native else "this GPU has no native bf16"
+    features = envinfo.cpu_features()
+    if features.get("avx512_bf16") is None and features.get("amx_bf16") is None:
+        return None, "the CPU's features could not be read, so whether bf16 is native is unknown"
+    present = [name for name, flag in (("AMX-BF16", "amx_bf16"), ("AVX-512 BF16", "avx512_bf16"))
+               if features.get(flag)]
+    if present:
+        return True, f"the CPU has {' and '.join(present)}"
+    return False, "the CPU has neither AVX-512 BF16 nor AMX-BF16"
+
+
+def bf16_warning(device: str = "cpu") -> str | None:
+    """The warning a bf16 run carries when ``device`` does not compute bf16 natively; None when it does."""
+    native, why = bf16_support(device)
+    if native:
+        return None
+    if native is None:
+        return f"bf16: {why}; it may be emulated and slower than fp32"
+    return f"bf16 is emulated: {why}, so bf16 is likely slower than fp32 here"
+
+
+def autocast_call(call: Callable[[], object], device: str) -> Callable[[], object]:
+    """``call`` run under ``torch.autocast(device, torch.bfloat16)``."""
+
+    def run() -> object:
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            return call()
+
+    return run
 
 
 def parse_int_list(text: str, message: str) -> tuple[int, ...]:
@@ -125,7 +180,9 @@ class BenchResult:
         env = self.env
         lines = [
             f"{self.workload} on {env['device']} ({env['cpu']}), backend {env['backend']}"
-            + (f" ({env['onnxruntime_provider']})" if env.get("onnxruntime_provider") else ""),
+            + (f" ({env['onnxruntime_provider']})" if env.get("onnxruntime_provider") else "")
+            + (f", dtype {env['dtype']} ({env['dtype_method']})" if env.get("dtype", "fp32") != "fp32" else ""),
+            *(f"WARNING: {w}" for w in env.get("warnings", [])),
             f"latency: {env['timing_method']}",
             f"memory: {env['memory_method']}",
         ]
@@ -151,7 +208,7 @@ def run_bench(path: str | Path, options: BenchOptions) -> BenchResult:
     sizes = _model_sizes(model)
     file_bytes = int(meta["files"][weights_file(meta)]["bytes"])
     memory = _MemoryProbe()
-    env: dict[str, Any] = {**environment(options.device), "backend": options.backend,
+    env: dict[str, Any] = {**environment(options.device), "backend": options.backend, "dtype": options.dtype,
                            "architecture": meta["architecture"],
                            "applied": [p.get("name") for p in meta["applied"]],
                            "timing_method": f"measured: time.perf_counter around each call after {options.warmup} "
@@ -161,6 +218,10 @@ def run_bench(path: str | Path, options: BenchOptions) -> BenchResult:
                            "memory_method": memory.method}
     if options.device == "cuda":
         env["memory_method"] += "; GPU: torch.cuda.max_memory_allocated per row"
+    if options.dtype == "bf16":
+        env["dtype_method"] = f"torch.autocast(device_type={options.device!r}, dtype=torch.bfloat16)"
+        warning = bf16_warning(options.device)
+        env["warnings"] = [warning] if warning else []
     runner = _make_backend(model, options)
     load_before = _load_average()
     rows: list[dict[str, Any]] = []
@@ -181,12 +242,12 @@ def run_bench(path: str | Path, options: BenchOptions) -> BenchResult:
     env["threads"] = list(options.thread_counts())
     env["load_average"] = [load_before, _load_average()]
     env["logical_cores"] = os.cpu_count()
-    return BenchResult(workload, env, tuple(_ordered(row, options.backend) for row in rows))
+    return BenchResult(workload, env, tuple(_ordered(row, options.variant) for row in rows))
 
 
-def _ordered(row: dict[str, Any], backend: str) -> dict[str, Any]:
+def _ordered(row: dict[str, Any], variant: str) -> dict[str, Any]:
     full = {
-        "tool": "nnopt", "variant": backend, "accuracy": None, "cosine_mean": None, "cosine_min": None,
+        "tool": "nnopt", "variant": variant, "accuracy": None, "cosine_mean": None, "cosine_min": None,
         "speedup_vs_baseline": None, "energy_mj": None, "energy_method": None, **row,
     }
     return {**{key: full[key] for key in ROW_FIELDS}, **{k: v for k, v in full.items() if k not in ROW_FIELDS}}
@@ -208,6 +269,7 @@ def _time_row(call: Callable[[], object], batch: int, threads: int, options: Ben
         "latency_ms_p90": _sig(timing.p90_ms), "threads": threads, "device": options.device,
         "calls": timing.calls, "throughput_per_s": _sig(batch / (timing.median_ms / 1e3)),
         "peak_rss_mib": peak, "peak_rss_delta_mib": delta, "input_shape": _shape_of(inputs),
+        "dtype": options.dtype,
     }
     if options.device == "cuda":
         row["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 2)
@@ -278,7 +340,12 @@ class _Backend:
         return None
 
     def call(self, threads: int, inputs: Any) -> Callable[[], object]:
-        return _bind(self.model, inputs)
+        return self.bind(self.model, inputs)
+
+    def bind(self, fn: Callable[..., object], inputs: Any) -> Callable[[], object]:
+        """The timed call: ``fn(inputs)``, under bf16 autocast when the run's dtype is bf16."""
+        call = _bind(fn, inputs)
+        return autocast_call(call, self.options.device) if self.options.dtype == "bf16" else call
 
     def env(self) -> dict[str, Any]:
         return {}
@@ -305,7 +372,7 @@ class _CompiledBackend(_Backend):
             torch.compiler.reset()
             self.compiled = torch.compile(self.model)
             self.threads = threads
-        call = _bind(self.compiled, inputs)
+        call = self.bind(self.compiled, inputs)
         try:
             call()
             if self.options.device == "cuda":
@@ -544,7 +611,7 @@ def write_json(path: str | Path, doc: Mapping[str, Any]) -> None:
 
 
 __all__ = [
-    "BACKENDS", "DEVICES", "BenchOptions", "BenchResult", "Comparison", "check_available", "check_comparable",
+    "BACKENDS", "DEVICES", "DTYPES", "BenchOptions", "BenchResult", "Comparison", "check_available", "check_comparable",
     "check_output", "check_tolerance", "compare_runs", "load_bench_json", "parse_int_list", "run_bench",
-    "write_json",
+    "write_json", "autocast_call", "bf16_support", "bf16_warning",
 ]

@@ -231,3 +231,94 @@ def test_env_table(capsys):
     assert main(["env"]) == 0
     printed = capsys.readouterr().out
     assert "CPU feature avx512_vnni" in printed and "torch threads (inter-op)" in printed and "allocator" in printed
+
+
+# --- --dtype bf16 -------------------------------------------------------------------------------
+
+
+def _all_cpu_features(value):
+    from nnopt.envinfo import CPU_FEATURES
+
+    return dict.fromkeys(CPU_FEATURES, value)
+
+
+def test_bf16_rows_carry_the_dtype_and_run_under_autocast(saved, capsys, monkeypatch):
+    from nnopt import envinfo
+
+    monkeypatch.setattr(envinfo, "cpu_features", lambda cpuinfo=None: _all_cpu_features(True))
+    doc = _bench_json(capsys, [str(saved / "simplenet"), "--dtype", "bf16", "--batch", "1,4", "--threads", "1",
+                               "--seconds", "0.05"])
+    env = doc["env"]
+    assert env["dtype"] == "bf16" and "torch.autocast" in env["dtype_method"] and "bfloat16" in env["dtype_method"]
+    assert env["warnings"] == []  # a CPU with AMX-BF16 / AVX-512 BF16 computes bf16 natively: nothing to flag
+    assert [(r["variant"], r["dtype"], r["batch"]) for r in doc["rows"]] == [("torch bf16", "bf16", 1),
+                                                                             ("torch bf16", "bf16", 4)]
+    assert all(r["latency_ms_median"] > 0 and r["calls"] >= 20 for r in doc["rows"])
+    # the default stays fp32, with the old variant name, so earlier --compare files still match
+    doc = _bench_json(capsys, [str(saved / "simplenet"), "--batch", "1", "--threads", "1", "--seconds", "0.05"])
+    assert doc["env"]["dtype"] == "fp32" and "warnings" not in doc["env"]
+    assert [(r["variant"], r["dtype"]) for r in doc["rows"]] == [("torch", "fp32")]
+
+
+def test_bf16_runs_under_autocast_for_real(saved, monkeypatch):
+    """The timed call is the model under torch.autocast: a Linear inside it sees bf16 autocast enabled."""
+    from nnopt.pipeline import bench
+
+    seen = []
+    real = bench._bind
+
+    def spy(fn, inputs):
+        call = real(fn, inputs)
+        return lambda: (seen.append(torch.is_autocast_enabled("cpu")
+                                    and torch.get_autocast_dtype("cpu") == torch.bfloat16), call())[1]
+
+    monkeypatch.setattr(bench, "_bind", spy)
+    result = bench.run_bench(saved / "simplenet", bench.BenchOptions(batches=(2,), threads=(1,), seconds=0.0,
+                                                                     min_calls=1, warmup=3, dtype="bf16"))
+    assert seen and all(seen) and result.rows[0]["variant"] == "torch bf16"
+
+
+def test_bf16_without_cpu_support_warns_and_still_runs(saved, capsys, monkeypatch):
+    from nnopt import envinfo
+
+    monkeypatch.setattr(envinfo, "cpu_features", lambda cpuinfo=None: _all_cpu_features(False))
+    doc = _bench_json(capsys, [str(saved / "simplenet"), "--dtype", "bf16", "--batch", "1", "--threads", "1",
+                               "--seconds", "0.05"])
+    (warning,) = doc["env"]["warnings"]
+    assert "bf16 is emulated" in warning and "neither AVX-512 BF16 nor AMX-BF16" in warning
+    assert doc["rows"][0]["variant"] == "torch bf16" and doc["rows"][0]["latency_ms_median"] > 0
+    assert main(["bench", str(saved / "simplenet"), "--dtype", "bf16", "--batch", "1", "--threads", "1",
+                 "--seconds", "0.05"]) == 0
+    assert "WARNING: bf16 is emulated" in capsys.readouterr().out
+
+
+def test_bf16_compiled_backend(saved, capsys):
+    doc = _bench_json(capsys, [str(saved / "simplenet"), "--backend", "compiled", "--dtype", "bf16", "--batch", "1",
+                               "--threads", "1", "--seconds", "0.02"])
+    (row,) = doc["rows"]
+    assert row["variant"] == "compiled bf16" and row["dtype"] == "bf16" and row["latency_ms_median"] > 0
+    assert doc["env"]["compile_seconds"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dtype", "bf16", "--backend", "onnxruntime"], "--dtype bf16 runs the torch and compiled backends"),
+        (["--dtype", "fp16"], "unknown dtype 'fp16'; choose fp32 or bf16"),
+    ],
+)
+def test_bad_dtype_writes_nothing(saved, tmp_path, expect_error, args, message):
+    out = tmp_path / "never.json"
+    expect_error(["bench", str(saved / "simplenet"), *args, "--out", str(out)], message)
+    assert not out.exists()
+
+
+def test_compare_matches_bf16_rows_by_variant(saved, tmp_path, capsys):
+    old = tmp_path / "fp32.json"
+    assert main(["bench", str(saved / "simplenet"), "--batch", "1", "--threads", "1", "--seconds", "0.02",
+                 "--out", str(old)]) == 0
+    capsys.readouterr()
+    # an fp32 run shares no (variant, batch, threads) with a bf16 one: refused before timing, not compared wrongly
+    assert main(["bench", str(saved / "simplenet"), "--dtype", "bf16", "--batch", "1", "--threads", "1",
+                 "--compare", str(old)]) == 2
+    assert "no row with the same backend" in capsys.readouterr().err
