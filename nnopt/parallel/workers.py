@@ -35,10 +35,14 @@ _START_TIMEOUT_S = 300.0
 
 
 def _worker_loop(
-    index: int, model: nn.Module, batch_size: int, threads: int, tasks: Any, results: Any
+    index: int, model: nn.Module, batch_size: int, threads: int, tasks: Any, results: Any, tune: bool = False
 ) -> None:
     # Runs in a spawned worker. Torch threads are set before the first op so the pool is sized once.
     torch.set_num_threads(threads)
+    if tune:  # the parent kept freed memory for reuse (nnopt.tune_allocator): workers do the same
+        from nnopt.runtime import tune_allocator
+
+        tune_allocator()
     model.eval()
     results.put(("ready", index, None))
     while True:
@@ -53,6 +57,12 @@ def _worker_loop(
             results.put(("ok", job, out))
         except Exception:  # reported to the parent, which raises it; the worker stays usable
             results.put(("error", job, traceback.format_exc()))
+
+
+def _allocator_tuned() -> bool:
+    from nnopt.runtime import runtime_settings
+
+    return str(runtime_settings().get("allocator", "")).startswith("glibc malloc")
 
 
 class InferencePool:
@@ -85,7 +95,8 @@ class InferencePool:
             for i in range(workers):
                 proc = ctx.Process(
                     target=_worker_loop,
-                    args=(i, shared_model, batch_size, threads_per_worker, self._tasks[i], self._results),
+                    args=(i, shared_model, batch_size, threads_per_worker, self._tasks[i], self._results,
+                          _allocator_tuned()),
                     daemon=True,
                 )
                 proc.start()
