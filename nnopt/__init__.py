@@ -60,6 +60,10 @@ _EXPORTS = {
     "throughput_vs_workers": "nnopt.parallel",
     "ddp_train": "nnopt.parallel",
     "system_report": "nnopt.envinfo",
+    "estimate_energy": "nnopt.energy",
+    "measure_energy": "nnopt.energy",
+    "latency_energy": "nnopt.energy",
+    "load_energy_table": "nnopt.energy",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

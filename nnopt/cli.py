@@ -199,6 +199,25 @@ def build_parser() -> argparse.ArgumentParser:
     advise.add_argument("--json", action="store_true", help='print {"advice": [...], "env": ...} instead of a table')
     advise.set_defaults(handler=cmd_advise)
 
+    energy = commands.add_parser(
+        "energy", help="energy per inference: analytic per-layer estimate, latency-based range, measured if possible",
+        description="Estimate a saved model's energy per inference from a versioned table (MACs executed × pJ per "
+        "MAC + bytes moved × pJ per byte at the cache level its working set fits), give a range from measured "
+        "latency × a share of the CPU's power, and measure with RAPL where the machine exposes it. Every figure "
+        "says whether it is measured or estimated, how, and its bounds.",
+    )
+    energy.add_argument("path", metavar="PATH", help="an nnopt model directory")
+    energy.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    energy.add_argument("--table", default="horowitz-45nm", metavar="NAME_OR_YAML",
+                        help="energy table: a shipped name or a .yaml file (default: horowitz-45nm)")
+    energy.add_argument("--tdp", type=float, default=None, metavar="W",
+                        help="the CPU's thermal design power in watts, for the latency-based range "
+                        "(default: a lookup by CPU model, else 10 W per logical core, a guess)")
+    energy.add_argument("--seconds", type=float, default=0.5, metavar="S",
+                        help="latency timing for the latency-based range (default: 0.5)")
+    energy.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    energy.set_defaults(handler=cmd_energy)
+
     env = commands.add_parser(
         "env", help="this machine as nnopt's speed depends on it: CPU features, threads, torch build, GPU",
         description="Print the device, CPU model and the CPU features nnopt's kernels use (AVX2, AVX-512, VNNI, "
@@ -359,6 +378,16 @@ def cmd_advise(args: argparse.Namespace) -> int:
                             threads=None if args.threads is None else parse_count(args.threads, "--threads"),
                             seconds=args.seconds, device=args.device, compile=args.compile)
     result = run_advise(args.path, options)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result)
+    return 0
+
+
+def cmd_energy(args: argparse.Namespace) -> int:
+    from nnopt.pipeline.energy_run import EnergyOptions, run_energy
+
+    options = EnergyOptions(batch=args.batch, table=args.table, tdp_w=args.tdp, seconds=args.seconds)
+    options.validate()
+    result = run_energy(args.path, options)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result)
     return 0
 

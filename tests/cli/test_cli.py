@@ -60,6 +60,13 @@ def test_demo_writes_report_and_variants(demo_dir):
     assert "int8 × int8 GEMM" in rows["int8-static"]["compute"]
     md = (demo_dir / "report.md").read_text()
     assert "| pruned+quantized |" in md and "measured" in md
+    energy = {name: row["energy_nj"] for name, row in rows.items()}  # estimated, per inference
+    assert all(e["method"].startswith("estimated") and e["low_nj"] <= e["total_nj"] <= e["high_nj"]
+               for e in energy.values())
+    assert energy["pruned"]["total_nj"] == energy["baseline"]["total_nj"]  # a dense kernel multiplies the zeros
+    assert energy["int8-static"]["compute_nj"] < energy["baseline"]["compute_nj"] / 4  # int8 MACs
+    assert energy["structured-50"]["total_nj"] < energy["baseline"]["total_nj"]  # a smaller dense model
+    assert "Energy per inference (estimated)" in md
 
 
 @pytest.mark.parametrize("variant", ["baseline", "pruned", "quantized", "pruned_quantized", "gradual",
