@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "recovery (default 0; sentence encoders recover by distillation only)")
     prune.add_argument("--global", dest="allocation", action="store_const", const="global",
                        help="one magnitude threshold across layers (same as --allocation global)")
-    prune.add_argument("--allocation", choices=("uniform", "global", "lamp"), default=None,
-                       help="how --sparsity is spread over layers (default: uniform)")
+    prune.add_argument("--allocation", choices=("uniform", "global", "lamp", "energy"), default=None,
+                       help="how --sparsity (or --structured --ratio) is spread over layers (default: uniform); "
+                       "energy: structured only, prune where the most estimated energy is saved per importance lost")
     prune.add_argument("--schedule", choices=("oneshot", "gradual"), default="oneshot",
                        help="gradual: cubic sparsity ramp with fine-tuning (needs --sparsity and --data)")
     prune.add_argument("--epochs", type=int, default=0,
@@ -307,7 +308,7 @@ def _structured_prune(args: argparse.Namespace, layers: tuple[str, ...], allocat
     if args.ratio is None:
         raise ConfigError("--structured needs --ratio R (share of channels to remove, in [0, 1))")
     if allocation == "lamp" or args.schedule != "oneshot":
-        raise ConfigError("--structured takes --allocation uniform or global, and no --schedule")
+        raise ConfigError("--structured takes --allocation uniform, global or energy, and no --schedule")
     config = StructuredPruneConfig(
         ratio=args.ratio, head_ratio=args.head_ratio, importance=args.importance, allocation=allocation,
         rounds=args.rounds, finetune_epochs=args.finetune_epochs, distill=args.distill, layers=layers,

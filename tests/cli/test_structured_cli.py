@@ -37,7 +37,7 @@ def test_structured_prune_halves_the_hidden_layers(saved, tmp_path, capsys, digi
         ([], "--structured needs --ratio"),
         (["--ratio", "0.5", "--importance", "nope"], "unknown importance 'nope'"),
         (["--ratio", "0.5", "--importance", "l1", "--layers", "no.such.layer"], "matches no layer"),
-        (["--ratio", "0.5", "--allocation", "lamp"], "uniform or global"),
+        (["--ratio", "0.5", "--allocation", "lamp"], "uniform, global or energy"),
         (["--ratio", "0.5"], "importance 'gradient' needs data: add --data digits"),
     ],
 )
@@ -45,3 +45,12 @@ def test_bad_structured_input_is_named_and_nothing_written(saved, tmp_path, expe
     out = tmp_path / "out"
     expect_error(["prune", str(saved), "--structured", *extra, "-o", str(out)], message)
     assert not out.exists()
+
+
+def test_energy_allocation_from_the_cli(saved, tmp_path, capsys):
+    out = tmp_path / "energy"
+    argv = ["prune", str(saved), "--structured", "--ratio", "0.5", "--importance", "l1", "--allocation", "energy",
+            "-o", str(out)]
+    assert main(argv) == 0
+    assert "MACs per example" in capsys.readouterr().out
+    assert nnopt.load_model(out).classifier.weight.shape[0] == 10

@@ -38,7 +38,7 @@ from nnopt.pruning.structured.surgery import mask_channels, remove_channels, res
 from nnopt.select import select_layers, validate_patterns
 
 STRUCTURED_PASS = "prune-structured"
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "energy")
 
 __all__ = [
     "IMPORTANCE", "NEEDS_GRADIENTS", "STRUCTURED_PASS", "ChannelGroup", "Gradients", "StructuredPruneConfig",
@@ -51,10 +51,13 @@ __all__ = [
 class StructuredPruneConfig(Config):
     """Remove ``ratio`` of the channels (neurons) of every prunable group, ranked by ``importance``.
 
-    ``allocation``: ``uniform`` (the same ratio in every group) or ``global`` (one ranking across
+    ``allocation``: ``uniform`` (the same ratio in every group), ``global`` (one ranking across
     groups, scores normalized by each group's mean, ``ratio`` of all channels overall; every group
-    keeps at least ``min_channels``). ``head_ratio``: share of attention heads removed per layer
-    of a transformer encoder (its FFN neurons follow ``ratio``). ``batches``: mini-batches whose
+    keeps at least ``min_channels``) or ``energy`` (the global ranking of importance lost per
+    estimated joule saved, after Yang, Chen & Sze, CVPR 2017: channels of energy-hungry layers go
+    first at equal importance; the estimate is :func:`nnopt.energy.estimate_energy`).
+    ``head_ratio``: share of attention heads removed per layer of a transformer encoder (its FFN
+    neurons follow ``ratio``). ``batches``: mini-batches whose
     gradients the ``gradient`` and ``taylor`` criteria accumulate. ``rounds`` > 1 prunes
     step by step, fine-tuning ``finetune_epochs`` after each round (needs ``data``); ``distill``
     in (0, 1] mixes in knowledge distillation from the unpruned model at ``temperature``.
@@ -124,7 +127,7 @@ def prune_structured(model: nn.Module, config: StructuredPruneConfig, **context:
         if config.importance in NEEDS_GRADIENTS:
             gradients = accumulate_gradients(model, _batches(data, config), _task_loss, config.batches, groups)
         scores = {g.name: score(config.importance, ImportanceInputs(model, g, gradients, config.seed)) for g in groups}
-        removed = _allocate(groups, scores, original, config, round_index / config.rounds)
+        removed = _allocate(model, groups, scores, original, config, round_index / config.rounds)
         shapes.update(remove_channels(model, groups, removed))
         entry: dict[str, Any] = {"round": round_index, "removed": sum(int(r.numel()) for r in removed.values())}
         if config.finetune_epochs > 0:
@@ -170,7 +173,7 @@ def _selected(model: nn.Module, groups: list[ChannelGroup], patterns: tuple[str,
 
 
 def _allocate(
-    groups: list[ChannelGroup], scores: dict[str, torch.Tensor], original: dict[str, int],
+    model: nn.Module, groups: list[ChannelGroup], scores: dict[str, torch.Tensor], original: dict[str, int],
     config: StructuredPruneConfig, progress: float,
 ) -> dict[str, torch.Tensor]:
     """Channels to remove per group this round, so that the cumulative share reaches the target."""
@@ -180,27 +183,59 @@ def _allocate(
         ratio = (config.head_ratio if g.kind == "head" else config.ratio) * progress
         keep = max(config.min_channels, original[g.name] - round(ratio * original[g.name]))
         targets[g.name] = max(0, g.size - keep)
-    global_groups = [g for g in groups if g.kind != "head"] if config.allocation == "global" else []
+    global_groups = [g for g in groups if g.kind != "head"] if config.allocation in ("global", "energy") else []
     for g in groups:
         if g in global_groups:
             continue
         removed[g.name] = torch.argsort(scores[g.name], stable=True)[: targets[g.name]].sort().values
     if global_groups:
+        # one ranking across groups: importance relative to its group's mean (÷ energy per channel)
+        ranking = {g.name: scores[g.name] / scores[g.name].mean().clamp(min=1e-30) for g in global_groups}
+        if config.allocation == "energy":
+            ranking = _per_joule(model, global_groups, ranking)
         # the cumulative target over all global groups, less what earlier rounds already removed
         total_original = sum(original[g.name] for g in global_groups)
         done = sum(original[g.name] - g.size for g in global_groups)
         total = max(0, round(config.ratio * progress * total_original) - done)
-        removed.update(_allocate_global(global_groups, scores, total, config))
+        removed.update(_allocate_global(global_groups, ranking, total, config))
     return removed
 
 
+def channel_energy_pj(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, float]:
+    """Estimated energy (pJ per inference) that removing one channel of each group saves: each
+    member layer's share, its energy divided by the size of the dimension the channel occupies."""
+    from nnopt.energy import estimate_energy
+
+    layers = {layer.name: layer.total_pj for layer in estimate_energy(model, batch=1).layers}
+    saved = {}
+    for g in groups:
+        total = 0.0
+        for member in g.members:
+            module = model.get_submodule(member.module)
+            weight = getattr(module, "weight", None)
+            if member.role == "norm" or weight is None or member.module not in layers:
+                continue
+            width = weight.shape[0 if member.role == "out" else 1]
+            total += layers[member.module] * member.inner / width
+        saved[g.name] = total
+    return saved
+
+
+def _per_joule(
+    model: nn.Module, groups: list[ChannelGroup], ranking: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Relative importance divided by the (relative) energy one channel of its group costs."""
+    energy = channel_energy_pj(model, groups)
+    mean_energy = sum(energy.values()) / max(len(energy), 1) or 1.0
+    return {g.name: ranking[g.name] / max(energy[g.name] / mean_energy, 1e-6) for g in groups}
+
+
 def _allocate_global(
-    groups: list[ChannelGroup], scores: dict[str, torch.Tensor], total: int, config: StructuredPruneConfig
+    groups: list[ChannelGroup], ranking: dict[str, torch.Tensor], total: int, config: StructuredPruneConfig
 ) -> dict[str, torch.Tensor]:
     entries = []
     for g in groups:
-        normalized = scores[g.name] / scores[g.name].mean().clamp(min=1e-30)
-        entries += [(float(v), g.name, c) for c, v in enumerate(normalized)]
+        entries += [(float(v), g.name, c) for c, v in enumerate(ranking[g.name])]
     entries.sort(key=lambda e: e[0])
     left = {g.name: g.size for g in groups}
     chosen: dict[str, list[int]] = {g.name: [] for g in groups}
