@@ -39,7 +39,7 @@ def write_results(
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, (json.dumps(doc, indent=2) + "\n").encode())
     columns = ["workload", "tool", "variant", "batch", "latency_ms_median", "latency_ms_p10", "latency_ms_p90",
-               "speedup_vs_baseline", "accuracy", "file_bytes", "nonzeros", *extra_columns]
+               "speedup_vs_baseline", "accuracy", "file_bytes", "nonzeros", *extra_columns, "energy_mj"]
     columns = [c for c in columns if any(r.get(c) is not None for r in rows)]  # drop all-null columns
     table = markdown_table(columns, [[r.get(c) for c in columns] for r in rows])
     env = doc["env"]
@@ -109,7 +109,10 @@ def side_by_side_rows(
     base = timings[next(iter(calls))].median_ms
     out = []
     for (tool, variant), timing in timings.items():
-        info = extra.get((tool, variant), {})
+        info = dict(extra.get((tool, variant), {}))
+        energy = info.pop("energy_by_batch", None)
+        if energy is not None:
+            info["energy_mj"] = energy.get(batch)
         r = row(workload=workload, tool=tool, variant=variant, batch=batch,
                 latency_ms_median=round(timing.median_ms, digits), latency_ms_p10=round(timing.p10_ms, digits),
                 latency_ms_p90=round(timing.p90_ms, digits), speedup_vs_baseline=round(base / timing.median_ms, 3),
@@ -167,3 +170,12 @@ def run_workloads(
         rows += runners[workload](args)
     torch.set_num_threads(args.threads)
     return rows, load_average_env(start)
+
+
+def energy_fields(model: Any, batches: Sequence[int]) -> dict[str, Any]:
+    """Estimated energy per inference (mJ) at each timed batch size, for the rows' ``energy_mj``."""
+    from nnopt.energy import estimate_energy
+
+    by_batch = {b: estimate_energy(model, batch=b).total_mj for b in batches}
+    method = estimate_energy(model, batch=batches[0]).method + "; per inference at the row's batch size"
+    return {"energy_by_batch": by_batch, "energy_method": method}

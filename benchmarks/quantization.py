@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import minilm_timing_inputs, parse_args, side_by_side_rows, write_results  # noqa: I001  (benchmarks/ is run as a script directory)
+from _common import energy_fields, minilm_timing_inputs, parse_args, side_by_side_rows, write_results  # noqa: I001  (benchmarks/ is run as a script directory)
 from torch import nn
 
 import nnopt
@@ -147,6 +147,8 @@ def minilm_rows(tmp: Path, seconds: float) -> list[dict[str, Any]]:
         is_nnopt = key[0] in ("baseline", "nnopt")
         extra[key]["file_bytes"] = nnopt_bytes(module, tmp / "m") if is_nnopt else torch_bytes(module)
         extra[key]["params"] = sum(p.numel() for p in model.parameters())
+        if is_nnopt:  # the estimator knows nnopt's kernels; torch's quantized modules and ONNX graphs stay null
+            extra[key].update(energy_fields(module, (1, 32)))
     for key, path in ort_models.items():
         extra[key]["file_bytes"] = path.stat().st_size
 

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from _common import (  # noqa: I001  (benchmarks/ is run as a script directory)
     TRAIN_THREADS_OPTION,
+    energy_fields,
     log,
     minilm_timing_inputs,
     parse_args,
@@ -78,9 +79,9 @@ def timed_rows(
     return side_by_side_rows(workload, calls, batch, seconds, extra, min_calls, rounds=5)
 
 
-def counts(model: nn.Module) -> dict[str, int]:
+def counts(model: nn.Module, batches: tuple[int, ...] = (1, 32, 1024)) -> dict[str, Any]:
     profile = nnopt.profile_model(model)
-    return {"macs": profile.macs, "params": profile.params}
+    return {"macs": profile.macs, "params": profile.params, **energy_fields(model, batches)}
 
 
 # --------------------------------------------------------------------------- cnn
@@ -166,7 +167,7 @@ def minilm_rows(args: Any) -> list[dict[str, Any]]:
         for key, module in variants.items():
             stats = embedding_fidelity(reference, embed_sentences(module, evaluation))
             extra[key] = {"cosine_mean": round(stats.cosine_mean, 5), "cosine_min": round(stats.cosine_min, 5),
-                          **counts(module), **(_lowrank_summary(module) if key[0] == "nnopt" else {})}
+                          **counts(module, (1, 32)), **(_lowrank_summary(module) if key[0] == "nnopt" else {})}
     log("minilm fidelity measured")
     rows = []
     for batch in (1, 32):

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from _common import (  # noqa: I001  (benchmarks/ is run as a script directory)
     TRAIN_THREADS_OPTION,
+    energy_fields,
     log,
     minilm_timing_inputs,
     parse_args,
@@ -107,9 +108,9 @@ def timed_rows(
     return rows
 
 
-def counts(model: nn.Module) -> dict[str, int]:
+def counts(model: nn.Module, batches: tuple[int, ...] = (1, 32, 1024)) -> dict[str, Any]:
     profile = nnopt.profile_model(model)
-    return {"macs": profile.macs, "params": profile.params}
+    return {"macs": profile.macs, "params": profile.params, **energy_fields(model, batches)}
 
 
 # --------------------------------------------------------------------------- cnn
@@ -260,13 +261,13 @@ def minilm_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         reference = embed_sentences(model, evaluation)
     variants: dict[tuple[str, str], nn.Module] = {("baseline", "fp32"): model}
     extra: dict[tuple[str, str], dict[str, Any]] = {
-        ("baseline", "fp32"): {**counts(model), "cosine_mean": 1.0, "cosine_min": 1.0}
+        ("baseline", "fp32"): {**counts(model, (1, 32)), "cosine_mean": 1.0, "cosine_min": 1.0}
     }
 
     def add(key: tuple[str, str], pruned: nn.Module, seconds: float) -> None:
         stats = embedding_fidelity(reference, embed_sentences(pruned, evaluation))
         variants[key] = pruned
-        extra[key] = {**counts(pruned), "cosine_mean": round(stats.cosine_mean, 5),
+        extra[key] = {**counts(pruned, (1, 32)), "cosine_mean": round(stats.cosine_mean, 5),
                       "cosine_min": round(stats.cosine_min, 5)}
         log(f"minilm {key[0]:13s} {key[1]:48s} {seconds:5.1f} s  MACs {extra[key]['macs']:,}  "
             f"cosine {stats.cosine_mean:.4f} / {stats.cosine_min:.4f}")
