@@ -176,6 +176,6 @@ def energy_fields(model: Any, batches: Sequence[int]) -> dict[str, Any]:
     """Estimated energy per inference (mJ) at each timed batch size, for the rows' ``energy_mj``."""
     from nnopt.energy import estimate_energy
 
-    by_batch = {b: estimate_energy(model, batch=b).total_mj for b in batches}
-    method = estimate_energy(model, batch=batches[0]).method + "; per inference at the row's batch size"
-    return {"energy_by_batch": by_batch, "energy_method": method}
+    estimates = {b: estimate_energy(model, batch=b) for b in batches}
+    method = estimates[batches[0]].method + "; per inference at the row's batch size"
+    return {"energy_by_batch": {b: e.total_mj for b, e in estimates.items()}, "energy_method": method}

@@ -125,7 +125,9 @@ def prune_structured(model: nn.Module, config: StructuredPruneConfig, **context:
         groups = _selected(model, channel_groups(model, example), config.layers)
         gradients = None
         if config.importance in NEEDS_GRADIENTS:
-            gradients = accumulate_gradients(model, _batches(data, config), _task_loss, config.batches, groups)
+            # per-batch Taylor terms cost a pass over every group's weights: only when taylor reads them
+            taylor_groups = groups if config.importance == "taylor" else ()
+            gradients = accumulate_gradients(model, _batches(data, config), _task_loss, config.batches, taylor_groups)
         scores = {g.name: score(config.importance, ImportanceInputs(model, g, gradients, config.seed)) for g in groups}
         removed = _allocate(model, groups, scores, original, config, round_index / config.rounds)
         shapes.update(remove_channels(model, groups, removed))
