@@ -93,6 +93,7 @@ def minilm_timing_inputs(batch: int) -> dict[str, Any]:
 def side_by_side_rows(
     workload: str, calls: dict[tuple[str, str], Any], batch: int, seconds: float,
     extra: dict[tuple[str, str], dict[str, Any]], min_calls: int, rounds: int = 5, digits: int = 4,
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """Time every ``(tool, variant)`` call side by side at one batch size; the first is the baseline.
 
@@ -105,7 +106,8 @@ def side_by_side_rows(
     from nnopt.metrics.speed import compare_calls
 
     with torch.inference_mode():
-        timings = compare_calls(calls, batch, warmup=3, min_calls=min_calls, min_seconds=seconds, rounds=rounds)
+        timings = compare_calls(calls, batch, warmup=3, min_calls=min_calls, min_seconds=seconds, rounds=rounds,
+                                device=device)
     base = timings[next(iter(calls))].median_ms
     out = []
     for (tool, variant), timing in timings.items():

@@ -49,12 +49,24 @@ def int8_linear(
 
     x_q: (m, in) int8; w_q: (out, in) int8; w_step: (out,) = 1 / S_w; w_colsum: (out,) int32 Σ_k W_q.
     """
-    acc = torch._int_mm(x_q, w_q.t())  # (m, out) int32, exact
+    acc = int8_matmul(x_q, w_q)  # (m, out) int32, exact
     # Integer correction: |Σ W_q · z| can pass 2^24, beyond float32's exact integers.
     zero = x_zero.to(torch.int32) if isinstance(x_zero, torch.Tensor) else int(x_zero)
     acc = acc - w_colsum * zero
     out = acc.to(torch.float32) * (w_step / x_scale)
     return out if bias is None else out + bias
+
+
+def int8_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """Exact int32 ``x_q · w_qᵀ`` for int8 ``x_q`` (m, k) and ``w_q`` (n, k).
+
+    On CUDA ``torch._int_mm`` needs more than 16 rows and k, n multiples of 8; other shapes (batch 1,
+    a 10-way classifier) take a float64 product, which is exact for int8 codes (|Σ| < 2^53).
+    """
+    m, k = x_q.shape
+    if x_q.is_cuda and (m <= 16 or k % 8 or w_q.shape[0] % 8):
+        return (x_q.double() @ w_q.double().t()).to(torch.int32)
+    return torch._int_mm(x_q, w_q.t())
 
 
 def im2col_codes(
