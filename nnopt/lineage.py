@@ -31,12 +31,11 @@ class AppliedPass:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AppliedPass:
-        if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
-            raise ModelFormatError(f"malformed applied-pass record {data!r}")
-        try:
-            return cls(name=data["name"], config=dict(data["config"]), details=dict(data.get("details", {})))
-        except (KeyError, TypeError) as exc:
-            raise ModelFormatError(f"malformed applied-pass record {data!r}: {exc}") from None
+        if (not isinstance(data, dict) or not isinstance(data.get("config"), dict)
+                or not isinstance(data.get("details", {}), dict) or not isinstance(data.get("name"), str)):
+            raise ModelFormatError(f"malformed applied-pass record {str(data)[:200]}: needs a name, and "
+                                   "config and details that are mappings")
+        return cls(name=data["name"], config=dict(data["config"]), details=dict(data.get("details", {})))
 
 
 @dataclasses.dataclass

@@ -7,6 +7,7 @@ from that record and reads tensors with safetensors: nothing stored is ever exec
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -154,8 +155,8 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise ModelFormatError(f"{path} is not an nnopt model directory: {META_FILE} is missing")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFormatError(f"{meta_path} is corrupt: {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ModelFormatError(f"{meta_path} is corrupt: {str(exc)[:200]}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelFormatError(f"{meta_path} is not an nnopt model record (format is not {FORMAT!r})")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -188,22 +189,17 @@ def load_model(path: str | Path) -> nn.Module:
     The weights file's sha256 must match the record; the architecture is rebuilt by name, the
     recorded passes re-create their structure, then tensors are loaded strictly.
     """
-    from nnopt.models.registry import build_from_lineage
-    from nnopt.passes import replay_structure
-
     path = Path(path)
     meta = read_meta(path)
     tensors = _read_weights(path, meta)
     lineage = Lineage.from_dict(meta)
-    try:
-        model = build_from_lineage(lineage)
-        for applied in lineage.applied:
-            replay_structure(model, applied)
-    except NnoptError:
-        raise
-    except (KeyError, AttributeError, ValueError, TypeError, RuntimeError) as exc:
-        raise ModelFormatError(f"{path / META_FILE} describes a model that cannot be built: {exc!r}") from None
-    _check_tensors(path / weights_file(meta), model.state_dict(), tensors)
+    weights = path / weights_file(meta)
+    # First on the meta device, which allocates nothing: a record claiming huge layers beside a small
+    # weights file is refused before any real memory is taken for it.
+    with contextlib.suppress(_MetaUnsupported):
+        check_tensors(weights, _build(path, lineage, torch.device("meta")).state_dict(), tensors)
+    model = _build(path, lineage, None)
+    check_tensors(weights, model.state_dict(), tensors)
     model.load_state_dict(tensors, strict=True)  # cannot fail now: names, dtypes and shapes were checked
     set_lineage(model, lineage)
     for module in model.modules():
@@ -213,23 +209,47 @@ def load_model(path: str | Path) -> nn.Module:
     return model.eval()
 
 
-def _check_tensors(weights: Path, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
-    """Names, dtypes and shapes must match exactly: load_state_dict would silently cast them."""
+class _MetaUnsupported(Exception):
+    """An architecture or replay that cannot be built on the meta device (then only the real build checks)."""
+
+
+def _build(path: Path, lineage: Lineage, device: torch.device | None) -> nn.Module:
+    from nnopt.models.registry import build_from_lineage
+    from nnopt.passes import replay_structure
+
+    try:
+        with device if device is not None else contextlib.nullcontext():
+            model = build_from_lineage(lineage)
+            for applied in lineage.applied:
+                replay_structure(model, applied)
+        return model
+    except NnoptError:
+        raise
+    except (KeyError, AttributeError, ValueError, TypeError, RuntimeError, NotImplementedError) as exc:
+        if device is not None:
+            raise _MetaUnsupported from exc
+        raise ModelFormatError(f"{path / META_FILE} describes a model that cannot be built: {exc!r}") from None
+
+
+def check_tensors(where: str | Path, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
+    """Names, dtypes and shapes must match exactly (``load_state_dict`` would silently cast them), and
+    float tensors must be finite."""
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    if missing or unexpected:
+    if missing:
+        raise ModelFormatError(f"{where} lacks tensor {missing[0]!r} that the model needs ({len(missing)} missing)")
+    if unexpected:
         raise ModelFormatError(
-            f"{weights} does not match the recorded architecture: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"{where} holds tensor {unexpected[0]!r} that the model does not have ({len(unexpected)} unexpected)"
         )
     for name, tensor in found.items():
         want = expected[name]
         if tensor.dtype != want.dtype or tensor.shape != want.shape:
             raise ModelFormatError(
-                f"{weights}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
-                f"the architecture needs {want.dtype} {tuple(want.shape)}"
+                f"{where}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
+                f"the model needs {want.dtype} {tuple(want.shape)}"
             )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ModelFormatError(f"{weights}: tensor {name!r} holds NaN or infinite values")
+            raise ModelFormatError(f"{where}: tensor {name!r} holds NaN or infinite values")
 
 
 def _read_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -246,13 +266,10 @@ def _read_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
         from nnopt.io.packed import unpack_tensors
 
         return unpack_tensors(data)
-    from safetensors import SafetensorError
-    from safetensors.torch import load as st_load
+    from nnopt.io.safetensors_check import load_safetensors_bytes
 
-    try:
-        return st_load(data)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise ModelFormatError(f"{weights} is not a valid safetensors file: {exc}") from None
+    # Header checked before safetensors parses it; parser errors become ModelFormatError too.
+    return load_safetensors_bytes(data, str(weights))
 
 
 def library_versions() -> dict[str, str]:

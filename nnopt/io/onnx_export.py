@@ -118,14 +118,21 @@ def export_onnx(
     path: str | Path | None = None,
     input_names: Sequence[str] | None = None,
     dynamic_batch: bool = True,
+    external_data: str | None = None,
 ) -> bytes:
     """Export ``model`` to ONNX (opset 17); returns the bytes and writes them atomically to ``path``.
 
     ``example_inputs``: one tensor, a tuple, or a mapping of keyword inputs (e.g. ``input_ids``,
     ``attention_mask`` of a transformer encoder). Batch (and sequence, for 2-D integer inputs)
     dimensions are dynamic unless ``dynamic_batch=False``.
+
+    ``external_data``: a file name, relative to ``path``'s directory, that receives the weights
+    (tensors of 1 KiB and more) while ``path`` keeps the graph; a name that could land outside
+    that directory (absolute, ``..``, a symlink out) is refused. The returned bytes hold everything.
     """
     onnx = _require("onnx")
+    if external_data is not None and path is None:
+        raise ConfigError("external_data needs a path to write beside")
     if isinstance(example_inputs, Mapping):
         names = list(input_names or example_inputs.keys())
         args: tuple[Any, ...] = (dict(example_inputs),)
@@ -159,11 +166,48 @@ def export_onnx(
         model.train(was_training)
     data = buffer.getvalue()
     onnx.checker.check_model(onnx.load_from_string(data))
-    if path is not None:
+    if path is not None and external_data is not None:
+        _write_with_external_data(onnx.load_from_string(data), Path(path), external_data)
+    elif path is not None:
         from nnopt.io.atomic import atomic_write_bytes
 
         atomic_write_bytes(Path(path), data)
     return data
+
+
+EXTERNAL_DATA_MIN_BYTES = 1024  # smaller tensors stay in the graph, as onnx's own saver does
+
+
+def _write_with_external_data(model: Any, path: Path, location: str) -> None:
+    """Move large tensors into ``location`` (checked to stay beside ``path``), then write both files
+    atomically: the data first, so the graph never names a missing or partial file."""
+    from onnx.external_data_helper import set_external_data
+
+    from nnopt.errors import OutputError, UnsafeFileError
+    from nnopt.io.atomic import atomic_write_bytes
+    from nnopt.io.onnx_import import confined_location, iter_tensors
+
+    try:
+        target = confined_location(path.parent, location, f"writing {path}")
+    except UnsafeFileError as exc:
+        raise OutputError(str(exc)) from None
+    if target == path.resolve():
+        raise OutputError(f"external_data {location!r} is the model file {path} itself")
+    if target.is_dir():
+        raise OutputError(f"refusing to write external data to {target}: it is a directory")
+    chunks: list[bytes] = []
+    offset = 0
+    for tensor in iter_tensors(model):
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_DATA_MIN_BYTES:
+            raw = tensor.raw_data
+            set_external_data(tensor, location, offset=offset, length=len(raw))
+            tensor.data_location = type(tensor).EXTERNAL
+            tensor.ClearField("raw_data")
+            chunks.append(raw)
+            offset += len(raw)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(target, b"".join(chunks))
+    atomic_write_bytes(path, model.SerializeToString())
 
 
 class OnnxRunner:
@@ -179,7 +223,13 @@ class OnnxRunner:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        source = model if isinstance(model, bytes) else str(model)
+        if isinstance(model, bytes):
+            source = model
+        else:
+            from nnopt.io.onnx_import import load_onnx
+
+            # Checked (external data confined to the model's directory, ONNX checker) before any session.
+            source = load_onnx(model).SerializeToString()
         self.session = ort.InferenceSession(source, options, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
 

@@ -106,15 +106,16 @@ def _pack_codes(v: np.ndarray, bits: int) -> bytes:
                     for s in range(0, len(u), _CHUNK))
 
 
-def _unpack_codes(buf: bytes, n: int, bits: int) -> np.ndarray:
-    """Inverse of :func:`_pack_codes`, sign-extending each code to int64."""
-    arr, out = np.frombuffer(buf, np.uint8), np.empty(n, np.int64)
+def _unpack_codes(buf: bytes, n: int, bits: int, dtype: np.dtype) -> np.ndarray:
+    """Inverse of :func:`_pack_codes`: sign-extended codes, written chunk by chunk straight into ``dtype``
+    (an int64 array of all ``n`` codes would be up to 32× the packed stream and 8× the tensor)."""
+    arr, out = np.frombuffer(buf, np.uint8), np.empty(n, dtype)
     weights = 1 << np.arange(bits - 1, -1, -1, dtype=np.int64)
     for s in range(0, n, _CHUNK):
         m = min(_CHUNK, n - s)
-        chunk = np.unpackbits(arr[s * bits // 8:], count=m * bits).reshape(m, bits)
-        out[s:s + m] = chunk.astype(np.int64) @ weights
-    return np.where(out >= 1 << (bits - 1), out - (1 << bits), out)
+        chunk = np.unpackbits(arr[s * bits // 8:], count=m * bits).reshape(m, bits).astype(np.int64) @ weights
+        out[s:s + m] = np.where(chunk >= 1 << (bits - 1), chunk - (1 << bits), chunk)
+    return out
 
 
 def _relative(idx: np.ndarray) -> bytes:
@@ -225,7 +226,7 @@ def _check_record(i: int, r: object) -> tuple:
     return name, _DTYPES[dt], tuple(shape), n, size, nnz, pos, vbits if coded else 0, pc, pl, vc, vl
 
 
-def _unpack(data: bytes) -> dict[str, torch.Tensor]:
+def _unpack(data: bytes, max_bytes: int | None) -> dict[str, torch.Tensor]:
     if len(data) < _PRE.size:
         raise ModelFormatError(f"packed tensors are truncated: {len(data)} bytes, the preamble alone is {_PRE.size}")
     magic, version, flags, hlen, crc = _PRE.unpack_from(data)
@@ -249,6 +250,9 @@ def _unpack(data: bytes) -> dict[str, torch.Tensor]:
         raise ModelFormatError("header names a tensor twice")
     if end + sum(r[9] + r[11] for r in records) != len(data):
         raise ModelFormatError("blob lengths in the header do not add up to the file size")
+    declared = sum(r[3] * r[4] for r in records)
+    if max_bytes is not None and declared > max_bytes:
+        raise ModelFormatError(f"the header declares {declared} bytes of tensors, more than the {max_bytes} allowed")
     out, off = {}, end
     for name, dtype, shape, n, size, nnz, pos, bits, pc, pl, vc, vl in records:
         what = f"tensor {name!r}"
@@ -270,21 +274,32 @@ def _unpack(data: bytes) -> dict[str, torch.Tensor]:
         elif pos == 2:
             sel = _unrelative(praw, nnz, n, f"{what} positions")
         if bits:
-            vals = _unpack_codes(vraw, count, bits).astype(str(dtype).removeprefix("torch.")).view(np.uint8)
+            vals = _unpack_codes(vraw, count, bits, np.dtype(str(dtype).removeprefix("torch."))).view(np.uint8)
         else:
             vals = np.frombuffer(vraw, np.uint8)
-        flat = torch.zeros(n * size, dtype=torch.uint8)  # torch-allocated: strides stay viewable when empty
+        # np.zeros is calloc: pages no value is written to stay unallocated, so a header that declares a
+        # huge mostly-zero shape costs memory only where the file really holds values. Empty tensors are
+        # torch-allocated, whose strides stay viewable.
+        flat = torch.from_numpy(np.zeros(n * size, np.uint8)) if n else torch.zeros(0, dtype=torch.uint8)
         flat.numpy().reshape(n, size)[sel] = vals.reshape(count, size)
         out[name] = flat.view(dtype).reshape(shape)
     return out
 
 
-def unpack_tensors(data: bytes) -> dict[str, torch.Tensor]:
-    """Read :func:`pack_tensors` output back bit-exactly; any malformed input is a ModelFormatError."""
+def unpack_tensors(data: bytes, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """Read :func:`pack_tensors` output back bit-exactly; any malformed input is a ModelFormatError.
+
+    ``max_bytes`` bounds the tensors' total size (elements × element size) that the header may declare,
+    checked before anything is decompressed: a caller that knows what it expects (the architecture's
+    state dict, say) should pass it, because well-compressed values legitimately inflate far beyond
+    the file's size.
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ConfigError(f"unpack_tensors needs bytes, got {type(data).__name__}")
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
+        raise ConfigError(f"max_bytes must be None or an integer >= 0, got {max_bytes!r}")
     try:
-        return _unpack(bytes(data))
+        return _unpack(bytes(data), max_bytes)
     except ModelFormatError:
         raise
     except Exception as exc:  # hostile input must never surface as another type

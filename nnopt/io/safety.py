@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nnopt.errors import UnsafeFileError
+import torch
+
+from nnopt.errors import ModelFormatError, UnsafeFileError
 
 _PICKLE_SUFFIXES = {".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".bin", ".joblib", ".npy", ".npz"}
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -37,3 +39,51 @@ def refuse_unsafe(path: Path) -> None:
             f"refusing to load {path}: {reason}, and loading it could execute code. "
             "Save the weights as safetensors (nnopt model directory) instead."
         )
+
+
+# The flag that lets a weights-only pickle through, as the CLI spells it and as the Python API does.
+ALLOW_PICKLE_HINT = "--allow-pickle (allow_pickle=True)"
+
+
+def load_pickled_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors from a ``torch.save`` file (``.pt``, ``.pth``, ``.bin``), only with ``allow_pickle``.
+
+    Even then the file goes through ``torch.load(weights_only=True)``, whose unpickler builds only
+    tensors and plain containers: a pickle that would call any other function is refused, never run.
+    """
+    path = Path(path)
+    if not allow_pickle:
+        raise UnsafeFileError(
+            f"refusing to load {path}: it is a pickle, and loading it could execute code. "
+            f"Convert it to safetensors, or pass {ALLOW_PICKLE_HINT} to read it with torch's "
+            "weights-only unpickler."
+        )
+    if not path.is_file():
+        raise ModelFormatError(f"{path}: no such file")
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the outcome is reported below
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as exc:
+        # weights_only refuses any global it does not know: that is a file trying to run code.
+        raise UnsafeFileError(
+            f"refusing to load {path}: it holds objects other than tensors, which the weights-only "
+            f"unpickler does not build ({str(exc).splitlines()[0][:200]})"
+        ) from None
+    except Exception as exc:  # truncated zip, bad magic, ...: name the file, not the library frame
+        raise ModelFormatError(f"{path} is not a readable torch.save file: {exc}"[:500]) from None
+    return _tensor_dict(loaded, path)
+
+
+def _tensor_dict(loaded: object, path: Path) -> dict[str, torch.Tensor]:
+    # A checkpoint that wraps the weights ({"state_dict": {...}}) is common; unwrap exactly that.
+    if isinstance(loaded, dict) and set(loaded) == {"state_dict"}:
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+    ):
+        raise ModelFormatError(f"{path} does not hold a flat mapping of tensor names to tensors (a state dict)")
+    return dict(loaded)

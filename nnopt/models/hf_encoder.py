@@ -67,11 +67,12 @@ class SentenceEncoder(nn.Module):
     sentence-transformers defines all-MiniLM-L6-v2.
     """
 
-    def __init__(self, config: MiniLMConfig, encoder_model: nn.Module) -> None:
+    def __init__(self, config: Config, encoder_model: nn.Module) -> None:
         super().__init__()
         self.config = config
         self.encoder_model = encoder_model
-        self.input_shape = (PROFILE_TOKENS,)
+        # Capped by the position table, for small local encoders.
+        self.input_shape = (min(PROFILE_TOKENS, int(encoder_model.config.max_position_embeddings)),)
 
     @property
     def hidden_size(self) -> int:
@@ -80,7 +81,8 @@ class SentenceEncoder(nn.Module):
     def example_inputs(self, batch: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Random token ids (no padding) of ``input_shape`` tokens, for timing; ids skip the special tokens."""
         vocab = int(self.encoder_model.config.vocab_size)
-        ids = torch.randint(1000, vocab, (batch, *self.input_shape), generator=generator)
+        low = 1000 if vocab > 1000 else 1  # small (test) vocabularies: anything but [PAD]
+        ids = torch.randint(low, vocab, (batch, *self.input_shape), generator=generator)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     @contextlib.contextmanager
@@ -228,6 +230,173 @@ def embed_sentences(
         model.train(was_training)
     return torch.cat(parts)
 
+
+# --- any BERT-family encoder from a local Hugging Face directory (offline, no pickle by default) ---
+
+HF_CONFIG = "config.json"
+HF_WEIGHTS = "model.safetensors"
+HF_PICKLE_WEIGHTS = "pytorch_model.bin"
+_HF_MODEL_TYPES = ("bert",)
+_HF_ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "silu", "swish", "tanh")
+_MAX_CONFIG_BYTES = 1 << 20
+# Keys of a task checkpoint (BertForMaskedLM, ...) that hold the encoder; heads and the pooler are dropped.
+_ENCODER_PREFIXES = ("embeddings.", "encoder.")
+MAX_ENCODER_PARAMS = 1 << 30  # 4 GiB of fp32: refuse records that would allocate more before any check
+
+
+@dataclasses.dataclass(frozen=True)
+class BertEncoderConfig(Config):
+    """The BERT hyper-parameters that fix the encoder's structure, read from a Hugging Face config.json."""
+
+    kind = "bert-encoder"
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 12
+    intermediate_size: int = 1536
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    source: str = ""  # where it was read from, for the record only
+
+    def validate(self) -> None:
+        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings", "type_vocab_size")
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"BertEncoderConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"BertEncoderConfig: hidden_size {self.hidden_size} is not a multiple of "
+                              f"num_attention_heads {self.num_attention_heads}")
+        if self.hidden_act not in _HF_ACTIVATIONS:
+            raise ConfigError(f"BertEncoderConfig.hidden_act must be one of {', '.join(_HF_ACTIVATIONS)}, "
+                              f"got {self.hidden_act!r}")
+        if not 0 < self.layer_norm_eps < 1:
+            raise ConfigError(f"BertEncoderConfig.layer_norm_eps must be in (0, 1), got {self.layer_norm_eps}")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ConfigError(f"BertEncoderConfig.pad_token_id {self.pad_token_id} is outside the vocabulary")
+        if self.parameter_count() > MAX_ENCODER_PARAMS:
+            raise ConfigError(f"BertEncoderConfig describes {self.parameter_count()} parameters, more than the "
+                              f"{MAX_ENCODER_PARAMS} supported")
+
+    def parameter_count(self) -> int:
+        """Parameters of the encoder without pooler: what building it allocates."""
+        h, i = self.hidden_size, self.intermediate_size
+        embeddings = (self.vocab_size + self.max_position_embeddings + self.type_vocab_size) * h + 2 * h
+        layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 4 * h  # q, k, v, out; FFN in, out; 2 LayerNorms
+        return embeddings + self.num_hidden_layers * layer
+
+
+def _build_bert_encoder(config: BertEncoderConfig) -> SentenceEncoder:
+    transformers = _transformers()
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "source"}
+    bert_config = transformers.BertConfig(**fields, attn_implementation=ATTN_IMPLEMENTATION)
+    return SentenceEncoder(config, transformers.BertModel(bert_config, add_pooling_layer=False)).eval()
+
+
+def is_hf_encoder_dir(path: str | Path) -> bool:
+    """A directory holding a Hugging Face config.json and a weights file (it may still be refused)."""
+    path = Path(path)
+    return (path / HF_CONFIG).is_file() and any((path / n).is_file() for n in (HF_WEIGHTS, HF_PICKLE_WEIGHTS))
+
+
+def load_hf_encoder(path: str | Path, allow_pickle: bool = False) -> SentenceEncoder:
+    """A BERT-family encoder from a local Hugging Face directory, as an nnopt model (``bert-encoder``).
+
+    Reads ``config.json`` as data and ``model.safetensors`` (header checked first); nothing is
+    downloaded and no code from the directory runs. ``pytorch_model.bin`` is a pickle: refused
+    unless ``allow_pickle``, then read with ``torch.load(weights_only=True)``. The embedding is the
+    masked mean of the last hidden state, L2-normalized (sentence-transformers' pooling).
+
+    >>> model = load_hf_encoder("models/my-bert")  # doctest: +SKIP
+    """
+    from nnopt.lineage import Lineage, set_lineage
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelFormatError(f"{path} is not a directory; a Hugging Face model is a folder with {HF_CONFIG}")
+    config = _read_hf_config(path)
+    tensors = _read_hf_weights(path, allow_pickle)
+    stored = sum(t.numel() for t in tensors.values())
+    if config.parameter_count() > stored:  # before building: a config must not make us allocate more than the file
+        raise ModelFormatError(f"{path / HF_CONFIG} describes {config.parameter_count()} parameters but the "
+                               f"weights file holds {stored} values")
+    model = _build_bert_encoder(config)
+    _load_encoder_tensors(model.encoder_model, tensors, path)
+    set_lineage(model, Lineage(architecture=BertEncoderConfig.kind, config=config.to_dict()))
+    return model
+
+
+def _read_hf_config(path: Path) -> BertEncoderConfig:
+    import json
+
+    file = path / HF_CONFIG
+    if file.stat().st_size > _MAX_CONFIG_BYTES:
+        raise ModelFormatError(f"{file} is larger than {_MAX_CONFIG_BYTES} bytes; not a model config")
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelFormatError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ModelFormatError(f"{file} is not a JSON object")
+    if raw.get("model_type") not in _HF_MODEL_TYPES:
+        raise UnsupportedModelError(f"{file}: model_type {raw.get('model_type')!r} is not supported; nnopt loads "
+                                    f"{', '.join(_HF_MODEL_TYPES)} encoders from local directories")
+    names = {f.name for f in dataclasses.fields(BertEncoderConfig)} - {"source"}
+    fields = {k: raw[k] for k in names if k in raw}
+    fields.setdefault("pad_token_id", 0)
+    if fields["pad_token_id"] is None:
+        fields["pad_token_id"] = 0
+    try:
+        return BertEncoderConfig(**fields, source=path.name)
+    except ConfigError as exc:
+        raise ModelFormatError(f"{file}: {exc}") from None
+
+
+def _read_hf_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    from nnopt.io.safetensors_check import load_safetensors
+    from nnopt.io.safety import load_pickled_weights
+
+    if (path / HF_WEIGHTS).is_file():
+        return load_safetensors(path / HF_WEIGHTS)
+    if (path / HF_PICKLE_WEIGHTS).is_file():
+        return load_pickled_weights(path / HF_PICKLE_WEIGHTS, allow_pickle=allow_pickle)
+    if (path / f"{HF_WEIGHTS}.index.json").is_file():
+        raise UnsupportedModelError(f"{path} holds a sharded checkpoint; nnopt reads a single {HF_WEIGHTS}")
+    raise ModelFormatError(f"{path} has no {HF_WEIGHTS}")
+
+
+def _load_encoder_tensors(bert: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Encoder tensors only (``bert.`` prefix of task checkpoints removed); names and shapes exact."""
+    if not any(k.startswith(_ENCODER_PREFIXES) for k in tensors):
+        tensors = {k[len("bert."):]: v for k, v in tensors.items() if k.startswith("bert.")}
+    kept = {k: v for k, v in tensors.items() if k.startswith(_ENCODER_PREFIXES) and not k.startswith(_UNUSED_KEYS)}
+    expected = bert.state_dict()
+    where = path.name
+    for name in sorted(set(expected) | set(kept)):
+        if name not in kept:
+            raise ModelFormatError(f"{where}: the weights lack tensor {name!r} that config.json implies")
+        if name not in expected:
+            raise ModelFormatError(f"{where}: the weights hold tensor {name!r} that config.json does not describe")
+        got, want = kept[name], expected[name]
+        if got.shape != want.shape:
+            raise ModelFormatError(f"{where}: tensor {name!r} is {tuple(got.shape)}, config.json implies "
+                                   f"{tuple(want.shape)}")
+        if got.dtype != want.dtype and not (got.dtype in (torch.float16, torch.bfloat16) and want.is_floating_point()):
+            raise ModelFormatError(f"{where}: tensor {name!r} is {got.dtype}, the encoder needs {want.dtype}")
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise ModelFormatError(f"{where}: tensor {name!r} holds NaN or infinite values")
+    # Half-precision checkpoints are widened to fp32 (exact); anything else was refused above.
+    bert.load_state_dict({k: v.to(expected[k].dtype) for k, v in kept.items()}, strict=True)
+
+
+register_architecture(
+    "bert-encoder", BertEncoderConfig, _build_bert_encoder,
+    "a BERT-family sentence encoder read from a local Hugging Face directory (needs nnopt[hf]): mean-pooled, "
+    "unit-norm embeddings",
+)
 
 register_architecture(
     "minilm", MiniLMConfig, _build_encoder,

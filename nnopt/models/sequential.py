@@ -2,8 +2,11 @@
 
 Adapters (Keras today) convert foreign models into this form, so that they can be optimized,
 saved and reloaded without the original framework and without executing stored code.
-Layer specs: ``linear:IN:OUT`` (``linear:IN:OUT:nobias`` without bias), ``relu``, ``tanh``,
-``sigmoid``, ``gelu``, ``flatten``, ``identity``.
+Layer specs: ``linear:IN:OUT`` (``linear:IN:OUT:nobias`` without bias),
+``conv2d:IN:OUT:KH:KW:SH:SW:PH:PW`` (``:nobias``), ``batchnorm1d:C:EPS``, ``batchnorm2d:C:EPS``,
+``maxpool2d:KH:KW:SH:SW``, ``avgpool2d:KH:KW:SH:SW``, ``globalavgpool2d`` (keeps 1×1), ``nhwc_to_nchw``
+(channels-last input, as Keras gives it, to torch's channels-first), ``relu``, ``tanh``, ``sigmoid``,
+``gelu``, ``flatten``, ``identity``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,14 @@ from nnopt.config import Config
 from nnopt.errors import ConfigError
 from nnopt.models.registry import register_architecture
 
+
+class NhwcToNchw(nn.Module):
+    """(N, H, W, C) -> (N, C, H, W): lets a channels-last model (Keras) run torch's convolutions."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2)
+
+
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
     "tanh": nn.Tanh,
@@ -25,6 +36,8 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "gelu": nn.GELU,
     "flatten": nn.Flatten,
     "identity": nn.Identity,
+    "nhwc_to_nchw": NhwcToNchw,
+    "globalavgpool2d": lambda: nn.AdaptiveAvgPool2d(1),
 }
 
 
@@ -52,19 +65,75 @@ def _layer_from_spec(spec: str) -> nn.Module:
     kind, *args = spec.split(":")
     if kind in _ACTIVATIONS and not args:
         return _ACTIVATIONS[kind]()
-    if kind == "linear" and len(args) in (2, 3):
+    builder = _BUILDERS.get(kind)
+    if builder is None or len(args) not in builder.arity:
+        raise ConfigError(f"unknown layer spec {spec!r}; known: {', '.join(b.usage for b in _BUILDERS.values())}, "
+                          + ", ".join(_ACTIVATIONS))
+    return builder.build(spec, args)
+
+
+def _sizes(spec: str, fields: list[str], minimum: int = 1) -> list[int]:
+    try:
+        values = [int(f) for f in fields]
+    except ValueError:
+        raise ConfigError(f"bad layer spec {spec!r}: sizes must be integers") from None
+    if any(v < minimum for v in values):
+        raise ConfigError(f"bad layer spec {spec!r}: sizes must be >= {minimum}")
+    return values
+
+
+def _bias_flag(spec: str, args: list[str], position: int) -> bool:
+    if len(args) > position and args[position] != "nobias":
+        raise ConfigError(f"bad layer spec {spec!r}: the last field may only be 'nobias'")
+    return len(args) == position
+
+
+def _linear(spec: str, args: list[str]) -> nn.Module:
+    n_in, n_out = _sizes(spec, args[:2])
+    return nn.Linear(n_in, n_out, bias=_bias_flag(spec, args, 2))
+
+
+def _conv2d(spec: str, args: list[str]) -> nn.Module:
+    n_in, n_out, kh, kw, sh, sw = _sizes(spec, args[:6])
+    ph, pw = _sizes(spec, args[6:8], minimum=0)
+    return nn.Conv2d(n_in, n_out, (kh, kw), (sh, sw), (ph, pw), bias=_bias_flag(spec, args, 8))
+
+
+def _batchnorm(module: type[nn.Module]) -> Callable[[str, list[str]], nn.Module]:
+    def build(spec: str, args: list[str]) -> nn.Module:
+        (channels,) = _sizes(spec, args[:1])
         try:
-            n_in, n_out = int(args[0]), int(args[1])
+            eps = float(args[1])
         except ValueError:
-            raise ConfigError(f"bad layer spec {spec!r}: sizes must be integers") from None
-        if n_in < 1 or n_out < 1:
-            raise ConfigError(f"bad layer spec {spec!r}: sizes must be >= 1")
-        if len(args) == 3 and args[2] != "nobias":
-            raise ConfigError(f"bad layer spec {spec!r}: third field may only be 'nobias'")
-        return nn.Linear(n_in, n_out, bias=len(args) == 2)
-    raise ConfigError(
-        f"unknown layer spec {spec!r}; known: linear:IN:OUT[:nobias], " + ", ".join(_ACTIVATIONS)
-    )
+            raise ConfigError(f"bad layer spec {spec!r}: epsilon must be a number") from None
+        if not 0 < eps < 1:
+            raise ConfigError(f"bad layer spec {spec!r}: epsilon must be in (0, 1)")
+        return module(channels, eps=eps)
+    return build
+
+
+def _pool(module: type[nn.Module]) -> Callable[[str, list[str]], nn.Module]:
+    def build(spec: str, args: list[str]) -> nn.Module:
+        kh, kw, sh, sw = _sizes(spec, args)
+        return module((kh, kw), (sh, sw))
+    return build
+
+
+@dataclasses.dataclass(frozen=True)
+class _Builder:
+    usage: str
+    arity: tuple[int, ...]
+    build: Callable[[str, list[str]], nn.Module]
+
+
+_BUILDERS = {
+    "linear": _Builder("linear:IN:OUT[:nobias]", (2, 3), _linear),
+    "conv2d": _Builder("conv2d:IN:OUT:KH:KW:SH:SW:PH:PW[:nobias]", (8, 9), _conv2d),
+    "batchnorm1d": _Builder("batchnorm1d:C:EPS", (2,), _batchnorm(nn.BatchNorm1d)),
+    "batchnorm2d": _Builder("batchnorm2d:C:EPS", (2,), _batchnorm(nn.BatchNorm2d)),
+    "maxpool2d": _Builder("maxpool2d:KH:KW:SH:SW", (4,), _pool(nn.MaxPool2d)),
+    "avgpool2d": _Builder("avgpool2d:KH:KW:SH:SW", (4,), _pool(nn.AvgPool2d)),
+}
 
 
 class SequentialNet(nn.Module):

@@ -143,7 +143,8 @@ class MinMaxObserver(Observer):
             if not -x.ndim <= self.channel_axis < x.ndim:
                 raise ValueError(f"channel_axis {self.channel_axis} is out of range for a {x.ndim}-d tensor")
             dims = P.reduce_dims(x, self.channel_axis)
-            lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
+            # dims == () (a 1-D tensor): every element is its own channel; amin(dim=()) would reduce all.
+            lo, hi = (x, x) if not dims else (x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True))
         lo, hi = lo.to(torch.float64), hi.to(torch.float64)  # exact: min/max only pick values
         if self._lo is None or self._hi is None:
             self._lo, self._hi = lo, hi

@@ -53,6 +53,8 @@ def reduce_dims(w: torch.Tensor, channel_axis: int | None) -> tuple[int, ...]:
     """Dimensions reduced over for one scale per tensor (None) or per slice along ``channel_axis``."""
     if channel_axis is None:
         return tuple(range(w.ndim))
+    if not -w.ndim <= channel_axis < w.ndim:  # `%` would silently pick another axis (or divide by 0)
+        raise ValueError(f"channel_axis {channel_axis} is out of range for a {w.ndim}-d tensor")
     axis = channel_axis % w.ndim
     return tuple(d for d in range(w.ndim) if d != axis)
 
@@ -96,6 +98,8 @@ def compute_qparams(
     """
     dims = reduce_dims(w, channel_axis)
     w = w.detach()
+    if not dims:  # per channel of a 1-D tensor: nothing to reduce (torch reads dim=() as "every dim")
+        return qparams_from_range(w, w, bits, symmetric)
     # min/max are exact in any dtype; qparams_from_range does the arithmetic in float64.
     return qparams_from_range(w.amin(dim=dims, keepdim=True), w.amax(dim=dims, keepdim=True), bits, symmetric)
 

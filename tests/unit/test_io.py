@@ -126,7 +126,7 @@ def test_shape_mismatch_is_a_format_error(trained_simplenet, tmp_path):
     meta = json.loads((tmp_path / "m" / "nnopt.json").read_text())
     meta["config"]["hidden"] = [64, 31]
     (tmp_path / "m" / "nnopt.json").write_text(json.dumps(meta))
-    with pytest.raises(ModelFormatError, match=r"is torch.float32 \(.*\), the architecture needs torch.float32"):
+    with pytest.raises(ModelFormatError, match=r"is torch.float32 \(.*\), the model needs torch.float32"):
         load_model(tmp_path / "m")
 
 
