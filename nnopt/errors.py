@@ -31,3 +31,11 @@ class SelectionError(NnoptError):
 
 class UnsupportedModelError(NnoptError):
     """A model contains layers or operations that nnopt cannot handle."""
+
+
+class IntegrityError(NnoptError):
+    """A file's contents do not match its recorded hash, or an input changed during a run."""
+
+
+class ResumeError(NnoptError):
+    """A checkpoint cannot be resumed (missing, corrupt, or written by a different run)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from nnopt.config import Config
 from nnopt.data import Split
 from nnopt.errors import ConfigError
 from nnopt.progress import track
+
+if TYPE_CHECKING:
+    from nnopt.checkpoint import CheckpointSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +46,8 @@ class TrainConfig(Config):
 
 
 class TrainCallback(Protocol):
-    """Runs after every optimizer step; may also define ``after_epoch(model, epoch)`` (0-based)."""
+    """Runs after every optimizer step; may also define ``after_epoch(model, epoch)`` (0-based),
+    and ``checkpoint_state()`` / ``restore_state(state, model)`` to be resumed from a checkpoint."""
 
     def after_step(self, model: nn.Module) -> None: ...
 
@@ -70,24 +74,41 @@ def train(
     callbacks: Sequence[TrainCallback] = (),
     progress: bool | None = None,
     loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    checkpoint: CheckpointSpec | None = None,
+    resume: bool = False,
 ) -> TrainHistory:
     """Fine-tune ``model`` in place and return its history.
 
     ``loss(logits, x, y)`` replaces cross-entropy (knowledge distillation uses it to see ``x``).
+    ``checkpoint`` writes the whole training state every ``checkpoint.every`` epochs;
+    ``resume=True`` continues from it (same model, data and config, else
+    :class:`~nnopt.errors.ResumeError`) with the same result as an uninterrupted run.
 
     >>> history = train(model, dataset.train, TrainConfig(epochs=2), eval_data=dataset.test)
     >>> history.eval_accuracy[-1]  # doctest: +SKIP
     """
     from nnopt.metrics.accuracy import accuracy
 
+    if resume and checkpoint is None:
+        raise ConfigError("resume=True needs checkpoint=CheckpointSpec(directory) to resume from")
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     history = TrainHistory()
-    start = time.perf_counter()
+    first_epoch, step, saver = 0, 0, None
+    if checkpoint is not None:
+        from nnopt.checkpoint import Checkpointer, training_fingerprint
+
+        fingerprint = training_fingerprint(config, data, model, callbacks, eval_data=eval_data, loss=loss,
+                                           identity=checkpoint.identity)
+        saver = Checkpointer(checkpoint, fingerprint, config.epochs, model, optimizer, generator, callbacks)
+        first_epoch, step = saver.begin(resume, history)
+    earlier_seconds, start = history.seconds, time.perf_counter()
     with track("training", total=config.epochs, enabled=progress) as bar:
-        for _ in range(config.epochs):
+        if first_epoch:
+            bar.advance(first_epoch, status="resumed")
+        for _ in range(first_epoch, config.epochs):
             model.train()
             total_loss, correct = 0.0, 0
             for x, y in data.batches(config.batch_size, shuffle=True, generator=generator):
@@ -96,6 +117,7 @@ def train(
                 value = loss_fn(logits, y) if loss is None else loss(logits, x, y)
                 value.backward()
                 optimizer.step()
+                step += 1
                 for callback in callbacks:
                     callback.after_step(model)
                 total_loss += float(value.detach()) * len(y)
@@ -108,10 +130,15 @@ def train(
                 after_epoch = getattr(callback, "after_epoch", None)
                 if after_epoch is not None:
                     after_epoch(model, history.epochs - 1)
+            if saver is not None:
+                history.seconds = earlier_seconds + time.perf_counter() - start
+                saver.end_epoch(history.epochs, step, history)
             status = f"loss {history.loss[-1]:.4f}"
             if history.eval_accuracy:
                 status += f"  eval acc {history.eval_accuracy[-1]:.3f}"
             bar.advance(status=status)
     model.eval()
-    history.seconds = time.perf_counter() - start
+    history.seconds = earlier_seconds + time.perf_counter() - start
+    if saver is not None:
+        saver.finish()
     return history

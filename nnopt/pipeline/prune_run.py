@@ -9,13 +9,16 @@ from typing import Any
 
 from torch import nn
 
+from nnopt.checkpoint import CheckpointSpec
 from nnopt.config import Config
 from nnopt.errors import ConfigError
 from nnopt.io.model_dir import save_model
 from nnopt.lineage import get_lineage
 from nnopt.metrics import accuracy, profile_model
-from nnopt.pipeline.runs import Row, open_run, render_run, size_rows
+from nnopt.passes import run_verb
+from nnopt.pipeline.runs import Row, commit_output, open_run, render_run, run_checkpoint, size_rows
 from nnopt.pruning import GradualPruneConfig, finetune, prune
+from nnopt.pruning.schedule import GRADUAL_PASS, prune_gradual
 from nnopt.sparse import SparseKernelConfig, kernel_summary, sparsify
 from nnopt.training import TrainConfig
 
@@ -45,16 +48,29 @@ def run_prune(
     weights_format: str = "packed",
     overwrite: bool = False,
     kernel_batch: int = 1,
+    checkpoint: CheckpointSpec | None = None,
+    resume: bool = False,
 ) -> PruneRun:
-    """Validate everything first, then prune ``path`` into ``out``."""
+    """Validate everything first, then prune ``path`` into ``out``.
+
+    Gradual pruning checkpoints its training into ``checkpoint`` (removed once ``out`` is
+    written); ``resume`` continues an interrupted run from there.
+    """
     out = Path(out)
     gradual = isinstance(config, GradualPruneConfig)
     if (gradual or finetune_epochs) and not data_name:
         raise ConfigError("fine-tuning needs data: add --data digits")
-    run = open_run(path, out, weights_format, overwrite, data_name)
+    if (checkpoint is not None or resume) and not gradual:
+        raise ConfigError("checkpoints and --resume apply to gradual pruning (--schedule gradual)")
+    run = open_run(path, out, weights_format, overwrite, data_name, checkpoint=checkpoint, resume=resume)
     model, dataset = run.model, run.dataset
+    spec = run_checkpoint(run, checkpoint)
 
-    pruned = prune(model, config, data=dataset.train if dataset else None)
+    if spec is not None:  # nnopt.prune takes no checkpoint yet: the same dispatch, with it in the context
+        pruned = run_verb("pruning", {GradualPruneConfig: (GRADUAL_PASS, prune_gradual)}, model, config, False,
+                          data=dataset.train, checkpoint=spec, resume=resume)
+    else:
+        pruned = prune(model, config, data=dataset.train if dataset else None)
     if finetune_epochs and not gradual:
         finetune(pruned, dataset.train, TrainConfig(epochs=finetune_epochs))
     metrics: dict[str, Any] = {}
@@ -65,8 +81,8 @@ def run_prune(
         pruned = sparsify(pruned, SparseKernelConfig(batch_size=kernel_batch), inplace=True)
         kernels = kernel_summary(get_lineage(pruned).applied[-1].details)
     before, after = profile_model(model), profile_model(pruned)
-    saved = save_model(pruned, out, metrics=metrics, inputs=[path], overwrite=overwrite,
-                       weights_format=weights_format)
+    saved = commit_output(run, lambda: save_model(pruned, out, metrics=metrics, inputs=[path], overwrite=overwrite,
+                                                  weights_format=weights_format), spec)
     rows = [
         ("non-zero weights", before.nonzeros, after.nonzeros),
         ("zero share of parameters", round(1 - before.nonzeros / before.params, 4),
@@ -119,8 +135,8 @@ def run_structured_prune(
         metrics["accuracy"] = accuracy(pruned, dataset.test)
         rows.append(("accuracy", round(accuracy(model, dataset.test), 4), round(metrics["accuracy"], 4)))
     before, after = profile_model(model), profile_model(pruned)
-    saved = save_model(pruned, out, metrics=metrics, inputs=[path], overwrite=overwrite,
-                       weights_format=weights_format)
+    saved = commit_output(run, lambda: save_model(pruned, out, metrics=metrics, inputs=[path], overwrite=overwrite,
+                                                  weights_format=weights_format), None)
     rows += [("parameters", before.params, after.params), ("MACs per example", before.macs, after.macs)]
     if encoder:
         timing = _encoder_latency(model, pruned)

@@ -10,13 +10,15 @@ from typing import Any
 
 import torch
 
+from nnopt.checkpoint import CheckpointSpec
 from nnopt.config import Config
 from nnopt.errors import ConfigError
 from nnopt.io.model_dir import save_model
 from nnopt.metrics import accuracy
 from nnopt.metrics.profile import model_input_shape
 from nnopt.metrics.speed import compare_calls
-from nnopt.pipeline.runs import Row, open_run, render_run, size_rows
+from nnopt.passes import run_verb
+from nnopt.pipeline.runs import Row, commit_output, open_run, render_run, run_checkpoint, size_rows
 from nnopt.quantization import (
     ClusterConfig,
     DynamicQuantConfig,
@@ -25,6 +27,8 @@ from nnopt.quantization import (
     WeightQuantConfig,
     quantize,
 )
+from nnopt.quantization.qat import PASS_NAME as QAT_PASS
+from nnopt.quantization.qat import quantize_qat
 
 SCHEMES = ("int8-dynamic", "int8-static", "int8-weight", "int4-weight", "cluster", "qat")
 NEEDS_DATA = ("int8-static", "qat")
@@ -89,27 +93,40 @@ def run_quantize(
     weights_format: str = "safetensors",
     overwrite: bool = False,
     latency_seconds: float = 0.5,
+    checkpoint: CheckpointSpec | None = None,
+    resume: bool = False,
 ) -> QuantizeRun:
-    """Validate everything first, then quantize ``path`` into ``out``."""
+    """Validate everything first, then quantize ``path`` into ``out``.
+
+    QAT checkpoints its training into ``checkpoint`` (removed once ``out`` is written);
+    ``resume`` continues an interrupted run from there.
+    """
     out = Path(out)
     config = build_config(options)
     wants_data = options.scheme in NEEDS_DATA or options.smoothing is not None or options.epochs > 0
     if wants_data and not data_name:
         raise ConfigError(f"{options.scheme} with these options needs calibration or training data: add --data digits")
-    run = open_run(path, out, weights_format, overwrite, data_name)
+    if (checkpoint is not None or resume) and options.scheme != "qat":
+        raise ConfigError(f"checkpoints and --resume apply to --scheme qat, not {options.scheme}")
+    run = open_run(path, out, weights_format, overwrite, data_name, checkpoint=checkpoint, resume=resume)
     model, dataset = run.model, run.dataset
+    spec = run_checkpoint(run, checkpoint)
 
     data = dataset.train.subset(min(options.calib, len(dataset.train))) if dataset else None
     if options.scheme in ("qat", "cluster") and dataset is not None:
         data = dataset.train  # fine-tuning uses the whole training split
-    quantized = quantize(model, config, data=data)
+    if spec is not None:  # nnopt.quantize takes no checkpoint yet: the same dispatch, with it in the context
+        quantized = run_verb("quantization", {QATConfig: (QAT_PASS, quantize_qat)}, model, config, False,
+                             data=data, checkpoint=spec, resume=resume)
+    else:
+        quantized = quantize(model, config, data=data)
     metrics: dict[str, Any] = {}
     rows: list[Row] = []
     if dataset is not None:
         metrics["accuracy"] = accuracy(quantized, dataset.test)
         rows.append(("accuracy", round(accuracy(model, dataset.test), 4), round(metrics["accuracy"], 4)))
-    saved = save_model(quantized, out, metrics=metrics, inputs=[path], overwrite=overwrite,
-                       weights_format=weights_format)
+    saved = commit_output(run, lambda: save_model(quantized, out, metrics=metrics, inputs=[path],
+                                                  overwrite=overwrite, weights_format=weights_format), spec)
     rows += size_rows(run.meta, saved)
     generator = torch.Generator().manual_seed(0)
     for size in (1, 32):

@@ -1,17 +1,24 @@
 """What the `nnopt prune` and `nnopt quantize` runs share: checks before any work, the loaded
-input, and the before/after table."""
+input (hashed when opened, and again just before the output is committed), checkpoints of runs
+that train, and the before/after table."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from nnopt.checkpoint import CheckpointSpec, check_start, remove_checkpoint
 from nnopt.data import Dataset, load_dataset
-from nnopt.errors import ConfigError
-from nnopt.io.atomic import check_replaceable, refuse_input_overlap
+from nnopt.errors import ConfigError, IntegrityError, OutputError
+from nnopt.io.atomic import check_replaceable, commit_guard, refuse_input_overlap
+from nnopt.io.manifest import list_files
 from nnopt.io.model_dir import META_FILE, WEIGHT_FILES, SavedModel, load_model, read_meta, weights_file
 from nnopt.metrics.table import render_table
 
@@ -20,25 +27,81 @@ Row = tuple[str, Any, Any]  # (figure, before, after)
 
 @dataclasses.dataclass(frozen=True)
 class RunInput:
+    """The loaded input; ``files`` are the sha256 and size of each of its files when it was opened."""
+
     meta: dict[str, Any]
     model: nn.Module
     dataset: Dataset | None
+    path: Path = Path()
+    files: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def input_sha256(self) -> str:
+        """One hash over the input's files (names, sizes, contents)."""
+        return hashlib.sha256(json.dumps(self.files, sort_keys=True).encode()).hexdigest()
+
+    def check_unchanged(self) -> None:
+        """IntegrityError if the input's files differ from when the run opened it."""
+        now = list_files(self.path)
+        if now != self.files:
+            names = sorted(n for n in {*now, *self.files} if now.get(n) != self.files.get(n))
+            raise IntegrityError(f"the input {self.path} changed during the run ({', '.join(names[:5])}); "
+                                 "its result would not match either version, so nothing was written")
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Outputs committed within the block are first checked against an input that changed."""
+        with commit_guard(self.check_unchanged):
+            yield
 
 
 def open_run(
-    path: str | Path, out: Path, weights_format: str, overwrite: bool, data_name: str | None
+    path: str | Path, out: Path, weights_format: str, overwrite: bool, data_name: str | None,
+    checkpoint: CheckpointSpec | None = None, resume: bool = False,
 ) -> RunInput:
-    """Check the output and the format, then load the input model (and data set) — nothing is written."""
+    """Check the output, the format and the checkpoint directory, then hash and load the input
+    model (and data set) — nothing is written."""
     if weights_format not in WEIGHT_FILES:
         raise ConfigError(f"format must be one of {', '.join(WEIGHT_FILES)}, got {weights_format!r}")
     refuse_input_overlap(out, [path])
     check_replaceable(out, (META_FILE, *WEIGHT_FILES.values()) if overwrite else None)
+    if checkpoint is not None:
+        _check_checkpoint_location(checkpoint.directory, Path(path), Path(out))
+        check_start(checkpoint, resume)
+    elif resume:
+        raise ConfigError("resuming needs a checkpoint directory")
     meta = read_meta(path)
+    files = list_files(path)  # before loading: a change from here on is caught before the commit
     model = load_model(path)
     dataset = load_dataset(data_name) if data_name else None
     if dataset is not None:
         _check_fits(model, dataset)
-    return RunInput(meta, model, dataset)
+    return RunInput(meta, model, dataset, Path(path), files)
+
+
+def _check_checkpoint_location(directory: Path, path: Path, out: Path) -> None:
+    refuse_input_overlap(directory, [path])
+    if directory.resolve() == out.resolve() or out.resolve() in directory.resolve().parents:
+        raise OutputError(f"the checkpoint directory {directory} must lie beside the output {out}, not in it")
+    if directory.resolve() in out.resolve().parents:
+        raise OutputError(f"the output {out} must not lie inside the checkpoint directory {directory}")
+
+
+def run_checkpoint(run: RunInput, spec: CheckpointSpec | None) -> CheckpointSpec | None:
+    """The spec training uses: tied to this input, and kept until the output is committed."""
+    if spec is None:
+        return None
+    spec = spec.with_identity({"input model": run.input_sha256})
+    return dataclasses.replace(spec, remove_on_success=False)
+
+
+def commit_output(run: RunInput, save: Callable[[], SavedModel], checkpoint: CheckpointSpec | None) -> SavedModel:
+    """Save the output (aborted if the input changed meanwhile), then drop the run's checkpoint."""
+    with run.guard():
+        saved = save()
+    if checkpoint is not None:
+        remove_checkpoint(checkpoint.directory)
+    return saved
 
 
 def size_rows(meta: dict[str, Any], saved: SavedModel) -> list[Row]:

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from nnopt.checkpoint import CheckpointSpec, checkpoint_context
 from nnopt.config import Config
 from nnopt.data import Split
 from nnopt.passes import Apply, register_pass, run_verb
@@ -58,6 +59,8 @@ def prune(
     eval_data: Split | None = None,
     inplace: bool = False,
     progress: bool | None = None,
+    checkpoint: CheckpointSpec | None = None,
+    resume: bool = False,
 ) -> nn.Module:
     """Prune ``model`` as ``config`` says and return the result (a copy unless ``inplace``).
 
@@ -68,8 +71,12 @@ def prune(
     >>> pruned = prune(model, MagnitudePruneConfig(sparsity=0.9, allocation="global"))
     >>> pruned = prune(model, GradualPruneConfig(final_sparsity=0.9), data=dataset.train)
     >>> smaller = prune(model, StructuredPruneConfig(ratio=0.5, importance="gradient"), data=dataset.train)
+
+    ``checkpoint``/``resume``: passes that train (gradual pruning) checkpoint every epoch and continue
+    from the last checkpoint (see :mod:`nnopt.checkpoint`).
     """
-    return run_verb("pruning", _PRUNERS, model, config, inplace, data=data, eval_data=eval_data, progress=progress)
+    return run_verb("pruning", _PRUNERS, model, config, inplace, data=data, eval_data=eval_data, progress=progress,
+                    **checkpoint_context(checkpoint, resume))
 
 
 def finetune(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ from nnopt.pruning.masks import apply_masks
 from nnopt.pruning.targets import layer_stats, prune_targets
 from nnopt.select import validate_patterns
 from nnopt.training import TrainConfig, train
+
+if TYPE_CHECKING:
+    from nnopt.checkpoint import CheckpointSpec
 
 GRADUAL_PASS = "prune-gradual"
 
@@ -96,6 +99,14 @@ class GradualPruner:
         elif self.masks:
             apply_masks(self.targets, self.masks)
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"step": self.step, "history": [list(h) for h in self.history], "masks": self.masks}
+
+    def restore_state(self, state: dict[str, Any], model: nn.Module) -> None:
+        self.step = int(state["step"])
+        self.history = [(int(step), float(s)) for step, s in state["history"]]
+        self.masks = dict(state["masks"])
+
     def finish(self) -> None:
         """Make sure the final sparsity is reached, whatever the step arithmetic left."""
         if not self.history or self.history[-1][1] < self.config.final_sparsity:
@@ -103,13 +114,19 @@ class GradualPruner:
 
 
 def prune_gradual(model: nn.Module, config: GradualPruneConfig, data: Split | None = None,
-                  eval_data: Split | None = None, progress: bool | None = None, **_: Any) -> dict[str, Any]:
+                  eval_data: Split | None = None, progress: bool | None = None,
+                  checkpoint: CheckpointSpec | None = None, resume: bool = False, **_: Any) -> dict[str, Any]:
+    """Prune ``model`` in place on the cubic schedule; ``checkpoint``/``resume`` as in :func:`nnopt.train`
+    (the schedule's position and masks are part of the checkpoint)."""
     if data is None:
         raise ConfigError("gradual pruning fine-tunes the model: pass training data (data=...)")
     targets = prune_targets(model, config.layers)
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     pruner = GradualPruner(targets, config, total_steps=config.epochs * steps_per_epoch)
-    history = train(model, data, config.train_config(), eval_data=eval_data, callbacks=[pruner], progress=progress)
+    if checkpoint is not None:
+        checkpoint = checkpoint.with_identity({"gradual pruning config": config.to_dict()})
+    history = train(model, data, config.train_config(), eval_data=eval_data, callbacks=[pruner], progress=progress,
+                    checkpoint=checkpoint, resume=resume)
     pruner.finish()
     return {
         "allocation": config.allocation,

@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from nnopt.checkpoint import CheckpointSpec, checkpoint_context
 from nnopt.config import Config
 from nnopt.passes import run_verb
 from nnopt.quantization import clustering, mixed, ptq, qat, weights  # noqa: F401  (their registrations)
@@ -33,6 +34,8 @@ def quantize(
     eval_data: Any = None,
     inplace: bool = False,
     progress: bool | None = None,
+    checkpoint: CheckpointSpec | None = None,
+    resume: bool = False,
 ) -> nn.Module:
     """Quantize ``model`` as ``config`` says and return the result (a copy unless ``inplace``).
 
@@ -42,7 +45,10 @@ def quantize(
     >>> q = quantize(model, WeightQuantConfig(bits=8))
     >>> q.classifier.weight_q.dtype
     torch.int8
+
+    ``checkpoint``/``resume``: QAT checkpoints every epoch and continues from the last checkpoint.
     """
     return run_verb(
-        "quantization", QUANTIZERS, model, config, inplace, data=data, eval_data=eval_data, progress=progress
+        "quantization", QUANTIZERS, model, config, inplace, data=data, eval_data=eval_data, progress=progress,
+        **checkpoint_context(checkpoint, resume),
     )

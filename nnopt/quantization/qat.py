@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,9 @@ from nnopt.quantization.ptq import STATIC_TYPES, _targets, calibration_inputs, o
 from nnopt.quantization.registry import register_quantizer
 from nnopt.select import replace_layer, validate_patterns
 from nnopt.training import TrainConfig, TrainHistory, train
+
+if TYPE_CHECKING:
+    from nnopt.checkpoint import CheckpointSpec
 
 PASS_NAME = "quantize-qat"
 BITS = 8  # the int8 kernels fix the width
@@ -225,6 +228,14 @@ class _ObserverFreezer:
         if self.done == self.steps:
             set_observing(model, False)
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"done": self.done}
+
+    def restore_state(self, state: dict[str, Any], model: nn.Module) -> None:
+        self.done = int(state["done"])
+        if self.done >= self.steps:
+            set_observing(model, False)
+
 
 def set_observing(model: nn.Module, enabled: bool) -> None:
     """Turn input range updates of every fake-quant layer in ``model`` on or off."""
@@ -261,9 +272,12 @@ def prepare_qat(model: nn.Module, config: QATConfig, data: Any) -> list[str]:
 
 def finetune_qat(
     model: nn.Module, config: QATConfig, data: Split, eval_data: Split | None = None, progress: bool | None = None,
-    extra_callbacks: Sequence[Any] = (),
+    extra_callbacks: Sequence[Any] = (), checkpoint: CheckpointSpec | None = None, resume: bool = False,
 ) -> TrainHistory:
-    """Train a prepared model (in place) with pruned zeros kept and ranges frozen as configured."""
+    """Train a prepared model (in place) with pruned zeros kept and ranges frozen as configured.
+
+    ``checkpoint``/``resume`` as in :func:`nnopt.train`; the observed ranges and whether they are
+    frozen yet are part of the checkpoint."""
     # The fake-quant twins are Linear/Conv2d, so the keeper finds (and keeps) every pruned zero.
     callbacks: list[Any] = [MaskKeeper.from_zeros(model), *extra_callbacks]
     freeze = config.freeze_observers_epoch
@@ -271,8 +285,11 @@ def finetune_qat(
     if freeze is not None and 0 < freeze < config.epochs:
         steps_per_epoch = math.ceil(len(data) / config.batch_size)
         callbacks.append(_ObserverFreezer(freeze * steps_per_epoch))
+    if checkpoint is not None:
+        checkpoint = checkpoint.with_identity({"qat config": config.to_dict()})
     try:
-        return train(model, data, config.train_config(), eval_data=eval_data, callbacks=callbacks, progress=progress)
+        return train(model, data, config.train_config(), eval_data=eval_data, callbacks=callbacks, progress=progress,
+                     checkpoint=checkpoint, resume=resume)
     finally:
         set_observing(model, True)
 
@@ -300,7 +317,10 @@ def convert_qat(model: nn.Module) -> dict[str, Any]:
 
 
 def quantize_qat(model: nn.Module, config: QATConfig, **context: Any) -> dict[str, Any]:
-    """Prepare, fine-tune on ``context["data"]`` and convert ``model`` in place; returns the details."""
+    """Prepare, fine-tune on ``context["data"]`` and convert ``model`` in place; returns the details.
+
+    ``context["checkpoint"]`` (a :class:`~nnopt.checkpoint.CheckpointSpec`) and ``context["resume"]``
+    make the fine-tuning resumable, as in :func:`nnopt.train`."""
     data = context.get("data")
     if data is None:
         raise ConfigError("QATConfig needs data=... to fine-tune")
@@ -312,7 +332,8 @@ def quantize_qat(model: nn.Module, config: QATConfig, **context: Any) -> dict[st
     train_rows, held_out = _split_validation(data, config)
     keeper = _BestOnValidation(model, held_out) if held_out is not None else None
     history = finetune_qat(model, config, train_rows, eval_data=context.get("eval_data"),
-                           progress=context.get("progress"), extra_callbacks=[keeper] if keeper else [])
+                           progress=context.get("progress"), extra_callbacks=[keeper] if keeper else [],
+                           checkpoint=context.get("checkpoint"), resume=bool(context.get("resume")))
     if keeper is not None:
         keeper.restore(model)
     layers = convert_qat(model)
@@ -352,6 +373,14 @@ class _BestOnValidation:
 
     def restore(self, model: nn.Module) -> None:
         model.load_state_dict(self.best_state)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"losses": self.losses, "best_epoch": self.best_epoch, "best_state": self.best_state}
+
+    def restore_state(self, state: dict[str, Any], model: nn.Module) -> None:
+        self.losses = [float(x) for x in state["losses"]]
+        self.best_epoch = int(state["best_epoch"])
+        self.best_state = {k: v.clone() for k, v in state["best_state"].items()}
 
     def _consider(self, model: nn.Module, epoch: int) -> None:
         was_training = model.training

@@ -1,0 +1,81 @@
+"""`nnopt verify DIR`: does an output directory still hold exactly what nnopt wrote?
+
+Every file is compared with the directory's ``manifest.json``; each model directory inside it
+(``nnopt.json``) is also checked against the sha256 its record holds for its weights. Exit status:
+0 when everything matches, 1 on a mismatch (the files are named), 2 when there is nothing to
+verify against (not a directory, no manifest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from nnopt.io.atomic import sha256_file
+from nnopt.io.manifest import VerifyResult, verify_directory
+
+META_FILE = "nnopt.json"  # nnopt.io.model_dir.META_FILE, without importing torch for a hash check
+
+
+def register(commands: Any) -> None:
+    """Add `nnopt verify` to the CLI's subcommands."""
+    verify = commands.add_parser(
+        "verify", help="check an output directory against its manifest (sha256 of every file)",
+        description="Compare every file of an nnopt output directory (a model, a demo report, ...) with the "
+        "sha256 and size its manifest.json records, and each model's weights with the sha256 in its nnopt.json. "
+        "Prints OK, or the changed, missing and extra files. Exit status 0 when everything matches, 1 on a "
+        "mismatch, 2 when PATH is not a directory with a manifest.json.",
+    )
+    verify.add_argument("path", metavar="DIR", help="an output directory written by nnopt")
+    verify.add_argument("--json", action="store_true", help="print the result as JSON")
+    verify.set_defaults(handler=cmd_verify)
+
+
+def verify_output(path: str | Path) -> VerifyResult:
+    """:func:`~nnopt.io.manifest.verify_directory`, plus each model record's weights sha256."""
+    result = verify_directory(path)
+    changed, notes = list(result.changed), list(result.notes)
+    for rel, note in _model_record_mismatches(Path(path)):
+        notes.append(note)
+        if rel not in changed:
+            changed.append(rel)
+    return dataclasses.replace(result, changed=tuple(changed), notes=tuple(notes))
+
+
+def _model_record_mismatches(root: Path) -> list[tuple[str, str]]:
+    """``(relative path, note)`` for each file a model record lists whose sha256 is not the recorded one."""
+    found = []
+    for meta_path in sorted(root.rglob(META_FILE)):
+        if meta_path.is_symlink() or not meta_path.is_file():
+            continue
+        model_dir = meta_path.parent
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            files = meta["files"]
+            entries = [(name, entry["sha256"]) for name, entry in files.items()]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+            rel = meta_path.relative_to(root).as_posix()
+            found.append((rel, f"{rel} is not a readable model record"))
+            continue
+        for name, recorded in entries:
+            file = model_dir / name
+            rel = file.relative_to(root).as_posix()
+            if not file.is_file():
+                found.append((rel, f"{rel} is listed in {META_FILE} but missing"))
+            elif sha256_file(file) != recorded:
+                found.append((rel, f"{rel}: sha256 does not match the one in {META_FILE}"))
+    return found
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    result = verify_output(args.path)
+    if args.json:
+        doc = {"path": str(result.path), "ok": result.ok, "checked": result.checked, "changed": list(result.changed),
+               "missing": list(result.missing), "extra": list(result.extra), "notes": list(result.notes)}
+        print(json.dumps(doc, indent=2))
+    else:
+        print(result)
+    return 0 if result.ok else 1
