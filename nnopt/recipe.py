@@ -1,0 +1,409 @@
+"""Recipes: an ordered list of the same config objects the Python API takes, loadable from YAML.
+
+A step in YAML is one mapping whose ``kind`` picks the config class and whose other keys are that
+config's fields::
+
+    name: classic
+    weights_format: packed
+    steps:
+      - kind: prune-threshold
+        threshold: 0.01
+      - kind: quantize-weights
+        bits: 8
+
+Which verb runs a kind, and which part of a data set it reads, is an explicit registry
+(:func:`register_step`); parsing rejects anything it does not know, naming the key and its place.
+
+>>> recipe = parse_recipe({"steps": [{"kind": "prune-threshold", "threshold": 0.01}]})
+>>> recipe.steps
+(ThresholdPruneConfig(threshold=0.01, layers=()),)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from nnopt.config import CONFIG_VERSION, Config
+from nnopt.data import Dataset
+from nnopt.errors import ConfigError
+from nnopt.io.model_dir import WEIGHT_FILES
+from nnopt.pruning import (
+    GradualPruneConfig,
+    MagnitudePruneConfig,
+    NMPruneConfig,
+    StructuredPruneConfig,
+    ThresholdPruneConfig,
+)
+from nnopt.pruning.structured import NEEDS_GRADIENTS
+from nnopt.quantization import (
+    ClusterConfig,
+    DynamicQuantConfig,
+    MixedPrecisionConfig,
+    QATConfig,
+    StaticQuantConfig,
+    WeightQuantConfig,
+)
+from nnopt.simplify import FoldBatchNormConfig, LowRankConfig
+from nnopt.sparse import SparseKernelConfig
+from nnopt.training import TrainConfig
+
+__all__ = [
+    "Recipe", "StepKind", "apply_recipe", "check_data", "data_needs", "load_recipe", "parse_recipe",
+    "recipe_to_dict", "recipe_to_yaml", "recorded_recipe", "register_step", "step_kind", "step_kinds",
+]
+
+TOP_LEVEL_KEYS = ("name", "description", "weights_format", "steps")
+
+# (working model, config, the data the step reads or None, progress) -> the model, changed in place
+Runner = Callable[[nn.Module, Any, Any, bool | None], nn.Module]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepKind:
+    """How a recipe runs one config kind.
+
+    ``needs_data(config)`` says why the step cannot run without data (None: it can);
+    ``data_for(dataset, config)`` is the part of a data set it reads (None: nothing). Test rows
+    are never handed to a step: they stay held out for the accuracy measured afterwards.
+    """
+
+    config_type: type[Config]
+    verb: str
+    run: Runner
+    needs_data: Callable[[Any], str | None]
+    data_for: Callable[[Dataset, Any], Any]
+
+
+_STEPS: dict[str, StepKind] = {}
+
+
+def register_step(step: StepKind) -> None:
+    """Make ``step.config_type.kind`` usable in recipes. A duplicate kind is an error."""
+    kind = step.config_type.kind
+    if kind in _STEPS:
+        raise ValueError(f"recipe step kind {kind!r} is already registered")
+    _STEPS[kind] = step
+
+
+def step_kinds() -> tuple[str, ...]:
+    """The kinds a recipe step may name, sorted."""
+    return tuple(sorted(_STEPS))
+
+
+def step_kind(kind: str) -> StepKind:
+    """How a recipe runs ``kind`` (its config class, verb and data needs)."""
+    if kind not in _STEPS:
+        raise ConfigError(f"unknown recipe step kind {kind!r}; known kinds: {', '.join(step_kinds())}")
+    return _STEPS[kind]
+
+
+# ------------------------------------------------------------------------------------------ recipe
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Steps applied in order; ``weights_format`` ("safetensors" or "packed") is how
+    ``nnopt optimize`` saves the result. Validated on construction, like a config."""
+
+    steps: tuple[Config, ...]
+    name: str = ""
+    description: str = ""
+    weights_format: str = "safetensors"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, list):
+            object.__setattr__(self, "steps", tuple(self.steps))
+        if not isinstance(self.steps, tuple):
+            raise ConfigError(f"Recipe.steps: expected a tuple of configs, got {type(self.steps).__name__}")
+        if not self.steps:
+            raise ConfigError("Recipe.steps is empty; a recipe needs at least one step")
+        for index, step in enumerate(self.steps):
+            spec = _STEPS.get(getattr(step, "kind", None)) if isinstance(step, Config) else None
+            if spec is None or type(step) is not spec.config_type:
+                raise ConfigError(f"Recipe.steps[{index}]: {type(step).__name__} is not a recipe step; "
+                                  f"known kinds: {', '.join(step_kinds())}")
+        for field in ("name", "description", "weights_format"):
+            value = getattr(self, field)
+            if not isinstance(value, str):
+                raise ConfigError(f"Recipe.{field}: expected str, got {type(value).__name__} {value!r}")
+        if self.weights_format not in WEIGHT_FILES:
+            raise ConfigError(f"Recipe.weights_format must be one of {', '.join(WEIGHT_FILES)}, "
+                              f"got {self.weights_format!r}")
+
+
+def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
+    """Build a :class:`Recipe` from plain data (what ``yaml.safe_load`` returns).
+
+    Every error names its place: ``R.yaml: steps[2] (kind quantize-weights): unknown key 'bitz'; ...``.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping with a 'steps' list, got {_describe(data)}")
+    _reject_unknown(data, TOP_LEVEL_KEYS, where)
+    for key in ("name", "description", "weights_format"):
+        if key in data and not isinstance(data[key], str):
+            raise ConfigError(f"{where}: {key}: expected str, got {_describe(data[key])}")
+    if data.get("weights_format", "safetensors") not in WEIGHT_FILES:
+        raise ConfigError(f"{where}: weights_format must be one of {', '.join(WEIGHT_FILES)}, "
+                          f"got {data['weights_format']!r}")
+    if "steps" not in data:
+        raise ConfigError(f"{where}: missing key 'steps' (a list of mappings, each with a 'kind')")
+    steps = data["steps"]
+    if not isinstance(steps, list):
+        raise ConfigError(f"{where}: steps: expected a list of mappings, got {_describe(steps)}")
+    if not steps:
+        raise ConfigError(f"{where}: steps is empty; a recipe needs at least one step")
+    parsed = tuple(_parse_step(item, f"{where}: steps[{i}]") for i, item in enumerate(steps))
+    return Recipe(steps=parsed, name=data.get("name", ""), description=data.get("description", ""),
+                  weights_format=data.get("weights_format", "safetensors"))
+
+
+def _parse_step(item: Any, place: str) -> Config:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{place}: expected a mapping with a 'kind', got {_describe(item)}")
+    kind = item.get("kind")
+    if kind is None:
+        raise ConfigError(f"{place}: missing key 'kind'; known kinds: {', '.join(step_kinds())}")
+    if not isinstance(kind, str) or kind not in _STEPS:
+        raise ConfigError(f"{place}: unknown kind {kind!r}; known kinds: {', '.join(step_kinds())}")
+    cls = _STEPS[kind].config_type
+    place = f"{place} (kind {kind})"
+    fields = [f.name for f in dataclasses.fields(cls)]
+    _reject_unknown(item, ("kind", "version", *fields), place, shown=fields)
+    if item.get("version", CONFIG_VERSION) != CONFIG_VERSION:
+        raise ConfigError(f"{place}: version {item['version']!r} is not supported; this nnopt reads {CONFIG_VERSION}")
+    _reject_yaml_number_strings(cls, item, place)
+    try:
+        return cls.from_dict(item, where=place)
+    except ConfigError as exc:
+        raise ConfigError(f"{place}: {exc}") from None
+
+
+def _reject_unknown(data: dict[Any, Any], allowed: tuple[str, ...], place: str,
+                    shown: list[str] | None = None) -> None:
+    unknown = sorted((key for key in data if key not in allowed), key=str)
+    if unknown:
+        noun = "key" if len(unknown) == 1 else "keys"
+        names = ", ".join(sorted(shown if shown is not None else allowed)) or "(none)"
+        raise ConfigError(f"{place}: unknown {noun} {', '.join(map(repr, unknown))}; allowed: {names}")
+
+
+def _reject_yaml_number_strings(cls: type[Config], item: dict[str, Any], place: str) -> None:
+    """YAML 1.1 reads ``1e-3`` (no dot) as text: say so rather than only "expected float"."""
+    hints = typing.get_type_hints(cls)
+    for key, value in item.items():
+        if key in hints and isinstance(value, str) and _accepts_float(hints[key]):
+            try:
+                number = float(value)
+            except ValueError:
+                continue
+            raise ConfigError(f"{place}: {key}: expected a number, got str {value!r} (YAML reads exponents "
+                              f"without a dot as text: write {_yaml_float(number)})")
+
+
+def _yaml_float(number: float) -> str:
+    text = repr(number)
+    mantissa, e, exponent = text.partition("e")
+    return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else text
+
+
+def _accepts_float(hint: Any) -> bool:
+    return hint is float or float in typing.get_args(hint)
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "nothing (null)"
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a YAML recipe file (``yaml.safe_load``: nothing in it is executed)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such recipe file" if not path.exists() else f"{path}: not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from None
+    return parse_recipe(data, where=str(path))
+
+
+def recorded_recipe(path: str | Path) -> Recipe:
+    """The recipe that ``nnopt optimize`` recorded in a saved model's ``nnopt.json``.
+
+    >>> print(recipe_to_yaml(recorded_recipe("simplenet-classic")))  # doctest: +SKIP
+    """
+    from nnopt.errors import ModelFormatError
+    from nnopt.io.model_dir import META_FILE, read_meta
+
+    meta = read_meta(path)
+    data = meta.get("metrics", {}).get("recipe") if isinstance(meta.get("metrics"), dict) else None
+    if data is None:
+        raise ModelFormatError(f"{path}: {META_FILE} records no recipe (it was not written by nnopt optimize)")
+    try:
+        return parse_recipe(data, where=f"{Path(path) / META_FILE} metrics.recipe")
+    except ConfigError as exc:
+        raise ModelFormatError(str(exc)) from None
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """Plain data that :func:`parse_recipe` turns back into an equal recipe (every field written out)."""
+    steps = []
+    for step in recipe.steps:
+        data = step.to_dict()
+        data.pop("version", None)  # one version for all configs today; parse_recipe accepts it if present
+        steps.append(data)
+    return {"name": recipe.name, "description": recipe.description, "weights_format": recipe.weights_format,
+            "steps": steps}
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """YAML text of :func:`recipe_to_dict`; ``parse_recipe(yaml.safe_load(text)) == recipe``."""
+    import yaml
+
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, allow_unicode=True, width=100)
+
+
+# ------------------------------------------------------------------------------------------ apply
+
+
+def data_needs(recipe: Recipe) -> tuple[str, ...]:
+    """One line per step that cannot run without data, naming the step and why."""
+    needs = []
+    for index, step in enumerate(recipe.steps):
+        reason = _STEPS[step.kind].needs_data(step)
+        if reason:
+            needs.append(f"steps[{index}] (kind {step.kind}) needs data for {reason}")
+    return tuple(needs)
+
+
+def check_data(recipe: Recipe, has_data: bool, hint: str = "pass data=... (a Dataset)", where: str = "") -> None:
+    """Raise :class:`ConfigError` before any work when a step needs data and there is none.
+
+    ``where`` (the recipe file, say) prefixes the message; ``hint`` ends it.
+    """
+    needs = data_needs(recipe)
+    if needs and not has_data:
+        more = f" (and {len(needs) - 1} more step{'s' if len(needs) > 2 else ''})" if len(needs) > 1 else ""
+        raise ConfigError(f"{where + ': ' if where else ''}{needs[0]}{more}: {hint}")
+
+
+def apply_recipe(
+    model: nn.Module, recipe: Recipe, data: Dataset | None = None, progress: bool | None = None
+) -> nn.Module:
+    """Apply ``recipe``'s steps in order to a copy of ``model`` and return it.
+
+    Each step runs through its verb, so the model's record lists every pass (fine-tuning steps,
+    kind ``train``, change values only and are not recorded as passes). Steps that calibrate or
+    fine-tune read ``data``'s training split; its test split is never used.
+
+    >>> small = apply_recipe(model, load_recipe("recipes/classic.yaml"))  # doctest: +SKIP
+    """
+    from nnopt.passes import working_copy
+
+    if not isinstance(recipe, Recipe):
+        raise ConfigError(f"expected a Recipe, got {type(recipe).__name__}")
+    if data is not None and not isinstance(data, Dataset):
+        raise ConfigError(f"data must be an nnopt Dataset (nnopt.load_dataset(...)), got {type(data).__name__}")
+    check_data(recipe, data is not None)
+    current = working_copy(model)
+    for step in recipe.steps:
+        spec = _STEPS[step.kind]
+        current = spec.run(current, step, spec.data_for(data, step) if data is not None else None, progress)
+    return current.eval()
+
+
+# ------------------------------------------------------------------------- the built-in step kinds
+
+
+def _prune(model: nn.Module, config: Any, data: Any, progress: bool | None) -> nn.Module:
+    from nnopt.pruning import prune
+
+    return prune(model, config, data=data, inplace=True, progress=progress)
+
+
+def _quantize(model: nn.Module, config: Any, data: Any, progress: bool | None) -> nn.Module:
+    from nnopt.quantization import quantize
+
+    return quantize(model, config, data=data, inplace=True, progress=progress)
+
+
+def _simplify(model: nn.Module, config: Any, data: Any, progress: bool | None) -> nn.Module:
+    from nnopt.simplify import simplify
+
+    return simplify(model, config, data=data, inplace=True)
+
+
+def _sparsify(model: nn.Module, config: Any, data: Any, progress: bool | None) -> nn.Module:
+    from nnopt.sparse import sparsify
+
+    return sparsify(model, config, inplace=True)
+
+
+def _finetune(model: nn.Module, config: Any, data: Any, progress: bool | None) -> nn.Module:
+    from nnopt.pruning import finetune
+
+    finetune(model, data, config, progress=progress)  # zero weights stay zero
+    return model
+
+
+def _never(config: Any) -> str | None:
+    return None
+
+
+def _always(reason: str) -> Callable[[Any], str | None]:
+    return lambda config: reason
+
+
+def _nothing(dataset: Dataset, config: Any) -> Any:
+    return None
+
+
+def _train_split(dataset: Dataset, config: Any) -> Any:
+    return dataset.train
+
+
+def _calibration_rows(dataset: Dataset, config: Any) -> Any:
+    # A stratified subset of the training split, as `nnopt quantize --calib` takes.
+    return dataset.calibration(config.calibration_samples)
+
+
+def _structured_needs(config: StructuredPruneConfig) -> str | None:
+    reasons = ([f"importance {config.importance!r} (gradients)"] if config.importance in NEEDS_GRADIENTS else [])
+    reasons += ["fine-tuning"] if config.finetune_epochs > 0 else []
+    return " and ".join(reasons) or None
+
+
+for _step in (
+    StepKind(ThresholdPruneConfig, "prune", _prune, _never, _nothing),
+    StepKind(MagnitudePruneConfig, "prune", _prune, _never, _nothing),
+    StepKind(NMPruneConfig, "prune", _prune, _never, _nothing),
+    StepKind(GradualPruneConfig, "prune", _prune, _always("fine-tuning"), _train_split),
+    StepKind(StructuredPruneConfig, "prune", _prune, _structured_needs, _train_split),
+    StepKind(WeightQuantConfig, "quantize", _quantize, _never, _nothing),
+    StepKind(DynamicQuantConfig, "quantize", _quantize,
+             lambda c: "smoothing calibration" if c.smoothing is not None else None, _calibration_rows),
+    StepKind(StaticQuantConfig, "quantize", _quantize, _always("calibration"), _calibration_rows),
+    StepKind(QATConfig, "quantize", _quantize, _always("fine-tuning"), _train_split),
+    StepKind(ClusterConfig, "quantize", _quantize,
+             lambda c: "fine-tuning" if c.finetune_epochs > 0 else None, _train_split),
+    StepKind(MixedPrecisionConfig, "quantize", _quantize, _always("sensitivity measurement"), _train_split),
+    StepKind(FoldBatchNormConfig, "simplify", _simplify, _never, _train_split),  # optional: one batch for shapes
+    StepKind(LowRankConfig, "simplify", _simplify, _never, _nothing),
+    StepKind(SparseKernelConfig, "sparsify", _sparsify, _never, _nothing),
+    StepKind(TrainConfig, "finetune", _finetune, _always("fine-tuning"), _train_split),
+):
+    register_step(_step)
