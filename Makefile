@@ -17,8 +17,14 @@ $(VENV)/.demo-installed: pyproject.toml | $(PY)
 	$(PIP) install -e .
 	touch $@
 
+# Chromium renders report.html in tests/cli/test_report_cli.py (skipped without it). Installed with
+# apt where that works (CI: Debian, as root); anywhere else this step says so and goes on.
 $(VENV)/.test-installed: pyproject.toml $(VENV)/.demo-installed
 	$(PIP) install -e ".[dev,keras,onnx,hf]"
+	@command -v chromium >/dev/null 2>&1 || \
+	  { DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 || \
+	  echo "chromium not installed (no apt or not root): the report.html rendering test will be skipped"
 	touch $@
 
 demo: $(VENV)/.demo-installed

@@ -34,6 +34,7 @@ from nnopt.training import TrainConfig, TrainHistory, train
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +147,7 @@ VARIANT_NAMES = (
 
 def _report_names() -> tuple[str, ...]:
     """What an earlier demo report holds (report.json first: it marks the directory)."""
-    return (REPORT_JSON, REPORT_MD, *(_directory(n) for n in VARIANT_NAMES))
+    return (REPORT_JSON, REPORT_MD, REPORT_HTML, *(_directory(n) for n in VARIANT_NAMES))
 
 
 def _energy(model: nn.Module) -> dict[str, Any]:
@@ -182,7 +183,7 @@ def run_classic(config: ClassicConfig, out_dir: str | Path, progress: bool | Non
     >>> print(result)
     """
     from nnopt.envinfo import environment
-    from nnopt.report.markdown import render_classic_markdown
+    from nnopt.report.html import write_reports
 
     check_replaceable(Path(out_dir), _report_names())
     dataset = load_digits(seed=config.seed)
@@ -245,7 +246,7 @@ def run_classic(config: ClassicConfig, out_dir: str | Path, progress: bool | Non
             config=config, environment=environment(), dataset=dataset.describe(),
             history=history, variants=tuple(variants),
         )
-        report = json.dumps(result.to_report(), indent=2, allow_nan=False) + "\n"
-        write_bytes_durable(tmp / REPORT_JSON, report.encode())
-        write_bytes_durable(tmp / REPORT_MD, render_classic_markdown(result).encode())
+        report = result.to_report()
+        write_bytes_durable(tmp / REPORT_JSON, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
+        write_reports(tmp, report)  # report.html and report.md, from the same document `nnopt report` reads
     return result

@@ -1,32 +1,58 @@
-"""Markdown reports. They render from result objects and never compute anything new."""
+"""Markdown reports, the twin of the HTML page: the same tables, rendered from the ``report.json``
+document (so ``nnopt report`` can rebuild them). They never compute anything new."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-from nnopt.metrics import measurement_rows
 from nnopt.metrics.table import markdown_table
+from nnopt.report.document import ReportView, read_report
+from nnopt.report.tables import (
+    Table,
+    energy_label,
+    energy_table,
+    latency_table,
+    layers_table,
+    smaller_not_faster,
+    speed_notes,
+    split_text_columns,
+    variant_table,
+)
 
 if TYPE_CHECKING:
     from nnopt.pipeline.classic import ClassicResult
 
+CLASSIC_KIND = "classic-demo"
 
-def render_classic_markdown(result: ClassicResult) -> str:
-    env, cfg = result.environment, result.config
-    columns, rows = measurement_rows([v.measurement for v in result.variants])
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """report.md for any run: the demo's own text for a demo report, the generic tables otherwise."""
+    view = read_report(report)
+    if view.kind == CLASSIC_KIND:
+        return render_classic_markdown(report)
+    return _render_generic(view)
+
+
+def render_classic_markdown(result: ClassicResult | Mapping[str, Any]) -> str:
+    """The demo's report.md, from its result or from its ``report.json`` document."""
+    report = result if isinstance(result, Mapping) else result.to_report()
+    env, cfg, dataset = report["environment"], report["config"], report["dataset"]
+    variants = report["variants"]
+    columns, rows = _measurement_rows(variants)
     columns.append("compute path")
-    for row, variant in zip(rows, result.variants):
-        row.append(variant.compute)
-    base = result.variant("baseline").measurement
+    for row, variant in zip(rows, variants):
+        row.append(variant.get("compute", "-"))
+    base = variants[0]
     lines = [
         "# nnopt demo: the classic SimpleNet",
         "",
-        f"SimpleNet (Dense 64 ReLU → Dense 32 ReLU → Dense 10 softmax) trained for {cfg.epochs} epochs "
-        f"with Adam (lr {cfg.lr}) and cross-entropy on scikit-learn digits "
-        f"({result.dataset['train']} train / {result.dataset['test']} test rows, stratified, seed {cfg.seed}); "
-        f"then pruned with |w| < θ = {cfg.threshold} → 0 and quantized with w_q = round(w·S), "
-        f"symmetric {cfg.bits}-bit codes per tensor. The gradual variants prune to {cfg.sparsity:.0%} of the hidden "
-        f"layers' weights (global magnitude, cubic schedule over {cfg.gradual_epochs} epochs of fine-tuning) "
+        f"SimpleNet (Dense 64 ReLU → Dense 32 ReLU → Dense 10 softmax) trained for {cfg['epochs']} epochs "
+        f"with Adam (lr {cfg['lr']}) and cross-entropy on scikit-learn digits "
+        f"({dataset['train']} train / {dataset['test']} test rows, stratified, seed {cfg['seed']}); "
+        f"then pruned with |w| < θ = {cfg['threshold']} → 0 and quantized with w_q = round(w·S), "
+        f"symmetric {cfg['bits']}-bit codes per tensor. The gradual variants prune to {cfg['sparsity']:.0%} of the "
+        f"hidden layers' weights (global magnitude, cubic schedule over {cfg['gradual_epochs']} epochs of fine-tuning) "
         "and are saved in nnopt's packed format, which stores only the non-zeros.",
         "",
         f"Device: {env['device']} ({env['cpu']}), {env['threads']} threads; torch {env['torch']}; "
@@ -37,15 +63,15 @@ def render_classic_markdown(result: ClassicResult) -> str:
         "## What changed, against the baseline",
         "",
     ]
-    for variant in result.variants[1:]:
-        m = variant.measurement
-        acc = (m.accuracy - base.accuracy) * 100 if m.accuracy is not None and base.accuracy is not None else None
-        ratio = base.file_bytes / m.file_bytes if m.file_bytes and base.file_bytes else None
-        speed = _speed_note(base, m)
+    for m in variants[1:]:
+        acc = (m["accuracy"] - base["accuracy"]) * 100 if m["accuracy"] is not None and base["accuracy"] is not None \
+            else None
+        ratio = base["file_bytes"] / m["file_bytes"] if m["file_bytes"] and base["file_bytes"] else None
+        zero = 1 - m["nonzeros"] / m["params"]
         lines.append(
-            f"- **{m.name}**: accuracy {acc:+.1f} points; weights file {m.file_bytes:,} bytes "
-            f"({ratio:.2f}× smaller than {base.file_bytes:,}); "
-            f"{1 - m.nonzeros / m.params:.1%} of parameters (weights and biases) are zero; {speed}."
+            f"- **{m['name']}**: accuracy {_signed(acc)} points; weights file {m['file_bytes']:,} bytes "
+            f"({_times(ratio)} smaller than {base['file_bytes']:,}); "
+            f"{zero:.1%} of parameters (weights and biases) are zero; {_speed_note(base, m)}."
         )
     lines += [
         "",
@@ -72,27 +98,119 @@ def render_classic_markdown(result: ClassicResult) -> str:
         "",
         markdown_table(
             ["variant", "compute nJ", "memory nJ", "total nJ", "bounds nJ"],
-            [[v.measurement.name, round(v.energy["compute_nj"], 2), round(v.energy["memory_nj"], 2),
-              round(v.energy["total_nj"], 2), f"{v.energy['low_nj']:.1f}–{v.energy['high_nj']:.1f}"]
-             for v in result.variants if v.energy],
+            [[v["name"], round(e["compute_nj"], 2), round(e["memory_nj"], 2), round(e["total_nj"], 2),
+              f"{e['low_nj']:.1f}–{e['high_nj']:.1f}"]
+             for v in variants if (e := v.get("energy_nj"))],
         ),
         "",
         "## How each figure was obtained",
         "",
     ]
-    from nnopt.pipeline.classic import METHODS
-
-    lines += [f"- `{key}`: {text}" for key, text in METHODS.items()]
-    batches = ", ".join(str(t.batch) for t in base.latency.timings) if base.latency else "-"
+    lines += [f"- `{key}`: {text}" for key, text in report.get("methods", {}).items()]
+    batches = ", ".join(_batches(variants)) or "-"
     lines += [f"- latency batch sizes: {batches}; threads: {env['threads']}", ""]
     return "\n".join(lines)
 
 
-def _speed_note(base, other) -> str:  # type: ignore[no-untyped-def]
-    if not base.latency or not other.latency:
+def _render_generic(view: ReportView) -> str:
+    env = view.environment
+    facts = [f"{k}: {v}" for k, v in (("device", view.get("device")), ("CPU", view.get("cpu")),
+                                      ("threads", view.get("threads")), ("torch", view.get("torch")),
+                                      ("nnopt", view.get("nnopt_version", "nnopt")), ("Python", env.get("python")),
+                                      ("date", view.get("date", "created", "timestamp"))) if v not in (None, "")]
+    lines = [f"# {_md(view.title)}", "", ("; ".join(facts) or "No environment recorded") + ".", ""]
+    if view.doc.get("message"):
+        lines += [_md(str(view.doc["message"])), ""]
+    if view.front:
+        chosen = next((r for r in view.front if r.chosen), None)
+        budget = f"{view.metric} ≥ {view.budget:.4g}" if view.budget is not None else "not recorded"
+        lines += [f"Objective: {view.objective or 'not recorded'}; budget: {budget}; "
+                  f"chosen plan: {_md(chosen.name) if chosen else 'none (no plan met the budget; baseline kept)'}.",
+                  ""]
+    slow = smaller_not_faster(view)
+    if slow:
+        lines += [f"**Smaller but not faster on this device** ({view.device}, {view.threads}): "
+                  f"{_md(', '.join(slow))}. Their files are smaller, yet their measured median latency is no lower "
+                  "at any batch size (within ±5% counts as the same).", ""]
+    notes = speed_notes(view)
+    if notes:
+        lines += ["## Against the baseline", ""] + [f"- **{_md(n)}**: {t}." for n, t in notes] + [""]
+    figures, text = split_text_columns(variant_table(view))
+    lines += ["## Every variant", "", *_table(figures, view), ""]
+    if text is not None:
+        lines += ["### What each variant is", "", *_table(text, view), ""]
+    if view.front and view.front != view.rows[-len(view.front):]:
+        figures, text = split_text_columns(variant_table(view, view.front))
+        lines += ["## Plans on the front", "", *_table(figures, view), ""]
+        if text is not None:
+            lines += [*_table(text, view), ""]
+    if any(r.latency for r in view.rows):
+        batches = ", ".join(b for b in view.batches if b) or "not recorded"
+        lines += ["## Latency (measured)", "", f"Wall-clock per call on {view.device}, {view.threads}, batch "
+                  f"{batches}.", "", *_table(latency_table(view), view), ""]
+    energies = [r.energy for r in view.rows if r.energy]
+    if energies:
+        labels = "; ".join(sorted({energy_label(e.method) for e in energies}))
+        lines += [f"## Energy per inference: {labels}", "", *_table(energy_table(view), view), ""]
+    if view.layers:
+        lines += ["## Per-layer sparsity and bits (counted)", "", *_table(layers_table(view), view), ""]
+    methods = view.doc.get("methods")
+    if isinstance(methods, Mapping) and methods:
+        lines += ["## How each figure was obtained", ""] + [f"- `{k}`: {v}" for k, v in methods.items()] + [""]
+    return "\n".join(lines)
+
+
+def _table(table: Table, view: ReportView) -> list[str]:
+    tags = {r.name: " (chosen)" if r.chosen else " (baseline)" if r.is_baseline and r.name != "baseline" else ""
+            for r in view.rows + view.front}
+    rows = [[_md(cells[0]) + tags.get(name, ""), *(_md(c) for c in cells[1:])]
+            for name, cells in zip(table.names, table.rows)]
+    return [markdown_table([_md(c) for c in table.columns], rows), *(f"\n{_md(n)}" for n in table.notes)]
+
+
+def _md(text: str) -> str:
+    """A table cell or name as literal text: pipes, markup and HTML characters escaped."""
+    for char in ("\\", "|", "*", "_", "`", "<", ">", "[", "]"):
+        text = text.replace(char, "\\" + char)
+    return text.replace("\n", " ")
+
+
+def _measurement_rows(variants: list[dict[str, Any]]) -> tuple[list[str], list[list[object]]]:
+    """The demo's table: the columns of ``nnopt.metrics.measurement_rows``, from report.json entries."""
+    batches = _batches(variants)
+    columns = ["variant", "accuracy", "params", "non-zeros", "MACs", "file bytes", "ratio"]
+    columns += [f"ms @{b} (median / p90)" for b in batches]
+    rows = []
+    for m in variants:
+        ratio = f"{m['compression_ratio']:.1f}×" if m.get("compression_ratio") else "-"
+        row: list[object] = [m["name"], m["accuracy"], m["params"], m["nonzeros"], m["macs"], m["file_bytes"], ratio]
+        for b in batches:
+            t = (m.get("latency_ms") or {}).get(b)
+            row.append(f"{t['median']:.3f} / {t['p90']:.3f}" if t else "-")
+        rows.append(row)
+    return columns, rows
+
+
+def _batches(variants: list[dict[str, Any]]) -> list[str]:
+    found = {b for v in variants for b in (v.get("latency_ms") or {})}
+    return sorted(found, key=lambda b: int(b) if b.isdigit() else 0)
+
+
+def _speed_note(base: Mapping[str, Any], other: Mapping[str, Any]) -> str:
+    if not base.get("latency_ms") or not other.get("latency_ms"):
         return "latency not measured"
     parts = []
-    for timing in base.latency.timings:
-        ratio = timing.median_ms / other.latency.at(timing.batch).median_ms
-        parts.append(f"{ratio:.2f}× baseline speed at batch {timing.batch}")
+    for batch in _batches([base]):
+        mine = other["latency_ms"].get(batch)
+        if mine:
+            ratio = base["latency_ms"][batch]["median"] / mine["median"]
+            parts.append(f"{ratio:.2f}× baseline speed at batch {batch}")
     return "measured " + ", ".join(parts)
+
+
+def _signed(value: float | None) -> str:
+    return f"{value:+.1f}" if value is not None else "n/a"
+
+
+def _times(value: float | None) -> str:
+    return f"{value:.2f}×" if value is not None else "n/a×"
