@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Linear uses the faster (default: 1); 0 keeps every layer dense")
     prune.add_argument("-o", "--out", required=True, metavar="OUT", help="output model directory")
     prune.add_argument("--overwrite", action="store_true", help="replace an earlier nnopt model at OUT")
+    _add_checkpoint_arguments(prune, "--schedule gradual")
     prune.set_defaults(handler=cmd_prune)
 
     quant = commands.add_parser(
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weights file format (default: safetensors)")
     quant.add_argument("-o", "--out", required=True, metavar="OUT", help="output model directory")
     quant.add_argument("--overwrite", action="store_true", help="replace an earlier nnopt model at OUT")
+    _add_checkpoint_arguments(quant, "--scheme qat")
     quant.set_defaults(handler=cmd_quantize)
 
     bench = commands.add_parser(
@@ -227,10 +229,85 @@ def build_parser() -> argparse.ArgumentParser:
     )
     env.add_argument("--json", action="store_true", help="print JSON instead of a table")
     env.set_defaults(handler=cmd_env)
+    for module_name in COMMAND_MODULES:
+        _command_module(module_name).register(commands)
     return parser
 
 
+# Commands that live in their own module: each exposes ``register(commands)``, which adds its
+# subparser and handler; the handler imports the heavy pieces when it runs.
+COMMAND_MODULES = (
+    "nnopt.pipeline.verify_run",
+    "nnopt.pipeline.convert_run",
+    "nnopt.pipeline.recipe_run",
+    "nnopt.pipeline.report_run",
+    "nnopt.pipeline.auto_run",
+)
+
+
+def _command_module(name: str):  # noqa: ANN202
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:  # TEMPORARY while the commands are being written
+        import types
+
+        return types.SimpleNamespace(register=lambda commands: None)
+    return importlib.import_module(name)
+
+
 SCHEMES_HELP = ("int8-dynamic", "int8-static", "int8-weight", "int4-weight", "cluster", "qat")
+
+
+def _add_checkpoint_arguments(parser: argparse.ArgumentParser, runs: str) -> None:
+    parser.add_argument("--resume", action="store_true",
+                        help=f"{runs}: continue an interrupted run from its checkpoint (same command, input and "
+                        "data; an error if there is no checkpoint or it belongs to a different run)")
+    parser.add_argument("--checkpoint-dir", default=None, metavar="D",
+                        help=f"{runs}: where training is checkpointed (default: OUT.ckpt beside the output); "
+                        "removed once OUT is written")
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                        help=f"{runs}: checkpoint every N epochs (default 1; 0: no checkpoints)")
+
+
+def _checkpoint_spec(args: argparse.Namespace, trains: bool, runs: str):  # noqa: ANN202
+    """The run's CheckpointSpec (None when it does not train or checkpoints are off)."""
+    from pathlib import Path
+
+    from nnopt.checkpoint import CheckpointSpec
+    from nnopt.errors import ConfigError
+
+    asked = args.resume or args.checkpoint_dir is not None or args.checkpoint_every is not None
+    if not trains:
+        if asked:
+            raise ConfigError(f"--resume, --checkpoint-dir and --checkpoint-every apply to {runs} only")
+        return None
+    every = 1 if args.checkpoint_every is None else args.checkpoint_every
+    if every < 0:
+        raise ConfigError(f"--checkpoint-every must be >= 0, got {every}")
+    if every == 0:
+        if args.resume or args.checkpoint_dir is not None:
+            raise ConfigError("--checkpoint-every 0 turns checkpoints off: it cannot go with --resume or "
+                              "--checkpoint-dir")
+        return None
+    directory = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(f"{Path(args.out)}.ckpt")
+    return CheckpointSpec(directory, every=every)
+
+
+def _interrupted(spec) -> int:  # noqa: ANN001
+    """Ctrl-C during a run: say what was kept and how to continue (exit 130, as the shell does)."""
+    message = "nnopt: interrupted; nothing partial was written"
+    if spec is not None:
+        from nnopt.checkpoint import checkpoint_progress
+
+        progress = checkpoint_progress(spec.directory)
+        if progress is not None:
+            message += (f"; training is checkpointed after epoch {progress[0]} of {progress[1]} in "
+                        f"{spec.directory}: run the same command with --resume to continue")
+        else:
+            message += "; training stopped before its first checkpoint"
+    print(message, file=sys.stderr)
+    return 130
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -243,8 +320,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ConfigError(f"--calib must be >= 1, got {args.calib}")
     options = QuantizeOptions(scheme=args.scheme, group=args.group, calib=args.calib, bits=args.bits,
                               epochs=args.epochs, smoothing=args.smoothing, observer=args.observer)
-    result = run_quantize(args.path, options, args.out, data_name=args.data, weights_format=args.format,
-                          overwrite=args.overwrite)
+    spec = _checkpoint_spec(args, args.scheme == "qat", "--scheme qat")
+    try:
+        result = run_quantize(args.path, options, args.out, data_name=args.data, weights_format=args.format,
+                              overwrite=args.overwrite, checkpoint=spec, resume=args.resume)
+    except KeyboardInterrupt:
+        return _interrupted(spec)
     print(result)
     print(f"\nwrote {result.out}")
     return 0
@@ -259,7 +340,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     result = run_classic(config, args.out)
     print(result)
-    print(f"\nwrote {args.out}/report.json, {args.out}/report.md and one model directory per variant")
+    print(f"\nwrote {args.out}/report.json, report.md, report.html and one model directory per variant")
     return 0
 
 
@@ -271,6 +352,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     layers = tuple(args.layers)
     allocation = args.allocation or "uniform"
     if args.structured:
+        _checkpoint_spec(args, False, "--schedule gradual")  # refuses --resume and friends here
         return _structured_prune(args, layers, allocation)
     if args.ratio is not None:
         raise ConfigError("--ratio applies to --structured pruning; use --sparsity for weight sparsity")
@@ -293,8 +375,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     finetune_epochs = 0 if args.schedule == "gradual" else args.epochs
     if args.kernel_batch < 0:
         raise ConfigError(f"--kernel-batch must be >= 0, got {args.kernel_batch}")
-    result = run_prune(args.path, config, args.out, data_name=args.data, finetune_epochs=finetune_epochs,
-                       weights_format=args.format, overwrite=args.overwrite, kernel_batch=args.kernel_batch)
+    spec = _checkpoint_spec(args, args.schedule == "gradual", "--schedule gradual")
+    try:
+        result = run_prune(args.path, config, args.out, data_name=args.data, finetune_epochs=finetune_epochs,
+                           weights_format=args.format, overwrite=args.overwrite, kernel_batch=args.kernel_batch,
+                           checkpoint=spec, resume=args.resume)
+    except KeyboardInterrupt:
+        return _interrupted(spec)
     print(result)
     print(f"\nwrote {result.out}")
     return 0
