@@ -49,6 +49,7 @@ _EXPORTS = {
     "parse_recipe": "nnopt.recipe",
     "apply_recipe": "nnopt.recipe",
     "recipe_to_yaml": "nnopt.recipe",
+    "SearchSettings": "nnopt.search",
     "load_onnx": "nnopt.io.onnx_import",
     "quantize_onnx": "nnopt.io.onnx_import",
     "load_keras": "nnopt.io.keras_file",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -230,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("--json", action="store_true", help="print JSON instead of a table")
     env.set_defaults(handler=cmd_env)
     for module_name in COMMAND_MODULES:
-        _command_module(module_name).register(commands)
+        importlib.import_module(module_name).register(commands)
     return parser
 
 
@@ -243,17 +244,6 @@ COMMAND_MODULES = (
     "nnopt.pipeline.report_run",
     "nnopt.pipeline.auto_run",
 )
-
-
-def _command_module(name: str):  # noqa: ANN202
-    import importlib
-    import importlib.util
-
-    if importlib.util.find_spec(name) is None:  # TEMPORARY while the commands are being written
-        import types
-
-        return types.SimpleNamespace(register=lambda commands: None)
-    return importlib.import_module(name)
 
 
 SCHEMES_HELP = ("int8-dynamic", "int8-static", "int8-weight", "int4-weight", "cluster", "qat")

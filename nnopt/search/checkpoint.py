@@ -1,0 +1,79 @@
+"""A search's checkpoint: the trials evaluated so far, kept beside the output so that an interrupted
+run (Ctrl-C, a crash) loses no finished work and ``--resume`` continues it.
+
+It lives in a hidden sibling of the output directory (``.OUT.nnopt-auto/``), never inside it: the
+output appears only complete. ``state.json`` is replaced atomically after every trial; trial models
+are written there too (their bytes are the size objective; latency is timed from them). A finished
+run removes the checkpoint.
+
+A fingerprint of the inputs and of every setting that changes what a trial measures is stored; a
+resume with anything different is refused, naming the difference.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from nnopt.errors import ResumeError
+from nnopt.io.atomic import atomic_write_bytes
+
+STATE_FILE = "state.json"
+FORMAT = "nnopt-auto-checkpoint"
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    out = Path(out)
+    return out.parent / f".{out.name}.nnopt-auto"
+
+
+class Checkpoint:
+    """The evaluated state of one search; :meth:`save` after each step of work."""
+
+    def __init__(self, directory: Path, fingerprint: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+        self.directory = directory
+        self.fingerprint = fingerprint
+        self.state = state if state is not None else {"trials": {}, "latency": {}, "elapsed_s": 0.0}
+        self.resumed = state is not None
+
+    @classmethod
+    def open(cls, out: str | Path, fingerprint: dict[str, Any], resume: bool) -> Checkpoint:
+        """A fresh checkpoint, or the one an interrupted run left (``resume``); checks come first, and
+        nothing is written until the first :meth:`save`."""
+        directory = checkpoint_dir(out)
+        state_file = directory / STATE_FILE
+        if not resume:
+            if directory.exists():
+                raise ResumeError(f"an interrupted run left a checkpoint at {directory}: add --resume to continue "
+                                  "it, or delete that directory to start over")
+            return cls(directory, fingerprint)
+        if not state_file.is_file():
+            raise ResumeError(f"--resume: no checkpoint at {directory} (no run into {out} was interrupted, or it "
+                              "finished)")
+        try:
+            state = json.loads(state_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ResumeError(f"{state_file} is corrupt ({exc}); delete {directory} to start over") from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("trials"), dict):
+            raise ResumeError(f"{state_file} is not an nnopt auto checkpoint; delete {directory} to start over")
+        old = state.get("fingerprint", {})
+        differ = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+        if differ:
+            shown = "; ".join(f"{k}: checkpoint {old.get(k)!r}, now {fingerprint.get(k)!r}" for k in differ[:4])
+            raise ResumeError(f"--resume: the checkpoint at {directory} was written by a different run ({shown}); "
+                              "rerun with the same model, data and settings, or delete it to start over")
+        state.setdefault("latency", {})
+        return cls(directory, fingerprint, state)
+
+    def trial_dir(self, index: int) -> Path:
+        return self.directory / "trials" / f"trial-{index:03d}"
+
+    def save(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        doc = {**self.state, "format": FORMAT, "fingerprint": self.fingerprint}
+        atomic_write_bytes(self.directory / STATE_FILE, (json.dumps(doc, indent=1) + "\n").encode())
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)

@@ -1,0 +1,257 @@
+"""The search: sensitivity, candidate plans, trials (in parallel where asked), serial latency timing,
+the Pareto front and the choice within the accuracy budget, checkpointed after every step."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from nnopt.errors import ConfigError
+from nnopt.progress import track
+from nnopt.search.checkpoint import Checkpoint
+from nnopt.search.pareto import choose, closest, meets, pareto_front
+from nnopt.search.plans import Plan, make_plans
+from nnopt.search.sensitivity import Sensitivity, measure_sensitivity
+from nnopt.search.space import OBJECTIVES, SPACE_VERSION
+from nnopt.search.trials import TrialContext, energy_method, run_trials, screen_latency, time_models
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+    """What `nnopt auto` is asked: the objective, the accuracy budget, and how long and wide to search.
+
+    ``max_drop`` is a fraction (0.005 = half a point of accuracy; for a sentence encoder, the mean
+    cosine to the input model's embeddings must stay ≥ 1 − max_drop). ``budget_minutes`` bounds when
+    trials may start; ``batch`` is the batch size latency and energy are measured at.
+    """
+
+    objective: str
+    max_drop: float
+    batch: int = 32
+    budget_minutes: float = 30.0
+    workers: int = 1
+    finetune_epochs: int = 20
+    stages: int = 5
+    probe_epochs: int = 1  # recovery of each pruning probe (when plans fine-tune)
+    targets: tuple[float, ...] | None = None  # predicted cost shares; None: the objective's default
+    levels: dict[str, tuple[float, ...]] | None = None
+    latency_seconds: float = 2.0  # final side-by-side timing, per model (at least min_calls calls too)
+    min_calls: int = 20  # BENCHMARKS.md's protocol; fewer only for quick benchmark runs
+    screen_seconds: float = 0.5  # per trial, against the baseline, before the front is known
+
+    def validate(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if not (isinstance(self.max_drop, (int, float)) and math.isfinite(self.max_drop) and 0 <= self.max_drop <= 1):
+            raise ConfigError(f"--max-drop must be a fraction in [0, 1] (0.005 = half a point), got {self.max_drop!r}")
+        for name in ("batch", "workers", "stages", "min_calls"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.finetune_epochs, bool) or not isinstance(self.finetune_epochs, int) \
+                or self.finetune_epochs < 0:
+            raise ConfigError(f"--finetune-epochs must be an integer >= 0, got {self.finetune_epochs!r}")
+        for name in ("budget_minutes", "latency_seconds", "screen_seconds"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0) or (
+                    name == "budget_minutes" and value <= 0):
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} must be a number {'> 0' if name == 'budget_minutes' else '>= 0'}, "
+                                  f"got {value!r}")
+        if self.targets is not None and (not self.targets or any(not (0 < t <= 1) for t in self.targets)):
+            raise ConfigError(f"targets must be cost shares in (0, 1], got {self.targets!r}")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that change what a trial measures (not the budget, workers or timing lengths)."""
+        return {"objective": self.objective, "max_drop": self.max_drop, "batch": self.batch,
+                "finetune_epochs": self.finetune_epochs, "stages": self.stages,
+                "probe_epochs": self.probe_epochs, "targets": list(self.targets or ()),
+                "levels": {k: list(v) for k, v in sorted((self.levels or {}).items())}, "space_version": SPACE_VERSION}
+
+
+@dataclasses.dataclass
+class SearchOutcome:
+    """Every trial (in plan order), the front (cheapest first) and the chosen trial, or None."""
+
+    baseline: float
+    sensitivity: Sensitivity
+    trials: list[dict[str, Any]]
+    front: list[dict[str, Any]]
+    chosen: dict[str, Any] | None
+    closest: list[dict[str, Any]]
+    budget: dict[str, Any]
+    objective_method: str
+
+
+def objective_method(objective: str, batch: int, threads: int, counter: str | None = None) -> str:
+    from nnopt.energy.counters import describe_unavailable
+
+    energy = (f"measured ({counter}, nJ per inference at batch {batch}, idle power subtracted; nnopt.measure_energy)"
+              if counter else f"{energy_method(batch)}; not measured: {describe_unavailable()}")
+    return {
+        "size": "measured (bytes of the weights file written, nnopt's packed format)",
+        "latency": f"measured (median ms per call at batch {batch}, {threads} threads, time.perf_counter, "
+                   "alternated with the baseline)",
+        "energy": energy,
+    }[objective]
+
+
+# What each objective reads from a trial: lower is better.
+OBJECTIVE_VALUE: dict[str, Callable[[dict[str, Any]], float | None]] = {
+    "size": lambda t: t.get("bytes"),
+    "latency": lambda t: (t.get("latency_ms") or {}).get("median"),
+    "energy": lambda t: t.get("energy_measured_nj", t.get("energy_nj")),
+}
+
+
+def energy_counter() -> Any:
+    """The first readable RAPL/NVML counter, or None (then energy is estimated, and the report says why)."""
+    from nnopt.energy import available_counters
+
+    found = available_counters()
+    return found[0] if found else None
+
+
+def search(ctx: TrialContext, settings: SearchSettings, checkpoint: Checkpoint, baseline: float,
+           progress: bool | None = None) -> SearchOutcome:
+    """Run (or continue) the search; ``checkpoint`` is saved after the sensitivity pass and every trial."""
+    import torch
+
+    state = checkpoint.state
+    clock_start = time.monotonic() - float(state.get("elapsed_s", 0.0))
+
+    def save() -> None:
+        state["elapsed_s"] = time.monotonic() - clock_start
+        checkpoint.save()
+
+    if "sensitivity" not in state:
+        recover = settings.probe_epochs if settings.finetune_epochs else 0
+        state["sensitivity"] = measure_sensitivity(ctx.model, ctx.task, ctx.space, progress, recover).to_dict()
+        save()
+    sensitivity = Sensitivity.from_dict(state["sensitivity"])
+    plans = make_plans(ctx.space, sensitivity, ctx.model, settings.targets)
+    jobs = [(i, plan, checkpoint.trial_dir(i)) for i, plan in enumerate(plans) if plan.name not in state["trials"]]
+    with track("trials", total=len(jobs), enabled=progress) as bar:
+        def keep(index: int, result: dict[str, Any]) -> None:
+            state["trials"][plans[index].name] = {"index": index, "plan": plans[index].to_dict(), **result}
+            save()
+            bar.advance(status=plans[index].name)
+
+        started = run_trials(jobs, ctx, settings.workers, keep,
+                             may_start=lambda: time.monotonic() - clock_start < settings.budget_minutes * 60)
+    # Timing and counters run here, one model at a time, never beside a running trial.
+    if settings.objective == "latency":
+        _screen(ctx, settings, state, save, progress)
+    counter = energy_counter() if settings.objective == "energy" else None
+    if counter is not None:
+        _measure_energy(ctx, settings, state, save, counter)
+
+    trials = _scored(plans, state, settings, baseline)
+    valid = [t for t in trials if t.get("objective_value") is not None]
+    front = pareto_front(valid, _quality, _cost)
+    if settings.objective == "latency" and front:
+        front = _confirm(ctx, settings, state, save, front)
+    chosen = choose(front, _quality, _cost, baseline, settings.max_drop)
+    budget = {"minutes": settings.budget_minutes, "spent_s": round(time.monotonic() - clock_start, 1),
+              "plans": len(plans), "evaluated": len(trials), "started_this_run": started,
+              "not_started": len(plans) - len(trials), "resumed": checkpoint.resumed}
+    return SearchOutcome(baseline, sensitivity, trials, front, chosen,
+                         [] if chosen else closest(valid, _quality, _cost), budget,
+                         objective_method(settings.objective, settings.batch, torch.get_num_threads(),
+                                          getattr(counter, "name", None)))
+
+
+def _quality(trial: dict[str, Any]) -> float:
+    return float(trial["quality"])
+
+
+def _cost(trial: dict[str, Any]) -> float:
+    return float(trial["objective_value"])
+
+
+def _screen(ctx: TrialContext, settings: SearchSettings, state: dict[str, Any], save: Callable[[], None],
+            progress: bool | None) -> None:
+    """A short timing of every trial not timed yet, each alternated with the baseline."""
+    todo = [(name, Path(t["dir"])) for name, t in state["trials"].items()
+            if "error" not in t and name not in state["latency"]]
+
+    def keep(name: str, timing: dict[str, float]) -> None:
+        state["latency"][name] = timing
+        save()
+
+    screen_latency(ctx.model, todo, ctx.task.timing_inputs(ctx.model, settings.batch), settings.batch,
+                   settings.screen_seconds, keep, progress)
+
+
+def _measure_energy(ctx: TrialContext, settings: SearchSettings, state: dict[str, Any], save: Callable[[], None],
+                    counter: Any) -> None:
+    inputs = ctx.task.timing_inputs(ctx.model, settings.batch)
+    for trial in state["trials"].values():
+        if "error" not in trial and "energy_measured_nj" not in trial:
+            trial["energy_measured_nj"] = measure_energy_nj(_load(trial), inputs, settings.batch, counter)
+            save()
+
+
+def _scored(plans: list[Plan], state: dict[str, Any], settings: SearchSettings,
+            baseline: float) -> list[dict[str, Any]]:
+    """Every evaluated trial in plan order, with its objective value, drop and verdict."""
+    trials = []
+    for plan in plans:
+        trial = state["trials"].get(plan.name)
+        if trial is None:
+            continue
+        trial = dict(trial)
+        if plan.name in state["latency"]:
+            trial["latency_ms"] = state["latency"][plan.name]
+        if "error" not in trial:
+            trial["objective_value"] = OBJECTIVE_VALUE[settings.objective](trial)
+            trial["drop"] = baseline - trial["quality"]
+            trial["meets_budget"] = meets(trial["quality"], baseline, settings.max_drop)
+        trials.append(trial)
+    return trials
+
+
+def _confirm(ctx: TrialContext, settings: SearchSettings, state: dict[str, Any], save: Callable[[], None],
+             front: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Time the screened front again side by side, at the protocol's length; the choice uses these figures."""
+    names = [t["name"] for t in front]
+    if state.get("confirmed", {}).get("names") != names:
+        models = {"baseline": ctx.model, **{t["name"]: _load(t) for t in front}}
+        timing = time_models(models, ctx.task.timing_inputs(ctx.model, settings.batch), settings.batch,
+                             settings.latency_seconds, settings.min_calls)
+        state["confirmed"] = {"names": names, "timing": timing}
+        save()
+    timing = state["confirmed"]["timing"]
+    base = timing["baseline"]["median"]
+    for trial in front:
+        own = timing[trial["name"]]
+        trial["latency_ms"] = {**own, "baseline_median": base, "speedup": base / own["median"]}
+        trial["objective_value"] = own["median"]
+    return pareto_front(front, _quality, _cost)
+
+
+def measure_energy_nj(model: Any, inputs: Any, batch: int, counter: Any) -> float | None:
+    """Energy per inference from a hardware counter; None when the counter gave no valid window."""
+    import torch
+
+    from nnopt.energy import measure_energy
+    from nnopt.search.trials import bind
+
+    with torch.inference_mode():
+        measured = measure_energy(bind(model, inputs), counter=counter, runs=3)
+    joules = measured.median_j
+    return None if joules is None else joules / batch * 1e9
+
+
+def _load(trial: dict[str, Any]) -> Any:
+    from nnopt.io.model_dir import load_model
+
+    return load_model(trial["dir"])
+
+
+def plan_of(trial: dict[str, Any]) -> Plan:
+    return Plan.from_dict(trial["plan"])

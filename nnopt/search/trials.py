@@ -1,0 +1,282 @@
+"""Evaluating plans: build each through its recipe, score it on the validation split, write it (its
+bytes are measured from the file), estimate its energy; optionally in spawned worker processes.
+
+Latency is never measured here: timing runs serially afterwards (:func:`screen_latency`), one
+model at a time against the baseline, so that trials never compete for the cores being timed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import queue
+import re
+import signal
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nnopt.errors import NnoptError
+from nnopt.search.plans import Plan, plan_recipe
+from nnopt.search.space import BuildOptions, SearchSpace, build_space
+
+_POLL_S = 0.5
+_START_TIMEOUT_S = 600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextSpec:
+    """Everything a process needs to rebuild a :class:`TrialContext` (picklable, for spawned workers)."""
+
+    model_path: str
+    data: str
+    objective: str
+    batch: int
+    options: BuildOptions
+    levels: dict[str, tuple[float, ...]] | None = None
+    threads: int = 1
+
+
+@dataclasses.dataclass
+class TrialContext:
+    spec: ContextSpec
+    model: nn.Module
+    task: Any
+    space: SearchSpace
+
+
+def build_context(spec: ContextSpec, model: nn.Module | None = None, task: Any = None) -> TrialContext:
+    """Load the input model and the task (unless given) and find the search space."""
+    from nnopt.io.model_dir import load_model
+    from nnopt.search.tasks import load_task, prepare
+
+    if model is None:
+        model = load_model(spec.model_path)
+    if task is None:
+        task = load_task(spec.data)
+        prepare(task, model)
+    space = build_space(model, task, spec.objective, levels=spec.levels)
+    return TrialContext(spec, model.eval(), task, space)
+
+
+def energy_nj(model: nn.Module, batch: int) -> float:
+    """Estimated energy per inference (nJ) at ``batch``: analytic table, see nnopt.energy."""
+    from nnopt.energy import estimate_energy
+
+    return estimate_energy(model, batch=batch).total_mj * 1e6 / batch
+
+
+def energy_method(batch: int) -> str:
+    from nnopt.energy.estimate import DEFAULT_TABLE
+
+    return f"estimated (analytic table {DEFAULT_TABLE}, per inference at batch {batch}; nnopt.estimate_energy)"
+
+
+def evaluate_plan(plan: Plan, ctx: TrialContext, out_dir: Path) -> dict[str, Any]:
+    """Build ``plan`` on the fit split, score it on the validation split, write it to ``out_dir``."""
+    from nnopt.io.model_dir import save_model
+    from nnopt.metrics import profile_model
+    from nnopt.recipe import apply_recipe
+
+    started = time.perf_counter()
+    recipe = plan_recipe(plan, ctx.space, ctx.spec.options)
+    model = apply_recipe(ctx.model, recipe, data=ctx.task.search_data(), progress=False)
+    result: dict[str, Any] = {"name": plan.name, "quality": ctx.task.quality(model, "validation")}
+    fidelity = getattr(ctx.task, "fidelity", None)
+    if callable(fidelity):
+        result["cosine_min"] = fidelity(model, "validation")["cosine_min"]
+    saved = save_model(model, out_dir, weights_format=recipe.weights_format, overwrite=True)
+    profile = profile_model(model)
+    result.update(bytes=saved.file_bytes, compression_ratio=saved.compression_ratio,
+                  energy_nj=energy_nj(model, ctx.spec.batch), macs=profile.macs, params=profile.params,
+                  nonzeros=profile.nonzeros, layers=layer_summary(ctx.model, model),
+                  seconds=time.perf_counter() - started, dir=str(out_dir))
+    return result
+
+
+def safe_evaluate(plan: Plan, ctx: TrialContext, out_dir: Path) -> dict[str, Any]:
+    """:func:`evaluate_plan`, with a plan nnopt refuses (a layer it cannot quantize, say) recorded as failed."""
+    try:
+        return evaluate_plan(plan, ctx, out_dir)
+    except NnoptError as exc:
+        return {"name": plan.name, "error": str(exc)}
+
+
+_INT_DTYPE = re.compile(r"u?int(\d+)")
+
+
+def layer_summary(original: nn.Module, model: nn.Module) -> list[dict[str, Any]]:
+    """Per weight layer of ``model``: zero share of its parameters, storage width, and the share of its
+    output channels removed relative to ``original`` (all read from the models, not from the plan)."""
+    from nnopt.metrics import profile_model
+
+    before = {layer.name: layer for layer in profile_model(original).layers}
+    rows = []
+    for layer in profile_model(model).layers:
+        if not layer.shape or layer.name not in before or len(layer.shape) < 2:
+            continue
+        module = model.get_submodule(layer.name)
+        bits = getattr(module, "bits", None)
+        if not isinstance(bits, int):
+            match = _INT_DTYPE.match(layer.dtype)
+            bits = int(match.group(1)) if match else {"float32": 32, "bfloat16": 16, "float16": 16}.get(layer.dtype)
+        out_before = before[layer.name].shape[0]
+        rows.append({"name": layer.name, "sparsity": round(layer.sparsity, 4), "bits": bits,
+                     "structured_ratio": round(1 - layer.shape[0] / out_before, 4) if out_before else 0.0,
+                     "shape": list(layer.shape)})
+    return rows
+
+
+# ------------------------------------------------------------------------------------- running them
+
+
+Job = tuple[int, Plan, Path]
+
+
+def run_trials(jobs: Sequence[Job], ctx: TrialContext, workers: int,
+               on_result: Callable[[int, dict[str, Any]], None], may_start: Callable[[], bool]) -> int:
+    """Evaluate ``jobs``; ``on_result`` gets each result as it comes (to checkpoint it). A job starts
+    only while ``may_start()`` (the time budget). Returns how many jobs were started."""
+    if workers <= 1 or len(jobs) <= 1:
+        started = 0
+        for index, plan, out_dir in jobs:
+            if not may_start():
+                break
+            started += 1
+            on_result(index, safe_evaluate(plan, ctx, out_dir))
+        return started
+    return _run_pool(jobs, ctx.spec, workers, on_result, may_start)
+
+
+def _worker_main(spec: ContextSpec, tasks: Any, results: Any) -> None:
+    # Spawned: a fresh interpreter. Ctrl-C is the parent's to handle: it stops the workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(spec.threads)
+    try:
+        ctx = build_context(spec)
+    except BaseException:  # reported to the parent, which raises it
+        results.put(("error", -1, traceback.format_exc()))
+        return
+    results.put(("ready", -1, None))
+    while True:
+        job = tasks.get()
+        if job is None:
+            return
+        index, plan, out_dir = job
+        try:
+            results.put(("ok", index, safe_evaluate(Plan.from_dict(plan), ctx, Path(out_dir))))
+        except Exception:
+            results.put(("error", index, traceback.format_exc()))
+
+
+def _run_pool(jobs: Sequence[Job], spec: ContextSpec, workers: int,
+              on_result: Callable[[int, dict[str, Any]], None], may_start: Callable[[], bool]) -> int:
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    tasks, results = context.Queue(), context.Queue()
+    count = min(workers, len(jobs))
+    procs = [context.Process(target=_worker_main, args=(spec, tasks, results), daemon=True) for _ in range(count)]
+    pending = list(jobs)
+    running: set[int] = set()
+    started = 0
+    try:
+        for proc in procs:
+            proc.start()
+        _wait(results, procs, {"ready"}, count, _START_TIMEOUT_S)
+
+        def submit() -> None:
+            nonlocal started
+            if pending and may_start():
+                index, plan, out_dir = pending.pop(0)
+                tasks.put((index, plan.to_dict(), str(out_dir)))
+                running.add(index)
+                started += 1
+
+        for _ in range(count):
+            submit()
+        while running:
+            status, index, payload = _next(results, procs)
+            if status == "error":
+                raise RuntimeError(f"a trial worker failed:\n{payload}")
+            running.discard(index)
+            on_result(index, payload)
+            submit()
+        return started
+    finally:
+        for proc in procs:  # also on Ctrl-C: workers ignore SIGINT, so they are stopped here
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join(timeout=5)
+        for channel in (tasks, results):
+            channel.close()
+            channel.cancel_join_thread()  # nothing left to deliver: the workers are gone
+
+
+def _next(results: Any, procs: list[Any]) -> tuple[str, int, Any]:
+    while True:
+        try:
+            return results.get(timeout=_POLL_S)
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a trial worker exited unexpectedly (exit codes {dead})") from None
+
+
+def _wait(results: Any, procs: list[Any], kinds: set[str], count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    ready = 0
+    while ready < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"trial workers did not start within {timeout:.0f} s")
+        status, _, payload = _next(results, procs)
+        if status == "error":
+            raise RuntimeError(f"a trial worker failed to start:\n{payload}")
+        ready += status in kinds
+
+
+# ------------------------------------------------------------------------------------- latency
+
+
+def bind(model: nn.Module, inputs: Any) -> Callable[[], object]:
+    """A zero-argument call of ``model`` on ``inputs`` (a tensor, or keyword tensors for an encoder)."""
+    model.eval()
+    return functools.partial(model, **inputs) if isinstance(inputs, dict) else functools.partial(model, inputs)
+
+
+def screen_latency(baseline: nn.Module, trials: Sequence[tuple[str, Path]], inputs: Any, batch: int,
+                   seconds: float, on_result: Callable[[str, dict[str, float]], None],
+                   progress: bool | None = None) -> None:
+    """Time each trial model against the baseline, alternated in rounds, one trial at a time."""
+    from nnopt.io.model_dir import load_model
+    from nnopt.metrics.speed import compare_calls
+    from nnopt.progress import track
+
+    with track("latency", total=len(trials), enabled=progress) as bar, torch.inference_mode():
+        for name, path in trials:
+            model = load_model(path)
+            timing = compare_calls({"baseline": bind(baseline, inputs), "trial": bind(model, inputs)}, batch,
+                                   warmup=3, min_calls=6, min_seconds=seconds, rounds=3)
+            base, trial = timing["baseline"], timing["trial"]
+            on_result(name, {"median": trial.median_ms, "p10": trial.p10_ms, "p90": trial.p90_ms,
+                             "baseline_median": base.median_ms, "speedup": base.median_ms / trial.median_ms})
+            bar.advance(status=name)
+
+
+def time_models(models: dict[str, nn.Module], inputs: Any, batch: int, seconds: float,
+                min_calls: int = 20) -> dict[str, dict[str, float]]:
+    """Median, p10 and p90 ms per call of every model, alternated in rounds (BENCHMARKS.md protocol:
+    warm-up, at least ``min_calls`` (20) calls and ``seconds`` of timing per model)."""
+    from nnopt.metrics.speed import compare_calls
+
+    with torch.inference_mode():
+        timing = compare_calls({name: bind(m, inputs) for name, m in models.items()}, batch, warmup=3,
+                               min_calls=min_calls, min_seconds=seconds, rounds=5)
+    return {name: {"median": t.median_ms, "p10": t.p10_ms, "p90": t.p90_ms, "calls": t.calls}
+            for name, t in timing.items()}
