@@ -39,3 +39,10 @@ class IntegrityError(NnoptError):
 
 class ResumeError(NnoptError):
     """A checkpoint cannot be resumed (missing, corrupt, or written by a different run)."""
+
+
+def brief(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line, cut at ``limit`` characters: library messages can span lines and
+    quote whole configs, and the CLI prints one line."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:limit]}{'…' if len(text) > limit else ''}"

@@ -58,6 +58,7 @@ def write_bytes_durable(path: Path, data: bytes) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically (temporary file in the same directory, rename)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(path)
     tmp = sibling_name(path, "tmp")
     try:
@@ -152,7 +153,10 @@ def atomic_directory(
         fsync_dir(tmp)
         for check in _COMMIT_GUARDS.get():
             check()
-        _commit(tmp, path)
+        # Again at the end: something may have appeared at `path` during the run, and only an
+        # earlier output of the same kind may ever be replaced.
+        check_replaceable(path, replace_if)
+        _commit(tmp, path, may_replace=replace_if is not None)
         fsync_dir(path.parent)
     finally:
         if tmp.exists():  # the failed output, or after an exchange the replaced one
@@ -170,10 +174,10 @@ def remove_directory(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _commit(tmp: Path, path: Path) -> None:
-    if not path.exists():
+def _commit(tmp: Path, path: Path, may_replace: bool) -> None:
+    if not may_replace or not path.exists():
         try:
-            os.replace(tmp, path)
+            _rename_noreplace(tmp, path)
         except OSError as exc:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
@@ -201,6 +205,7 @@ def _commit(tmp: Path, path: Path) -> None:
 
 
 _AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276}  # used only where libc lacks the wrapper (glibc < 2.28)
 _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV}
@@ -231,6 +236,20 @@ def _renameat2() -> Callable[..., int] | None:
                            ctypes.c_long(newdfd), ctypes.c_char_p(new), ctypes.c_ulong(flags)))
 
     return raw
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename that fails with EEXIST when ``dst`` exists (os.rename would replace an empty directory)."""
+    fn = _renameat2()
+    if fn is not None:
+        if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in _UNSUPPORTED:
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+    if dst.exists():  # no atomic no-replace here: a narrow window remains
+        raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
 
 
 def exchange_paths(a: Path, b: Path) -> bool:

@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from nnopt.errors import ModelFormatError, NnoptError, OutputError, UnsafeFileError, UnsupportedModelError
+from nnopt.errors import ModelFormatError, NnoptError, OutputError, UnsafeFileError, UnsupportedModelError, brief
 from nnopt.io.atomic import clean_leftovers, fsync_dir, refuse_input_overlap, sibling_name
 from nnopt.io.safety import refuse_unsafe
 
@@ -84,13 +84,13 @@ def load_keras(path: str | Path) -> nn.Module:
         try:
             km = keras.saving.load_model(copy, safe_mode=True, compile=False)
         except Exception as exc:  # Keras and h5py raise many types for damaged files
-            raise ModelFormatError(f"{path}: Keras could not load it ({_brief(exc)})") from None
+            raise ModelFormatError(f"{path}: Keras could not load it ({brief(exc)})") from None
         try:
             model = from_keras(km)
         except NnoptError:
             raise
         except Exception as exc:  # a Keras layer that fails in an unexpected way while being read
-            raise ModelFormatError(f"{path}: could not convert it ({_brief(exc)})") from None
+            raise ModelFormatError(f"{path}: could not convert it ({brief(exc)})") from None
     object.__setattr__(model, _SOURCE_ATTR, str(path.resolve()))
     return model
 
@@ -135,7 +135,7 @@ def save_keras(model: nn.Module, path: str | Path, overwrite: bool = False) -> P
             km.save(tmp)
             _fsync(tmp)
         except Exception as exc:  # Keras and h5py raise many types for unwritable places
-            raise OutputError(f"cannot write {path}: {_brief(exc)}") from None
+            raise OutputError(f"cannot write {path}: {brief(exc)}") from None
         check_keras_archive(tmp, shown_as=path)  # never write a file that load_keras would refuse
         os.replace(tmp, path)
         _fsync(path.parent)
@@ -169,7 +169,7 @@ def check_keras_archive(path: Path, shown_as: Path | None = None) -> dict[str, A
     except NnoptError:
         raise
     except Exception as exc:  # zipfile and h5py raise BadZipFile, zlib.error, EOFError, OSError, ...
-        raise ModelFormatError(f"{shown}: not a valid .keras archive ({_brief(exc)})") from None
+        raise ModelFormatError(f"{shown}: not a valid .keras archive ({brief(exc)})") from None
     if declared > stored:
         raise ModelFormatError(
             f"{shown}: config.json declares at least {declared:,} bytes of float32 weights, but the weights "
@@ -243,7 +243,7 @@ def _read_json(archive: zipfile.ZipFile, name: str, shown: Path) -> Any:
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ModelFormatError(f"{shown}: {name} is not valid JSON ({_brief(exc)})") from None
+        raise ModelFormatError(f"{shown}: {name} is not valid JSON ({brief(exc)})") from None
 
 
 def _check_config(config: Any, shown: Path) -> list[dict[str, Any]]:
@@ -433,9 +433,3 @@ def _fsync(path: Path) -> None:
         return
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
-
-
-def _brief(exc: BaseException) -> str:
-    # Library messages can span lines and quote whole configs; the CLI prints one line.
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}{'…' if len(text) > 300 else ''}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import hashlib
 import json
 import platform
 from collections.abc import Iterable
@@ -21,7 +22,7 @@ from torch import nn
 
 from nnopt._version import __version__
 from nnopt.errors import ConfigError, ModelFormatError, NnoptError
-from nnopt.io.atomic import atomic_directory, refuse_input_overlap, sha256_file, write_bytes_durable
+from nnopt.io.atomic import atomic_directory, refuse_input_overlap, write_bytes_durable
 from nnopt.io.safety import refuse_unsafe
 from nnopt.lineage import Lineage, get_lineage, set_lineage
 
@@ -92,7 +93,7 @@ def save_model(
             **lineage.to_dict(),
             "metrics": metrics or {},
             "versions": library_versions(),
-            "files": {weights_file: {"bytes": len(payload), "sha256": sha256_file(tmp / weights_file)}},
+            "files": {weights_file: {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}},
             "weights_format": weights_format,
             "dense_fp32_bytes": dense_bytes,
             "compression_ratio": dense_bytes / len(payload),
@@ -191,13 +192,17 @@ def load_model(path: str | Path) -> nn.Module:
     """
     path = Path(path)
     meta = read_meta(path)
-    tensors = _read_weights(path, meta)
     lineage = Lineage.from_dict(meta)
     weights = path / weights_file(meta)
-    # First on the meta device, which allocates nothing: a record claiming huge layers beside a small
-    # weights file is refused before any real memory is taken for it.
+    # First on the meta device, which allocates nothing: a record claiming huge layers is refused before
+    # any real memory is taken for it, and a packed file may not declare more bytes than the model holds.
+    expected = None
     with contextlib.suppress(_MetaUnsupported):
-        check_tensors(weights, _build(path, lineage, torch.device("meta")).state_dict(), tensors)
+        expected = _build(path, lineage, torch.device("meta")).state_dict()
+    limit = None if expected is None else sum(t.numel() * t.element_size() for t in expected.values())
+    tensors = _read_weights(path, meta, max_bytes=limit)
+    if expected is not None:
+        check_tensors(weights, expected, tensors, finite=False)
     model = _build(path, lineage, None)
     check_tensors(weights, model.state_dict(), tensors)
     model.load_state_dict(tensors, strict=True)  # cannot fail now: names, dtypes and shapes were checked
@@ -231,9 +236,11 @@ def _build(path: Path, lineage: Lineage, device: torch.device | None) -> nn.Modu
         raise ModelFormatError(f"{path / META_FILE} describes a model that cannot be built: {exc!r}") from None
 
 
-def check_tensors(where: str | Path, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
+def check_tensors(
+    where: str | Path, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], finite: bool = True
+) -> None:
     """Names, dtypes and shapes must match exactly (``load_state_dict`` would silently cast them), and
-    float tensors must be finite."""
+    (with ``finite``) float tensors must hold no NaN or infinity."""
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing:
         raise ModelFormatError(f"{where} lacks tensor {missing[0]!r} that the model needs ({len(missing)} missing)")
@@ -248,13 +255,11 @@ def check_tensors(where: str | Path, expected: dict[str, torch.Tensor], found: d
                 f"{where}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
                 f"the model needs {want.dtype} {tuple(want.shape)}"
             )
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ModelFormatError(f"{where}: tensor {name!r} holds NaN or infinite values")
 
 
-def _read_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    import hashlib
-
+def _read_weights(path: Path, meta: dict[str, Any], max_bytes: int | None = None) -> dict[str, torch.Tensor]:
     name = weights_file(meta)
     weights = path / name
     if not weights.is_file():
@@ -265,7 +270,7 @@ def _read_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     if name == PACKED_FILE:
         from nnopt.io.packed import unpack_tensors
 
-        return unpack_tensors(data)
+        return unpack_tensors(data, max_bytes=max_bytes)
     from nnopt.io.safetensors_check import load_safetensors_bytes
 
     # Header checked before safetensors parses it; parser errors become ModelFormatError too.

@@ -195,6 +195,10 @@ def _write_with_external_data(model: Any, path: Path, location: str) -> None:
         raise OutputError(f"external_data {location!r} is the model file {path} itself")
     if target.is_dir():
         raise OutputError(f"refusing to write external data to {target}: it is a directory")
+    if (path.parent / location).is_symlink():
+        raise OutputError(f"refusing to write external data through the symbolic link {path.parent / location}")
+    if target.exists() and location not in _external_locations(path):
+        raise OutputError(f"refusing to overwrite {target}: it is not the external data of an earlier {path}")
     chunks: list[bytes] = []
     offset = 0
     for tensor in iter_tensors(model):
@@ -208,6 +212,21 @@ def _write_with_external_data(model: Any, path: Path, location: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(target, b"".join(chunks))
     atomic_write_bytes(path, model.SerializeToString())
+
+
+def _external_locations(path: Path) -> set[str]:
+    """External-data file names an existing ONNX graph at ``path`` refers to (empty if none or unreadable)."""
+    if not path.is_file():
+        return set()
+    import onnx
+
+    from nnopt.io.onnx_import import iter_tensors
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - an unreadable old graph refers to nothing we may replace
+        return set()
+    return {entry.value for tensor in iter_tensors(graph) for entry in tensor.external_data if entry.key == "location"}
 
 
 class OnnxRunner:

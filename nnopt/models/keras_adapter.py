@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnopt.errors import UnsupportedModelError
+from nnopt.errors import UnsupportedModelError, brief
 
 # Keras activations with an exact torch twin (Keras' gelu defaults to the erf form, as torch's).
 _ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "linear")
@@ -116,7 +116,7 @@ def from_keras(model: Any, sample: Any = None) -> nn.Module:
             chain.shape = tuple(int(d) for d in layer.compute_output_shape((None, *in_shape))[1:])
         except Exception as exc:  # Keras raises ValueError/TypeError for shapes it cannot follow
             raise UnsupportedModelError(
-                f"layer {layer.name!r} ({type(layer).__name__}): cannot follow its output shape ({_brief(exc)})"
+                f"layer {layer.name!r} ({type(layer).__name__}): cannot follow its output shape ({brief(exc)})"
             ) from None
     if not chain.loads:
         raise UnsupportedModelError(f"Keras model {model.name!r} has no Dense or Conv2D layer to convert")
@@ -356,7 +356,7 @@ def _verify(model: Any, net: nn.Module, sample: Any, keras: Any) -> None:
     except Exception as exc:  # any Keras failure here means the model is not a plain chain
         raise UnsupportedModelError(
             f"Keras model {model.name!r} failed on a verification batch of shape "
-            f"{tuple(x.shape)} ({_brief(exc)}); pass sample= with real inputs"
+            f"{tuple(x.shape)} ({brief(exc)}); pass sample= with real inputs"
         ) from exc
     with torch.inference_mode():
         got = net.predict_proba(x).numpy()
@@ -375,11 +375,6 @@ def _random_rows(shape: tuple[int, ...]) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     return torch.randn((_RANDOM_ROWS, *shape), generator=gen)
 
-
-def _brief(exc: BaseException) -> str:
-    # Library messages can span lines and quote whole configs; the CLI prints one line.
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}{'…' if len(text) > 300 else ''}"
 
 
 def __getattr__(name: str) -> Any:

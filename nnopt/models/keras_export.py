@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnopt.errors import UnsupportedModelError
-from nnopt.models.keras_adapter import _brief, _random_rows, _tensor, import_keras, same_padding
+from nnopt.errors import UnsupportedModelError, brief
+from nnopt.models.keras_adapter import _random_rows, _tensor, import_keras, same_padding
 
 _EXPORT_ATOL = 1e-4
 
@@ -83,7 +83,7 @@ def to_keras(model: nn.Module) -> Any:
             except Exception as exc:  # torch raises RuntimeError for shape mismatches
                 raise UnsupportedModelError(
                     f"layer {name!r} ({type(module).__name__}) fails on the output of the layer before it "
-                    f"({_brief(exc)}): the model is not a simple chain of its layers"
+                    f"({brief(exc)}): the model is not a simple chain of its layers"
                 ) from None
             export.shape = tuple(x.shape[1:])
         rows = _random_rows(input_shape).to(device)
@@ -339,7 +339,7 @@ def _verify_export(model: nn.Module, km: Any, rows: torch.Tensor, keras: ModuleT
         got = _tensor(km(keras.ops.convert_to_tensor(rows.cpu()), training=False)).numpy()
     except Exception as exc:  # Keras errors mean the chain was built wrongly; name them plainly
         raise UnsupportedModelError(
-            f"the Keras twin of {type(model).__name__} failed on a verification batch ({_brief(exc)})"
+            f"the Keras twin of {type(model).__name__} failed on a verification batch ({brief(exc)})"
         ) from None
     if got.shape != expected.shape or not np.allclose(got, expected, rtol=0.0, atol=_EXPORT_ATOL):
         diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("nan")

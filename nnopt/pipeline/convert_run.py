@@ -220,7 +220,10 @@ def max_output_difference(a: Any, b: Any, batch: int = 2, tokens: int = 8) -> fl
     import numpy as np
     import onnxruntime as ort
 
-    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (a, b)]
+    try:
+        sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (a, b)]
+    except Exception as exc:  # ORT's own error types: name the step
+        raise UnsupportedModelError(f"ONNX Runtime could not open the model: {exc}"[:500]) from None
     rng = np.random.default_rng(0)
     feeds = {}
     for i in sessions[0].get_inputs():

@@ -17,7 +17,9 @@ from typing import Any
 from nnopt.io.atomic import sha256_file
 from nnopt.io.manifest import VerifyResult, verify_directory
 
-META_FILE = "nnopt.json"  # nnopt.io.model_dir.META_FILE, without importing torch for a hash check
+# nnopt.io.model_dir's names, without importing torch for a hash check (tests/cli/test_verify_cli.py compares them)
+META_FILE = "nnopt.json"
+WEIGHTS_FILES = ("model.safetensors", "model.nnpk")
 
 
 def register(commands: Any) -> None:
@@ -61,7 +63,12 @@ def _model_record_mismatches(root: Path) -> list[tuple[str, str]]:
             found.append((rel, f"{rel} is not a readable model record"))
             continue
         for name, recorded in entries:
-            file = model_dir / name
+            file = model_dir / str(name)
+            if name not in WEIGHTS_FILES or not isinstance(recorded, str):
+                # A tampered record could name a path outside the directory: report it, never read it.
+                rel = meta_path.relative_to(root).as_posix()
+                found.append((rel, f"{rel} lists {str(name)[:80]!r}, which is not a weights file nnopt writes"))
+                continue
             rel = file.relative_to(root).as_posix()
             if not file.is_file():
                 found.append((rel, f"{rel} is listed in {META_FILE} but missing"))

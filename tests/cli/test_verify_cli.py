@@ -90,3 +90,28 @@ def test_nothing_to_verify_against_is_an_error(outputs, tmp_path, expect_error):
     bare = _copy(outputs, "model", tmp_path)
     (bare / "manifest.json").unlink()
     expect_error(["verify", str(bare)], "no manifest.json")
+
+
+def test_verify_knows_the_model_directory_file_names():
+    from nnopt.io import model_dir
+    from nnopt.pipeline import verify_run
+
+    assert verify_run.META_FILE == model_dir.META_FILE
+    assert set(verify_run.WEIGHTS_FILES) == set(model_dir.WEIGHT_FILES.values())
+
+
+def test_a_record_naming_a_path_outside_is_reported_not_read(tmp_path, capsys):
+    import json
+
+    import nnopt
+    from nnopt.cli import main
+
+    nnopt.save_model(nnopt.create_model("simplenet", seed=0), tmp_path / "m")
+    meta_path = tmp_path / "m" / "nnopt.json"
+    meta = json.loads(meta_path.read_text())
+    meta["files"]["/etc/hostname"] = {"bytes": 1, "sha256": "0" * 64}
+    meta["files"]["../outside"] = {"bytes": 1, "sha256": "0" * 64}
+    meta_path.write_text(json.dumps(meta))
+    assert main(["verify", str(tmp_path / "m")]) == 1
+    out = capsys.readouterr().out
+    assert "/etc/hostname" in out and "not a weights file" in out
