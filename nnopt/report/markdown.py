@@ -30,7 +30,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     """report.md for any run: the demo's own text for a demo report, the generic tables otherwise."""
     view = read_report(report)
     if view.kind == CLASSIC_KIND:
-        return render_classic_markdown(report)
+        try:
+            return render_classic_markdown(report)
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError):
+            pass  # a hand-edited or partial demo report: the generic tables still render what is there
     return _render_generic(view)
 
 

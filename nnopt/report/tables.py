@@ -162,7 +162,7 @@ def variant_table(view: ReportView, rows: tuple[Row, ...] | None = None) -> Tabl
                 columns.append(("nJ bounds", True, lambda r: _bounds_cell(r.energy)))
             methods = {e.method for e in energies if e.method}
             if len(methods) <= 1:
-                notes.append(f"energy: {methods.pop() or 'method not recorded'}")
+                notes.append(f"energy: {methods.pop() if methods else 'method not recorded'}")
             else:
                 columns.append(("energy method", False, lambda r: energy_label(r.energy.method if r.energy else None)))
         elif _is_method(key) and len({str(v) for v in values if v is not None}) == 1:

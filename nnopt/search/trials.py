@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import queue
 import re
 import signal
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nnopt.errors import NnoptError
+from nnopt.errors import NnoptError, brief
 from nnopt.search.plans import Plan, plan_recipe
 from nnopt.search.space import BuildOptions, SearchSpace, build_space
 
@@ -68,7 +69,7 @@ def energy_nj(model: nn.Module, batch: int) -> float:
     """Estimated energy per inference (nJ) at ``batch``: analytic table, see nnopt.energy."""
     from nnopt.energy import estimate_energy
 
-    return estimate_energy(model, batch=batch).total_mj * 1e6 / batch
+    return estimate_energy(model, batch=batch).total_mj * 1e6  # total_mj is already per inference
 
 
 def energy_method(batch: int) -> str:
@@ -102,9 +103,14 @@ def evaluate_plan(plan: Plan, ctx: TrialContext, out_dir: Path) -> dict[str, Any
 def safe_evaluate(plan: Plan, ctx: TrialContext, out_dir: Path) -> dict[str, Any]:
     """:func:`evaluate_plan`, with a plan nnopt refuses (a layer it cannot quantize, say) recorded as failed."""
     try:
-        return evaluate_plan(plan, ctx, out_dir)
+        result = evaluate_plan(plan, ctx, out_dir)
     except NnoptError as exc:
         return {"name": plan.name, "error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - one broken plan is a failed trial, not a failed search
+        return {"name": plan.name, "error": f"failed while building or scoring it: {brief(exc)}"}
+    if not math.isfinite(result["quality"]):
+        return {"name": plan.name, "error": f"its validation quality is {result['quality']}"}
+    return result
 
 
 _INT_DTYPE = re.compile(r"u?int(\d+)")

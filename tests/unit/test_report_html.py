@@ -193,3 +193,15 @@ def test_auto_report_with_variants_beside_its_front():
     assert "Accuracy measured on the validation split" in page  # not the test split: the plans were scored there
     plans = page.split("<h3>Plans on the front</h3>")[1].split("</section>")[0]
     assert plans.count('<span class="tag chosen">chosen</span>') == 2  # its figures and its recipe, marked
+
+
+def test_partial_reports_render_without_a_traceback():
+    from nnopt.report import render_html, render_markdown
+
+    demo_without_environment = {"kind": "classic-demo", "variants": [{"name": "baseline", "accuracy": 0.9}]}
+    energy_without_method = {"variants": [{"name": "baseline", "accuracy": 0.9, "energy_nj": 5.0},
+                                          {"name": "small", "accuracy": 0.8, "energy_nj": 4.0}]}
+    for doc in (demo_without_environment, energy_without_method):
+        assert "baseline" in render_markdown(doc)
+        assert "baseline" in render_html(doc)
+    assert "method not recorded" in render_markdown(energy_without_method)

@@ -294,3 +294,24 @@ def test_trials_in_spawned_workers_give_the_same_front_as_in_process(saved, tmp_
     assert report["budget"]["evaluated"] == report["budget"]["plans"]
     assert [(f["name"], f["bytes"], f["accuracy"]) for f in report["front"]] == \
         [(f["name"], f["bytes"], f["accuracy"]) for f in tiny_run[0].report["front"]]
+
+
+def test_trial_energy_is_per_inference_like_the_estimator():
+    import nnopt
+    from nnopt.search.trials import energy_nj
+
+    model = nnopt.create_model("simplenet", seed=0)
+    for batch in (1, 32):
+        assert energy_nj(model, batch) == pytest.approx(nnopt.estimate_energy(model, batch=batch).total_mj * 1e6)
+
+
+def test_a_plan_that_crashes_is_a_failed_trial(monkeypatch, tmp_path):
+    from nnopt.search import trials
+
+    def broken(plan, ctx, out_dir):
+        raise RuntimeError("shape mismatch\nwith a second line")
+
+    monkeypatch.setattr(trials, "evaluate_plan", broken)
+    plan = type("P", (), {"name": "p"})()
+    result = trials.safe_evaluate(plan, None, tmp_path)
+    assert result["name"] == "p" and "RuntimeError: shape mismatch with a second line" in result["error"]
