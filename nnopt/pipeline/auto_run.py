@@ -41,7 +41,7 @@ def register(commands: Any) -> None:
                         "input model's embeddings)")
     parser.add_argument("--objective", required=True, metavar="{size,latency,energy}",
                         help="size: bytes of the written file (measured); latency: median ms at --batch (measured); "
-                        "energy: nJ per inference (estimated, analytic, unless counters exist)")
+                        "energy: nJ per inference (estimated, analytic; also measured where counters exist)")
     parser.add_argument("--max-drop", required=True, metavar="D",
                         help="allowed quality drop as a fraction in [0, 1] (0.005 = half a point of accuracy; for "
                         "encoders mean cosine >= 1 - D); '0.5%%' also works")

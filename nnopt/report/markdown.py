@@ -117,7 +117,7 @@ def render_classic_markdown(result: ClassicResult | Mapping[str, Any]) -> str:
 
 def _render_generic(view: ReportView) -> str:
     env = view.environment
-    facts = [f"{k}: {v}" for k, v in (("device", view.get("device")), ("CPU", view.get("cpu")),
+    facts = [f"{k}: {_md(str(v))}" for k, v in (("device", view.get("device")), ("CPU", view.get("cpu")),
                                       ("threads", view.get("threads")), ("torch", view.get("torch")),
                                       ("nnopt", view.get("nnopt_version", "nnopt")), ("Python", env.get("python")),
                                       ("date", view.get("date", "created", "timestamp"))) if v not in (None, "")]
@@ -132,7 +132,7 @@ def _render_generic(view: ReportView) -> str:
                   ""]
     slow = smaller_not_faster(view)
     if slow:
-        lines += [f"**Smaller but not faster on this device** ({view.device}, {view.threads}): "
+        lines += [f"**Smaller but not faster on this device** ({_md(str(view.device))}, {_md(str(view.threads))}): "
                   f"{_md(', '.join(slow))}. Their files are smaller, yet their measured median latency is no lower "
                   "at any batch size (within ±5% counts as the same).", ""]
     notes = speed_notes(view)
@@ -149,17 +149,18 @@ def _render_generic(view: ReportView) -> str:
             lines += [*_table(text, view), ""]
     if any(r.latency for r in view.rows):
         batches = ", ".join(b for b in view.batches if b) or "not recorded"
-        lines += ["## Latency (measured)", "", f"Wall-clock per call on {view.device}, {view.threads}, batch "
-                  f"{batches}.", "", *_table(latency_table(view), view), ""]
+        lines += ["## Latency (measured)", "", f"Wall-clock per call on {_md(str(view.device))}, "
+                  f"{_md(str(view.threads))}, batch {_md(batches)}.", "", *_table(latency_table(view), view), ""]
     energies = [r.energy for r in view.rows if r.energy]
     if energies:
         labels = "; ".join(sorted({energy_label(e.method) for e in energies}))
-        lines += [f"## Energy per inference: {labels}", "", *_table(energy_table(view), view), ""]
+        lines += [f"## Energy per inference: {_md(labels)}", "", *_table(energy_table(view), view), ""]
     if view.layers:
         lines += ["## Per-layer sparsity and bits (counted)", "", *_table(layers_table(view), view), ""]
     methods = view.doc.get("methods")
     if isinstance(methods, Mapping) and methods:
-        lines += ["## How each figure was obtained", ""] + [f"- `{k}`: {v}" for k, v in methods.items()] + [""]
+        lines += ["## How each figure was obtained", ""] + [f"- {_md(str(k))}: {_md(str(v))}"
+                                                            for k, v in methods.items()] + [""]
     return "\n".join(lines)
 
 

@@ -205,3 +205,13 @@ def test_partial_reports_render_without_a_traceback():
         assert "baseline" in render_markdown(doc)
         assert "baseline" in render_html(doc)
     assert "method not recorded" in render_markdown(energy_without_method)
+
+
+def test_markdown_escapes_every_recorded_string():
+    from nnopt.report import render_markdown
+
+    hostile = "<script>alert(1)</script>"
+    doc = {"environment": {"device": hostile, "cpu": hostile}, "device": hostile, "methods": {hostile: hostile},
+           "variants": [{"name": "baseline", "accuracy": 0.9, "energy_nj": 5.0, "energy_method": hostile},
+                        {"name": hostile, "accuracy": 0.8}]}
+    assert "<script>" not in render_markdown(doc)
