@@ -10,12 +10,13 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from nnopt.errors import ConfigError
+from nnopt.errors import ConfigError, UnsupportedModelError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,28 @@ class LatencyStats:
         rows = [(t.batch, t.median_ms, t.p10_ms, t.p90_ms, t.calls) for t in self.timings]
         caption = f"{self.device}, {self.threads} threads; {self.method}"
         return render_table(("batch", "median ms", "p10 ms", "p90 ms", "calls"), rows, caption=caption)
+
+
+def example_batch(model: nn.Module, batch: int, generator: torch.Generator | None = None) -> Any:
+    """What ``model`` is called with for timing, export and energy runs: its own ``example_inputs``
+    (token ids and mask for a sentence encoder), else standard-normal rows of its ``input_shape``.
+    Seeded (0) unless ``generator`` is given, so every run sees the same data."""
+    from nnopt.metrics.profile import model_input_shape
+
+    generator = torch.Generator().manual_seed(0) if generator is None else generator
+    own = getattr(model, "example_inputs", None)
+    if callable(own):
+        return own(batch, generator=generator)
+    try:
+        shape = model_input_shape(model)
+    except ValueError as exc:
+        raise UnsupportedModelError(f"cannot build inputs: {exc}") from None
+    return torch.randn(batch, *shape, generator=generator)
+
+
+def bind_call(fn: Callable[..., object], inputs: Any) -> Callable[[], object]:
+    """``fn`` applied to ``inputs`` (keyword inputs for a mapping), as a zero-argument call to time."""
+    return functools.partial(fn, **inputs) if isinstance(inputs, Mapping) else functools.partial(fn, inputs)
 
 
 def measure_latency(

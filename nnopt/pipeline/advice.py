@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from nnopt.errors import ConfigError, NnoptError, UnsupportedModelError
+from nnopt.metrics.speed import bind_call
 
 MIN_SPEEDUP = 1.05  # below this a measured speed-up is within the noise of a shared machine
 MIN_ARGMAX_AGREEMENT = 0.9  # share of random inputs whose top class matches the baseline's
@@ -213,12 +214,6 @@ def _sig(value: float) -> float:
     return float(f"{value:.6g}")
 
 
-def _bind(fn: Callable[..., object], inputs: Any) -> Callable[[], object]:
-    from nnopt.pipeline.bench import _bind as bench_bind
-
-    return bench_bind(fn, inputs)
-
-
 def _model_facts(model: nn.Module) -> dict[str, Any]:
     """What the reasons are computed from: Linear widths and sparsity, BatchNorm count, float parameters."""
     linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
@@ -241,12 +236,12 @@ def _candidates(model: nn.Module, inputs: Any, options: AdviseOptions,
     """The data-free variants of ``model``; those that do not apply are listed with why."""
     from nnopt.pipeline.bench import autocast_call, bf16_support
 
-    candidates = [_Candidate("fp32", "fp32 baseline", _bind(model, inputs))]
+    candidates = [_Candidate("fp32", "fp32 baseline", bind_call(model, inputs))]
     skipped: list[dict[str, str]] = []
 
     if facts["float"]:
         native, why = bf16_support(options.device)
-        candidates.append(_Candidate("bf16", "bf16 autocast", autocast_call(_bind(model, inputs), options.device),
+        candidates.append(_Candidate("bf16", "bf16 autocast", autocast_call(bind_call(model, inputs), options.device),
                                      {"bf16_native": native, "bf16_support": why}))
     else:
         skipped.append({"technique": "bf16 autocast", "reason": "the model has no float32 parameters"})
@@ -254,7 +249,7 @@ def _candidates(model: nn.Module, inputs: Any, options: AdviseOptions,
     if facts["linear_layers"]:
         built = _try(lambda: _quantized(model), "int8 dynamic", skipped)
         if built is not None:
-            candidates.append(_Candidate("int8", "int8 dynamic (Linear)", _bind(built, inputs), {
+            candidates.append(_Candidate("int8", "int8 dynamic (Linear)", bind_call(built, inputs), {
                 "linear_layers": facts["linear_layers"], "max_linear_in_features": facts["max_linear_in_features"]}))
     else:
         skipped.append({"technique": "int8 dynamic", "reason": "the model has no float Linear layer"})
@@ -263,7 +258,7 @@ def _candidates(model: nn.Module, inputs: Any, options: AdviseOptions,
         built = _try(lambda: _folded(model), "BatchNorm folding", skipped)
         if built is not None:
             left = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in built.modules())
-            candidates.append(_Candidate("bn-fold", "BatchNorm folding", _bind(built, inputs), {
+            candidates.append(_Candidate("bn-fold", "BatchNorm folding", bind_call(built, inputs), {
                 "batchnorm_layers": facts["batchnorm_layers"], "batchnorm_folded": facts["batchnorm_layers"] - left}))
     else:
         skipped.append({"technique": "BatchNorm folding", "reason": "the model has no BatchNorm layer"})
@@ -276,7 +271,7 @@ def _candidates(model: nn.Module, inputs: Any, options: AdviseOptions,
 
             chosen = [name for name, m in built.named_modules() if isinstance(m, SparseLinear)]
             if chosen:
-                candidates.append(_Candidate("csr", "CSR sparse kernels", _bind(built, inputs), {
+                candidates.append(_Candidate("csr", "CSR sparse kernels", bind_call(built, inputs), {
                     "csr_layers": chosen, "max_linear_sparsity": round(max_zeros, 4)}))
             else:
                 skipped.append({"technique": "CSR sparse kernels", "reason": (
@@ -324,7 +319,7 @@ def _compiled(model: nn.Module, inputs: Any) -> tuple[Callable[[], object] | Non
     """``torch.compile(model)`` and its first call, timed as compile time; (None, None, why) if it fails."""
     started = time.perf_counter()
     try:
-        call = _bind(torch.compile(model), inputs)
+        call = bind_call(torch.compile(model), inputs)
         call()
     except Exception as exc:  # dynamo/inductor raise many types; name the cause
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -13,7 +13,6 @@ AVX-512 BF16 or AMX-BF16 bf16 is emulated, and the run says so in its env (``war
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import json
 import math
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from nnopt.errors import ConfigError, UnsupportedModelError
+from nnopt.metrics.speed import bind_call, example_batch
 
 BENCHMARK = "bench"
 BACKENDS = ("torch", "onnxruntime", "compiled")
@@ -295,23 +295,8 @@ def _shape_of(inputs: Any) -> list[int]:
 
 
 def _inputs(model: nn.Module, batch: int, device: str) -> Any:
-    """The model's own example inputs (token ids and mask for an encoder), else standard-normal rows of
-    ``input_shape``; seeded, so every run times the same data."""
-    from nnopt.metrics.profile import model_input_shape
-
-    generator = torch.Generator().manual_seed(0)
-    own = getattr(model, "example_inputs", None)
-    if callable(own):
-        return {k: v.to(device) for k, v in own(batch, generator=generator).items()}
-    try:
-        shape = model_input_shape(model)
-    except ValueError as exc:
-        raise UnsupportedModelError(f"cannot build inputs: {exc}") from None
-    return torch.randn(batch, *shape, generator=generator).to(device)
-
-
-def _bind(fn: Callable[..., object], inputs: Any) -> Callable[[], object]:
-    return functools.partial(fn, **inputs) if isinstance(inputs, Mapping) else functools.partial(fn, inputs)
+    inputs = example_batch(model, batch)
+    return {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, Mapping) else inputs.to(device)
 
 
 def _model_sizes(model: nn.Module) -> dict[str, int | None]:
@@ -344,7 +329,7 @@ class _Backend:
 
     def bind(self, fn: Callable[..., object], inputs: Any) -> Callable[[], object]:
         """The timed call: ``fn(inputs)``, under bf16 autocast when the run's dtype is bf16."""
-        call = _bind(fn, inputs)
+        call = bind_call(fn, inputs)
         return autocast_call(call, self.options.device) if self.options.dtype == "bf16" else call
 
     def env(self) -> dict[str, Any]:
@@ -425,7 +410,7 @@ class _OnnxBackend(_Backend):
             inputs = {k: v.cpu() for k, v in inputs.items()}
         else:
             inputs = inputs.cpu()
-        return _bind(self.runners[threads], inputs)
+        return bind_call(self.runners[threads], inputs)
 
     def env(self) -> dict[str, Any]:
         from nnopt.envinfo import onnxruntime_info

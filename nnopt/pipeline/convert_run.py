@@ -89,8 +89,9 @@ def _check_file(out: Path, inputs: list[Path], overwrite: bool) -> None:
 
 def _write_onnx(model: Any, out: Path, inputs: list[Path], overwrite: bool) -> int:
     from nnopt.io.onnx_export import export_onnx
+    from nnopt.metrics.speed import example_batch
 
-    export_onnx(model, example_inputs(model, batch=2), path=out)
+    export_onnx(model, example_batch(model, 2), path=out)
     return out.stat().st_size
 
 
@@ -172,19 +173,6 @@ def as_nnopt_model(loaded: Any, input_shape: Sequence[int] | None, source: str) 
         return to_nnopt(loaded, input_shape=input_shape, source=str(source))
     raise UnsupportedModelError(f"{source} gave a {type(loaded).__name__}, not a model nnopt can convert")
 
-
-def example_inputs(model: Any, batch: int) -> Any:
-    """The model's own example inputs (token ids for an encoder), else seeded normal rows of its input_shape."""
-    import torch
-
-    generator = torch.Generator().manual_seed(0)
-    own = getattr(model, "example_inputs", None)
-    if callable(own):
-        return own(batch, generator=generator)
-    shape = getattr(model, "input_shape", None)
-    if shape is None:
-        raise UnsupportedModelError(f"{type(model).__name__} has no input_shape to export with")
-    return torch.randn((batch, *shape), generator=generator)
 
 
 def _bytes_on_disk(paths: list[Path]) -> int:

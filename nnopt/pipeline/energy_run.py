@@ -6,7 +6,6 @@ On a machine without energy counters (a VM: no /sys/class/powercap) every figure
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -96,18 +95,11 @@ class EnergyRunResult:
         return "\n".join(lines)
 
 
-def _call(model: torch.nn.Module, batch: int, shape: tuple[int, ...]) -> functools.partial[Any]:
-    generator = torch.Generator().manual_seed(0)
-    example = getattr(model, "example_inputs", None)
-    if callable(example):
-        return functools.partial(model, **example(batch, generator))
-    return functools.partial(model, torch.randn(batch, *shape, generator=generator))
-
 
 def run_energy(path: str | Path, options: EnergyOptions) -> EnergyRunResult:
     from nnopt.io.model_dir import load_model, read_meta
     from nnopt.metrics.profile import model_input_shape
-    from nnopt.metrics.speed import compare_calls
+    from nnopt.metrics.speed import bind_call, compare_calls, example_batch
 
     options.validate()
     meta = read_meta(path)
@@ -115,7 +107,7 @@ def run_energy(path: str | Path, options: EnergyOptions) -> EnergyRunResult:
     model.eval()
     shape = model_input_shape(model)
     estimate = estimate_energy(model, batch=options.batch, input_shape=shape, table=options.table)
-    call = _call(model, options.batch, shape)
+    call = bind_call(model, example_batch(model, options.batch))
     threads = torch.get_num_threads()
     with torch.inference_mode():
         timing = compare_calls({"model": call}, options.batch, warmup=5, min_calls=10,

@@ -4,7 +4,6 @@ before and after side by side (accuracy, file bytes, latency on this machine).""
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,7 @@ from nnopt.config import Config
 from nnopt.errors import ConfigError
 from nnopt.io.model_dir import save_model
 from nnopt.metrics import accuracy
-from nnopt.metrics.profile import model_input_shape
-from nnopt.metrics.speed import compare_calls
+from nnopt.metrics.speed import bind_call, compare_calls, example_batch
 from nnopt.passes import run_verb
 from nnopt.pipeline.runs import Row, commit_output, open_run, render_run, run_checkpoint, size_rows
 from nnopt.quantization import (
@@ -130,8 +128,8 @@ def run_quantize(
     rows += size_rows(run.meta, saved)
     generator = torch.Generator().manual_seed(0)
     for size in (1, 32):
-        inputs = _example_inputs(model, size, generator)
-        calls = {name: _bind(m, inputs) for name, m in (("before", model), ("after", quantized))}
+        inputs = example_batch(model, size, generator)
+        calls = {name: bind_call(m.eval(), inputs) for name, m in (("before", model), ("after", quantized))}
         with torch.inference_mode():
             timings = compare_calls(calls, size, min_seconds=latency_seconds)
         rows.append((f"latency ms, batch {size}", round(timings["before"].median_ms, 4),
@@ -140,16 +138,3 @@ def run_quantize(
             "(int8 GEMMs pay off on wide layers; on small ones the quantize/rescale passes cost more than they save; "
             "transformer encoders are fastest through ONNX Runtime: nnopt.export_onnx)")
     return QuantizeRun(scheme=options.scheme, rows=tuple(rows), out=out, timing_note=note)
-
-
-def _example_inputs(model: torch.nn.Module, batch: int, generator: torch.Generator) -> Any:
-    """The model's own example inputs (token ids for an encoder), else random rows of ``input_shape``."""
-    own = getattr(model, "example_inputs", None)
-    if callable(own):
-        return own(batch, generator=generator)
-    return torch.randn(batch, *model_input_shape(model), generator=generator)
-
-
-def _bind(model: torch.nn.Module, inputs: Any) -> Any:
-    model.eval()
-    return functools.partial(model, **inputs) if isinstance(inputs, dict) else functools.partial(model, inputs)

@@ -155,21 +155,15 @@ def _speed_verdict(timing: dict[int, tuple[float, float]]) -> str:
 
 def _latency(before: nn.Module, after: nn.Module, seconds: float) -> dict[int, tuple[float, float]]:
     """Median ms per call at each batch size, both models timed side by side on the same inputs."""
-    import functools
 
     import torch
 
-    from nnopt.metrics.profile import model_input_shape
-    from nnopt.metrics.speed import compare_calls
+    from nnopt.metrics.speed import bind_call, compare_calls, example_batch
 
-    generator = torch.Generator().manual_seed(0)
     timing = {}
     for batch in BATCHES:
-        own = getattr(before, "example_inputs", None)  # a sentence encoder takes token ids, not rows
-        inputs = own(batch, generator=generator) if callable(own) else torch.randn(
-            batch, *model_input_shape(before), generator=generator)
-        calls = {name: functools.partial(m, **inputs) if isinstance(inputs, dict) else functools.partial(m, inputs)
-                 for name, m in (("before", before.eval()), ("after", after.eval()))}
+        inputs = example_batch(before, batch)  # token ids for a sentence encoder, rows otherwise
+        calls = {name: bind_call(m, inputs) for name, m in (("before", before.eval()), ("after", after.eval()))}
         with torch.inference_mode():
             stats = compare_calls(calls, batch, min_seconds=seconds)
         timing[batch] = (stats["before"].median_ms, stats["after"].median_ms)

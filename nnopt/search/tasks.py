@@ -132,9 +132,9 @@ class ClassificationTask:
         return float(F.cross_entropy(outputs.double(), y) - F.cross_entropy(reference.double(), y))
 
     def timing_inputs(self, model: nn.Module, batch: int) -> torch.Tensor:
-        from nnopt.metrics.profile import model_input_shape
+        from nnopt.metrics.speed import example_batch
 
-        return torch.randn(batch, *model_input_shape(model), generator=torch.Generator().manual_seed(0))
+        return example_batch(model, batch)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "metric": self.metric, "fit": len(self.fit), "validation": len(self.validation),
@@ -206,7 +206,9 @@ class SentenceTask:
         return {"cosine_mean": stats.cosine_mean, "cosine_min": stats.cosine_min}
 
     def timing_inputs(self, model: nn.Module, batch: int) -> dict[str, torch.Tensor]:
-        return model.example_inputs(batch, generator=torch.Generator().manual_seed(0))  # type: ignore[operator]
+        from nnopt.metrics.speed import example_batch
+
+        return example_batch(model, batch)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "metric": self.metric, "validation": len(self.sentences["validation"]),

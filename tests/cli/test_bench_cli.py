@@ -265,14 +265,14 @@ def test_bf16_runs_under_autocast_for_real(saved, monkeypatch):
     from nnopt.pipeline import bench
 
     seen = []
-    real = bench._bind
+    real = bench.bind_call
 
     def spy(fn, inputs):
         call = real(fn, inputs)
         return lambda: (seen.append(torch.is_autocast_enabled("cpu")
                                     and torch.get_autocast_dtype("cpu") == torch.bfloat16), call())[1]
 
-    monkeypatch.setattr(bench, "_bind", spy)
+    monkeypatch.setattr(bench, "bind_call", spy)
     result = bench.run_bench(saved / "simplenet", bench.BenchOptions(batches=(2,), threads=(1,), seconds=0.0,
                                                                      min_calls=1, warmup=3, dtype="bf16"))
     assert seen and all(seen) and result.rows[0]["variant"] == "torch bf16"
