@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from nnopt.errors import ConfigError
+from nnopt.report.document import REPORT_HTML, REPORT_JSON, REPORT_MD
 
 NOTHING_MEETS = 3  # exit status when no plan meets the accuracy budget
-REPORT_JSON = "report.json"
 # What an earlier auto output holds: it may be replaced with --overwrite (report.json marks it).
-AUTO_FILES = (REPORT_JSON, "report.html", "report.md", "recipe.yaml", "model")
+AUTO_FILES = (REPORT_JSON, REPORT_HTML, REPORT_MD, "recipe.yaml", "model")
 
 
 def register(commands: Any) -> None:

@@ -29,12 +29,9 @@ from nnopt.models import create_model
 from nnopt.pruning import GradualPruneConfig, StructuredPruneConfig, ThresholdPruneConfig, prune
 from nnopt.quantization import ClusterConfig, QATConfig, StaticQuantConfig, WeightQuantConfig, quantize
 from nnopt.quantization.primitives import QUANT_MAX_BITS, QUANT_MIN_BITS
+from nnopt.report.document import REPORT_HTML, REPORT_JSON, REPORT_MD
 from nnopt.sparse import SparseKernelConfig, kernel_summary, sparsify
 from nnopt.training import TrainConfig, TrainHistory, train
-
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
-REPORT_HTML = "report.html"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from nnopt.errors import ModelFormatError
-
-REPORT_JSON = "report.json"
+from nnopt.report.document import REPORT_HTML, REPORT_JSON, REPORT_MD
 
 
 def register(commands: Any) -> None:
@@ -25,7 +24,7 @@ def register(commands: Any) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from nnopt.report.html import REPORT_HTML, REPORT_MD, write_reports
+    from nnopt.report.html import write_reports
 
     run_dir = Path(args.run_dir)
     report = load_report(run_dir)

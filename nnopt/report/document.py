@@ -28,6 +28,9 @@ from typing import Any
 
 from nnopt.errors import ModelFormatError
 
+# The files of a run directory: the document, and the two renderings written beside it.
+REPORT_JSON, REPORT_HTML, REPORT_MD = "report.json", "report.html", "report.md"
+
 OBJECTIVE_UNITS = {"bytes": "file bytes", "latency": "ms", "energy": "nJ/inference"}
 # What "best" means for each objective, and the comparative a better plan earns.
 OBJECTIVE_PHRASES = {"bytes": ("the smallest weights file", "smaller"), "latency": ("the lowest latency", "faster"),

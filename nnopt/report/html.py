@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from nnopt.io.atomic import atomic_write_bytes
-from nnopt.report.document import OBJECTIVE_PHRASES, ReportView, read_report
+from nnopt.report.document import OBJECTIVE_PHRASES, REPORT_HTML, REPORT_JSON, REPORT_MD, ReportView, read_report
 from nnopt.report.tables import (
     Table,
     energy_batch,
@@ -31,9 +31,6 @@ from nnopt.report.tables import (
     split_text_columns,
     variant_table,
 )
-
-REPORT_HTML = "report.html"
-REPORT_MD = "report.md"
 
 
 def render_html(report: Mapping[str, Any], *, date: str | None = None) -> str:
@@ -92,7 +89,7 @@ def write_reports(run_dir: Path, report: Mapping[str, Any]) -> None:
     from nnopt.report.markdown import render_markdown
 
     run_dir = Path(run_dir)
-    page = render_html(report, date=_written(run_dir / "report.json"))
+    page = render_html(report, date=_written(run_dir / REPORT_JSON))
     text = render_markdown(report)
     atomic_write_bytes(run_dir / REPORT_HTML, page.encode())
     atomic_write_bytes(run_dir / REPORT_MD, text.encode())
