@@ -26,8 +26,17 @@ Workloads (BENCHMARKS.md):
   Medians over alternated repeats (3 full, 1 quick). ``max_abs_param_diff``: the largest
   |parameter − in-process parameter| after training (DDP differs from one process only in
   summation order); accuracy on the digits test split.
+- ``ddp-passes``: the passes that fine-tune, run with ``data_parallel=2`` against the same pass in
+  one process (at ``--train-threads``), from one trained LeNet-300-100 (5 epochs, seed 0): gradual
+  pruning to 90% (global, 4 epochs), structured pruning of half the neurons with 3 epochs of
+  distillation recovery, and QAT (3 epochs, ranges frozen from the start). ``wall_s``: the whole
+  ``nnopt.prune``/``nnopt.quantize`` call (DDP: including spawning the ranks); one repeat each.
+  ``max_rel_param_diff``: the largest |Δ| of any tensor of the result (int8 codes and scales
+  included) against the one-process result, relative to that tensor's largest magnitude;
+  accuracy on the digits test split.
 
-    python benchmarks/parallel.py [--quick] [--threads 2] [--train-threads 1] [--only threads,workers,ddp] [--out PATH]
+    python benchmarks/parallel.py [--quick] [--threads 2] [--train-threads 1] [--only threads,workers,ddp,ddp-passes]
+                                  [--out PATH]
 """
 
 from __future__ import annotations
@@ -53,10 +62,10 @@ import nnopt
 from nnopt.metrics.accuracy import accuracy
 from nnopt.parallel import ddp_train, thread_sweep, throughput_vs_workers
 
-WORKLOADS = ("threads", "workers", "ddp")
+WORKLOADS = ("threads", "workers", "ddp", "ddp-passes")
 EXTRA = ("model", "input", "threads", "scaling_efficiency", "throughput_per_s", "workers", "rows_per_s",
          "efficiency", "startup_s", "rows_per_s_rounds", "wall_s", "train_loop_s", "loop_speedup_vs_baseline",
-         "max_abs_param_diff")
+         "max_abs_param_diff", "max_rel_param_diff")
 WORKER_ROWS = 4096
 WORKER_BATCH = 256
 DDP_EPOCHS = 2
@@ -189,6 +198,12 @@ def _max_param_diff(a: nn.Module, b: nn.Module) -> float:
     return max(float((v.float() - sb[k].float()).abs().max()) for k, v in a.state_dict().items())
 
 
+def _max_relative_diff(a: nn.Module, b: nn.Module) -> float:
+    sb = b.state_dict()
+    return max(float((v.float() - sb[k].float()).abs().max() / sb[k].float().abs().max().clamp(min=1e-30))
+               for k, v in a.state_dict().items() if torch.is_tensor(v) and v.numel())
+
+
 def ddp_rows(args: Any) -> list[dict[str, Any]]:
     data = nnopt.load_digits()
     config = nnopt.TrainConfig(epochs=DDP_EPOCHS, batch_size=DDP_BATCH, seed=0)
@@ -228,7 +243,41 @@ def ddp_rows(args: Any) -> list[dict[str, Any]]:
     return rows
 
 
-RUNNERS = {"threads": thread_rows, "workers": worker_rows, "ddp": ddp_rows}
+def ddp_pass_rows(args: Any) -> list[dict[str, Any]]:
+    from nnopt.pruning import GradualPruneConfig, StructuredPruneConfig
+    from nnopt.quantization import QATConfig
+
+    data = nnopt.load_digits()
+    with threads(args.train_threads):
+        base = nnopt.create_model("lenet300", seed=0)
+        nnopt.train(base, data.train, nnopt.TrainConfig(epochs=5, seed=0), progress=False)
+    passes = (
+        ("gradual pruning to 90%, 4 epochs", nnopt.prune, GradualPruneConfig(final_sparsity=0.9, epochs=4)),
+        ("structured 50% + 3 epochs distillation", nnopt.prune,
+         StructuredPruneConfig(ratio=0.5, importance="l1", finetune_epochs=3, distill=0.5)),
+        ("QAT int8, 3 epochs", nnopt.quantize, QATConfig(epochs=3, freeze_observers_epoch=0)),
+    )
+    rows = []
+    for name, verb, config in passes:
+        results = {}
+        for world in (1, 2):
+            t0 = time.perf_counter()
+            with threads(args.train_threads if world == 1 else torch.get_num_threads()):
+                results[world] = verb(base, config, data=data.train, progress=False, data_parallel=world)
+            results[world] = (results[world], time.perf_counter() - t0)
+        log(f"ddp-passes: {name}")
+        for world, (model, wall) in results.items():
+            r = row(workload="ddp-passes", tool="baseline" if world == 1 else "nnopt",
+                    variant=f"{name}, {'1 process' if world == 1 else 'data_parallel=2'}", batch=config.batch_size,
+                    accuracy=round(accuracy(model, data.test), 4),
+                    speedup_vs_baseline=round(results[1][1] / wall, 3))
+            r.update(model="lenet300", input=f"digits train ({len(data.train)} rows)", workers=world,
+                     wall_s=round(wall, 3), max_rel_param_diff=float(f"{_max_relative_diff(model, results[1][0]):.3g}"))
+            rows.append(r)
+    return rows
+
+
+RUNNERS = {"threads": thread_rows, "workers": worker_rows, "ddp": ddp_rows, "ddp-passes": ddp_pass_rows}
 
 if __name__ == "__main__":
     main()

@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("-o", "--out", required=True, metavar="OUT", help="output model directory")
     prune.add_argument("--overwrite", action="store_true", help="replace an earlier nnopt model at OUT")
     _add_checkpoint_arguments(prune, "--schedule gradual")
+    _add_data_parallel_argument(prune, "fine-tuning (--schedule gradual, --epochs, --structured --finetune-epochs)")
     prune.set_defaults(handler=cmd_prune)
 
     quant = commands.add_parser(
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("-o", "--out", required=True, metavar="OUT", help="output model directory")
     quant.add_argument("--overwrite", action="store_true", help="replace an earlier nnopt model at OUT")
     _add_checkpoint_arguments(quant, "--scheme qat")
+    _add_data_parallel_argument(quant, "fine-tuning (--scheme qat, --scheme cluster --epochs N)")
     quant.set_defaults(handler=cmd_quantize)
 
     bench = commands.add_parser(
@@ -260,17 +262,30 @@ def _add_checkpoint_arguments(parser: argparse.ArgumentParser, runs: str) -> Non
                         help=f"{runs}: checkpoint every N epochs (default 1; 0: no checkpoints)")
 
 
+def _add_data_parallel_argument(parser: argparse.ArgumentParser, runs: str) -> None:
+    parser.add_argument("--data-parallel", type=int, default=1, metavar="N",
+                        help=f"{runs} in N DistributedDataParallel processes (gloo on CPU, nccl on GPUs): the "
+                        "same global batches and, within floating-point tolerance, the same weights as one process; "
+                        "no checkpoints (default: 1)")
+
+
 def _checkpoint_spec(args: argparse.Namespace, trains: bool, runs: str):  # noqa: ANN202
-    """The run's CheckpointSpec (None when it does not train or checkpoints are off)."""
+    """The run's CheckpointSpec (None when it does not train, checkpoints are off, or it trains data-parallel)."""
     from pathlib import Path
 
     from nnopt.checkpoint import CheckpointSpec
     from nnopt.errors import ConfigError
+    from nnopt.training import check_data_parallel
 
     asked = args.resume or args.checkpoint_dir is not None or args.checkpoint_every is not None
     if not trains:
         if asked:
             raise ConfigError(f"--resume, --checkpoint-dir and --checkpoint-every apply to {runs} only")
+        return None
+    if check_data_parallel(args.data_parallel) > 1:
+        if asked:
+            raise ConfigError("--data-parallel runs do not checkpoint: drop --resume, --checkpoint-dir and "
+                              "--checkpoint-every, or use --data-parallel 1")
         return None
     every = 1 if args.checkpoint_every is None else args.checkpoint_every
     if every < 0:
@@ -313,7 +328,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     spec = _checkpoint_spec(args, args.scheme == "qat", "--scheme qat")
     try:
         result = run_quantize(args.path, options, args.out, data_name=args.data, weights_format=args.format,
-                              overwrite=args.overwrite, checkpoint=spec, resume=args.resume)
+                              overwrite=args.overwrite, checkpoint=spec, resume=args.resume,
+                              data_parallel=args.data_parallel)
     except KeyboardInterrupt:
         return _interrupted(spec)
     print(result)
@@ -369,7 +385,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     try:
         result = run_prune(args.path, config, args.out, data_name=args.data, finetune_epochs=finetune_epochs,
                            weights_format=args.format, overwrite=args.overwrite, kernel_batch=args.kernel_batch,
-                           checkpoint=spec, resume=args.resume)
+                           checkpoint=spec, resume=args.resume, data_parallel=args.data_parallel)
     except KeyboardInterrupt:
         return _interrupted(spec)
     print(result)
@@ -392,7 +408,8 @@ def _structured_prune(args: argparse.Namespace, layers: tuple[str, ...], allocat
     )
     weights_format = "safetensors" if args.format == "packed" else args.format  # dense result: nothing to pack
     result = run_structured_prune(args.path, config, args.out, data_name=args.data,
-                                  weights_format=weights_format, overwrite=args.overwrite)
+                                  weights_format=weights_format, overwrite=args.overwrite,
+                                  data_parallel=args.data_parallel)
     print(result)
     print(f"\nwrote {result.out}")
     return 0

@@ -76,6 +76,7 @@ def train(
     loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     checkpoint: CheckpointSpec | None = None,
     resume: bool = False,
+    data_parallel: int = 1,
 ) -> TrainHistory:
     """Fine-tune ``model`` in place and return its history.
 
@@ -83,6 +84,10 @@ def train(
     ``checkpoint`` writes the whole training state every ``checkpoint.every`` epochs;
     ``resume=True`` continues from it (same model, data and config, else
     :class:`~nnopt.errors.ResumeError`) with the same result as an uninterrupted run.
+    ``data_parallel`` > 1 runs the same loop in that many DistributedDataParallel processes
+    (:func:`nnopt.parallel.ddp_train`: same global batches, same weights within floating-point
+    tolerance, callbacks on every rank); it does not checkpoint, and ``loss`` and ``callbacks`` must
+    be picklable.
 
     >>> history = train(model, dataset.train, TrainConfig(epochs=2), eval_data=dataset.test)
     >>> history.eval_accuracy[-1]  # doctest: +SKIP
@@ -91,6 +96,14 @@ def train(
 
     if resume and checkpoint is None:
         raise ConfigError("resume=True needs checkpoint=CheckpointSpec(directory) to resume from")
+    if check_data_parallel(data_parallel) > 1:
+        if checkpoint is not None:
+            raise ConfigError("data-parallel training does not checkpoint: drop checkpoint/resume or use "
+                              "data_parallel=1")
+        from nnopt.parallel.ddp import ddp_train
+
+        return ddp_train(model, data, config, world_size=data_parallel, loss=loss, eval_data=eval_data,
+                         callbacks=callbacks)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -142,3 +155,15 @@ def train(
     if saver is not None:
         saver.finish()
     return history
+
+
+def parallel_context(data_parallel: int) -> dict[str, int]:
+    """Keyword arguments for a verb's passes: only when > 1, so passes that do not train never see it."""
+    return {"data_parallel": data_parallel} if check_data_parallel(data_parallel) > 1 else {}
+
+
+def check_data_parallel(processes: int) -> int:
+    """``processes`` if it is an integer >= 1, else a ConfigError naming it."""
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ConfigError(f"data_parallel must be an integer >= 1 (processes), got {processes!r}")
+    return processes

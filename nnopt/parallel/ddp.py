@@ -13,6 +13,12 @@ Limits of that equivalence: BatchNorm in training mode normalizes with per-shard
 has no SyncBatchNorm), and dropout draws different masks per rank, so such models train validly
 but not bit-comparably to one process. A custom ``loss(logits, x, y)`` must be a mean over rows.
 
+Training callbacks (pruning masks, gradual schedules, QAT observer freezing, best-on-validation)
+run on every rank after each step and epoch, exactly as in :func:`nnopt.training.train`; every rank
+holds the same weights after each step, so they make the same decisions. Rank 0's final callback
+state (``checkpoint_state()``) comes back to the caller's callbacks (``restore_state``), so code
+that reads them after training (a pruner's schedule, the best epoch) sees the run that happened.
+
 Backend: ``nccl`` when CUDA is available with a GPU for every rank, else ``gloo`` on CPU. Each
 rank uses one torch thread, so ``world_size`` ranks use ``world_size`` cores.
 
@@ -39,12 +45,13 @@ from torch import nn
 
 from nnopt.data import Split
 from nnopt.errors import ConfigError
-from nnopt.training import TrainConfig, TrainHistory
+from nnopt.training import TrainCallback, TrainConfig, TrainHistory
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 _WEIGHTS = "weights.safetensors"
 _HISTORY = "history.json"
+_CALLBACKS = "callbacks.pt"  # rank 0's callback states: tensors, numbers, lists, dicts (weights_only)
 
 
 @dataclasses.dataclass
@@ -67,12 +74,14 @@ def ddp_train(
     world_size: int = 2,
     loss: LossFn | None = None,
     eval_data: Split | None = None,
+    callbacks: Sequence[TrainCallback] = (),
 ) -> DDPHistory:
     """Fine-tune ``model`` with ``world_size`` DDP processes; the trained weights are loaded into it.
 
-    Each process gets a private copy of ``model`` and ``data`` (pickled by
-    ``torch.multiprocessing``, nothing read from disk except rank 0's safetensors result in a
-    private temporary folder). ``loss`` must be picklable (a module-level function). Like
+    Each process gets a private copy of ``model``, ``callbacks`` and ``data`` (pickled by
+    ``torch.multiprocessing``, nothing read from disk except rank 0's results in a private temporary
+    folder: safetensors weights, JSON history, callback states read with ``weights_only=True``).
+    ``loss`` and ``callbacks`` must be picklable (module-level functions or classes). Like
     :func:`nnopt.training.train`, this leaves ``model`` in eval mode.
 
     >>> model = create_model("simplenet", seed=0)
@@ -83,22 +92,43 @@ def ddp_train(
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
     require_distributed()
+    _check_picklable(loss, callbacks, world_size)
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
     backend = pick_backend(world_size)
     started = time.perf_counter()
     # Private copies: pickling for the child processes moves tensors into shared memory, and the
-    # caller's model and data should stay as they are.
-    payload = (copy.deepcopy(model).cpu(), Split(data.x.clone(), data.y.clone()), config, loss,
+    # caller's model, callbacks and data should stay as they are. Model and callbacks are copied
+    # together, so callbacks that hold the model's layers keep holding the copy's.
+    private_model, private_callbacks = copy.deepcopy((model, list(callbacks)))
+    payload = (private_model.cpu(), private_callbacks, Split(data.x.clone(), data.y.clone()), config, loss,
                None if eval_data is None else Split(eval_data.x.clone(), eval_data.y.clone()))
     with tempfile.TemporaryDirectory(prefix="nnopt-ddp-") as tmp:
         mp.spawn(_spawn_rank, args=(world_size, _free_port(), backend, payload, tmp), nprocs=world_size, join=True)
         state = load_file(str(Path(tmp) / _WEIGHTS))  # safetensors: plain tensors, no code
         record = json.loads((Path(tmp) / _HISTORY).read_text())
+        callback_states = torch.load(Path(tmp) / _CALLBACKS, weights_only=True) if callbacks else []
     model.load_state_dict(state)
+    for callback, callback_state in zip(callbacks, callback_states, strict=True):
+        if callback_state is not None:
+            callback.restore_state(callback_state, model)
     model.eval()
     return DDPHistory(**record, wall_seconds=time.perf_counter() - started)
+
+
+def _check_picklable(loss: LossFn | None, callbacks: Sequence[TrainCallback], world_size: int) -> None:
+    """Say which piece cannot travel to the processes, before any process starts."""
+    import pickle
+
+    for what, value in (("loss", loss), *((f"callback {type(c).__name__}", c) for c in callbacks)):
+        try:
+            pickle.dumps(value)
+        except Exception as exc:  # noqa: BLE001  (pickling raises many types)
+            raise ConfigError(
+                f"data-parallel training on {world_size} processes needs a picklable {what} (a module-level "
+                f"function or class instance): {type(exc).__name__}: {exc}"
+            ) from None
 
 
 def require_distributed() -> None:
@@ -127,6 +157,7 @@ def train_rank(
     loss: LossFn | None = None,
     eval_data: Split | None = None,
     device: torch.device | str = "cpu",
+    callbacks: Sequence[TrainCallback] = (),
 ) -> TrainHistory:
     """The per-rank loop; the process group must already be initialized (by ``ddp_train`` or torchrun).
 
@@ -167,6 +198,8 @@ def train_rank(
                 value = local * (len(ys) * world / rows)
             value.backward()
             optimizer.step()
+            for callback in callbacks:
+                callback.after_step(model)
             totals[0] += float(local.detach()) * len(ys)
             totals[1] += int((logits.detach().argmax(-1) == ys).sum())
         dist.all_reduce(totals)
@@ -175,6 +208,10 @@ def train_rank(
         if eval_data is not None:
             history.eval_accuracy.append(accuracy(model if device.type == "cpu" else copy.deepcopy(model).cpu(),
                                                   eval_data))
+        for callback in callbacks:
+            after_epoch = getattr(callback, "after_epoch", None)
+            if after_epoch is not None:
+                after_epoch(model, history.epochs - 1)
     model.eval()
     history.seconds = time.perf_counter() - start
     return history
@@ -188,16 +225,19 @@ def _spawn_rank(rank: int, world_size: int, port: int, backend: str, payload: tu
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"  # this child's own environment
     os.environ["MASTER_PORT"] = str(port)
-    model, data, config, loss, eval_data = payload
-    # Private storage: the received tensors are shared memory, the same pages for every rank.
-    model = copy.deepcopy(model)
+    model, callbacks, data, config, loss, eval_data = payload
+    # Private storage: the received tensors are shared memory, the same pages for every rank
+    # (copied together: callbacks keep pointing at this rank's layers).
+    model, callbacks = copy.deepcopy((model, callbacks))
     device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
     if backend == "nccl":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
-        history = train_rank(model, data, config, loss, eval_data, device)
+        history = train_rank(model, data, config, loss, eval_data, device, callbacks)
         if rank == 0:
+            states = [c.checkpoint_state() if hasattr(c, "checkpoint_state") else None for c in callbacks]
+            torch.save(states, Path(out_dir) / _CALLBACKS)
             # Clone so tensors that share storage (tied weights) serialize independently.
             save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()},
                       str(Path(out_dir) / _WEIGHTS))

@@ -16,7 +16,7 @@ from nnopt.io.model_dir import save_model
 from nnopt.lineage import get_lineage
 from nnopt.metrics import accuracy, profile_model
 from nnopt.passes import run_verb
-from nnopt.pipeline.runs import Row, commit_output, open_run, render_run, run_checkpoint, size_rows
+from nnopt.pipeline.runs import Row, check_fine_tuning, commit_output, open_run, render_run, run_checkpoint, size_rows
 from nnopt.pruning import GradualPruneConfig, finetune, prune
 from nnopt.pruning.schedule import GRADUAL_PASS, prune_gradual
 from nnopt.sparse import SparseKernelConfig, kernel_summary, sparsify
@@ -50,14 +50,17 @@ def run_prune(
     kernel_batch: int = 1,
     checkpoint: CheckpointSpec | None = None,
     resume: bool = False,
+    data_parallel: int = 1,
 ) -> PruneRun:
     """Validate everything first, then prune ``path`` into ``out``.
 
     Gradual pruning checkpoints its training into ``checkpoint`` (removed once ``out`` is
-    written); ``resume`` continues an interrupted run from there.
+    written); ``resume`` continues an interrupted run from there. ``data_parallel`` > 1 fine-tunes
+    in that many DDP processes.
     """
     out = Path(out)
     gradual = isinstance(config, GradualPruneConfig)
+    check_fine_tuning(data_parallel, gradual or bool(finetune_epochs), "--schedule gradual or --epochs N")
     if (gradual or finetune_epochs) and not data_name:
         raise ConfigError("fine-tuning needs data: add --data digits")
     if (checkpoint is not None or resume) and not gradual:
@@ -70,9 +73,9 @@ def run_prune(
         pruned = run_verb("pruning", {GradualPruneConfig: (GRADUAL_PASS, prune_gradual)}, model, config, False,
                           data=dataset.train, checkpoint=spec, resume=resume)
     else:
-        pruned = prune(model, config, data=dataset.train if dataset else None)
+        pruned = prune(model, config, data=dataset.train if dataset else None, data_parallel=data_parallel)
     if finetune_epochs and not gradual:
-        finetune(pruned, dataset.train, TrainConfig(epochs=finetune_epochs))
+        finetune(pruned, dataset.train, TrainConfig(epochs=finetune_epochs), data_parallel=data_parallel)
     metrics: dict[str, Any] = {}
     if dataset is not None:
         metrics["accuracy"] = accuracy(pruned, dataset.test)
@@ -102,6 +105,7 @@ def run_structured_prune(
     data_name: str | None = None,
     weights_format: str = "safetensors",
     overwrite: bool = False,
+    data_parallel: int = 1,
 ) -> PruneRun:
     """Structured pruning of ``path`` into ``out``: a smaller dense model, measured before/after.
 
@@ -113,9 +117,12 @@ def run_structured_prune(
     from nnopt.models.hf_encoder import SentenceEncoder
 
     out = Path(out)
+    check_fine_tuning(data_parallel, bool(config.finetune_epochs), "--finetune-epochs E")
     run = open_run(path, out, weights_format, overwrite, data_name)
     model, dataset = run.model, run.dataset
     encoder = isinstance(model, SentenceEncoder)
+    if encoder and data_parallel > 1:
+        raise ConfigError("--data-parallel: a sentence encoder's recovery runs in one process; use --data-parallel 1")
     from nnopt.pruning.structured import NEEDS_GRADIENTS
 
     reasons = ([f"importance {config.importance!r}"] if config.importance in NEEDS_GRADIENTS else []) + (
@@ -123,7 +130,7 @@ def run_structured_prune(
     if reasons and not encoder and dataset is None:
         raise ConfigError(f"{' and '.join(reasons)} need{'s' if len(reasons) == 1 else ''} data: add --data digits")
     data = _sentence_batches() if encoder else (dataset.train if dataset else None)
-    pruned = prune(model, config, data=data)
+    pruned = prune(model, config, data=data, data_parallel=data_parallel)
     metrics: dict[str, Any] = {}
     rows: list[Row] = []
     if encoder:

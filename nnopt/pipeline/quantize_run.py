@@ -16,7 +16,7 @@ from nnopt.io.model_dir import save_model
 from nnopt.metrics import accuracy
 from nnopt.metrics.speed import bind_call, compare_calls, example_batch
 from nnopt.passes import run_verb
-from nnopt.pipeline.runs import Row, commit_output, open_run, render_run, run_checkpoint, size_rows
+from nnopt.pipeline.runs import Row, check_fine_tuning, commit_output, open_run, render_run, run_checkpoint, size_rows
 from nnopt.quantization import (
     ClusterConfig,
     DynamicQuantConfig,
@@ -93,14 +93,18 @@ def run_quantize(
     latency_seconds: float = 0.5,
     checkpoint: CheckpointSpec | None = None,
     resume: bool = False,
+    data_parallel: int = 1,
 ) -> QuantizeRun:
     """Validate everything first, then quantize ``path`` into ``out``.
 
     QAT checkpoints its training into ``checkpoint`` (removed once ``out`` is written);
-    ``resume`` continues an interrupted run from there.
+    ``resume`` continues an interrupted run from there. ``data_parallel`` > 1 fine-tunes (QAT,
+    clustering with epochs) in that many DDP processes.
     """
     out = Path(out)
     config = build_config(options)
+    trains = options.scheme == "qat" or (options.scheme == "cluster" and options.epochs > 0)
+    check_fine_tuning(data_parallel, trains, "--scheme qat or --scheme cluster --epochs N")
     wants_data = options.scheme in NEEDS_DATA or options.smoothing is not None or options.epochs > 0
     if wants_data and not data_name:
         raise ConfigError(f"{options.scheme} with these options needs calibration or training data: add --data digits")
@@ -117,7 +121,7 @@ def run_quantize(
         quantized = run_verb("quantization", {QATConfig: (QAT_PASS, quantize_qat)}, model, config, False,
                              data=data, checkpoint=spec, resume=resume)
     else:
-        quantized = quantize(model, config, data=data)
+        quantized = quantize(model, config, data=data, data_parallel=data_parallel)
     metrics: dict[str, Any] = {}
     rows: list[Row] = []
     if dataset is not None:

@@ -79,6 +79,14 @@ def open_run(
     return RunInput(meta, model, dataset, Path(path), files)
 
 
+def check_fine_tuning(data_parallel: int, trains: bool, how: str) -> None:
+    """Refuse ``--data-parallel N`` (N > 1) on a run that does not fine-tune, naming the options that do."""
+    from nnopt.training import check_data_parallel
+
+    if check_data_parallel(data_parallel) > 1 and not trains:
+        raise ConfigError(f"--data-parallel applies to runs that fine-tune ({how}); this one does not train")
+
+
 def _check_checkpoint_location(directory: Path, path: Path, out: Path) -> None:
     refuse_input_overlap(directory, [path])
     if directory.resolve() == out.resolve() or out.resolve() in directory.resolve().parents:

@@ -33,7 +33,7 @@ from nnopt.pruning.structured import (
     register_importance,
     replay_structured,
 )
-from nnopt.training import TrainConfig, TrainHistory, train
+from nnopt.training import TrainConfig, TrainHistory, parallel_context, train
 
 __all__ = [
     "GradualPruneConfig", "MagnitudePruneConfig", "MaskKeeper", "NMPruneConfig", "StructuredPruneConfig",
@@ -61,6 +61,7 @@ def prune(
     progress: bool | None = None,
     checkpoint: CheckpointSpec | None = None,
     resume: bool = False,
+    data_parallel: int = 1,
 ) -> nn.Module:
     """Prune ``model`` as ``config`` says and return the result (a copy unless ``inplace``).
 
@@ -73,16 +74,18 @@ def prune(
     >>> smaller = prune(model, StructuredPruneConfig(ratio=0.5, importance="gradient"), data=dataset.train)
 
     ``checkpoint``/``resume``: passes that train (gradual pruning) checkpoint every epoch and continue
-    from the last checkpoint (see :mod:`nnopt.checkpoint`).
+    from the last checkpoint (see :mod:`nnopt.checkpoint`). ``data_parallel`` > 1: passes that train
+    (gradual pruning, structured recovery) run in that many DDP processes (see :func:`nnopt.train`).
     """
     return run_verb("pruning", _PRUNERS, model, config, inplace, data=data, eval_data=eval_data, progress=progress,
-                    **checkpoint_context(checkpoint, resume))
+                    **checkpoint_context(checkpoint, resume), **parallel_context(data_parallel))
 
 
 def finetune(
     model: nn.Module, data: Split, config: TrainConfig = TrainConfig(), eval_data: Split | None = None,
-    progress: bool | None = None,
+    progress: bool | None = None, data_parallel: int = 1,
 ) -> TrainHistory:
-    """Fine-tune in place while every zero weight of a Linear/Conv2d layer stays exactly zero."""
+    """Fine-tune in place while every zero weight of a Linear/Conv2d layer stays exactly zero
+    (``data_parallel`` > 1: in that many DDP processes, as :func:`nnopt.train`)."""
     return train(model, data, config, eval_data=eval_data, callbacks=[MaskKeeper.from_zeros(model)],
-                 progress=progress)
+                 progress=progress, data_parallel=data_parallel)

@@ -115,9 +115,10 @@ class GradualPruner:
 
 def prune_gradual(model: nn.Module, config: GradualPruneConfig, data: Split | None = None,
                   eval_data: Split | None = None, progress: bool | None = None,
-                  checkpoint: CheckpointSpec | None = None, resume: bool = False, **_: Any) -> dict[str, Any]:
-    """Prune ``model`` in place on the cubic schedule; ``checkpoint``/``resume`` as in :func:`nnopt.train`
-    (the schedule's position and masks are part of the checkpoint)."""
+                  checkpoint: CheckpointSpec | None = None, resume: bool = False, data_parallel: int = 1,
+                  **_: Any) -> dict[str, Any]:
+    """Prune ``model`` in place on the cubic schedule; ``checkpoint``/``resume`` and ``data_parallel``
+    as in :func:`nnopt.train` (the schedule's position and masks are part of the checkpoint)."""
     if data is None:
         raise ConfigError("gradual pruning fine-tunes the model: pass training data (data=...)")
     targets = prune_targets(model, config.layers)
@@ -126,7 +127,7 @@ def prune_gradual(model: nn.Module, config: GradualPruneConfig, data: Split | No
     if checkpoint is not None:
         checkpoint = checkpoint.with_identity({"gradual pruning config": config.to_dict()})
     history = train(model, data, config.train_config(), eval_data=eval_data, callbacks=[pruner], progress=progress,
-                    checkpoint=checkpoint, resume=resume)
+                    checkpoint=checkpoint, resume=resume, data_parallel=data_parallel)
     pruner.finish()
     return {
         "allocation": config.allocation,

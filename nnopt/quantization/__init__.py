@@ -36,6 +36,7 @@ def quantize(
     progress: bool | None = None,
     checkpoint: CheckpointSpec | None = None,
     resume: bool = False,
+    data_parallel: int = 1,
 ) -> nn.Module:
     """Quantize ``model`` as ``config`` says and return the result (a copy unless ``inplace``).
 
@@ -47,8 +48,11 @@ def quantize(
     torch.int8
 
     ``checkpoint``/``resume``: QAT checkpoints every epoch and continues from the last checkpoint.
+    ``data_parallel`` > 1: QAT and clustering fine-tune in that many DDP processes (see :func:`nnopt.train`).
     """
+    from nnopt.training import parallel_context
+
     return run_verb(
         "quantization", QUANTIZERS, model, config, inplace, data=data, eval_data=eval_data, progress=progress,
-        **checkpoint_context(checkpoint, resume),
+        **checkpoint_context(checkpoint, resume), **parallel_context(data_parallel),
     )

@@ -333,7 +333,7 @@ def cluster_weights(model: nn.Module, config: ClusterConfig, **context: Any) -> 
             eval_data=eval_data if isinstance(eval_data, Split) else None,
             # MaskKeeper: layers left unclustered keep their pruned zeros too.
             callbacks=[ZeroCentroidKeeper(), MaskKeeper.from_zeros(model)],
-            progress=context.get("progress"),
+            progress=context.get("progress"), data_parallel=context.get("data_parallel", 1),
         )
         for name, weight in originals.items():
             details[name]["mse_after_finetune"] = _mse(model.get_submodule(name), weight)

@@ -273,6 +273,7 @@ def prepare_qat(model: nn.Module, config: QATConfig, data: Any) -> list[str]:
 def finetune_qat(
     model: nn.Module, config: QATConfig, data: Split, eval_data: Split | None = None, progress: bool | None = None,
     extra_callbacks: Sequence[Any] = (), checkpoint: CheckpointSpec | None = None, resume: bool = False,
+    data_parallel: int = 1,
 ) -> TrainHistory:
     """Train a prepared model (in place) with pruned zeros kept and ranges frozen as configured.
 
@@ -289,7 +290,7 @@ def finetune_qat(
         checkpoint = checkpoint.with_identity({"qat config": config.to_dict()})
     try:
         return train(model, data, config.train_config(), eval_data=eval_data, callbacks=callbacks, progress=progress,
-                     checkpoint=checkpoint, resume=resume)
+                     checkpoint=checkpoint, resume=resume, data_parallel=data_parallel)
     finally:
         set_observing(model, True)
 
@@ -333,7 +334,8 @@ def quantize_qat(model: nn.Module, config: QATConfig, **context: Any) -> dict[st
     keeper = _BestOnValidation(model, held_out) if held_out is not None else None
     history = finetune_qat(model, config, train_rows, eval_data=context.get("eval_data"),
                            progress=context.get("progress"), extra_callbacks=[keeper] if keeper else [],
-                           checkpoint=context.get("checkpoint"), resume=bool(context.get("resume")))
+                           checkpoint=context.get("checkpoint"), resume=bool(context.get("resume")),
+                           data_parallel=context.get("data_parallel", 1))
     if keeper is not None:
         keeper.restore(model)
     layers = convert_qat(model)

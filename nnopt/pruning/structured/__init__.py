@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -41,9 +41,9 @@ STRUCTURED_PASS = "prune-structured"
 ALLOCATIONS = ("uniform", "global", "energy")
 
 __all__ = [
-    "IMPORTANCE", "NEEDS_GRADIENTS", "STRUCTURED_PASS", "ChannelGroup", "Gradients", "StructuredPruneConfig",
-    "channel_groups", "distillation_loss", "mask_channels", "prune_structured", "register_importance",
-    "remove_channels", "replay_structured",
+    "IMPORTANCE", "NEEDS_GRADIENTS", "STRUCTURED_PASS", "ChannelGroup", "DistillationLoss", "Gradients",
+    "StructuredPruneConfig", "channel_groups", "distillation_loss", "mask_channels", "prune_structured",
+    "register_importance", "remove_channels", "replay_structured",
 ]
 
 
@@ -133,7 +133,7 @@ def prune_structured(model: nn.Module, config: StructuredPruneConfig, **context:
         shapes.update(remove_channels(model, groups, removed))
         entry: dict[str, Any] = {"round": round_index, "removed": sum(int(r.numel()) for r in removed.values())}
         if config.finetune_epochs > 0:
-            entry["finetune_loss"] = _recover(model, teacher, data, config)
+            entry["finetune_loss"] = _recover(model, teacher, data, config, context.get("data_parallel", 1))
         history.append(entry)
     model.eval()
     final = {g.name: g.size for g in _selected(model, channel_groups(model, example), config.layers)}
@@ -278,37 +278,48 @@ def _task_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     raise ConfigError(f"structured pruning cannot compute a loss on batches of type {type(batch).__name__}")
 
 
-def _recover(model: nn.Module, teacher: nn.Module | None, data: Any, config: StructuredPruneConfig) -> float:
-    """Fine-tune after a round: cross-entropy (mixed with distillation if asked) or, for
-    sentence encoders, cosine distillation to the unpruned model's embeddings."""
+def _recover(
+    model: nn.Module, teacher: nn.Module | None, data: Any, config: StructuredPruneConfig, data_parallel: int = 1
+) -> float:
+    """Fine-tune after a round: cross-entropy (mixed with distillation if asked; in ``data_parallel``
+    processes if > 1) or, for sentence encoders, cosine distillation to the unpruned model's embeddings."""
     if isinstance(data, Split):
         from nnopt.training import TrainConfig, train
 
         loss = None if teacher is None else distillation_loss(teacher, config.distill, config.temperature)
         history = train(
             model, data, TrainConfig(epochs=config.finetune_epochs, batch_size=config.batch_size, lr=config.lr or 1e-3,
-                                     seed=config.seed), loss=loss, progress=False,
+                                     seed=config.seed), loss=loss, progress=False, data_parallel=data_parallel,
         )
         return float(history.loss[-1])
+    if data_parallel > 1:
+        raise ConfigError("data-parallel recovery needs labelled data (a Split); a sentence encoder's "
+                          "distillation runs in one process: use data_parallel=1")
     reference = teacher if teacher is not None else None
     if reference is None:
         raise ConfigError("fine-tuning a pruned sentence encoder distills from the original: set distill > 0")
     return _distill_encoder(model, reference, list(_batches(data, config)), config)
 
 
-def distillation_loss(
-    teacher: nn.Module, weight: float, temperature: float
-) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+class DistillationLoss:
     """``loss(logits, x, y)`` for :func:`nnopt.train`: (1 − weight)·cross-entropy + weight·T²·KL of
-    the softened outputs of ``teacher`` (Hinton et al., 2015)."""
+    the softened outputs of ``teacher`` (Hinton et al., 2015). A class, not a closure, so that it
+    can travel to data-parallel training processes."""
 
-    def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __init__(self, teacher: nn.Module, weight: float, temperature: float) -> None:
+        self.teacher, self.weight, self.temperature = teacher, weight, temperature
+
+    def __call__(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            soft = F.softmax(teacher(x) / temperature, dim=-1)
-        kd = F.kl_div(F.log_softmax(logits / temperature, dim=-1), soft, reduction="batchmean") * temperature**2
-        return (1 - weight) * F.cross_entropy(logits, y) + weight * kd
+            soft = F.softmax(self.teacher(x) / self.temperature, dim=-1)
+        log_p = F.log_softmax(logits / self.temperature, dim=-1)
+        kd = F.kl_div(log_p, soft, reduction="batchmean") * self.temperature**2
+        return (1 - self.weight) * F.cross_entropy(logits, y) + self.weight * kd
 
-    return loss
+
+def distillation_loss(teacher: nn.Module, weight: float, temperature: float) -> DistillationLoss:
+    """The recovery loss of structured pruning; see :class:`DistillationLoss`."""
+    return DistillationLoss(teacher, weight, temperature)
 
 
 def _distill_encoder(
