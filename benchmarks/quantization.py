@@ -12,6 +12,9 @@ Workloads (BENCHMARKS.md):
   on the held-out split; calibration and fine-tuning on the training split.
 - ``linear4096``: one random 4096×4096 Linear; fidelity is the cosine of its outputs.
 
+``int8-dynamic, measured kernels`` (digits and linear4096): ``DynamicQuantConfig(kernels="measured")``,
+each Linear int8 only where its int8 kernel was timed >= 1.05x faster than fp32 at batch 32.
+
 Latency: every variant of a workload is timed in alternating rounds in the same process on the
 same input (nnopt.metrics.speed.compare_calls). File bytes: the file each tool writes (nnopt model
 directory weights, .onnx, or torch.save of a torch-quantized state dict).
@@ -37,6 +40,8 @@ from torch import nn
 
 import nnopt
 from nnopt.text import embedding_fidelity
+
+MEASURED = "int8-dynamic, measured kernels"
 
 WORKLOADS = ("minilm", "digits", "linear4096")
 EXTRA = ("cosine_mean", "cosine_min", "argmax_agreement", "max_abs_diff_vs_nnopt", "note")
@@ -210,6 +215,7 @@ def digits_rows(tmp: Path, seconds: float) -> list[dict[str, Any]]:
             ("nnopt", "int8-static"): nnopt.quantize(model, nnopt.StaticQuantConfig(), data=data.train),
             ("nnopt", "qat"): nnopt.quantize(model, nnopt.QATConfig(epochs=3), data=data.train),
             ("nnopt", "int8-dynamic"): nnopt.quantize(model, nnopt.DynamicQuantConfig()),
+            ("nnopt", MEASURED): nnopt.quantize(model, nnopt.DynamicQuantConfig(kernels="measured")),
             ("nnopt", "int8-weight"): nnopt.quantize(model, nnopt.WeightQuantConfig(bits=8, per_channel=True)),
             ("nnopt", "int4-weight"): nnopt.quantize(model, nnopt.WeightQuantConfig(bits=4, per_channel=True)),
             ("nnopt", "cluster-4bit"): nnopt.quantize(model, nnopt.ClusterConfig(bits=4, finetune_epochs=2),
@@ -257,6 +263,7 @@ def linear_rows(tmp: Path, seconds: float) -> list[dict[str, Any]]:
     variants: dict[tuple[str, str], nn.Module] = {
         ("baseline", "fp32"): layer,
         ("nnopt", "int8-dynamic"): nnopt.quantize(layer, nnopt.DynamicQuantConfig()),
+        ("nnopt", MEASURED): nnopt.quantize(layer, nnopt.DynamicQuantConfig(kernels="measured")),
         ("nnopt", "int8-weight"): nnopt.quantize(layer, nnopt.WeightQuantConfig(bits=8, per_channel=True)),
         ("nnopt", "int4-weight-g128"): nnopt.quantize(
             layer, nnopt.WeightQuantConfig(bits=4, per_channel=True, group_size=128)

@@ -141,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="int8-static: how activation ranges are chosen (default: minmax)")
     quant.add_argument("--smoothing", type=float, default=None, metavar="ALPHA",
                        help="int8-dynamic: SmoothQuant migration strength in (0, 1]; needs --data")
+    quant.add_argument("--kernels", choices=("all", "measured"), default="all",
+                       help="int8-dynamic: all (every Linear int8) or measured (time each Linear's fp32 and int8 "
+                       "kernels here, keep int8 only where it is >= 1.05x faster) (default: all)")
+    quant.add_argument("--kernel-batch", type=int, default=32, metavar="B",
+                       help="int8-dynamic --kernels measured: examples per timed call (default: 32)")
     quant.add_argument("--bits", type=int, default=None, metavar="B", help="cluster: codebook of 2^B centroids "
                        "(default: 4)")
     quant.add_argument("--epochs", type=int, default=0,
@@ -324,7 +329,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.calib < 1:
         raise ConfigError(f"--calib must be >= 1, got {args.calib}")
     options = QuantizeOptions(scheme=args.scheme, group=args.group, calib=args.calib, bits=args.bits,
-                              epochs=args.epochs, smoothing=args.smoothing, observer=args.observer)
+                              epochs=args.epochs, smoothing=args.smoothing, observer=args.observer,
+                              kernels=args.kernels, kernel_batch=args.kernel_batch)
     spec = _checkpoint_spec(args, args.scheme == "qat", "--scheme qat")
     try:
         result = run_quantize(args.path, options, args.out, data_name=args.data, weights_format=args.format,

@@ -13,6 +13,7 @@ from nnopt.checkpoint import CheckpointSpec
 from nnopt.config import Config
 from nnopt.errors import ConfigError
 from nnopt.io.model_dir import save_model
+from nnopt.lineage import get_lineage
 from nnopt.metrics import accuracy
 from nnopt.metrics.speed import bind_call, compare_calls, example_batch
 from nnopt.passes import run_verb
@@ -43,6 +44,8 @@ class QuantizeOptions:
     epochs: int = 0
     smoothing: float | None = None
     observer: str = "minmax"
+    kernels: str = "all"
+    kernel_batch: int = 32
 
 
 def build_config(options: QuantizeOptions) -> Config:
@@ -54,8 +57,11 @@ def build_config(options: QuantizeOptions) -> Config:
         raise ConfigError(f"--group applies to int8-weight and int4-weight, not {scheme}")
     if options.bits is not None and scheme != "cluster":
         raise ConfigError(f"--bits applies to cluster (the scheme name fixes the width of {scheme})")
+    if (options.kernels, options.kernel_batch) != ("all", 32) and scheme != "int8-dynamic":
+        raise ConfigError(f"--kernels and --kernel-batch apply to int8-dynamic, not {scheme}")
     if scheme == "int8-dynamic":
-        return DynamicQuantConfig(smoothing=options.smoothing, calibration_samples=options.calib)
+        return DynamicQuantConfig(smoothing=options.smoothing, calibration_samples=options.calib,
+                                  kernels=options.kernels, kernel_batch=options.kernel_batch)
     if options.smoothing is not None:
         raise ConfigError("--smoothing applies to int8-dynamic only")
     if scheme == "int8-static":
@@ -65,6 +71,19 @@ def build_config(options: QuantizeOptions) -> Config:
     if scheme == "cluster":
         return ClusterConfig(bits=options.bits or 4, finetune_epochs=options.epochs)
     return QATConfig(epochs=options.epochs or 3)
+
+
+def kernel_choice_rows(details: dict[str, Any]) -> list[Row]:
+    """With ``kernels="measured"``: how many Linears run int8, and the measured reason for the others."""
+    choice = details.get("kernel_choice")
+    if choice is None:
+        return []
+    kept = choice["kept_fp32"]
+    int8 = [name for name, info in details["layers"].items() if "measured" in info]
+    rows: list[Row] = [("Linear layers on the int8 kernel (measured choice)", len(int8) + len(kept), len(int8))]
+    for name, timing in list(kept.items())[:6]:
+        rows.append((f"  {name}: stays fp32, ms per call fp32 / int8", timing["fp32_ms"], timing["int8_ms"]))
+    return rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +149,7 @@ def run_quantize(
     saved = commit_output(run, lambda: save_model(quantized, out, metrics=metrics, inputs=[path],
                                                   overwrite=overwrite, weights_format=weights_format), spec)
     rows += size_rows(run.meta, saved)
+    rows += kernel_choice_rows(get_lineage(quantized).applied[-1].details)
     generator = torch.Generator().manual_seed(0)
     for size in (1, 32):
         inputs = example_batch(model, size, generator)

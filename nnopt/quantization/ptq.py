@@ -30,6 +30,7 @@ from nnopt.lineage import AppliedPass
 from nnopt.quantization import kernels as K
 from nnopt.quantization import primitives as P
 from nnopt.quantization.encoder_fusion import apply_fusions, plan_fusions, shared_groups
+from nnopt.quantization.kernel_choice import KERNEL_CHOICES, MIN_SPEEDUP, choose_kernels
 from nnopt.quantization.registry import register_quantizer
 from nnopt.quantization.targets import check_target
 from nnopt.select import replace_layer, select_layers, validate_patterns
@@ -51,6 +52,9 @@ class DynamicQuantConfig(Config):
     ``attention_dtype="bfloat16"`` has a BERT-family encoder's query, key and value projections
     write bfloat16, so that attention runs in bf16 (AMX/AVX-512 BF16 kernels on x86); the
     projections themselves stay int8.
+    ``kernels="measured"`` times each selected Linear's fp32 and int8 kernels on this machine at the
+    rows it sees for ``kernel_batch`` examples and quantizes only those where int8 is faster
+    (:mod:`nnopt.quantization.kernel_choice`); ``"all"`` quantizes every selected Linear.
     """
 
     kind = "int8-dynamic"
@@ -59,6 +63,8 @@ class DynamicQuantConfig(Config):
     calibration_samples: int = 64
     embeddings: bool = True
     attention_dtype: str = "float32"
+    kernels: str = "all"
+    kernel_batch: int = 32
 
     def validate(self) -> None:
         validate_patterns(self.layers)
@@ -66,6 +72,10 @@ class DynamicQuantConfig(Config):
             raise ConfigError(f"DynamicQuantConfig.smoothing must lie in (0, 1], got {self.smoothing}")
         if self.calibration_samples < 1:
             raise ConfigError(f"DynamicQuantConfig.calibration_samples must be >= 1, got {self.calibration_samples}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ConfigError(f"DynamicQuantConfig.kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
+        if self.kernel_batch < 1:
+            raise ConfigError(f"DynamicQuantConfig.kernel_batch must be >= 1, got {self.kernel_batch}")
         if self.attention_dtype not in OUTPUT_DTYPES:
             known = ", ".join(OUTPUT_DTYPES)
             chosen = self.attention_dtype
@@ -424,6 +434,10 @@ def quantize_dynamic(model: nn.Module, config: DynamicQuantConfig, **context: An
     selected = _targets(model, config.layers, allowed)
     tables = [(name, m) for name, m in selected if isinstance(m, nn.Embedding)]
     targets = [(name, m) for name, m in selected if isinstance(m, nn.Linear)]
+    timings = {}
+    if config.kernels == "measured" and targets:
+        timings = choose_kernels(model, targets, config.kernel_batch, smoothing=config.smoothing is not None)
+        targets = [(name, m) for name, m in targets if timings[name].int8_faster]
     plan = plan_fusions(model, {name for name, _ in targets}, attention_bf16=config.attention_dtype == "bfloat16")
     smoothing = _smoothing_vectors(model, targets, config, context.get("data"), shared_groups(plan))
     details: dict[str, Any] = {}
@@ -437,6 +451,8 @@ def quantize_dynamic(model: nn.Module, config: DynamicQuantConfig, **context: An
         error = (qmodule.dequantized_weight() - weight).abs().max()
         replace_layer(model, name, qmodule)
         details[name] = {"shape": list(weight.shape), "smoothing": name in smoothing, "max_abs_error": float(error)}
+        if name in timings:
+            details[name]["measured"] = timings[name].to_dict()
     for dense in apply_fusions(model, plan, fold_values=True):
         details[dense]["smoothing"] = False  # now carried by the value projection's scales
         details[dense]["smoothing_in_value"] = True
@@ -446,7 +462,14 @@ def quantize_dynamic(model: nn.Module, config: DynamicQuantConfig, **context: An
         replace_layer(model, name, table)
         error = (table.dequantized_weight() - module.weight.detach()).abs().max()
         details[name] = {"shape": list(module.weight.shape), "embedding": True, "max_abs_error": float(error)}
-    return {"layers": details, "fusions": plan}
+    result: dict[str, Any] = {"layers": details, "fusions": plan}
+    if timings:
+        result["kernel_choice"] = {
+            "method": f"measured: median of alternated calls at {config.kernel_batch} examples, "
+                      f"{torch.get_num_threads()} threads; int8 kept where >= {MIN_SPEEDUP}x faster",
+            "kept_fp32": {name: t.to_dict() for name, t in timings.items() if not t.int8_faster},
+        }
+    return result
 
 
 def _smoothing_vectors(

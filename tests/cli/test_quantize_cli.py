@@ -54,4 +54,24 @@ def test_bad_input_is_named_and_nothing_written(saved, tmp_path, expect_error):
     expect_error(["quantize", str(saved), "--scheme", "int8-dynamic", "--smoothing", "2", "--data", "digits",
                   "-o", str(out)], "smoothing")
     expect_error(["quantize", str(saved), "--scheme", "int8-dynamic", "-o", str(saved)], "input")
+    expect_error(["quantize", str(saved), "--scheme", "int8-weight", "--kernels", "measured", "-o", str(out)],
+                 "--kernels and --kernel-batch apply to int8-dynamic")
+    expect_error(["quantize", str(saved), "--scheme", "int8-dynamic", "--kernels", "measured", "--kernel-batch", "0",
+                  "-o", str(out)], "kernel_batch must be >= 1")
     assert not out.exists()
+
+
+def test_measured_kernel_choice_is_reported_and_saved(saved, tmp_path, capsys):
+    from nnopt.cli import main
+    from nnopt.lineage import get_lineage
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(saved), "--scheme", "int8-dynamic", "--kernels", "measured", "--kernel-batch", "8",
+                 "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    details = get_lineage(nnopt.load_model(out)).applied[-1].details
+    int8 = [n for n, info in details["layers"].items() if "measured" in info]
+    assert len(int8) + len(details["kernel_choice"]["kept_fp32"]) == 3
+    assert "Linear layers on the int8 kernel (measured choice)" in printed
+    for name in details["kernel_choice"]["kept_fp32"]:
+        assert f"{name}: stays fp32" in printed
