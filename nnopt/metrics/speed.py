@@ -18,6 +18,10 @@ from torch import nn
 
 from nnopt.errors import ConfigError, UnsupportedModelError
 
+# A measured speed-up below this is within the run-to-run noise of a shared machine: choices made
+# by measurement (advice, per-layer kernels, recipe summaries) need at least this much.
+MIN_SPEEDUP = 1.05
+
 
 @dataclasses.dataclass(frozen=True)
 class Timing:

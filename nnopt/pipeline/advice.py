@@ -27,9 +27,8 @@ import torch
 from torch import nn
 
 from nnopt.errors import ConfigError, NnoptError, UnsupportedModelError
-from nnopt.metrics.speed import bind_call
+from nnopt.metrics.speed import MIN_SPEEDUP, bind_call
 
-MIN_SPEEDUP = 1.05  # below this a measured speed-up is within the noise of a shared machine
 MIN_ARGMAX_AGREEMENT = 0.9  # share of random inputs whose top class matches the baseline's
 # per-example cosine of embeddings (encoders) with the baseline's: the repository's int8 MiniLM fidelity gate
 MIN_COSINE_MEAN = 0.995

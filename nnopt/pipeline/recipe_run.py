@@ -144,9 +144,11 @@ def _optimize(run: Any, recipe: Recipe, path: str | Path, out: Path, overwrite: 
 
 def _speed_verdict(timing: dict[int, tuple[float, float]]) -> str:
     """Say plainly where the result is not faster: zeros and codes alone do not make a kernel faster."""
+    from nnopt.metrics.speed import MIN_SPEEDUP
+
     parts = []
     for batch, (old, new) in timing.items():
-        if new > 0 and old / new >= 1.05:  # below 5% is within run-to-run noise
+        if new > 0 and old / new >= MIN_SPEEDUP:
             parts.append(f"batch {batch} faster ({old / new:.2f}× the input's speed)")
         else:
             parts.append(f"batch {batch} not faster here ({new / old if old > 0 else 1:.2f}× the input's time)")

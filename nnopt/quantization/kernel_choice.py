@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from nnopt.errors import ConfigError
+from nnopt.metrics.speed import MIN_SPEEDUP
 
-MIN_SPEEDUP = 1.05  # below this a measured difference is within the noise of a shared machine
 KERNEL_CHOICES = ("all", "measured")
 
 
