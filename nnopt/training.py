@@ -103,7 +103,7 @@ def train(
         from nnopt.parallel.ddp import ddp_train
 
         return ddp_train(model, data, config, world_size=data_parallel, loss=loss, eval_data=eval_data,
-                         callbacks=callbacks)
+                         callbacks=callbacks, progress=progress)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -146,15 +146,20 @@ def train(
             if saver is not None:
                 history.seconds = earlier_seconds + time.perf_counter() - start
                 saver.end_epoch(history.epochs, step, history)
-            status = f"loss {history.loss[-1]:.4f}"
-            if history.eval_accuracy:
-                status += f"  eval acc {history.eval_accuracy[-1]:.3f}"
-            bar.advance(status=status)
+            bar.advance(status=epoch_status(history))
     model.eval()
     history.seconds = earlier_seconds + time.perf_counter() - start
     if saver is not None:
         saver.finish()
     return history
+
+
+def epoch_status(history: TrainHistory) -> str:
+    """The progress bar's text after an epoch: its loss, and its eval accuracy when measured."""
+    status = f"loss {history.loss[-1]:.4f}"
+    if history.eval_accuracy:
+        status += f"  eval acc {history.eval_accuracy[-1]:.3f}"
+    return status
 
 
 def parallel_context(data_parallel: int) -> dict[str, int]:

@@ -35,17 +35,20 @@ import dataclasses
 import json
 import os
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from nnopt.data import Split
 from nnopt.errors import ConfigError
-from nnopt.training import TrainCallback, TrainConfig, TrainHistory
+from nnopt.progress import track
+from nnopt.training import TrainCallback, TrainConfig, TrainHistory, epoch_status
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -75,6 +78,7 @@ def ddp_train(
     loss: LossFn | None = None,
     eval_data: Split | None = None,
     callbacks: Sequence[TrainCallback] = (),
+    progress: bool | None = None,
 ) -> DDPHistory:
     """Fine-tune ``model`` with ``world_size`` DDP processes; the trained weights are loaded into it.
 
@@ -82,7 +86,8 @@ def ddp_train(
     ``torch.multiprocessing``, nothing read from disk except rank 0's results in a private temporary
     folder: safetensors weights, JSON history, callback states read with ``weights_only=True``).
     ``loss`` and ``callbacks`` must be picklable (module-level functions or classes). Like
-    :func:`nnopt.training.train`, this leaves ``model`` in eval mode.
+    :func:`nnopt.training.train`, this leaves ``model`` in eval mode; ``progress`` (None: only on
+    a terminal) shows rank 0's progress bar.
 
     >>> model = create_model("simplenet", seed=0)
     >>> history = ddp_train(model, load_digits().train, TrainConfig(epochs=2), world_size=2)  # doctest: +SKIP
@@ -102,8 +107,9 @@ def ddp_train(
     # caller's model, callbacks and data should stay as they are. Model and callbacks are copied
     # together, so callbacks that hold the model's layers keep holding the copy's.
     private_model, private_callbacks = copy.deepcopy((model, list(callbacks)))
+    show = sys.stderr.isatty() if progress is None else progress  # decided here: children share the terminal
     payload = (private_model.cpu(), private_callbacks, Split(data.x.clone(), data.y.clone()), config, loss,
-               None if eval_data is None else Split(eval_data.x.clone(), eval_data.y.clone()))
+               None if eval_data is None else Split(eval_data.x.clone(), eval_data.y.clone()), show)
     with tempfile.TemporaryDirectory(prefix="nnopt-ddp-") as tmp:
         mp.spawn(_spawn_rank, args=(world_size, _free_port(), backend, payload, tmp), nprocs=world_size, join=True)
         state = load_file(str(Path(tmp) / _WEIGHTS))  # safetensors: plain tensors, no code
@@ -158,6 +164,7 @@ def train_rank(
     eval_data: Split | None = None,
     device: torch.device | str = "cpu",
     callbacks: Sequence[TrainCallback] = (),
+    progress: bool = False,
 ) -> TrainHistory:
     """The per-rank loop; the process group must already be initialized (by ``ddp_train`` or torchrun).
 
@@ -167,8 +174,6 @@ def train_rank(
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from nnopt.metrics.accuracy import accuracy
-
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(device)
     generator = torch.Generator().manual_seed(config.seed)
@@ -176,9 +181,25 @@ def train_rank(
     model.to(device)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(ddp.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    loss_fn = nn.CrossEntropyLoss()
     history = TrainHistory()
     start = time.perf_counter()
+    with track(f"training on {world} processes", total=config.epochs, enabled=progress and rank == 0) as bar:
+        _epochs(ddp, model, data, config, loss, eval_data, callbacks, optimizer, generator, history, bar)
+    model.eval()
+    history.seconds = time.perf_counter() - start
+    return history
+
+
+def _epochs(ddp: nn.Module, model: nn.Module, data: Split, config: TrainConfig, loss: LossFn | None,
+            eval_data: Split | None, callbacks: Sequence[TrainCallback], optimizer: torch.optim.Optimizer,
+            generator: torch.Generator, history: TrainHistory, bar: Any) -> None:
+    import torch.distributed as dist
+
+    from nnopt.metrics.accuracy import accuracy
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = next(model.parameters()).device
+    loss_fn = nn.CrossEntropyLoss()
     for _ in range(config.epochs):
         ddp.train()
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # (summed loss, correct) on this rank
@@ -212,9 +233,7 @@ def train_rank(
             after_epoch = getattr(callback, "after_epoch", None)
             if after_epoch is not None:
                 after_epoch(model, history.epochs - 1)
-    model.eval()
-    history.seconds = time.perf_counter() - start
-    return history
+        bar.advance(status=epoch_status(history))
 
 
 def _spawn_rank(rank: int, world_size: int, port: int, backend: str, payload: tuple, out_dir: str) -> None:
@@ -225,7 +244,7 @@ def _spawn_rank(rank: int, world_size: int, port: int, backend: str, payload: tu
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"  # this child's own environment
     os.environ["MASTER_PORT"] = str(port)
-    model, callbacks, data, config, loss, eval_data = payload
+    model, callbacks, data, config, loss, eval_data, progress = payload
     # Private storage: the received tensors are shared memory, the same pages for every rank
     # (copied together: callbacks keep pointing at this rank's layers).
     model, callbacks = copy.deepcopy((model, callbacks))
@@ -234,7 +253,7 @@ def _spawn_rank(rank: int, world_size: int, port: int, backend: str, payload: tu
         torch.cuda.set_device(device)
     dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
-        history = train_rank(model, data, config, loss, eval_data, device, callbacks)
+        history = train_rank(model, data, config, loss, eval_data, device, callbacks, progress)
         if rank == 0:
             states = [c.checkpoint_state() if hasattr(c, "checkpoint_state") else None for c in callbacks]
             torch.save(states, Path(out_dir) / _CALLBACKS)
