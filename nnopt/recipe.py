@@ -60,8 +60,9 @@ __all__ = [
 
 TOP_LEVEL_KEYS = ("name", "description", "weights_format", "steps")
 
-# (working model, config, the data the step reads or None, progress) -> the model, changed in place
-Runner = Callable[[nn.Module, Any, Any, bool | None], nn.Module]
+# (working model, config, the data the step reads or None, progress) -> the model, changed in place.
+# Runners of steps that train also take ``data_parallel=N`` (a keyword, passed only when N > 1).
+Runner = Callable[..., nn.Module]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,13 +303,15 @@ def check_data(recipe: Recipe, has_data: bool, hint: str = "pass data=... (a Dat
 
 
 def apply_recipe(
-    model: nn.Module, recipe: Recipe, data: Dataset | None = None, progress: bool | None = None
+    model: nn.Module, recipe: Recipe, data: Dataset | None = None, progress: bool | None = None,
+    data_parallel: int = 1,
 ) -> nn.Module:
     """Apply ``recipe``'s steps in order to a copy of ``model`` and return it.
 
     Each step runs through its verb, so the model's record lists every pass (fine-tuning steps,
     kind ``train``, change values only and are not recorded as passes). Steps that calibrate or
-    fine-tune read ``data``'s training split; its test split is never used.
+    fine-tune read ``data``'s training split; its test split is never used. ``data_parallel`` > 1:
+    steps that train do so in that many DDP processes (see :func:`nnopt.train`).
 
     >>> small = apply_recipe(model, load_recipe("recipes/classic.yaml"))  # doctest: +SKIP
     """
@@ -319,44 +322,59 @@ def apply_recipe(
     if data is not None and not isinstance(data, Dataset):
         raise ConfigError(f"data must be an nnopt Dataset (nnopt.load_dataset(...)), got {type(data).__name__}")
     check_data(recipe, data is not None)
+    parallel = _parallel_option(recipe, data_parallel)
     current = working_copy(model)
     for step in recipe.steps:
         spec = _STEPS[step.kind]
-        current = spec.run(current, step, spec.data_for(data, step) if data is not None else None, progress)
+        current = spec.run(current, step, spec.data_for(data, step) if data is not None else None, progress,
+                           **parallel)
     return current.eval()
+
+
+def _parallel_option(recipe: Recipe, data_parallel: int) -> dict[str, int]:
+    """``{"data_parallel": N}`` for the runners when N > 1, after checking that every step's runner takes it."""
+    import inspect
+
+    from nnopt.training import parallel_context
+
+    option = parallel_context(data_parallel)
+    for step in recipe.steps if option else ():
+        if "data_parallel" not in inspect.signature(_STEPS[step.kind].run).parameters:
+            raise ConfigError(f"recipe step kind {step.kind!r} does not run data-parallel; use data_parallel=1")
+    return option
 
 
 # ------------------------------------------------------------------------- the built-in step kinds
 
 
-def _prune(model: nn.Module, config: Any, data: Any, progress: bool | None) -> nn.Module:
+def _prune(model: nn.Module, config: Any, data: Any, progress: bool | None, data_parallel: int = 1) -> nn.Module:
     from nnopt.pruning import prune
 
-    return prune(model, config, data=data, inplace=True, progress=progress)
+    return prune(model, config, data=data, inplace=True, progress=progress, data_parallel=data_parallel)
 
 
-def _quantize(model: nn.Module, config: Any, data: Any, progress: bool | None) -> nn.Module:
+def _quantize(model: nn.Module, config: Any, data: Any, progress: bool | None, data_parallel: int = 1) -> nn.Module:
     from nnopt.quantization import quantize
 
-    return quantize(model, config, data=data, inplace=True, progress=progress)
+    return quantize(model, config, data=data, inplace=True, progress=progress, data_parallel=data_parallel)
 
 
-def _simplify(model: nn.Module, config: Any, data: Any, progress: bool | None) -> nn.Module:
+def _simplify(model: nn.Module, config: Any, data: Any, progress: bool | None, data_parallel: int = 1) -> nn.Module:
     from nnopt.simplify import simplify
 
-    return simplify(model, config, data=data, inplace=True)
+    return simplify(model, config, data=data, inplace=True)  # does not train
 
 
-def _sparsify(model: nn.Module, config: Any, data: Any, progress: bool | None) -> nn.Module:
+def _sparsify(model: nn.Module, config: Any, data: Any, progress: bool | None, data_parallel: int = 1) -> nn.Module:
     from nnopt.sparse import sparsify
 
-    return sparsify(model, config, inplace=True)
+    return sparsify(model, config, inplace=True)  # does not train
 
 
-def _finetune(model: nn.Module, config: Any, data: Any, progress: bool | None) -> nn.Module:
+def _finetune(model: nn.Module, config: Any, data: Any, progress: bool | None, data_parallel: int = 1) -> nn.Module:
     from nnopt.pruning import finetune
 
-    finetune(model, data, config, progress=progress)  # zero weights stay zero
+    finetune(model, data, config, progress=progress, data_parallel=data_parallel)  # zero weights stay zero
     return model
 
 

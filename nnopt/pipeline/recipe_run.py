@@ -41,12 +41,15 @@ def register(commands: Any) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier nnopt model at OUT")
     parser.add_argument("--latency-seconds", type=float, default=0.5, metavar="S",
                         help="minimum timing per model and batch size (default: 0.5)")
+    parser.add_argument("--data-parallel", type=int, default=1, metavar="N",
+                        help="steps that train (gradual pruning, structured recovery, QAT, clustering, train) run "
+                        "in N DistributedDataParallel processes (default: 1)")
     parser.set_defaults(handler=cmd_optimize)
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     result = run_optimize(args.path, args.recipe, args.out, data_name=args.data, overwrite=args.overwrite,
-                          latency_seconds=args.latency_seconds)
+                          latency_seconds=args.latency_seconds, data_parallel=args.data_parallel)
     print(result)
     print(f"\nwrote {result.out}")
     return 0
@@ -77,24 +80,27 @@ def run_optimize(
     overwrite: bool = False,
     latency_seconds: float = 0.5,
     progress: bool | None = None,
+    data_parallel: int = 1,
 ) -> OptimizeRun:
     """Check the recipe, the data and ``out``, then apply the recipe to ``path`` and save into ``out``."""
     from nnopt.io.atomic import refuse_input_overlap
     from nnopt.pipeline.runs import open_run
     from nnopt.recipe import check_data, load_recipe
+    from nnopt.training import check_data_parallel
 
     if not latency_seconds >= 0:
         raise ConfigError(f"--latency-seconds must be >= 0, got {latency_seconds}")
+    check_data_parallel(data_parallel)
     out = Path(out)
     recipe = load_recipe(recipe_path)
     check_data(recipe, data_name is not None, hint="add --data digits", where=str(recipe_path))
     refuse_input_overlap(out, [recipe_path])
     run = open_run(path, out, recipe.weights_format, overwrite, data_name)
-    return _optimize(run, recipe, path, out, overwrite, latency_seconds, progress)
+    return _optimize(run, recipe, path, out, overwrite, latency_seconds, progress, data_parallel)
 
 
 def _optimize(run: Any, recipe: Recipe, path: str | Path, out: Path, overwrite: bool, latency_seconds: float,
-              progress: bool | None) -> OptimizeRun:
+              progress: bool | None, data_parallel: int = 1) -> OptimizeRun:
     import torch
 
     from nnopt.io.model_dir import save_model
@@ -103,7 +109,7 @@ def _optimize(run: Any, recipe: Recipe, path: str | Path, out: Path, overwrite: 
     from nnopt.recipe import apply_recipe, recipe_to_dict
 
     model, dataset = run.model, run.dataset
-    optimized = apply_recipe(model, recipe, data=dataset, progress=progress)
+    optimized = apply_recipe(model, recipe, data=dataset, progress=progress, data_parallel=data_parallel)
     rows: list[Row] = []
     metrics: dict[str, Any] = {}
     if dataset is not None:

@@ -50,3 +50,12 @@ def test_gradual_pruning_on_two_processes_matches_one(simplenet, tmp_path, capsy
 def test_bad_data_parallel_options(simplenet, tmp_path, expect_error, command, message):
     expect_error([part.format(m=simplenet) for part in command] + ["-o", str(tmp_path / "out")], message)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_optimize_refuses_a_bad_process_count(simplenet, tmp_path, expect_error):
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "classic.yaml"
+    expect_error(["optimize", str(simplenet), "--recipe", str(recipe), "--data-parallel", "0",
+                  "-o", str(tmp_path / "out")], "data_parallel must be an integer >= 1")
+    assert list(tmp_path.iterdir()) == []

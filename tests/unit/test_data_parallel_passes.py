@@ -95,3 +95,27 @@ def test_data_parallel_refusals(trained, digits):
     with pytest.raises(ConfigError, match="picklable loss"):
         nnopt.train(trained, digits.train, TrainConfig(epochs=1), data_parallel=2,
                     loss=lambda logits, x, y: logits.sum())
+
+
+def test_a_recipe_trains_data_parallel_like_one_process(trained, digits):
+    _gloo_or_skip()
+    from nnopt.recipe import apply_recipe, parse_recipe
+
+    recipe = parse_recipe({"steps": [
+        {"kind": "prune-gradual", "final_sparsity": 0.7, "epochs": 2, "batch_size": 25, "prune_steps": 2},
+        {"kind": "train", "epochs": 1, "batch_size": 25},
+    ]})
+    dataset = dataclasses.replace(digits, train=digits.train.subset(300))
+    one = apply_recipe(trained, recipe, data=dataset)
+    two = apply_recipe(trained, recipe, data=dataset, data_parallel=2)
+    _assert_same_weights(one, two, trained)
+
+
+def test_a_recipe_step_without_data_parallel_support_is_refused(trained, digits, monkeypatch):
+    from nnopt import recipe as recipes
+
+    parsed = recipes.parse_recipe({"steps": [{"kind": "train", "epochs": 1}]})
+    old = recipes.step_kind("train")
+    monkeypatch.setitem(recipes._STEPS, "train", dataclasses.replace(old, run=lambda m, c, d, p: m))
+    with pytest.raises(ConfigError, match="'train' does not run data-parallel"):
+        recipes.apply_recipe(trained, parsed, data=digits, data_parallel=2)
