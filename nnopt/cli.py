@@ -141,10 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="int8-static: how activation ranges are chosen (default: minmax)")
     quant.add_argument("--smoothing", type=float, default=None, metavar="ALPHA",
                        help="int8-dynamic: SmoothQuant migration strength in (0, 1]; needs --data")
-    quant.add_argument("--kernels", choices=("all", "measured"), default="all",
+    quant.add_argument("--kernels", choices=("all", "measured"), default=None,
                        help="int8-dynamic: all (every Linear int8) or measured (time each Linear's fp32 and int8 "
                        "kernels here, keep int8 only where it is >= 1.05x faster) (default: all)")
-    quant.add_argument("--kernel-batch", type=int, default=32, metavar="B",
+    quant.add_argument("--kernel-batch", type=int, default=None, metavar="B",
                        help="int8-dynamic --kernels measured: examples per timed call (default: 32)")
     quant.add_argument("--bits", type=int, default=None, metavar="B", help="cluster: codebook of 2^B centroids "
                        "(default: 4)")
@@ -269,9 +269,9 @@ def _add_checkpoint_arguments(parser: argparse.ArgumentParser, runs: str) -> Non
 
 def _add_data_parallel_argument(parser: argparse.ArgumentParser, runs: str) -> None:
     parser.add_argument("--data-parallel", type=int, default=1, metavar="N",
-                        help=f"{runs} in N DistributedDataParallel processes (gloo on CPU, nccl on GPUs): the "
-                        "same global batches and, within floating-point tolerance, the same weights as one process; "
-                        "no checkpoints (default: 1)")
+                        help=f"{runs} in N DistributedDataParallel processes on this machine's CPU cores: the same "
+                        "global batches and, within floating-point tolerance, the same weights as one process (QAT "
+                        "ranges that still update follow the first process's shards); no checkpoints (default: 1)")
 
 
 def _checkpoint_spec(args: argparse.Namespace, trains: bool, runs: str):  # noqa: ANN202
@@ -289,8 +289,9 @@ def _checkpoint_spec(args: argparse.Namespace, trains: bool, runs: str):  # noqa
         return None
     if check_data_parallel(args.data_parallel) > 1:
         if asked:
-            raise ConfigError("--data-parallel runs do not checkpoint: drop --resume, --checkpoint-dir and "
-                              "--checkpoint-every, or use --data-parallel 1")
+            from nnopt.pipeline.runs import NO_CHECKPOINTS
+
+            raise ConfigError(NO_CHECKPOINTS)
         return None
     every = 1 if args.checkpoint_every is None else args.checkpoint_every
     if every < 0:

@@ -332,16 +332,25 @@ def apply_recipe(
 
 
 def _parallel_option(recipe: Recipe, data_parallel: int) -> dict[str, int]:
-    """``{"data_parallel": N}`` for the runners when N > 1, after checking that every step's runner takes it."""
+    """``{"data_parallel": N}`` for the runners when N > 1, after checking that some step trains and
+    that every step's runner takes the option."""
     import inspect
 
     from nnopt.training import parallel_context
 
     option = parallel_context(data_parallel)
+    if option and not any(_trains(step) for step in recipe.steps):
+        raise ConfigError("data_parallel applies to recipes with a step that trains (fine-tuning); this one has none")
     for step in recipe.steps if option else ():
-        if "data_parallel" not in inspect.signature(_STEPS[step.kind].run).parameters:
+        parameters = inspect.signature(_STEPS[step.kind].run).parameters.values()
+        if not any(p.name == "data_parallel" or p.kind is p.VAR_KEYWORD for p in parameters):
             raise ConfigError(f"recipe step kind {step.kind!r} does not run data-parallel; use data_parallel=1")
     return option
+
+
+def _trains(step: Config) -> bool:
+    # the data needs of a step name "fine-tuning" exactly when it trains
+    return "fine-tuning" in (_STEPS[step.kind].needs_data(step) or "")
 
 
 # ------------------------------------------------------------------------- the built-in step kinds

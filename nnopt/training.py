@@ -85,9 +85,10 @@ def train(
     ``resume=True`` continues from it (same model, data and config, else
     :class:`~nnopt.errors.ResumeError`) with the same result as an uninterrupted run.
     ``data_parallel`` > 1 runs the same loop in that many DistributedDataParallel processes
-    (:func:`nnopt.parallel.ddp_train`: same global batches, same weights within floating-point
-    tolerance, callbacks on every rank); it does not checkpoint, and ``loss`` and ``callbacks`` must
-    be picklable.
+    (:func:`nnopt.parallel.ddp_train`: same global batches, callbacks on every rank, the same weights
+    within floating-point tolerance unless something depends on per-process statistics: BatchNorm in
+    training mode, dropout, QAT ranges that still update); it does not checkpoint, ``loss`` and
+    ``callbacks`` must be picklable, and a script must call it under ``if __name__ == "__main__":``.
 
     >>> history = train(model, dataset.train, TrainConfig(epochs=2), eval_data=dataset.test)
     >>> history.eval_accuracy[-1]  # doctest: +SKIP
@@ -139,10 +140,7 @@ def train(
             history.train_accuracy.append(correct / len(data))
             if eval_data is not None:
                 history.eval_accuracy.append(accuracy(model, eval_data))
-            for callback in callbacks:
-                after_epoch = getattr(callback, "after_epoch", None)
-                if after_epoch is not None:
-                    after_epoch(model, history.epochs - 1)
+            run_after_epoch(callbacks, model, history.epochs - 1)
             if saver is not None:
                 history.seconds = earlier_seconds + time.perf_counter() - start
                 saver.end_epoch(history.epochs, step, history)
@@ -152,6 +150,14 @@ def train(
     if saver is not None:
         saver.finish()
     return history
+
+
+def run_after_epoch(callbacks: Sequence[TrainCallback], model: nn.Module, epoch: int) -> None:
+    """Call ``after_epoch(model, epoch)`` (0-based) on the callbacks that define it."""
+    for callback in callbacks:
+        after_epoch = getattr(callback, "after_epoch", None)
+        if after_epoch is not None:
+            after_epoch(model, epoch)
 
 
 def epoch_status(history: TrainHistory) -> str:

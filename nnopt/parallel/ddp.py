@@ -19,8 +19,14 @@ holds the same weights after each step, so they make the same decisions. Rank 0'
 state (``checkpoint_state()``) comes back to the caller's callbacks (``restore_state``), so code
 that reads them after training (a pruner's schedule, the best epoch) sees the run that happened.
 
-Backend: ``nccl`` when CUDA is available with a GPU for every rank, else ``gloo`` on CPU. Each
-rank uses one torch thread, so ``world_size`` ranks use ``world_size`` cores.
+Backend: ``nccl`` when CUDA is available with a GPU for every rank, else ``gloo`` on CPU. Runs
+with callbacks or a custom loss always use ``gloo`` on CPU: their tensors (masks, teachers,
+held-out data) live on the CPU. Each rank uses one torch thread, so ``world_size`` ranks use
+``world_size`` cores.
+
+The ranks are started with ``spawn``: each imports the caller's ``__main__`` module again, so a
+script that trains data-parallel must do so under ``if __name__ == "__main__":`` (the ``nnopt``
+command and ``python -m nnopt`` already do). Without the guard nnopt stops with an error naming it.
 
 Two entry points: :func:`ddp_train` (spawns the ranks from Python) and a torchrun command::
 
@@ -48,7 +54,7 @@ from torch import nn
 from nnopt.data import Split
 from nnopt.errors import ConfigError
 from nnopt.progress import track
-from nnopt.training import TrainCallback, TrainConfig, TrainHistory, epoch_status
+from nnopt.training import TrainCallback, TrainConfig, TrainHistory, epoch_status, run_after_epoch
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -97,30 +103,70 @@ def ddp_train(
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
     require_distributed()
+    _refuse_while_bootstrapping()
     _check_picklable(loss, callbacks, world_size)
-    import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
-    backend = pick_backend(world_size)
+    backend = "gloo" if callbacks or loss is not None else pick_backend(world_size)
     started = time.perf_counter()
     # Private copies: pickling for the child processes moves tensors into shared memory, and the
-    # caller's model, callbacks and data should stay as they are. Model and callbacks are copied
-    # together, so callbacks that hold the model's layers keep holding the copy's.
-    private_model, private_callbacks = copy.deepcopy((model, list(callbacks)))
+    # caller's model, callbacks, loss and data should stay as they are. Model, callbacks and loss
+    # are copied together, so those that hold the model's layers (pruning masks, a weight penalty)
+    # keep holding the copy's.
+    private_model, private_callbacks, private_loss = copy.deepcopy((model, list(callbacks), loss))
     show = sys.stderr.isatty() if progress is None else progress  # decided here: children share the terminal
-    payload = (private_model.cpu(), private_callbacks, Split(data.x.clone(), data.y.clone()), config, loss,
+    payload = (private_model.cpu(), private_callbacks, Split(data.x.clone(), data.y.clone()), config, private_loss,
                None if eval_data is None else Split(eval_data.x.clone(), eval_data.y.clone()), show)
     with tempfile.TemporaryDirectory(prefix="nnopt-ddp-") as tmp:
-        mp.spawn(_spawn_rank, args=(world_size, _free_port(), backend, payload, tmp), nprocs=world_size, join=True)
-        state = load_file(str(Path(tmp) / _WEIGHTS))  # safetensors: plain tensors, no code
+        _spawn(world_size, backend, payload, tmp)
+        model.load_state_dict(load_file(str(Path(tmp) / _WEIGHTS)))  # safetensors: plain tensors, no code
         record = json.loads((Path(tmp) / _HISTORY).read_text())
-        callback_states = torch.load(Path(tmp) / _CALLBACKS, weights_only=True) if callbacks else []
-    model.load_state_dict(state)
+        callback_states = _load_callback_states(Path(tmp) / _CALLBACKS, callbacks)
     for callback, callback_state in zip(callbacks, callback_states, strict=True):
         if callback_state is not None:
             callback.restore_state(callback_state, model)
     model.eval()
     return DDPHistory(**record, wall_seconds=time.perf_counter() - started)
+
+
+def _refuse_while_bootstrapping() -> None:
+    """A spawned process re-imports the caller's ``__main__``; training from its top level would
+    start processes from inside a starting process, which Python refuses with a long traceback."""
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise ConfigError(
+            "data-parallel training was started while a new process imported your script: put the code that "
+            "trains under `if __name__ == \"__main__\":` (the processes are started with spawn)"
+        )
+
+
+def _spawn(world_size: int, backend: str, payload: tuple, out_dir: str) -> None:
+    """Run the ranks; a rank that fails becomes one error naming its first line."""
+    import torch.multiprocessing as mp
+
+    try:
+        mp.spawn(_spawn_rank, args=(world_size, _free_port(), backend, payload, out_dir), nprocs=world_size,
+                 join=True)
+    except mp.ProcessRaisedException as exc:
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        raise ConfigError(f"data-parallel training failed in a process: {lines[-1] if lines else exc}") from None
+    except mp.ProcessExitedException as exc:
+        raise ConfigError(f"data-parallel training failed: {exc} (if this is a script, is its training under "
+                          "`if __name__ == \"__main__\":`?)") from None
+
+
+def _load_callback_states(path: Path, callbacks: Sequence[TrainCallback]) -> list[Any]:
+    """Rank 0's callback states; they may hold tensors, numbers, strings, lists and dicts only."""
+    if not callbacks:
+        return []
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001  (the unpickler raises several types)
+        names = ", ".join(type(c).__name__ for c in callbacks)
+        raise ConfigError(f"the trained weights are loaded, but a callback's state ({names}) could not come back "
+                          f"from the processes: checkpoint_state() may hold only tensors, numbers, strings, lists "
+                          f"and dicts ({type(exc).__name__})") from None
 
 
 def _check_picklable(loss: LossFn | None, callbacks: Sequence[TrainCallback], world_size: int) -> None:
@@ -229,10 +275,7 @@ def _epochs(ddp: nn.Module, model: nn.Module, data: Split, config: TrainConfig, 
         if eval_data is not None:
             history.eval_accuracy.append(accuracy(model if device.type == "cpu" else copy.deepcopy(model).cpu(),
                                                   eval_data))
-        for callback in callbacks:
-            after_epoch = getattr(callback, "after_epoch", None)
-            if after_epoch is not None:
-                after_epoch(model, history.epochs - 1)
+        run_after_epoch(callbacks, model, history.epochs - 1)
         bar.advance(status=epoch_status(history))
 
 
@@ -246,8 +289,8 @@ def _spawn_rank(rank: int, world_size: int, port: int, backend: str, payload: tu
     os.environ["MASTER_PORT"] = str(port)
     model, callbacks, data, config, loss, eval_data, progress = payload
     # Private storage: the received tensors are shared memory, the same pages for every rank
-    # (copied together: callbacks keep pointing at this rank's layers).
-    model, callbacks = copy.deepcopy((model, callbacks))
+    # (copied together: callbacks and loss keep pointing at this rank's layers).
+    model, callbacks, loss = copy.deepcopy((model, callbacks, loss))
     device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
     if backend == "nccl":
         torch.cuda.set_device(device)

@@ -167,6 +167,19 @@ _COMPUTE_DEQUANT = "fp32 dense; {bits}-bit codes (stored as {dtype}) dequantized
 _COMPUTE_INT8 = "int8 × int8 GEMM (torch._int_mm), activation ranges calibrated on training rows"
 
 
+def _measured_int8(model: nn.Module, batch: int) -> tuple[nn.Module, str, str]:
+    """int8 dynamic where this machine runs a layer's int8 kernel faster, fp32 where it does not."""
+    from nnopt.quantization import DynamicQuantConfig
+
+    chosen = quantize(model, DynamicQuantConfig(kernels="measured", kernel_batch=batch))
+    details = get_lineage(chosen).applied[-1].details
+    int8 = sum("measured" in info for info in details["layers"].values())
+    total = int8 + len(details["kernel_choice"]["kept_fp32"])
+    compute = (f"per-layer kernel choice measured at batch {batch}: {int8} of {total} Linears int8 dynamic "
+               f"(faster here), the others fp32 dense (their int8 kernel measured slower)")
+    return chosen, compute, "safetensors"
+
+
 def _dtype(bits: int) -> str:
     from nnopt.quantization.primitives import storage_dtype
 
@@ -223,6 +236,7 @@ def run_classic(config: ClassicConfig, out_dir: str | Path, progress: bool | Non
                                   data=dataset.train, progress=progress),
                          "fp32 dense; 16-centroid codebook gathered per call (centroids fine-tuned 2 epochs)",
                          "packed"),
+        "int8-dynamic-measured": _measured_int8(model, max(config.latency_batches)),
     }
     timings = compare_latency(
         {name: m for name, (m, _, _) in models.items()}, model.input_shape,

@@ -60,7 +60,8 @@ def run_prune(
     """
     out = Path(out)
     gradual = isinstance(config, GradualPruneConfig)
-    check_fine_tuning(data_parallel, gradual or bool(finetune_epochs), "--schedule gradual or --epochs N")
+    check_fine_tuning(data_parallel, gradual or bool(finetune_epochs), "--schedule gradual or --epochs N",
+                      checkpoint is not None or resume)
     if (gradual or finetune_epochs) and not data_name:
         raise ConfigError("fine-tuning needs data: add --data digits")
     if (checkpoint is not None or resume) and not gradual:
@@ -121,8 +122,6 @@ def run_structured_prune(
     run = open_run(path, out, weights_format, overwrite, data_name)
     model, dataset = run.model, run.dataset
     encoder = isinstance(model, SentenceEncoder)
-    if encoder and data_parallel > 1:
-        raise ConfigError("--data-parallel: a sentence encoder's recovery runs in one process; use --data-parallel 1")
     from nnopt.pruning.structured import NEEDS_GRADIENTS
 
     reasons = ([f"importance {config.importance!r}"] if config.importance in NEEDS_GRADIENTS else []) + (

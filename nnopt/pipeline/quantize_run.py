@@ -44,8 +44,8 @@ class QuantizeOptions:
     epochs: int = 0
     smoothing: float | None = None
     observer: str = "minmax"
-    kernels: str = "all"
-    kernel_batch: int = 32
+    kernels: str | None = None  # None: the config's default
+    kernel_batch: int | None = None
 
 
 def build_config(options: QuantizeOptions) -> Config:
@@ -57,11 +57,12 @@ def build_config(options: QuantizeOptions) -> Config:
         raise ConfigError(f"--group applies to int8-weight and int4-weight, not {scheme}")
     if options.bits is not None and scheme != "cluster":
         raise ConfigError(f"--bits applies to cluster (the scheme name fixes the width of {scheme})")
-    if (options.kernels, options.kernel_batch) != ("all", 32) and scheme != "int8-dynamic":
+    kernel_options = {k: v for k, v in (("kernels", options.kernels), ("kernel_batch", options.kernel_batch))
+                      if v is not None}
+    if kernel_options and scheme != "int8-dynamic":
         raise ConfigError(f"--kernels and --kernel-batch apply to int8-dynamic, not {scheme}")
     if scheme == "int8-dynamic":
-        return DynamicQuantConfig(smoothing=options.smoothing, calibration_samples=options.calib,
-                                  kernels=options.kernels, kernel_batch=options.kernel_batch)
+        return DynamicQuantConfig(smoothing=options.smoothing, calibration_samples=options.calib, **kernel_options)
     if options.smoothing is not None:
         raise ConfigError("--smoothing applies to int8-dynamic only")
     if scheme == "int8-static":
@@ -123,7 +124,8 @@ def run_quantize(
     out = Path(out)
     config = build_config(options)
     trains = options.scheme == "qat" or (options.scheme == "cluster" and options.epochs > 0)
-    check_fine_tuning(data_parallel, trains, "--scheme qat or --scheme cluster --epochs N")
+    check_fine_tuning(data_parallel, trains, "--scheme qat or --scheme cluster --epochs N",
+                      checkpoint is not None or resume)
     wants_data = options.scheme in NEEDS_DATA or options.smoothing is not None or options.epochs > 0
     if wants_data and not data_name:
         raise ConfigError(f"{options.scheme} with these options needs calibration or training data: add --data digits")

@@ -79,12 +79,19 @@ def open_run(
     return RunInput(meta, model, dataset, Path(path), files)
 
 
-def check_fine_tuning(data_parallel: int, trains: bool, how: str) -> None:
-    """Refuse ``--data-parallel N`` (N > 1) on a run that does not fine-tune, naming the options that do."""
+NO_CHECKPOINTS = ("--data-parallel runs do not checkpoint: drop --resume, --checkpoint-dir and --checkpoint-every, "
+                  "or use --data-parallel 1")
+
+
+def check_fine_tuning(data_parallel: int, trains: bool, how: str, checkpoints: bool = False) -> None:
+    """Refuse ``--data-parallel N`` (N > 1) on a run that does not fine-tune (naming the options
+    that do) or that checkpoints."""
     from nnopt.training import check_data_parallel
 
     if check_data_parallel(data_parallel) > 1 and not trains:
         raise ConfigError(f"--data-parallel applies to runs that fine-tune ({how}); this one does not train")
+    if data_parallel > 1 and checkpoints:
+        raise ConfigError(NO_CHECKPOINTS)
 
 
 def _check_checkpoint_location(directory: Path, path: Path, out: Path) -> None:

@@ -5,10 +5,13 @@ a pass over the activations per call (range, quantize) and a rescale of the outp
 layers (SimpleNet's 64-wide ones, a 10-way classifier) those passes cost more than the arithmetic
 saves, and the "quantized" model runs slower than the float one. ``DynamicQuantConfig(kernels=
 "measured")`` times both kernels of every selected Linear on this machine, at the rows it really
-sees (its input shape when the model runs on ``kernel_batch`` examples), and quantizes only the
-layers whose int8 kernel is at least ``MIN_SPEEDUP`` faster. Layers of equal shape share one
-measurement. The decisions and timings are recorded in the pass details; loading a saved model
-replays the decisions, it does not measure again.
+sees (its input shapes when the model runs on ``kernel_batch`` examples; a layer called several
+times per forward is judged on the sum over its calls), and quantizes only the layers whose int8
+kernel is at least ``MIN_SPEEDUP`` faster. Calls of equal shape share one measurement. Each layer
+is timed on its own: where int8 layers would share work (the fused query/key/value input of a BERT
+layer, GELU or residual epilogues) the measurement is conservative, and a layer left in fp32 drops
+out of those fusions. The decisions and timings are recorded in the pass details; loading a saved
+model replays the decisions, it does not measure again.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ KERNEL_CHOICES = ("all", "measured")
 
 @dataclasses.dataclass(frozen=True)
 class KernelTiming:
-    """Median time of one call of a layer's fp32 and int8 kernels, at ``rows`` input rows."""
+    """Median time of a layer's fp32 and int8 kernels over its calls in one forward pass, at
+    ``rows`` input rows in all."""
 
     rows: int
     fp32_ms: float
@@ -47,16 +51,19 @@ class KernelTiming:
 Measure = Callable[[nn.Linear, tuple[int, ...], bool], KernelTiming]
 
 
-def layer_input_shapes(model: nn.Module, names: Sequence[str], batch: int) -> dict[str, tuple[int, ...]]:
-    """The input shape each named Linear sees when ``model`` runs on ``batch`` example inputs."""
+def layer_input_shapes(model: nn.Module, names: Sequence[str], batch: int) -> dict[str, list[tuple[int, ...]]]:
+    """The input shape of every call of each named Linear when ``model`` runs on ``batch`` example inputs."""
     from nnopt.metrics.speed import bind_call, example_batch
 
-    shapes: dict[str, tuple[int, ...]] = {}
+    shapes: dict[str, list[tuple[int, ...]]] = {}
 
-    def remember(name: str, _module: nn.Module, inputs: tuple[Any, ...]) -> None:
-        shapes.setdefault(name, tuple(inputs[0].shape))
+    def remember(name: str, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+        if tensors:
+            shapes.setdefault(name, []).append(tuple(tensors[0].shape))
 
-    hooks = [model.get_submodule(name).register_forward_pre_hook(functools.partial(remember, name)) for name in names]
+    hooks = [model.get_submodule(name).register_forward_pre_hook(functools.partial(remember, name), with_kwargs=True)
+             for name in names]
     was_training = model.training
     try:
         model.eval()
@@ -98,8 +105,12 @@ def choose_kernels(
     measured: dict[tuple[Any, ...], KernelTiming] = {}
     chosen = {}
     for name, module in targets:
-        key = (shapes[name], module.in_features, module.out_features, module.bias is not None)
-        if key not in measured:
-            measured[key] = measure(module, shapes[name], smoothing)
-        chosen[name] = measured[key]
+        calls = []
+        for shape in shapes[name]:
+            key = (shape, module.in_features, module.out_features, module.bias is not None)
+            if key not in measured:
+                measured[key] = measure(module, shape, smoothing)
+            calls.append(measured[key])
+        chosen[name] = KernelTiming(rows=sum(t.rows for t in calls), fp32_ms=sum(t.fp32_ms for t in calls),
+                                    int8_ms=sum(t.int8_ms for t in calls))
     return chosen

@@ -14,7 +14,7 @@ from nnopt.cli import main
 
 VARIANTS = (
     "baseline", "pruned", "quantized", "pruned+quantized", "gradual", "gradual+quantized",
-    "int8-static", "qat-int8", "int4-weight-g32", "structured-50", "cluster-4bit",
+    "int8-static", "qat-int8", "int4-weight-g32", "structured-50", "cluster-4bit", "int8-dynamic-measured",
 )
 
 

@@ -15,7 +15,7 @@ from nnopt.cli import main
 CHROMIUM = "/usr/bin/chromium"
 VARIANTS = (
     "baseline", "pruned", "quantized", "pruned+quantized", "gradual", "gradual+quantized",
-    "int8-static", "qat-int8", "int4-weight-g32", "structured-50", "cluster-4bit",
+    "int8-static", "qat-int8", "int4-weight-g32", "structured-50", "cluster-4bit", "int8-dynamic-measured",
 )
 needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).is_file(),
                                     reason=f"{CHROMIUM} is not installed (Debian: apt-get install chromium)")

@@ -8,6 +8,7 @@ rank 0's callbacks. Each two-process run spawns fresh interpreters (a few second
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -119,3 +120,61 @@ def test_a_recipe_step_without_data_parallel_support_is_refused(trained, digits,
     monkeypatch.setitem(recipes._STEPS, "train", dataclasses.replace(old, run=lambda m, c, d, p: m))
     with pytest.raises(ConfigError, match="'train' does not run data-parallel"):
         recipes.apply_recipe(trained, parsed, data=digits, data_parallel=2)
+
+
+class WeightPenalty:
+    """A loss that reads the model it trains (module level, so that it can travel to the processes)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        penalty = sum((p**2).sum() for p in self.model.parameters())
+        return torch.nn.functional.cross_entropy(logits, y) + 1e-3 * penalty
+
+
+def test_a_loss_that_reads_the_model_reads_the_one_being_trained(trained, digits):
+    _gloo_or_skip()
+    data = digits.train.subset(300)
+    config = TrainConfig(epochs=2, batch_size=25)
+    one, two = copy.deepcopy(trained), copy.deepcopy(trained)
+    nnopt.train(one, data, config, loss=WeightPenalty(one), progress=False)
+    nnopt.train(two, data, config, loss=WeightPenalty(two), data_parallel=2)
+    _assert_same_weights(one, two, trained)
+
+
+class _NumpyState:
+    def after_step(self, model: torch.nn.Module) -> None:
+        return None
+
+    def checkpoint_state(self) -> dict:
+        import numpy as np
+
+        return {"value": np.float64(1.0)}  # not something weights_only loading accepts
+
+    def restore_state(self, state: dict, model: torch.nn.Module) -> None:
+        raise AssertionError("never reached")
+
+
+def test_a_callback_state_that_cannot_come_back_is_named(trained, digits):
+    _gloo_or_skip()
+    model = copy.deepcopy(trained)
+    with pytest.raises(ConfigError, match=r"callback's state \(_NumpyState\) could not come back"):
+        nnopt.train(model, digits.train.subset(100), TrainConfig(epochs=1), callbacks=[_NumpyState()],
+                    data_parallel=2)
+    assert any((a != b).any() for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
+
+
+def test_a_script_without_a_main_guard_is_told_what_to_do(tmp_path):
+    _gloo_or_skip()
+    import subprocess
+    import sys
+
+    script = tmp_path / "train_me.py"
+    script.write_text("import nnopt\nd = nnopt.load_digits()\nm = nnopt.create_model('simplenet', seed=0)\n"
+                      "nnopt.train(m, d.train.subset(64), nnopt.TrainConfig(epochs=1), data_parallel=2)\n"
+                      "print('trained')\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0 and "trained" not in done.stdout
+    assert 'under `if __name__ == "__main__":`' in done.stderr

@@ -76,3 +76,32 @@ def test_real_measurement_records_timings_that_match_the_decision():
 def test_bad_kernel_choice_options(field, value, message):
     with pytest.raises(ConfigError, match=message):
         DynamicQuantConfig(**{field: value})
+
+
+class _Twice(nn.Module):
+    """One Linear called twice per forward (once by keyword, on more rows) and one called once."""
+
+    input_shape = (16,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(16, 16)
+        self.once = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.shared(x) + self.shared(input=torch.cat([x, x])).view(2, *x.shape).sum(0)
+        return self.once(y)
+
+
+def test_a_layer_called_several_times_is_judged_on_all_its_calls():
+    def fake(module, shape, smoothing):
+        # int8 loses on the small call and wins by far on the large one
+        return kc.KernelTiming(rows=shape[0], fp32_ms=float(shape[0]), int8_ms=3.0 if shape[0] > 4 else 2 * shape[0])
+
+    model = _Twice().eval()
+    chosen = kc.choose_kernels(model, [("shared", model.shared), ("once", model.once)], 3, smoothing=False,
+                               measure=fake)
+    # shared: a call of 3 rows (fp32 3, int8 6) and one of 6 rows by keyword (fp32 6, int8 3): 9 vs 9
+    assert (chosen["shared"].rows, chosen["shared"].fp32_ms, chosen["shared"].int8_ms) == (9, 9.0, 9.0)
+    assert not chosen["shared"].int8_faster
+    assert (chosen["once"].rows, chosen["once"].fp32_ms, chosen["once"].int8_ms) == (3, 3.0, 6.0)

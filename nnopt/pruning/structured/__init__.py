@@ -112,6 +112,9 @@ def prune_structured(model: nn.Module, config: StructuredPruneConfig, **context:
         example = _example_input(model, data)
     teacher = copy.deepcopy(model).eval() if config.distill > 0 else None
     needs_data = config.importance in NEEDS_GRADIENTS or config.finetune_epochs > 0
+    if context.get("data_parallel", 1) > 1 and config.finetune_epochs > 0 and not isinstance(data, Split):
+        raise ConfigError("data-parallel recovery needs labelled data (a Split); a sentence encoder's "
+                          "distillation runs in one process: use data_parallel=1")
     if needs_data and data is None:
         raise ConfigError(
             f"structured pruning with importance {config.importance!r}"
@@ -292,9 +295,6 @@ def _recover(
                                      seed=config.seed), loss=loss, progress=False, data_parallel=data_parallel,
         )
         return float(history.loss[-1])
-    if data_parallel > 1:
-        raise ConfigError("data-parallel recovery needs labelled data (a Split); a sentence encoder's "
-                          "distillation runs in one process: use data_parallel=1")
     reference = teacher if teacher is not None else None
     if reference is None:
         raise ConfigError("fine-tuning a pruned sentence encoder distills from the original: set distill > 0")
