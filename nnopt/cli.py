@@ -270,8 +270,8 @@ def _add_checkpoint_arguments(parser: argparse.ArgumentParser, runs: str) -> Non
 def _add_data_parallel_argument(parser: argparse.ArgumentParser, runs: str) -> None:
     parser.add_argument("--data-parallel", type=int, default=1, metavar="N",
                         help=f"{runs} in N DistributedDataParallel processes on this machine's CPU cores: the same "
-                        "global batches and, within floating-point tolerance, the same weights as one process (QAT "
-                        "ranges that still update follow the first process's shards); no checkpoints (default: 1)")
+                        "global batches and, within floating-point tolerance, the same weights as one process "
+                        "(BatchNorm and dropout excepted); no checkpoints (default: 1)")
 
 
 def _checkpoint_spec(args: argparse.Namespace, trains: bool, runs: str):  # noqa: ANN202

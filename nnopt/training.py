@@ -87,7 +87,7 @@ def train(
     ``data_parallel`` > 1 runs the same loop in that many DistributedDataParallel processes
     (:func:`nnopt.parallel.ddp_train`: same global batches, callbacks on every rank, the same weights
     within floating-point tolerance unless something depends on per-process statistics: BatchNorm in
-    training mode, dropout, QAT ranges that still update); it does not checkpoint, ``loss`` and
+    training mode, dropout; QAT's observed ranges are all-reduced); it does not checkpoint, ``loss`` and
     ``callbacks`` must be picklable, and a script must call it under ``if __name__ == "__main__":``.
 
     >>> history = train(model, dataset.train, TrainConfig(epochs=2), eval_data=dataset.test)

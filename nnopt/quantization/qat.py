@@ -142,11 +142,28 @@ def fake_quantize_ste(
 # --------------------------------------------------------------------------- fake-quant layers
 
 
+def _batch_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of ``x`` as float32 scalars; over every process's shard when training data-parallel
+    (a process whose shard is empty contributes nothing)."""
+    if x.numel():
+        lo, hi = x.amin().to(torch.float32), x.amax().to(torch.float32)
+    else:
+        lo, hi = torch.tensor(float("inf"), device=x.device), torch.tensor(float("-inf"), device=x.device)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return lo, hi
+
+
 class _FakeQuant(nn.Module):
     """Shared by the fake-quant twins: the input range observer and both fake quantizers.
 
     ``input_lo``/``input_hi`` hold the input range; in training mode each forward first moves
-    them toward the batch's min/max (unless ``observing`` is off), then quantizes with them.
+    them toward the batch's min/max (unless ``observing`` is off), then quantizes with them. Under
+    data-parallel training the min/max are taken over the whole global batch (all-reduced across
+    the processes), so every process keeps the range one process would.
     """
 
     weight: torch.Tensor
@@ -166,9 +183,10 @@ class _FakeQuant(nn.Module):
     def fake_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.observing:
             with torch.no_grad():
+                lo, hi = _batch_range(x.detach())
                 m = self.momentum
-                self.input_lo.mul_(m).add_((1 - m) * x.detach().amin().to(torch.float32))
-                self.input_hi.mul_(m).add_((1 - m) * x.detach().amax().to(torch.float32))
+                self.input_lo.mul_(m).add_((1 - m) * lo)
+                self.input_hi.mul_(m).add_((1 - m) * hi)
         scale, zero = self.input_qparams()
         return fake_quantize_ste(x, scale, zero, BITS, symmetric=False)
 
