@@ -138,7 +138,7 @@ METHODS = {
 
 VARIANT_NAMES = (
     "baseline", "pruned", "quantized", "pruned+quantized", "gradual", "gradual+quantized",
-    "int8-static", "qat-int8", "int4-weight-g32", "structured-50", "cluster-4bit",
+    "int8-static", "qat-int8", "int4-weight-g32", "structured-50", "cluster-4bit", "int8-dynamic-measured",
 )
 
 
@@ -238,6 +238,7 @@ def run_classic(config: ClassicConfig, out_dir: str | Path, progress: bool | Non
                          "packed"),
         "int8-dynamic-measured": _measured_int8(model, max(config.latency_batches)),
     }
+    assert tuple(models) == VARIANT_NAMES, "VARIANT_NAMES lists what a report may hold: keep it in step"
     timings = compare_latency(
         {name: m for name, (m, _, _) in models.items()}, model.input_shape,
         config.latency_batches, min_seconds=config.latency_seconds,
