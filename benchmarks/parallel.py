@@ -29,7 +29,8 @@ Workloads (BENCHMARKS.md):
 - ``ddp-passes``: the passes that fine-tune, run with ``data_parallel=2`` against the same pass in
   one process (at ``--train-threads``), from one trained LeNet-300-100 (5 epochs, seed 0): gradual
   pruning to 90% (global, 4 epochs), structured pruning of half the neurons with 3 epochs of
-  distillation recovery, and QAT (3 epochs, ranges frozen from the start). ``wall_s``: the whole
+  distillation recovery, and QAT (3 epochs; observed ranges update for the first 2, all-reduced over
+  the processes). ``wall_s``: the whole
   ``nnopt.prune``/``nnopt.quantize`` call (DDP: including spawning the ranks); one repeat each.
   ``max_rel_param_diff``: the largest |Δ| of any tensor of the result (int8 codes and scales
   included) against the one-process result, relative to that tensor's largest magnitude;
@@ -255,7 +256,7 @@ def ddp_pass_rows(args: Any) -> list[dict[str, Any]]:
         ("gradual pruning to 90%, 4 epochs", nnopt.prune, GradualPruneConfig(final_sparsity=0.9, epochs=4)),
         ("structured 50% + 3 epochs distillation", nnopt.prune,
          StructuredPruneConfig(ratio=0.5, importance="l1", finetune_epochs=3, distill=0.5)),
-        ("QAT int8, 3 epochs", nnopt.quantize, QATConfig(epochs=3, freeze_observers_epoch=0)),
+        ("QAT int8, 3 epochs", nnopt.quantize, QATConfig(epochs=3)),
     )
     rows = []
     for name, verb, config in passes:
