@@ -142,7 +142,7 @@ def _refuse_while_bootstrapping() -> None:
 
 
 def _spawn(world_size: int, backend: str, payload: tuple, out_dir: str) -> None:
-    """Run the ranks; a rank that fails becomes one error naming its first line."""
+    """Run the ranks; a rank that fails becomes one error carrying its message (the last line it raised)."""
     import torch.multiprocessing as mp
 
     try:
