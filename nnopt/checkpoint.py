@@ -36,6 +36,7 @@ from torch import nn
 
 from nnopt.errors import ConfigError, ModelFormatError, OutputError, ResumeError
 from nnopt.io.atomic import atomic_directory, check_replaceable, clean_leftovers, remove_directory, write_bytes_durable
+from nnopt.io.json_file import read_json
 
 STATE_FILE = "checkpoint.json"
 TENSORS_FILE = "tensors.safetensors"
@@ -108,7 +109,7 @@ def remove_checkpoint(directory: str | Path) -> None:
 def checkpoint_progress(directory: str | Path) -> tuple[int, int] | None:
     """``(epoch, epochs)`` saved in the checkpoint at ``directory``; None without a readable one."""
     try:
-        state = json.loads((Path(directory) / STATE_FILE).read_text(encoding="utf-8"))
+        state = read_json(Path(directory) / STATE_FILE)
         return int(state["epoch"]), int(state["epochs"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -285,7 +286,7 @@ class Checkpointer:
             raise ResumeError(f"the checkpoint in {directory} is damaged ({damaged} do not match its manifest); "
                               "delete it to start afresh")
         try:
-            state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
+            state = read_json(directory / STATE_FILE)
             tensors = st_load((directory / TENSORS_FILE).read_bytes())
         except (OSError, ValueError, SafetensorError) as exc:
             raise ResumeError(f"the checkpoint in {directory} cannot be read: {exc}") from None

@@ -173,8 +173,8 @@ def parallel_context(data_parallel: int) -> dict[str, int]:
     return {"data_parallel": data_parallel} if check_data_parallel(data_parallel) > 1 else {}
 
 
-def check_data_parallel(processes: int) -> int:
-    """``processes`` if it is an integer >= 1, else a ConfigError naming it."""
+def check_data_parallel(processes: int, name: str = "data_parallel") -> int:
+    """``processes`` if it is an integer >= 1, else a ConfigError naming it as ``name``."""
     if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
-        raise ConfigError(f"data_parallel must be an integer >= 1 (processes), got {processes!r}")
+        raise ConfigError(f"{name} must be an integer >= 1 (processes), got {processes!r}")
     return processes

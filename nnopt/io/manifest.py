@@ -17,6 +17,7 @@ from typing import Any
 
 from nnopt.errors import ModelFormatError
 from nnopt.io.atomic import sha256_file, write_bytes_durable
+from nnopt.io.json_file import JSONFileError, read_json
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "nnopt-manifest"
@@ -124,8 +125,8 @@ def verify_directory(path: str | Path) -> VerifyResult:
 def _read(manifest_path: Path) -> tuple[dict[str, dict[str, Any]] | None, str]:
     """The recorded file list and a problem description ("" when the manifest is intact)."""
     try:
-        doc = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = read_json(manifest_path)
+    except JSONFileError as exc:
         return None, f"is not valid JSON ({exc})"
     if not (isinstance(doc, dict) and doc.get("format") == FORMAT and isinstance(doc.get("files"), dict)):
         return None, f"is not an nnopt manifest (format {FORMAT!r} with a files mapping)"

@@ -23,6 +23,7 @@ from torch import nn
 from nnopt._version import __version__
 from nnopt.errors import ConfigError, ModelFormatError, NnoptError
 from nnopt.io.atomic import atomic_directory, refuse_input_overlap, write_bytes_durable
+from nnopt.io.json_file import JSONFileError, read_json
 from nnopt.io.safety import refuse_unsafe
 from nnopt.lineage import Lineage, get_lineage, set_lineage
 
@@ -155,9 +156,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if not meta_path.is_file():
         raise ModelFormatError(f"{path} is not an nnopt model directory: {META_FILE} is missing")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ModelFormatError(f"{meta_path} is corrupt: {str(exc)[:200]}") from None
+        meta = read_json(meta_path)
+    except JSONFileError as exc:
+        raise ModelFormatError(f"{meta_path} is corrupt: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelFormatError(f"{meta_path} is not an nnopt model record (format is not {FORMAT!r})")
     if meta.get("format_version") != FORMAT_VERSION:

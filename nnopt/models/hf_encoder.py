@@ -330,14 +330,14 @@ def load_hf_encoder(path: str | Path, allow_pickle: bool = False) -> SentenceEnc
 
 
 def _read_hf_config(path: Path) -> BertEncoderConfig:
-    import json
+    from nnopt.io.json_file import JSONFileError, read_json
 
     file = path / HF_CONFIG
     if file.stat().st_size > _MAX_CONFIG_BYTES:
         raise ModelFormatError(f"{file} is larger than {_MAX_CONFIG_BYTES} bytes; not a model config")
     try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raw = read_json(file)
+    except JSONFileError as exc:
         raise ModelFormatError(f"{file} is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise ModelFormatError(f"{file} is not a JSON object")

@@ -54,7 +54,14 @@ from torch import nn
 from nnopt.data import Split
 from nnopt.errors import ConfigError
 from nnopt.progress import track
-from nnopt.training import TrainCallback, TrainConfig, TrainHistory, epoch_status, run_after_epoch
+from nnopt.training import (
+    TrainCallback,
+    TrainConfig,
+    TrainHistory,
+    check_data_parallel,
+    epoch_status,
+    run_after_epoch,
+)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -98,8 +105,7 @@ def ddp_train(
     >>> model = create_model("simplenet", seed=0)
     >>> history = ddp_train(model, load_digits().train, TrainConfig(epochs=2), world_size=2)  # doctest: +SKIP
     """
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ConfigError(f"world_size must be an integer >= 1, got {world_size!r}")
+    check_data_parallel(world_size, "world_size")
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
     require_distributed()

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from nnopt.errors import ConfigError, UnsupportedModelError
+from nnopt.io.json_file import JSONFileError, read_json
 from nnopt.metrics.speed import bind_call, example_batch
 
 BENCHMARK = "bench"
@@ -501,8 +502,8 @@ def load_bench_json(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"--compare {path}: no such file")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = read_json(path)
+    except JSONFileError as exc:
         raise ConfigError(f"--compare {path} is not a bench JSON: {exc}") from None
     if not isinstance(doc, dict) or doc.get("benchmark") != BENCHMARK or not isinstance(doc.get("rows"), list):
         raise ConfigError(

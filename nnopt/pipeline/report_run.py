@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from nnopt.errors import ModelFormatError
+from nnopt.io.json_file import JSONFileError, read_json
 from nnopt.report.document import REPORT_HTML, REPORT_JSON, REPORT_MD
 
 
@@ -44,8 +44,8 @@ def load_report(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ModelFormatError(f"{run_dir} has no {REPORT_JSON}: not an nnopt run directory")
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        report = read_json(path)
+    except JSONFileError as exc:
         raise ModelFormatError(f"{path} is not valid JSON: {exc}") from None
     try:
         read_report(report)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nnopt.io.atomic import sha256_file
+from nnopt.io.json_file import read_json
 from nnopt.io.manifest import VerifyResult, verify_directory
 
 # nnopt.io.model_dir's names, without importing torch for a hash check (tests/cli/test_verify_cli.py compares them)
@@ -55,7 +56,7 @@ def _model_record_mismatches(root: Path) -> list[tuple[str, str]]:
             continue
         model_dir = meta_path.parent
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            meta = read_json(meta_path)
             files = meta["files"]
             entries = [(name, entry["sha256"]) for name, entry in files.items()]
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -90,8 +91,8 @@ def time_kernels(module: nn.Linear, shape: tuple[int, ...], smoothing: bool) -> 
     calls = {"fp32": functools.partial(module, x), "int8": functools.partial(int8, x)}
     with torch.inference_mode():
         timings = compare_calls(calls, shape[0], warmup=5, min_calls=20, min_seconds=0.2, rounds=4)
-    rows = int(torch.tensor(shape[:-1]).prod()) if len(shape) > 1 else 1
-    return KernelTiming(rows=rows, fp32_ms=timings["fp32"].median_ms, int8_ms=timings["int8"].median_ms)
+    return KernelTiming(rows=math.prod(shape[:-1]), fp32_ms=timings["fp32"].median_ms,
+                        int8_ms=timings["int8"].median_ms)
 
 
 def choose_kernels(

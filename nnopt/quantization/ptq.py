@@ -27,10 +27,11 @@ from torch import nn
 from nnopt.config import Config
 from nnopt.errors import ConfigError, ModelFormatError, UnsupportedModelError
 from nnopt.lineage import AppliedPass
+from nnopt.metrics.speed import MIN_SPEEDUP
 from nnopt.quantization import kernels as K
 from nnopt.quantization import primitives as P
 from nnopt.quantization.encoder_fusion import apply_fusions, plan_fusions, shared_groups
-from nnopt.quantization.kernel_choice import KERNEL_CHOICES, MIN_SPEEDUP, choose_kernels
+from nnopt.quantization.kernel_choice import KERNEL_CHOICES, choose_kernels
 from nnopt.quantization.registry import register_quantizer
 from nnopt.quantization.targets import check_target
 from nnopt.select import replace_layer, select_layers, validate_patterns

@@ -19,6 +19,7 @@ from typing import Any
 
 from nnopt.errors import ResumeError
 from nnopt.io.atomic import atomic_write_bytes
+from nnopt.io.json_file import JSONFileError, read_json
 
 STATE_FILE = "state.json"
 FORMAT = "nnopt-auto-checkpoint"
@@ -53,8 +54,8 @@ class Checkpoint:
             raise ResumeError(f"--resume: no checkpoint at {directory} (no run into {out} was interrupted, or it "
                               "finished)")
         try:
-            state = json.loads(state_file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            state = read_json(state_file)
+        except JSONFileError as exc:
             raise ResumeError(f"{state_file} is corrupt ({exc}); delete {directory} to start over") from None
         if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("trials"), dict):
             raise ResumeError(f"{state_file} is not an nnopt auto checkpoint; delete {directory} to start over")
