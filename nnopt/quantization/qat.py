@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -149,8 +150,6 @@ def _batch_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = x.amin().to(torch.float32), x.amax().to(torch.float32)
     else:
         lo, hi = torch.tensor(float("inf"), device=x.device), torch.tensor(float("-inf"), device=x.device)
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
