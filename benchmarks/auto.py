@@ -232,7 +232,7 @@ def _torch_pruning(model: nn.Module, data: Any, settings: SearchSettings, train_
 
 def minilm_rows(args: Any) -> list[dict[str, Any]]:
     from _common import minilm_timing_inputs
-    from quantization import _embed_with, _ort_optimized, ort_quantize_dynamic, torch_dynamic
+    from quantization import _embed_with, _ort_optimized, ort_peer_name, ort_quantize_dynamic, torch_dynamic
 
     from nnopt.models.hf_encoder import embed_sentences
     from nnopt.search.tasks import SENTENCE_TEST
@@ -255,7 +255,7 @@ def minilm_rows(args: Any) -> list[dict[str, Any]]:
     example = dict(encode_batch(sentences[:2]))
     fp32_onnx = _ort_optimized(model, example, args.tmp)
     ort_paths = {("onnxruntime", "fp32, optimized graph"): fp32_onnx,
-                 ("onnxruntime", "quantize_dynamic per-channel, optimized graph"):
+                 ("onnxruntime", ort_peer_name("quantize_dynamic per-channel, optimized graph")):
                      ort_quantize_dynamic(fp32_onnx, args.tmp / "ort_int8.onnx")}
     runners = {key: nnopt.OnnxRunner(path, threads=torch.get_num_threads()) for key, path in ort_paths.items()}
     test = sentences[SENTENCE_TEST]

@@ -39,6 +39,7 @@ from _common import energy_fields, minilm_timing_inputs, parse_args, side_by_sid
 from torch import nn
 
 import nnopt
+from nnopt.cpu import bf16_support
 from nnopt.text import embedding_fidelity
 
 MEASURED = "int8-dynamic, measured kernels"
@@ -91,14 +92,27 @@ def torch_dynamic(model: nn.Module, per_channel: bool) -> nn.Module:
     return quantize_dynamic(copy.deepcopy(model), spec, dtype=torch.qint8)
 
 
-def ort_quantize_dynamic(fp32_onnx: Path, out: Path) -> Path:
+def ort_weight_type() -> str:
+    """ONNX Runtime's own advice for x86: int8 weights (U8S8) where its u8×s8 kernels are exact (VNNI), else
+    uint8 weights (U8U8), which never saturate. Decided by the known-answer check, not by CPU flags."""
+    from nnopt.quantization.kernel_checks import kernel_passes
+
+    return "int8" if kernel_passes("onnxruntime-u8s8") else "uint8"
+
+
+def ort_quantize_dynamic(fp32_onnx: Path, out: Path, weight_type: str | None = None) -> Path:
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    weights = QuantType.QInt8 if (weight_type or ort_weight_type()) == "int8" else QuantType.QUInt8
     # Fused graphs hold contrib ops that shape inference cannot type; their outputs are float.
-    quantize_dynamic(str(fp32_onnx), str(out), per_channel=True, weight_type=QuantType.QInt8,
+    quantize_dynamic(str(fp32_onnx), str(out), per_channel=True, weight_type=weights,
                      extra_options={"DefaultTensorType": TensorProto.FLOAT})
     return out
+
+
+def ort_peer_name(prefix: str) -> str:
+    return f"{prefix} ({'U8S8' if ort_weight_type() == 'int8' else 'U8U8'})"
 
 
 # --------------------------------------------------------------------------- minilm
@@ -117,9 +131,10 @@ def minilm_rows(tmp: Path, seconds: float) -> list[dict[str, Any]]:
     variants["nnopt", "int8-dynamic-smooth0.7"] = nnopt.quantize(
         model, nnopt.DynamicQuantConfig(smoothing=0.7), data=calib
     )
-    variants["nnopt", "int8-dynamic-smooth0.7 bf16-attention"] = nnopt.quantize(
-        model, nnopt.DynamicQuantConfig(smoothing=0.7, attention_dtype="bfloat16"), data=calib
-    )
+    if bf16_support()[0]:  # emulated bf16 is refused (it took minutes per call on AVX2)
+        variants["nnopt", "int8-dynamic-smooth0.7 bf16-attention"] = nnopt.quantize(
+            model, nnopt.DynamicQuantConfig(smoothing=0.7, attention_dtype="bfloat16"), data=calib
+        )
     variants["nnopt", "int8-weight"] = nnopt.quantize(model, nnopt.WeightQuantConfig(bits=8, per_channel=True))
     variants["nnopt", "int4-weight-g32"] = nnopt.quantize(
         model, nnopt.WeightQuantConfig(bits=4, per_channel=True, group_size=32)
@@ -134,9 +149,13 @@ def minilm_rows(tmp: Path, seconds: float) -> list[dict[str, Any]]:
     }
     nnopt.export_onnx(variants["nnopt", "int8-dynamic-smooth0.7"], example, ort_models[
         ("nnopt", "int8-dynamic-smooth0.7 on onnxruntime")])
-    ort_models["onnxruntime", "quantize_dynamic per-channel, optimized graph"] = ort_quantize_dynamic(
+    ort_models["onnxruntime", ort_peer_name("quantize_dynamic per-channel, optimized graph")] = ort_quantize_dynamic(
         ort_models["onnxruntime", "fp32 optimized graph"], tmp / "ort_int8.onnx"
     )
+    if ort_weight_type() == "int8":  # the portable U8U8 form too, to show what exactness everywhere costs here
+        ort_models["onnxruntime", "quantize_dynamic per-channel, optimized graph (U8U8)"] = ort_quantize_dynamic(
+            ort_models["onnxruntime", "fp32 optimized graph"], tmp / "ort_int8_u8u8.onnx", "uint8"
+        )
     runners = {key: nnopt.OnnxRunner(path, threads=torch.get_num_threads()) for key, path in ort_models.items()}
 
     extra: dict[tuple[str, str], dict[str, Any]] = {}
@@ -274,7 +293,8 @@ def linear_rows(tmp: Path, seconds: float) -> list[dict[str, Any]]:
     nnopt.export_onnx(layer, torch.randn(2, 4096), raw)
     ort_paths = {
         ("nnopt", "int8-dynamic on onnxruntime"): tmp / "linear_nnopt.onnx",
-        ("onnxruntime", "quantize_dynamic per-channel"): ort_quantize_dynamic(raw, tmp / "linear_ort.onnx"),
+        ("onnxruntime", ort_peer_name("quantize_dynamic per-channel")): ort_quantize_dynamic(
+            raw, tmp / "linear_ort.onnx"),
     }
     nnopt.export_onnx(variants["nnopt", "int8-dynamic"], torch.randn(2, 4096), ort_paths["nnopt",
                                                                                         "int8-dynamic on onnxruntime"])

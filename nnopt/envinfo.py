@@ -8,50 +8,25 @@ ONNX Runtime providers, allocator).
 from __future__ import annotations
 
 import os
-import platform
-from pathlib import Path
 from typing import Any
 
-CPUINFO = Path("/proc/cpuinfo")
+from nnopt import cpu
+from nnopt.cpu import (  # re-exported: nnopt.envinfo is where results and `nnopt env` read machine facts
+    CPU_FEATURES,
+    bf16_support,
+    cpu_features,
+    cpu_model,
+    effective_cpu_features,
+    has_vnni,
+    isa_class,
+    onednn_isa_cap,
+    parse_cpu_flags,
+    require_native_bf16,
+)
 
-# /proc/cpuinfo flags that decide which kernels run fast: fma/avx2 (fp32 GEMM), avx512f, VNNI (int8
-# dot products), bf16, and AMX tiles (oneDNN's int8/bf16 matrix units).
-CPU_FEATURES = ("fma", "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
-
-
-def _cpuinfo_text() -> str | None:
-    try:
-        return CPUINFO.read_text()
-    except OSError:
-        return None
-
-
-def cpu_model(cpuinfo: str | None = None) -> str:
-    text = _cpuinfo_text() if cpuinfo is None else cpuinfo
-    for line in (text or "").splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def parse_cpu_flags(cpuinfo: str) -> frozenset[str]:
-    """The flags of the first processor in ``/proc/cpuinfo`` text (``flags`` on x86, ``Features`` on ARM)."""
-    for line in cpuinfo.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
-
-
-def cpu_features(cpuinfo: str | None = None) -> dict[str, bool | None]:
-    """Each of :data:`CPU_FEATURES`: present (True) or absent (False); None for all when the CPU's
-    flags cannot be read (no /proc/cpuinfo, e.g. macOS), rather than a guess."""
-    text = _cpuinfo_text() if cpuinfo is None else cpuinfo
-    if text is None:
-        return dict.fromkeys(CPU_FEATURES)
-    flags = parse_cpu_flags(text)
-    return {name: name in flags for name in CPU_FEATURES}
-
+__all__ = ["CPU_FEATURES", "bf16_support", "cpu_features", "cpu_model", "effective_cpu_features", "has_vnni",
+           "isa_class", "onednn_isa_cap", "parse_cpu_flags", "require_native_bf16", "environment", "gpu_info",
+           "onnxruntime_info", "system_report", "render_system_report"]
 
 def environment(device: str = "cpu") -> dict[str, object]:
     import torch
@@ -60,8 +35,8 @@ def environment(device: str = "cpu") -> dict[str, object]:
     from nnopt.runtime import runtime_settings
 
     return {
-        "device": device, "cpu": cpu_model(), "threads": torch.get_num_threads(), **library_versions(),
-        **runtime_settings(),
+        "device": device, "cpu": cpu.cpu_model(), "isa": cpu.isa_class(), "onednn_max_cpu_isa": cpu.onednn_isa_cap(),
+        "threads": torch.get_num_threads(), **library_versions(), **runtime_settings(),
     }
 
 
@@ -102,18 +77,20 @@ def system_report(device: str | None = None) -> dict[str, Any]:
     """
     import torch
 
+    from nnopt.quantization.kernel_checks import check_all
     from nnopt.quantization.kernels import onednn_int8_available
 
     gpus = gpu_info()
     device = device or ("cuda" if gpus else "cpu")
     report: dict[str, Any] = environment(device)
     report.update({
-        "cpu_features": cpu_features(),
-        "cpu_features_source": str(CPUINFO) if _cpuinfo_text() is not None else "unavailable",
+        "cpu_features": cpu.cpu_features(),
+        "cpu_features_source": str(cpu.CPUINFO) if cpu._cpuinfo_text() is not None else "unavailable",
         "logical_cores": os.cpu_count(),
         "interop_threads": torch.get_num_interop_threads(),
         "mkldnn": bool(torch.backends.mkldnn.is_available()),
         "onednn_int8": bool(onednn_int8_available()),
+        "int8_kernels": {check.kernel: check.to_dict() for check in check_all()},
         "torch_cuda": torch.version.cuda,
         "gpu": gpus or "none",
         **onnxruntime_info(),
@@ -135,12 +112,15 @@ def render_system_report(report: dict[str, Any]) -> str:
         ("torch threads (intra-op)", report["threads"]),
         ("torch threads (inter-op)", report["interop_threads"]),
     ]
+    rows.append(("ISA class (int8/bf16 kernels)", report["isa"] + (
+        f" (ONEDNN_MAX_CPU_ISA={report['onednn_max_cpu_isa']})" if report.get("onednn_max_cpu_isa") else "")))
     features = report["cpu_features"]
     rows += [(f"CPU feature {name}", "present" if features[name] else
               ("unknown" if features[name] is None else "absent")) for name in features]
     rows += [
         ("oneDNN (mkldnn) in torch", yes_no(report["mkldnn"])),
         ("oneDNN int8 kernels", yes_no(report["onednn_int8"])),
+        *((f"int8 kernel {name}", _check_summary(check)) for name, check in report["int8_kernels"].items()),
         ("torch CUDA build", report["torch_cuda"] or "none"),
     ]
     gpus = report["gpu"]
@@ -157,3 +137,9 @@ def render_system_report(report: dict[str, Any]) -> str:
         rows.append(("onnxruntime providers", ", ".join(report["onnxruntime_providers"]) or "none"))
     rows.append(("allocator", report["allocator"]))
     return render_table(("item", "value"), rows, caption=f"CPU features read from {report['cpu_features_source']}")
+
+
+def _check_summary(check: dict[str, Any]) -> str:
+    from nnopt.kernel_check import KernelCheck
+
+    return KernelCheck(**check).summary()

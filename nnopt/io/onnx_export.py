@@ -6,6 +6,12 @@ int8 layers export in the forms ONNX Runtime runs with integer kernels:
 - static int8 Linear/Conv2d → QuantizeLinear/DequantizeLinear pairs around the float op (the
   QDQ form), which ONNX Runtime turns into integer operators.
 
+Both are written **U8U8**: activations and weights as uint8, each weight code stored as code + 128
+with zero point 128. The integers are the same as nnopt's (so the file computes what the nnopt
+model computes), and the file is right on every CPU: ONNX Runtime's u8×s8 kernels sum pairs of
+products in saturating 16-bit lanes on x86 CPUs without VNNI (its documentation's advice there is
+U8U8 or reduce_range), while its u8×u8 kernels widen to 16 bits first and never saturate.
+
 Uses the TorchScript-based exporter (``dynamo=False``): its symbolic functions are what lets a
 layer choose its own ONNX nodes. onnx and onnxruntime are the ``onnx`` extra, imported lazily.
 """
@@ -38,14 +44,15 @@ class _DynamicInt8LinearFn(torch.autograd.Function):
     ) -> torch.Tensor:
         # Only shape and dtype matter here: the exported graph comes from ``symbolic``.
         x = x if smoothing is None else x * smoothing
-        return torch.nn.functional.linear(x, weight_t.t().to(x.dtype) * weight_step[:, None], bias)
+        return torch.nn.functional.linear(x, (weight_t.t().to(x.dtype) - WEIGHT_ZERO_U8) * weight_step[:, None], bias)
 
     @staticmethod
     def symbolic(g: Any, x: Any, weight_t: Any, weight_step: Any, bias: Any, smoothing: Any) -> Any:
         if not _is_none(smoothing):
             x = g.op("Mul", x, smoothing)
         x_q, x_step, x_zero = g.op("DynamicQuantizeLinear", x, outputs=3)
-        acc = g.op("MatMulInteger", x_q, weight_t, x_zero)
+        w_zero = g.op("Constant", value_t=torch.tensor(WEIGHT_ZERO_U8, dtype=torch.uint8))
+        acc = g.op("MatMulInteger", x_q, weight_t, x_zero, w_zero)
         out = g.op("Mul", g.op("Cast", acc, to_i=1), g.op("Mul", x_step, weight_step))  # to_i=1: FLOAT
         return g.op("Add", out, bias)
 
@@ -58,7 +65,7 @@ def dynamic_int8_linear(module: Any, x: torch.Tensor) -> torch.Tensor:
     """What ``Int8DynamicLinear.forward`` returns during export."""
     bias = module.bias if module.bias is not None else torch.zeros(module.out_features)
     smoothing = _constant(module.input_smoothing) if module.smoothing else None
-    weight_t = _constant(module.weight_q.t())  # (in, out) as MatMulInteger wants
+    weight_t = _constant(weight_codes_u8(module.weight_q).t())  # (in, out) as MatMulInteger wants
     out = _DynamicInt8LinearFn.apply(x, weight_t, _constant(module.weight_step), _constant(bias), smoothing)
     return torch.nn.functional.gelu(out) if module.activation == "gelu" else out
 
@@ -71,7 +78,7 @@ class _StaticInt8Fn(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, weight_q: torch.Tensor, weight_step: torch.Tensor, bias: torch.Tensor,
         x_step: torch.Tensor, x_zero: torch.Tensor, conv: tuple[Any, ...] | None,
     ) -> torch.Tensor:
-        weight = weight_q.to(x.dtype) * weight_step.view((-1,) + (1,) * (weight_q.ndim - 1))
+        weight = (weight_q.to(x.dtype) - WEIGHT_ZERO_U8) * weight_step.view((-1,) + (1,) * (weight_q.ndim - 1))
         if conv is None:
             return torch.nn.functional.linear(x, weight, bias)
         return torch.nn.functional.conv2d(x, weight, bias, *conv)
@@ -81,7 +88,7 @@ class _StaticInt8Fn(torch.autograd.Function):
         g: Any, x: Any, weight_q: Any, weight_step: Any, bias: Any, x_step: Any, x_zero: Any, conv: Any
     ) -> Any:
         x = g.op("DequantizeLinear", g.op("QuantizeLinear", x, x_step, x_zero), x_step, x_zero)
-        w_zero = g.op("Constant", value_t=torch.zeros(_static_dim(weight_q), dtype=torch.int8))
+        w_zero = g.op("Constant", value_t=torch.full((_static_dim(weight_q),), WEIGHT_ZERO_U8, dtype=torch.uint8))
         weight = g.op("DequantizeLinear", weight_q, weight_step, w_zero, axis_i=0)
         if conv is None:
             return g.op("Add", g.op("MatMul", x, g.op("Transpose", weight, perm_i=[1, 0])), bias)
@@ -96,14 +103,24 @@ def _static_dim(value: Any) -> int:
 
 
 def static_int8(module: Any, x: torch.Tensor) -> torch.Tensor:
-    """What static int8 layers return during export: float ops between QDQ pairs (int8 weights)."""
+    """What static int8 layers return during export: float ops between QDQ pairs, U8U8 (module docstring)."""
     bias = module.bias if module.bias is not None else torch.zeros(module.weight_q.shape[0])
     x_step = torch.tensor(float(1.0 / module.input_scale))
-    x_zero = torch.tensor(int(module.input_zero_point), dtype=torch.int8)
+    # uint8 codes = int8 codes + 128 on the same grid: the zero point moves with them
+    x_zero = torch.tensor(int(module.input_zero_point) + 128, dtype=torch.uint8)
     conv = (module.stride, module.padding, module.dilation) if module.weight_q.ndim == 4 else None
     return _StaticInt8Fn.apply(
-        x, _constant(module.weight_q), _constant(module.weight_step), _constant(bias), x_step, x_zero, conv
+        x, _constant(weight_codes_u8(module.weight_q)), _constant(module.weight_step), _constant(bias), x_step,
+        x_zero, conv,
     )
+
+
+WEIGHT_ZERO_U8 = 128
+
+
+def weight_codes_u8(weight_q: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 weight codes (−127..127) as uint8 codes with zero point 128 (1..255): same values."""
+    return (weight_q.to(torch.int16) + WEIGHT_ZERO_U8).to(torch.uint8)
 
 
 def _constant(t: torch.Tensor) -> torch.Tensor:

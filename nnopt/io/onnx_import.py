@@ -172,8 +172,18 @@ def _tensor_bytes(tensor: Any, onnx: Any) -> int | None:
     return numel * itemsize if type_name != "STRING" else None
 
 
-def quantize_onnx(src: str | Path, dst: str | Path, per_channel: bool = True, overwrite: bool = False) -> Path:
-    """Dynamic int8 quantization (ONNX Runtime's ``quantize_dynamic``, int8 weights) of ``src`` into ``dst``.
+ONNX_WEIGHT_TYPES = ("uint8", "int8")
+
+
+def quantize_onnx(src: str | Path, dst: str | Path, per_channel: bool = True, overwrite: bool = False,
+                  weight_type: str = "uint8") -> Path:
+    """Dynamic 8-bit quantization (ONNX Runtime's ``quantize_dynamic``) of ``src`` into ``dst``.
+
+    ``weight_type="uint8"`` (the default) writes U8U8 MatMulInteger: ONNX Runtime widens both operands to
+    16 bits before multiplying, so the file is right on every x86 CPU. ``"int8"`` (U8S8) runs faster on CPUs
+    with VNNI, but ONNX Runtime's u8×s8 kernels sum pairs into saturating 16-bit lanes on CPUs without it
+    (its own documentation recommends U8U8 or reduce_range there); it is refused where that kernel failed
+    its known-answer check (:mod:`nnopt.quantization.kernel_checks`).
 
     ``src`` is read with :func:`load_onnx` (checked) and never modified; ``dst`` must be another
     path, and an existing ``dst`` is replaced only with ``overwrite``. The result is written to a
@@ -181,6 +191,10 @@ def quantize_onnx(src: str | Path, dst: str | Path, per_channel: bool = True, ov
 
     >>> quantize_onnx("model.onnx", "model.int8.onnx")  # doctest: +SKIP
     """
+    from nnopt.errors import ConfigError
+
+    if weight_type not in ONNX_WEIGHT_TYPES:
+        raise ConfigError(f"weight_type must be one of {', '.join(ONNX_WEIGHT_TYPES)}, got {weight_type!r}")
     src, dst = Path(src), Path(dst)
     check_onnx_output(dst, [src], overwrite)
     model = load_onnx(src)
@@ -188,11 +202,20 @@ def quantize_onnx(src: str | Path, dst: str | Path, per_channel: bool = True, ov
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError:
         raise UnsupportedModelError("quantizing ONNX needs onnxruntime: pip install 'nnopt[onnx]'") from None
+    if weight_type == "int8":
+        from nnopt.io.onnx_checks import check_onnxruntime_kernel
+
+        check = check_onnxruntime_kernel("onnxruntime-u8s8")
+        if check.passed is False:
+            raise UnsupportedModelError(
+                "int8 weights give u8×s8 kernels, and ONNX Runtime's failed its known-answer check on this CPU "
+                f"({check.detail}): the model would be wrong here; use uint8 weights (the default)")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}.onnx")
     try:
         with _quiet_root_logger():
-            quantize_dynamic(model, tmp, per_channel=per_channel, weight_type=QuantType.QInt8)
+            quantize_dynamic(model, tmp, per_channel=per_channel,
+                             weight_type=QuantType.QUInt8 if weight_type == "uint8" else QuantType.QInt8)
         load_onnx(tmp)  # the result must itself pass the checks before it replaces anything
         os.replace(tmp, dst)
     except NnoptError:

@@ -106,6 +106,9 @@ class AdviceResult:
             "outputs that agree with the baseline",
             f"agreement: {env['agreement_method']}",
         ]
+        if env.get("int8_kernels"):
+            lines.append(f"ISA class {env.get('isa', 'unknown')}; int8 kernels (known-answer check on this machine): "
+                         + "; ".join(f"{name} {summary}" for name, summary in env["int8_kernels"].items()))
         if env.get("compile_seconds") is not None:
             lines.append(f"torch.compile took {env['compile_seconds']:.2f} s (measured), not in the timings")
         before, after = env.get("load_average") or (None, None)
@@ -130,10 +133,12 @@ class _Candidate:
 
 def run_advise(path: str | Path, options: AdviseOptions) -> AdviceResult:
     """Build, time and check every data-free technique for the saved model at ``path``."""
-    from nnopt.envinfo import cpu_features, environment
+    from nnopt.cpu import cpu_features
+    from nnopt.envinfo import environment
     from nnopt.io.model_dir import load_model, read_meta
     from nnopt.metrics.speed import compare_calls
     from nnopt.pipeline.bench import _inputs, _load_average
+    from nnopt.quantization.kernel_checks import check_all
 
     options.validate()
     path = Path(path)
@@ -193,6 +198,7 @@ def run_advise(path: str | Path, options: AdviseOptions) -> AdviceResult:
         **environment(options.device), "threads": threads, "batch": options.batch, "workload": workload,
         "architecture": meta["architecture"], "applied": [p.get("name") for p in meta["applied"]],
         "cpu_features": features, "logical_cores": os.cpu_count(),
+        "int8_kernels": {check.kernel: check.summary() for check in check_all()},
         "timing_method": f"measured: median of time.perf_counter around each call, {options.warmup} warm-up calls, "
         f">= {options.min_calls} calls and >= {options.seconds} s per technique, alternated over {options.rounds} "
         "rounds (nnopt.metrics.compare_calls), torch.inference_mode",
@@ -233,13 +239,16 @@ def _model_facts(model: nn.Module) -> dict[str, Any]:
 def _candidates(model: nn.Module, inputs: Any, options: AdviseOptions,
                 facts: Mapping[str, Any]) -> tuple[list[_Candidate], list[dict[str, str]]]:
     """The data-free variants of ``model``; those that do not apply are listed with why."""
-    from nnopt.pipeline.bench import autocast_call, bf16_support
+    from nnopt.cpu import bf16_support
+    from nnopt.pipeline.bench import autocast_call
 
     candidates = [_Candidate("fp32", "fp32 baseline", bind_call(model, inputs))]
     skipped: list[dict[str, str]] = []
 
-    if facts["float"]:
-        native, why = bf16_support(options.device)
+    native, why = bf16_support(options.device)
+    if facts["float"] and native is False:  # emulated bf16 can take minutes to time and is never the answer
+        skipped.append({"technique": "bf16 autocast", "reason": f"not timed: {why}, so bf16 would be emulated"})
+    elif facts["float"]:
         candidates.append(_Candidate("bf16", "bf16 autocast", autocast_call(bind_call(model, inputs), options.device),
                                      {"bf16_native": native, "bf16_support": why}))
     else:
@@ -369,8 +378,6 @@ def _reason(candidate: _Candidate, speedup: float, agreement: Mapping[str, Any],
                 f"({agreement['summary'].split(': ', 1)[-1]})"
                 + (f", although {measured}; check accuracy on real data" if speedup >= MIN_SPEEDUP else ""))
     if candidate.key == "bf16":
-        if candidate.facts.get("bf16_native") is False:
-            return f"{measured}: {candidate.facts['bf16_support']}, so bf16 is emulated"
         if facts["max_linear_in_features"] and facts["max_linear_in_features"] <= SMALL_LAYER \
                 and facts["linear_weight_share"] > 0.5:
             return (f"{measured}: layers of at most {facts['max_linear_in_features']} inputs: casting activations "

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nnopt.cpu import bf16_support, require_native_bf16
 from nnopt.errors import ConfigError, UnsupportedModelError
 from nnopt.io.json_file import JSONFileError, read_json
 from nnopt.metrics.speed import bind_call, example_batch
@@ -93,35 +94,11 @@ class BenchOptions:
         return [(self.variant, b, t) for t in self.thread_counts() for b in self.batches]
 
 
-def bf16_support(device: str = "cpu") -> tuple[bool | None, str]:
-    """Whether ``device`` computes bf16 natively (True), emulates it (False) or cannot tell (None), and why.
-
-    CPU: AVX-512 BF16 or AMX-BF16 in ``/proc/cpuinfo`` (``nnopt.envinfo.cpu_features``); CUDA: torch's
-    ``is_bf16_supported``.
-    """
-    from nnopt import envinfo
-
-    if device == "cuda":
-        native = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-        return native, "the GPU supports bf16" if native else "this GPU has no native bf16"
-    features = envinfo.cpu_features()
-    if features.get("avx512_bf16") is None and features.get("amx_bf16") is None:
-        return None, "the CPU's features could not be read, so whether bf16 is native is unknown"
-    present = [name for name, flag in (("AMX-BF16", "amx_bf16"), ("AVX-512 BF16", "avx512_bf16"))
-               if features.get(flag)]
-    if present:
-        return True, f"the CPU has {' and '.join(present)}"
-    return False, "the CPU has neither AVX-512 BF16 nor AMX-BF16"
-
-
 def bf16_warning(device: str = "cpu") -> str | None:
-    """The warning a bf16 run carries when ``device`` does not compute bf16 natively; None when it does."""
+    """The warning a bf16 run carries when it cannot tell whether ``device`` computes bf16 natively; None
+    otherwise (a device known to emulate bf16 is refused before the run: ``require_native_bf16``)."""
     native, why = bf16_support(device)
-    if native:
-        return None
-    if native is None:
-        return f"bf16: {why}; it may be emulated and slower than fp32"
-    return f"bf16 is emulated: {why}, so bf16 is likely slower than fp32 here"
+    return f"bf16: {why}; it may be emulated and slower than fp32" if native is None else None
 
 
 def autocast_call(call: Callable[[], object], device: str) -> Callable[[], object]:
@@ -202,6 +179,8 @@ def run_bench(path: str | Path, options: BenchOptions) -> BenchResult:
     from nnopt.io.model_dir import load_model, read_meta, weights_file
 
     check_available(options)
+    if options.dtype == "bf16":
+        require_native_bf16("--dtype bf16", options.device)  # before loading: refused in well under a second
     path = Path(path)
     meta = read_meta(path)
     model = load_model(path).eval()

@@ -42,12 +42,15 @@ class QuantizeOnnxResult:
     bytes_after: int
     max_abs_diff: float
     per_channel: bool
+    weight_type: str = "uint8"
 
     def __str__(self) -> str:
         ratio = self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
         scales = "per channel" if self.per_channel else "per tensor"
+        kernels = "U8U8, exact on every CPU" if self.weight_type == "uint8" else "U8S8, needs VNNI to be exact"
         return (f"{self.source}: {self.bytes_before:,} bytes\n"
-                f"{self.out}: {self.bytes_after:,} bytes (int8 dynamic, weight scales {scales}; "
+                f"{self.out}: {self.bytes_after:,} bytes (8-bit dynamic, {self.weight_type} weights: {kernels}; "
+                f"weight scales {scales}; "
                 f"before/after {ratio:.2f}x)\n"
                 f"max |output difference| on random inputs (ONNX Runtime, both models): {self.max_abs_diff:.3g}")
 
@@ -187,17 +190,18 @@ def _bytes_on_disk(paths: list[Path]) -> int:
 
 
 def run_quantize_onnx(src: str | Path, out: str | Path, per_channel: bool = True,
-                      overwrite: bool = False) -> QuantizeOnnxResult:
-    """ONNX Runtime int8 dynamic quantization of ``src`` into ``out``, with bytes and output agreement."""
+                      overwrite: bool = False, weight_type: str = "uint8") -> QuantizeOnnxResult:
+    """ONNX Runtime 8-bit dynamic quantization of ``src`` into ``out``, with bytes and output agreement."""
     from nnopt.io.onnx_import import check_onnx_output, load_onnx, onnx_file_bytes, quantize_onnx
 
     src, out = Path(src), Path(out)
     check_onnx_output(out, [src], overwrite)
     original = load_onnx(src)
-    quantize_onnx(src, out, per_channel=per_channel, overwrite=overwrite)
+    quantize_onnx(src, out, per_channel=per_channel, overwrite=overwrite, weight_type=weight_type)
     diff = max_output_difference(original, load_onnx(out))
     return QuantizeOnnxResult(source=src, out=out, bytes_before=onnx_file_bytes(src),
-                              bytes_after=out.stat().st_size, max_abs_diff=diff, per_channel=per_channel)
+                              bytes_after=out.stat().st_size, max_abs_diff=diff, per_channel=per_channel,
+                              weight_type=weight_type)
 
 
 def max_output_difference(a: Any, b: Any, batch: int = 2, tokens: int = 8) -> float:
@@ -257,8 +261,8 @@ def register(commands: Any) -> None:
     convert.set_defaults(handler=cmd_convert)
 
     quant = commands.add_parser(
-        "quantize-onnx", help="int8 dynamic quantization of an .onnx file with ONNX Runtime",
-        description="Quantize SRC.onnx with ONNX Runtime's dynamic int8 quantization (int8 weights, activations "
+        "quantize-onnx", help="8-bit dynamic quantization of an .onnx file with ONNX Runtime",
+        description="Quantize SRC.onnx with ONNX Runtime's dynamic 8-bit quantization (8-bit weights, activations "
         "quantized at run time) and write OUT.onnx atomically; prints file bytes before and after and the largest "
         "output difference on random inputs. External data of SRC must lie in its own directory.",
     )
@@ -266,6 +270,9 @@ def register(commands: Any) -> None:
     quant.add_argument("-o", "--out", required=True, metavar="OUT.onnx", help="output .onnx file")
     quant.add_argument("--per-tensor", action="store_true",
                        help="one weight scale per tensor instead of per output channel")
+    quant.add_argument("--weight-type", choices=("uint8", "int8"), default="uint8",
+                       help="uint8 (default): U8U8 kernels, exact on every CPU; int8: U8S8, faster with VNNI but "
+                       "saturating without it (refused on such a CPU)")
     quant.add_argument("--overwrite", action="store_true", help="replace an existing OUT.onnx")
     quant.set_defaults(handler=cmd_quantize_onnx)
 
@@ -288,6 +295,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize_onnx(args: argparse.Namespace) -> int:
-    result = run_quantize_onnx(args.source, args.out, per_channel=not args.per_tensor, overwrite=args.overwrite)
+    result = run_quantize_onnx(args.source, args.out, per_channel=not args.per_tensor, overwrite=args.overwrite,
+                               weight_type=args.weight_type)
     print(result)
     return 0

@@ -148,9 +148,25 @@ def apply_fusions(model: nn.Module, plan: dict[str, list[Any]], fold_values: boo
             shared = K.SharedInputCodes(len(members))
             for member in members:
                 member.shared_input = shared
-    for group in plan.get("bf16_attention", []):
+    groups = plan.get("bf16_attention", [])
+    if groups and not _bf16_native_or_warn():
+        groups = []
+    for group in groups:
         for name in group:
             member = model.get_submodule(name)
             if isinstance(member, Int8DynamicLinear):
                 member.output_dtype = torch.bfloat16
     return folded
+
+
+def _bf16_native_or_warn() -> bool:
+    """False (after one warning line) where bf16 attention would be emulated: a saved model whose
+    attention was made bf16 on another CPU then runs it in float32 here, as fast and more exact."""
+    import warnings
+
+    from nnopt.cpu import bf16_support
+
+    native, why = bf16_support()
+    if native is False:
+        warnings.warn(f"nnopt: bf16 attention runs in float32 on this machine: {why}", stacklevel=3)
+    return native is not False

@@ -1,6 +1,8 @@
 """Integer compute paths: int8 × int8 → int32 matrix products with a float epilogue.
 
-``torch._int_mm`` multiplies int8 matrices exactly into int32 on CPU (and CUDA). Activations
+``torch._int_mm`` multiplies int8 matrices into int32 on CPU (and CUDA) — exactly where it passed its
+known-answer check (:mod:`nnopt.quantization.kernel_checks`; some CPUs without VNNI saturate), else an
+exact float32 product of the codes takes its place. Activations
 are quantized asymmetrically to int8 (``x_q = round(x · S) + z``), so the product needs the
 zero-point correction ``(x_q − z) · W_q = x_q · W_q − z · Σ_k W_q``; weights are symmetric, so
 no second correction is needed. These are hot-path functions: float32 throughout, no copies
@@ -14,6 +16,8 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+
+from nnopt.quantization.kernel_checks import kernel_passes
 
 INT8_MIN, INT8_MAX = -128, 127
 
@@ -61,12 +65,41 @@ def int8_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     """Exact int32 ``x_q · w_qᵀ`` for int8 ``x_q`` (m, k) and ``w_q`` (n, k).
 
     On CUDA ``torch._int_mm`` needs more than 16 rows and k, n multiples of 8; other shapes (batch 1,
-    a 10-way classifier) take a float64 product, which is exact for int8 codes (|Σ| < 2^53).
+    a 10-way classifier) take a float64 product, which is exact for int8 codes (|Σ| < 2^53). On CPU
+    ``torch._int_mm`` runs only where it passed its known-answer check in this process (it saturates
+    on some CPUs without VNNI, :mod:`nnopt.quantization.kernel_checks`); else the exact float32 product.
     """
     m, k = x_q.shape
-    if x_q.is_cuda and (m <= 16 or k % 8 or w_q.shape[0] % 8):
-        return (x_q.double() @ w_q.double().t()).to(torch.int32)
-    return torch._int_mm(x_q, w_q.t())
+    if x_q.is_cuda:
+        if m <= 16 or k % 8 or w_q.shape[0] % 8:
+            return (x_q.double() @ w_q.double().t()).to(torch.int32)
+        return torch._int_mm(x_q, w_q.t())
+    if kernel_passes("torch-int-mm"):
+        return torch._int_mm(x_q, w_q.t())
+    if kernel_passes("fp32-exact"):
+        return fp32_exact_int8_matmul(x_q, w_q)
+    return (x_q.double() @ w_q.double().t()).to(torch.int32)
+
+
+# |int8 · int8| ≤ 128 · 128 = 2^14, so any sum of at most 2^10 products is an integer of at most 2^24 in
+# magnitude: exactly representable in float32, whatever order the float32 GEMM adds in.
+EXACT_FP32_DEPTH = 1024
+
+
+def fp32_exact_int8_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """Exact int32 ``x_q · w_qᵀ`` by float32 GEMMs over blocks of :data:`EXACT_FP32_DEPTH` inputs.
+
+    The fallback where no int8 kernel passed its check: fp32 speed, integer-exact results.
+    """
+    x, w = x_q.to(torch.float32), w_q.to(torch.float32)
+    depth = x.shape[1]
+    if depth <= EXACT_FP32_DEPTH:
+        return (x @ w.t()).to(torch.int32)
+    acc = torch.zeros(x.shape[0], w.shape[0], dtype=torch.int32, device=x.device)
+    for start in range(0, depth, EXACT_FP32_DEPTH):
+        stop = start + EXACT_FP32_DEPTH
+        acc += (x[:, start:stop] @ w[:, start:stop].t()).to(torch.int32)
+    return acc
 
 
 def im2col_codes(
@@ -110,7 +143,8 @@ def require_int8_gemm(device: str = "cpu") -> None:
 
 # --------------------------------------------------------------------------- oneDNN (x86 CPU)
 # oneDNN's int8 matrix kernel uses AMX or AVX-512 VNNI where the CPU has them and fuses GELU
-# into its epilogue; ``torch._int_mm`` on CPU does neither (measured 14.5 ms vs 5.0 ms for a
+# into its epilogue (without VNNI its u8×s8 pair sums saturate: layers use it only after its
+# known-answer check passed, ``onednn_int8_exact``); ``torch._int_mm`` on CPU does neither (measured 14.5 ms vs 5.0 ms for a
 # 4096×384 · 384×1536 product on this project's Xeon). The same int8 codes go into both, so the
 # two paths compute the same function up to float32 rounding of the epilogue.
 
@@ -132,6 +166,12 @@ def onednn_int8_available() -> bool:
         except (RuntimeError, AttributeError, NotImplementedError):
             _ONEDNN_OK.append(False)
     return _ONEDNN_OK[0]
+
+
+def onednn_int8_exact() -> bool:
+    """Whether oneDNN's int8 Linear exists here *and* passed its known-answer check (it saturates on CPUs
+    without VNNI, and under ``ONEDNN_MAX_CPU_ISA=AVX2``); int8 layers take it only then."""
+    return onednn_int8_available() and kernel_passes("onednn-u8s8")
 
 
 def quantize_activation_u8(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:

@@ -185,7 +185,7 @@ class Int8DynamicLinear(_Int8Weight):
             return self.forward(x) + residual
         if x.dtype != torch.float32 and x.is_floating_point():
             x = x.float()
-        if x.is_cpu and x.dtype == torch.float32 and x.numel() and K.onednn_int8_available():
+        if x.is_cpu and x.dtype == torch.float32 and x.numel() and K.onednn_int8_exact():
             codes, step, zero = self._input_codes(x)
             packed, w_zero = self._onednn.get(self.weight_q)
             flat_residual = None if residual is None else residual.reshape(-1, self.out_features)
@@ -431,6 +431,10 @@ def _targets(model: nn.Module, patterns: tuple[str, ...], allowed: tuple[type[nn
 
 
 def quantize_dynamic(model: nn.Module, config: DynamicQuantConfig, **context: Any) -> dict[str, Any]:
+    if config.attention_dtype == "bfloat16":
+        from nnopt.cpu import require_native_bf16
+
+        require_native_bf16("DynamicQuantConfig(attention_dtype='bfloat16')")
     allowed = (nn.Linear, nn.Embedding) if config.embeddings else (nn.Linear,)
     selected = _targets(model, config.layers, allowed)
     tables = [(name, m) for name, m in selected if isinstance(m, nn.Embedding)]

@@ -25,8 +25,9 @@ class SearchSettings:
     """What `nnopt auto` is asked: the objective, the accuracy budget, and how long and wide to search.
 
     ``max_drop`` is a fraction (0.005 = half a point of accuracy; for a sentence encoder, the mean
-    cosine to the input model's embeddings must stay ≥ 1 − max_drop). ``budget_minutes`` bounds when
-    trials may start; ``batch`` is the batch size latency and energy are measured at.
+    cosine to the input model's embeddings must stay ≥ 1 − max_drop). ``budget_minutes`` bounds the run:
+    no trial starts after it, and the final timings shrink to what is left of it; ``batch`` is the batch
+    size latency and energy are measured at.
     """
 
     objective: str
@@ -85,6 +86,10 @@ class SearchOutcome:
     closest: list[dict[str, Any]]
     budget: dict[str, Any]
     objective_method: str
+    deadline: float = float("inf")  # time.monotonic() at which --budget-minutes runs out (the report's timing too)
+
+    def seconds_left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
 
 
 def objective_method(objective: str, batch: int, threads: int, counter: str | None = None) -> str:
@@ -146,9 +151,13 @@ def search(ctx: TrialContext, settings: SearchSettings, checkpoint: Checkpoint, 
 
         started = run_trials(jobs, ctx, settings.workers, keep,
                              may_start=lambda: time.monotonic() - clock_start < settings.budget_minutes * 60)
-    # Timing and counters run here, one model at a time, never beside a running trial.
+    # Timing and counters run here, one model at a time, never beside a running trial. The budget bounds
+    # the whole run: timings left after it shrink to what remains (each keeps its minimum call count).
+    def left_s() -> float:
+        return max(0.0, settings.budget_minutes * 60 - (time.monotonic() - clock_start))
+
     if settings.objective == "latency":
-        _screen(ctx, settings, state, save, progress)
+        _screen(ctx, settings, state, save, progress, left_s())
     counter = energy_counter() if settings.objective == "energy" else None
     if counter is not None:
         _measure_energy(ctx, settings, state, save, counter)
@@ -157,7 +166,7 @@ def search(ctx: TrialContext, settings: SearchSettings, checkpoint: Checkpoint, 
     valid = [t for t in trials if t.get("objective_value") is not None]
     front = pareto_front(valid, _quality, _cost)
     if settings.objective == "latency" and front:
-        front = _confirm(ctx, settings, state, save, front)
+        front = _confirm(ctx, settings, state, save, front, left_s())
     chosen = choose(front, _quality, _cost, baseline, settings.max_drop)
     budget = {"minutes": settings.budget_minutes, "spent_s": round(time.monotonic() - clock_start, 1),
               "plans": len(plans), "evaluated": len(trials), "started_this_run": started,
@@ -165,7 +174,8 @@ def search(ctx: TrialContext, settings: SearchSettings, checkpoint: Checkpoint, 
     return SearchOutcome(baseline, sensitivity, trials, front, chosen,
                          [] if chosen else closest(valid, _quality, _cost), budget,
                          objective_method(settings.objective, settings.batch, torch.get_num_threads(),
-                                          getattr(counter, "name", None)))
+                                          getattr(counter, "name", None)),
+                         deadline=clock_start + settings.budget_minutes * 60)
 
 
 def _quality(trial: dict[str, Any]) -> float:
@@ -177,17 +187,19 @@ def _cost(trial: dict[str, Any]) -> float:
 
 
 def _screen(ctx: TrialContext, settings: SearchSettings, state: dict[str, Any], save: Callable[[], None],
-            progress: bool | None) -> None:
-    """A short timing of every trial not timed yet, each alternated with the baseline."""
+            progress: bool | None, left_s: float) -> None:
+    """A short timing of every trial not timed yet, each alternated with the baseline, within half of
+    the budget that is left (the confirmation of the front gets the other half)."""
     todo = [(name, Path(t["dir"])) for name, t in state["trials"].items()
             if "error" not in t and name not in state["latency"]]
+    seconds = min(settings.screen_seconds, left_s / 2 / max(1, 2 * len(todo)))  # trial + baseline per trial
 
     def keep(name: str, timing: dict[str, float]) -> None:
         state["latency"][name] = timing
         save()
 
     screen_latency(ctx.model, todo, ctx.task.timing_inputs(ctx.model, settings.batch), settings.batch,
-                   settings.screen_seconds, keep, progress)
+                   seconds, keep, progress)
 
 
 def _measure_energy(ctx: TrialContext, settings: SearchSettings, state: dict[str, Any], save: Callable[[], None],
@@ -219,13 +231,15 @@ def _scored(plans: list[Plan], state: dict[str, Any], settings: SearchSettings,
 
 
 def _confirm(ctx: TrialContext, settings: SearchSettings, state: dict[str, Any], save: Callable[[], None],
-             front: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Time the screened front again side by side, at the protocol's length; the choice uses these figures."""
+             front: list[dict[str, Any]], left_s: float) -> list[dict[str, Any]]:
+    """Time the screened front again side by side, at the protocol's length (shortened to the budget that
+    is left, never below ``min_calls`` calls); the choice uses these figures."""
     names = [t["name"] for t in front]
     if state.get("confirmed", {}).get("names") != names:
         models = {"baseline": ctx.model, **{t["name"]: _load(t) for t in front}}
+        seconds = min(settings.latency_seconds, left_s / len(models))
         timing = time_models(models, ctx.task.timing_inputs(ctx.model, settings.batch), settings.batch,
-                             settings.latency_seconds, settings.min_calls)
+                             seconds, settings.min_calls)
         state["confirmed"] = {"names": names, "timing": timing}
         save()
     timing = state["confirmed"]["timing"]

@@ -148,8 +148,8 @@ def make_plans(space: SearchSpace, sensitivity: Sensitivity, model: Any,
 def _uniform(space: SearchSpace, levels: Mapping[str, float], flags: tuple[str, ...]) -> Plan | None:
     if not set(levels) <= {k.name for k in space.knobs}:
         return None  # a control for knobs this model does not have
-    if "bf16-attention" in flags and not space.encoder:
-        return None
+    if "bf16-attention" in flags and (not space.encoder or not _bf16_native()):
+        return None  # only plans this CPU runs natively: emulated bf16 takes minutes to time
     chosen = []
     for knob, level in levels.items():
         units = space.units[knob]
@@ -160,6 +160,12 @@ def _uniform(space: SearchSpace, levels: Mapping[str, float], flags: tuple[str, 
     origin = "one magnitude threshold across layers (control)" if "global-sparsity" in flags else \
         "the same level on every unit (control)"
     return Plan(f"uniform {label}", tuple(sorted(chosen)), origin, flags)
+
+
+def _bf16_native() -> bool:
+    from nnopt.cpu import bf16_support
+
+    return bf16_support()[0] is True
 
 
 def plan_recipe(plan: Plan, space: SearchSpace, options: BuildOptions) -> Any:

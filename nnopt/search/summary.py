@@ -72,7 +72,9 @@ def build_report(ctx: TrialContext, settings: SearchSettings, outcome: SearchOut
         models.update({t["name"]: load_model(t["dir"]) for t in outcome.front})
     if final is not None:
         models["final"] = final.model
-    timing = time_models(models, inputs, batch, settings.latency_seconds, settings.min_calls)
+    # within what is left of the budget (each model still gets min_calls calls)
+    seconds = min(settings.latency_seconds, outcome.seconds_left() / len(models))
+    timing = time_models(models, inputs, batch, seconds, settings.min_calls)
     base_ms = timing["baseline"]["median"]
 
     input_bytes = meta["files"][weights_file(meta)]["bytes"]

@@ -105,16 +105,21 @@ def test_json_document_fields(saved, capsys):
     assert bf16["facts"]["bf16_native"] in (True, False, None) and bf16["facts"]["bf16_support"]
 
 
-def test_bf16_reason_on_a_cpu_without_bf16(saved, capsys, monkeypatch):
-    from nnopt import envinfo
+def test_bf16_is_not_timed_on_a_cpu_without_bf16(saved, capsys, monkeypatch):
+    """Emulated bf16 can take minutes per call: advise lists it as not tried, with the reason, and the
+    int8 kernels' known-answer verdicts for this machine."""
+    from nnopt import cpu
     from nnopt.envinfo import CPU_FEATURES
 
-    monkeypatch.setattr(envinfo, "cpu_features", lambda cpuinfo=None: dict.fromkeys(CPU_FEATURES, False))
-    bf16 = _by_key(_advise_json(capsys, [str(saved / "simplenet"), "--batch", "8", *FAST]))["bf16"]
-    assert bf16["facts"]["bf16_native"] is False
-    _assert_consistent(bf16)
-    if bf16["verdict"] == NOT_FASTER and bf16["agreement"]["ok"]:
-        assert "neither AVX-512 BF16 nor AMX-BF16, so bf16 is emulated" in bf16["reason"]
+    monkeypatch.setattr(cpu, "cpu_features", lambda cpuinfo=None: dict.fromkeys(CPU_FEATURES, False))
+    doc = _advise_json(capsys, [str(saved / "simplenet"), "--batch", "8", *FAST])
+    assert "bf16" not in _by_key(doc)
+    skipped = {s["technique"]: s["reason"] for s in doc["skipped"]}
+    assert "neither AVX-512 BF16 nor AMX-BF16, so bf16 would be emulated" in skipped["bf16 autocast"]
+    assert doc["env"]["isa"] == "other" and "fp32-exact" in doc["env"]["int8_kernels"]
+    assert main(["advise", str(saved / "simplenet"), "--batch", "8", *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "bf16 autocast: not timed" in out and "int8 kernels (known-answer check on this machine)" in out
 
 
 def test_sparse_model_gets_the_csr_candidate(saved, capsys):

@@ -216,9 +216,13 @@ def test_env_json_has_the_fields_and_boolean_cpu_features(capsys):
                 "torch", "nnopt", "numpy", "python", "onnxruntime", "onnxruntime_providers", "allocator"):
         assert key in report, key
     features = report["cpu_features"]
-    assert set(features) == {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16",
-                             "fma"}
+    assert set(features) == {"avx2", "avx512f", "avx_vnni", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8",
+                             "amx_bf16", "fma"}
     assert all(isinstance(v, bool) for v in features.values()), features
+    assert report["isa"] in ("AMX", "AVX-512 VNNI", "AVX-VNNI", "AVX-512", "AVX2", "other")
+    kernels = report["int8_kernels"]
+    assert kernels["fp32-exact"]["passed"] is True
+    assert all(k["passed"] in (True, False, None) for k in kernels.values())
     assert report["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert report["gpu"] == "none" if not torch.cuda.is_available() else isinstance(report["gpu"], list)
     assert isinstance(report["mkldnn"], bool) and isinstance(report["onednn_int8"], bool)
@@ -243,9 +247,9 @@ def _all_cpu_features(value):
 
 
 def test_bf16_rows_carry_the_dtype_and_run_under_autocast(saved, capsys, monkeypatch):
-    from nnopt import envinfo
+    from nnopt import cpu
 
-    monkeypatch.setattr(envinfo, "cpu_features", lambda cpuinfo=None: _all_cpu_features(True))
+    monkeypatch.setattr(cpu, "cpu_features", lambda cpuinfo=None: _all_cpu_features(True))
     doc = _bench_json(capsys, [str(saved / "simplenet"), "--dtype", "bf16", "--batch", "1,4", "--threads", "1",
                                "--seconds", "0.05"])
     env = doc["env"]
@@ -278,18 +282,28 @@ def test_bf16_runs_under_autocast_for_real(saved, monkeypatch):
     assert seen and all(seen) and result.rows[0]["variant"] == "torch bf16"
 
 
-def test_bf16_without_cpu_support_warns_and_still_runs(saved, capsys, monkeypatch):
-    from nnopt import envinfo
+def test_bf16_without_cpu_support_is_refused_at_once(saved, capsys, monkeypatch, expect_error):
+    import time
 
-    monkeypatch.setattr(envinfo, "cpu_features", lambda cpuinfo=None: _all_cpu_features(False))
+    from nnopt import cpu
+
+    monkeypatch.setattr(cpu, "cpu_features", lambda cpuinfo=None: _all_cpu_features(False))
+    start = time.monotonic()
+    expect_error(["bench", str(saved / "simplenet"), "--dtype", "bf16", "--batch", "1", "--threads", "1",
+                  "--seconds", "0.05"], "--dtype bf16 needs native bf16 and the CPU has neither AVX-512 BF16 nor "
+                                        "AMX-BF16")
+    assert time.monotonic() - start < 1.0
+
+
+def test_bf16_with_unknown_cpu_support_warns_and_still_runs(saved, capsys, monkeypatch):
+    from nnopt import cpu
+
+    monkeypatch.setattr(cpu, "cpu_features", lambda cpuinfo=None: _all_cpu_features(None))
     doc = _bench_json(capsys, [str(saved / "simplenet"), "--dtype", "bf16", "--batch", "1", "--threads", "1",
                                "--seconds", "0.05"])
     (warning,) = doc["env"]["warnings"]
-    assert "bf16 is emulated" in warning and "neither AVX-512 BF16 nor AMX-BF16" in warning
+    assert "could not be read" in warning and "may be emulated" in warning
     assert doc["rows"][0]["variant"] == "torch bf16" and doc["rows"][0]["latency_ms_median"] > 0
-    assert main(["bench", str(saved / "simplenet"), "--dtype", "bf16", "--batch", "1", "--threads", "1",
-                 "--seconds", "0.05"]) == 0
-    assert "WARNING: bf16 is emulated" in capsys.readouterr().out
 
 
 def test_bf16_compiled_backend(saved, capsys):

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 import nnopt
+from nnopt import cpu, envinfo
 from nnopt.errors import ConfigError
 from nnopt.quantization import encoder_fusion
 from nnopt.quantization import kernels as K
 from nnopt.quantization.ptq import Int8DynamicLinear
 
-needs_onednn = pytest.mark.skipif(not K.onednn_int8_available(), reason="this torch build has no oneDNN int8 Linear")
+needs_onednn = pytest.mark.skipif(not K.onednn_int8_exact(), reason="oneDNN's int8 Linear is missing from this torch "
+                                  "build or failed its known-answer check on this CPU (no VNNI)")
 
 
 def _int8_linear(in_features: int = 48, out_features: int = 24, smoothing: bool = False) -> Int8DynamicLinear:
@@ -148,6 +150,11 @@ def test_bert_rewrites_are_exact(tiny_bert, monkeypatch):
 def test_bf16_attention_stays_close(tiny_bert):
     model, data = tiny_bert
     config = nnopt.DynamicQuantConfig(smoothing=0.5, embeddings=False, attention_dtype="bfloat16")
+    native, why = envinfo.bf16_support()
+    if native is False:  # an AVX2 CPU, or ONEDNN_MAX_CPU_ISA=AVX2: refused at once, naming why
+        with pytest.raises(nnopt.NnoptError, match="needs native bf16"):
+            nnopt.quantize(model, config, data=data)
+        return
     quantized = nnopt.quantize(model, config, data=data)
     assert quantized.encoder.layer[0].attention.self.query.output_dtype == torch.bfloat16
     reference = _hidden(model, data[0])
@@ -159,3 +166,24 @@ def test_bf16_attention_stays_close(tiny_bert):
 def test_attention_dtype_is_checked():
     with pytest.raises(ConfigError, match="attention_dtype"):
         nnopt.DynamicQuantConfig(attention_dtype="float16")
+
+
+def test_bf16_attention_replayed_on_a_cpu_without_bf16_runs_in_float32(tiny_bert, monkeypatch):
+    """Loading replays the recorded plan; where bf16 would be emulated the attention stays float32, with one
+    warning line that says why."""
+    model, data = tiny_bert
+    quantized = nnopt.quantize(model, nnopt.DynamicQuantConfig(smoothing=0.5, embeddings=False), data=data)
+    targets = {name for name, m in quantized.named_modules() if isinstance(m, Int8DynamicLinear)}
+    plan = encoder_fusion.plan_fusions(model, targets, attention_bf16=True)
+    assert plan["bf16_attention"]
+    query = quantized.encoder.layer[0].attention.self.query
+    with monkeypatch.context() as patch:
+        patch.setattr(cpu, "bf16_support", lambda device="cpu": (False, "the CPU has neither AVX-512 BF16 nor "
+                                                                            "AMX-BF16"))
+        with pytest.warns(UserWarning, match="bf16 attention runs in float32 on this machine: the CPU has neither"):
+            encoder_fusion.apply_fusions(quantized, {"bf16_attention": plan["bf16_attention"]}, fold_values=False)
+    assert query.output_dtype == torch.float32
+    with monkeypatch.context() as patch:
+        patch.setattr(cpu, "bf16_support", lambda device="cpu": (True, "the CPU has AVX-512 BF16"))
+        encoder_fusion.apply_fusions(quantized, {"bf16_attention": plan["bf16_attention"]}, fold_values=False)
+    assert query.output_dtype == torch.bfloat16

@@ -194,6 +194,28 @@ def test_quantize_onnx_is_smaller_runs_and_leaves_the_input_alone(fp32_onnx, tmp
     assert 0 < err < 0.05 * fp32.abs().max()  # quantized (not identical), yet close
 
 
+def _matmul_weight_types(path) -> set[str]:
+    graph = onnx.load(str(path)).graph
+    weights = {t.name: t for t in graph.initializer}
+    return {TensorProto.DataType.Name(weights[n.input[1]].data_type) for n in graph.node
+            if n.op_type == "MatMulInteger" and n.input[1] in weights}
+
+
+def test_quantize_onnx_writes_u8u8_by_default_and_int8_weights_only_where_exact(fp32_onnx, tmp_path, monkeypatch):
+    from nnopt.errors import UnsupportedModelError
+    from nnopt.quantization import kernel_checks as KC
+
+    assert _matmul_weight_types(quantize_onnx(fp32_onnx, tmp_path / "u8.onnx")) == {"UINT8"}
+    if KC.kernel_passes("onnxruntime-u8s8"):  # a CPU with VNNI: the faster U8S8 file is allowed
+        assert _matmul_weight_types(quantize_onnx(fp32_onnx, tmp_path / "s8.onnx", weight_type="int8")) == {"INT8"}
+    monkeypatch.setitem(KC._RESULTS, "onnxruntime-u8s8", KC.KernelCheck("onnxruntime-u8s8", False, 8e6, "saturating"))
+    with pytest.raises(UnsupportedModelError, match="known-answer check on this CPU .*use uint8 weights"):
+        quantize_onnx(fp32_onnx, tmp_path / "s8-refused.onnx", weight_type="int8")
+    assert not (tmp_path / "s8-refused.onnx").exists()
+    with pytest.raises(ConfigError, match="weight_type must be one of uint8, int8"):
+        quantize_onnx(fp32_onnx, tmp_path / "x.onnx", weight_type="int4")
+
+
 def test_quantize_onnx_refuses_to_write_over_its_input_or_an_existing_file(fp32_onnx, tmp_path):
     with pytest.raises(OutputError, match="overlaps the input"):
         quantize_onnx(fp32_onnx, fp32_onnx)

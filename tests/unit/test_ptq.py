@@ -91,15 +91,28 @@ def test_onnx_exports_match_nnopt(trained_simplenet, digits):
         assert (ours - theirs).abs().max() < 0.1, config.kind  # measured: 0.0 dynamic, ~0.02-0.03 static
 
 
-def test_static_onnx_is_qdq_with_int8_weights(trained_simplenet, digits):
+def test_static_onnx_is_qdq_with_u8u8_codes(trained_simplenet, digits):
+    """Static exports are U8U8 (right on CPUs without VNNI): uint8 weight codes = int8 codes + 128, zero point
+    128, and uint8 activation zero points = int8 zero points + 128; no int8 tensor is left in the graph."""
     onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
     q = nnopt.quantize(trained_simplenet, nnopt.StaticQuantConfig(), data=digits.train)
     graph = onnx.load_from_string(nnopt.export_onnx(q, digits.test.x[:2])).graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("QuantizeLinear") == 3 and ops.count("DequantizeLinear") == 6
-    int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
-    int8_consts = [n for n in graph.node if n.op_type == "Constant" and n.attribute[0].t.data_type == 3]
-    assert len(int8_weights) + len([c for c in int8_consts if len(c.attribute[0].t.dims) == 2]) == 3
+    tensors = [numpy_helper.to_array(t) for t in graph.initializer]
+    tensors += [numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"]
+    assert not [t for t in tensors if t.dtype.name == "int8"]
+    weights = sorted((t for t in tensors if t.dtype.name == "uint8" and t.ndim == 2), key=lambda t: -t.size)
+    layers = [m for m in q.modules() if isinstance(m, nnopt.quantization.ptq.Int8StaticLinear)]
+    assert len(weights) == 3
+    for module, codes in zip(sorted(layers, key=lambda m: -m.weight_q.numel()), weights):
+        assert (codes.astype(int) - 128 == module.weight_q.numpy()).all()
+    zero_points = [t for t in tensors if t.dtype.name == "uint8" and t.ndim == 1]
+    assert zero_points and all((t == 128).all() for t in zero_points)
+    activation_zeros = {int(t) for t in tensors if t.dtype.name == "uint8" and t.ndim == 0}  # equal ones shared
+    assert activation_zeros == {int(m.input_zero_point) + 128 for m in layers}
 
 
 def test_conv_onnx_export_runs(digits):

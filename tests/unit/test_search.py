@@ -315,3 +315,52 @@ def test_a_plan_that_crashes_is_a_failed_trial(monkeypatch, tmp_path):
     plan = type("P", (), {"name": "p"})()
     result = trials.safe_evaluate(plan, None, tmp_path)
     assert result["name"] == "p" and "RuntimeError: shape mismatch with a second line" in result["error"]
+
+
+@pytest.mark.parametrize("native", [True, False, None])
+def test_bf16_attention_plans_only_where_the_cpu_has_native_bf16(fit_model, monkeypatch, native):
+    """On a CPU without native bf16 (AVX2) the bf16-attention control would be emulated and take minutes to
+    time: auto does not propose it there (nor where it cannot tell)."""
+    from nnopt import cpu
+    from nnopt.search import plans
+
+    space = dataclasses.replace(build_space(fit_model, load_task("digits"), "energy", levels={"int8": (8,)}),
+                                encoder=True)
+    monkeypatch.setattr(cpu, "bf16_support", lambda device="cpu": (native, "test"))
+    plan = plans._uniform(space, {"int8": 8}, ("bf16-attention",))
+    assert (plan is not None) is (native is True)
+    assert plans._uniform(space, {"int8": 8}, ()) is not None  # the plain int8 control stays either way
+
+
+def test_the_budget_bounds_the_final_timings(saved, tmp_path, monkeypatch):
+    """Screening, confirming the front and the report's timing get only what is left of --budget-minutes (each
+    keeps its minimum call count), instead of their full lengths."""
+    import time
+
+    from nnopt.search import engine
+
+    seen: dict[str, list[float]] = {"screen": [], "confirm": []}
+    real_screen, real_time = engine.screen_latency, engine.time_models
+
+    def screen(baseline, trials, inputs, batch, seconds, *rest, **kw):
+        seen["screen"].append(seconds)
+        return real_screen(baseline, trials, inputs, batch, seconds, *rest, **kw)
+
+    def confirm(models, inputs, batch, seconds, *rest, **kw):
+        seen["confirm"].append(seconds)
+        return real_time(models, inputs, batch, seconds, *rest, **kw)
+
+    monkeypatch.setattr(engine, "screen_latency", screen)
+    monkeypatch.setattr(engine, "time_models", confirm)
+    real_run = engine.run_trials  # every trial runs although the budget is spent, so that timing follows
+    monkeypatch.setattr(engine, "run_trials", lambda jobs, ctx, workers, keep, may_start:
+                        real_run(jobs, ctx, workers, keep, lambda: True))
+    settings = SearchSettings(objective="latency", max_drop=0.05, budget_minutes=0.001,
+                              **{**TINY, "levels": {"structured": (0.5,)}, "latency_seconds": 30.0,
+                                 "screen_seconds": 30.0})
+    start = time.monotonic()
+    report = run_auto(saved, "digits", settings, tmp_path / "budget").report
+    assert time.monotonic() - start < 30  # 30 s per timed model was asked for, several times over
+    assert seen["screen"] == [0.0] and seen["confirm"][0] == 0.0  # not the 30 s asked for: nothing is left
+    assert seen["confirm"][-1] == 0.0  # the report's timing of baseline, front and final model
+    assert report["front"] and all(f["latency_ms"]["median"] > 0 for f in report["front"])  # min calls still run

@@ -1,0 +1,83 @@
+"""ONNX Runtime's int8 kernels under the known-answer check (:mod:`nnopt.kernel_check`).
+
+- ``onnxruntime-u8s8`` / ``onnxruntime-u8u8``: MatMulInteger with int8 or uint8 (zero point 128) weights;
+- ``onnxruntime-qdq-u8u8``: the QDQ MatMul that nnopt's static int8 exports use, float output.
+
+Sessions use ORT_ENABLE_ALL, so the fused kernels users get are the ones checked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import numpy as np
+import torch
+
+from nnopt.kernel_check import KernelCheck, KernelSpec, checked
+
+
+def _ort_matmul_integer(weights: str) -> Any:
+    def gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        from onnx import TensorProto, helper, numpy_helper
+
+        b = w.t().numpy().astype(np.int8) if weights == "s8" else (w.t().numpy() + 128).astype(np.uint8)
+        b_zero = np.array(0 if weights == "s8" else 128, dtype=b.dtype)
+        graph = helper.make_graph(
+            [helper.make_node("MatMulInteger", ["A", "B", "a_zero", "b_zero"], ["Y"])], "check",
+            [helper.make_tensor_value_info("A", TensorProto.UINT8, [None, x.shape[1]])],
+            [helper.make_tensor_value_info("Y", TensorProto.INT32, [None, w.shape[0]])],
+            [numpy_helper.from_array(b, "B"), numpy_helper.from_array(np.array(0, np.uint8), "a_zero"),
+             numpy_helper.from_array(b_zero, "b_zero")])
+        return torch.from_numpy(_run(graph, x.numpy().astype(np.uint8)))
+
+    return gemm
+
+
+def _ort_qdq_u8u8(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The static export's QDQ form: Q/DQ (uint8) activations, DQ (uint8, zero point 128) weights, MatMul."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = x.shape[1], w.shape[0]
+    inits = [numpy_helper.from_array(np.array(1.0, np.float32), "x_step"),
+             numpy_helper.from_array(np.array(0, np.uint8), "x_zero"),
+             numpy_helper.from_array((w.t().numpy() + 128).astype(np.uint8), "w_q"),
+             numpy_helper.from_array(np.ones(n, np.float32), "w_step"),
+             numpy_helper.from_array(np.full(n, 128, np.uint8), "w_zero")]
+    nodes = [helper.make_node("QuantizeLinear", ["X", "x_step", "x_zero"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "x_step", "x_zero"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w_q", "w_step", "w_zero"], ["wd"], axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["Y"])]
+    graph = helper.make_graph(nodes, "check", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])], inits)
+    return torch.from_numpy(_run(graph, x.numpy().astype(np.float32)))
+
+
+def _run(graph: Any, feed: Any) -> Any:
+    import onnxruntime as ort
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: feed})[0]
+
+
+def _unavailable() -> str | None:
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        return "onnxruntime is not installed (pip install 'nnopt[onnx]')"
+    return None
+
+
+ONNXRUNTIME_KERNELS: dict[str, KernelSpec] = {
+    "onnxruntime-u8s8": KernelSpec(_ort_matmul_integer("s8"), (0, 255), _unavailable),
+    "onnxruntime-u8u8": KernelSpec(_ort_matmul_integer("u8"), (0, 255), _unavailable),
+    "onnxruntime-qdq-u8u8": KernelSpec(_ort_qdq_u8u8, (0, 255), _unavailable),
+}
+
+
+def check_onnxruntime_kernel(name: str) -> KernelCheck:
+    """The verdict on ONNX Runtime kernel ``name`` in this process."""
+    return checked(name, ONNXRUNTIME_KERNELS[name])
