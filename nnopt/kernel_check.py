@@ -109,6 +109,9 @@ _LOCK = threading.Lock()
 
 def checked(name: str, spec: KernelSpec) -> KernelCheck:
     """The verdict on kernel ``name`` in this process (checked on first request, then remembered)."""
+    known = _RESULTS.get(name)  # the hot path (every int8 GEMM asks): no lock once a verdict exists
+    if known is not None:
+        return known
     with _LOCK:
         if name not in _RESULTS:
             why = spec.unavailable()
