@@ -30,11 +30,11 @@ $(VENV)/.test-installed: pyproject.toml $(VENV)/.demo-installed
 demo: $(VENV)/.demo-installed
 	$(VENV)/bin/nnopt demo
 
-# The int8-sensitive tests run a second time with oneDNN capped to AVX2: its kernels then behave as on an
-# AVX2-only CPU (no VNNI, no native bf16), whatever CPU this is (docs/cpus.md).
+# The ISA-sensitive tests (int8 kernels, bf16) run a second time with oneDNN capped to AVX2: its kernels
+# then behave as on an AVX2-only CPU (no VNNI, no native bf16), whatever CPU this is (docs/cpus.md).
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -q
-	ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q -m int8 -p no:cacheprovider
+	ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q -m isa -p no:cacheprovider
 
 lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check nnopt tests examples

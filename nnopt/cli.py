@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="minimum timing per row, on top of at least 20 calls (default: 2.0)")
     bench.add_argument("--dtype", default="fp32", metavar="{fp32,bf16}",
                        help="bf16 runs the torch and compiled backends under torch.autocast(bfloat16); fast on "
-                       "CPUs with AVX-512 BF16 or AMX-BF16, emulated (and flagged) elsewhere (default: fp32)")
+                       "CPUs with AVX-512 BF16 or AMX-BF16, refused elsewhere (emulated bf16) (default: fp32)")
     bench.add_argument("--json", action="store_true",
                        help="print the BENCHMARKS.md JSON document instead of tables")
     bench.add_argument("--out", default=None, metavar="FILE", help="also write the JSON document to FILE (atomically)")

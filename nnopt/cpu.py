@@ -18,17 +18,22 @@ CPUINFO = Path("/proc/cpuinfo")
 CPU_FEATURES = ("fma", "avx2", "avx512f", "avx_vnni", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8",
                 "amx_bf16")
 
-# ONEDNN_MAX_CPU_ISA caps the instructions oneDNN (torch's int8/bf16 matrix kernels) may use, in
-# oneDNN's order; each feature above counts for oneDNN only when the cap reaches the level that
-# first uses it. Names are oneDNN's (its documentation, "CPU dispatcher control"), with their aliases.
-ONEDNN_ISA_LEVELS = (
-    ("SSE41",), ("AVX",), ("AVX2",), ("AVX2_VNNI",), ("AVX2_VNNI_2",), ("AVX512_CORE",), ("AVX512_CORE_VNNI",),
-    ("AVX512_CORE_BF16",), ("AVX512_CORE_FP16", "AVX10_1_512"), ("AVX512_CORE_AMX", "AVX10_1_512_AMX"),
-    ("AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16"), ("AVX10_2_512",), ("AVX10_2_512_AMX_2",),
-)
-_FEATURE_LEVEL = {"fma": "AVX2", "avx2": "AVX2", "avx_vnni": "AVX2_VNNI", "avx512f": "AVX512_CORE",
-                  "avx512_vnni": "AVX512_CORE_VNNI", "avx512_bf16": "AVX512_CORE_BF16",
-                  "amx_tile": "AVX512_CORE_AMX", "amx_int8": "AVX512_CORE_AMX", "amx_bf16": "AVX512_CORE_AMX"}
+# ONEDNN_MAX_CPU_ISA caps the instructions oneDNN (torch's int8/bf16 matrix kernels) may use. Each level
+# (oneDNN's names, "CPU dispatcher control", with aliases) lets oneDNN use these of CPU_FEATURES; the
+# levels are not one chain: AVX2_VNNI is not part of AVX512_CORE.
+_AVX2 = frozenset({"fma", "avx2"})
+_AVX512 = _AVX2 | {"avx512f"}
+_AVX512_BF16 = _AVX512 | {"avx512_vnni", "avx512_bf16"}
+_AMX = _AVX512_BF16 | {"avx_vnni", "amx_tile", "amx_int8", "amx_bf16"}
+ONEDNN_ISA_LEVELS: dict[str, frozenset[str]] = {
+    "SSE41": frozenset(), "AVX": frozenset(), "AVX2": _AVX2, "AVX2_VNNI": _AVX2 | {"avx_vnni"},
+    "AVX2_VNNI_2": _AVX2 | {"avx_vnni"}, "AVX512_CORE": _AVX512, "AVX512_CORE_VNNI": _AVX512 | {"avx512_vnni"},
+    "AVX512_CORE_BF16": _AVX512_BF16, "AVX512_CORE_FP16": _AVX512_BF16 | {"avx_vnni"},
+    "AVX10_1_512": _AVX512_BF16 | {"avx_vnni"}, "AVX512_CORE_AMX": _AMX, "AVX10_1_512_AMX": _AMX,
+    "AVX512_CORE_AMX_FP16": _AMX, "AVX10_1_512_AMX_FP16": _AMX, "AVX10_2_512": _AVX512_BF16 | {"avx_vnni"},
+    "AVX10_2_512_AMX_2": _AMX,
+}
+X86_MACHINES = ("x86_64", "amd64", "i686", "i386")
 
 
 def _cpuinfo_text() -> str | None:
@@ -65,28 +70,24 @@ def cpu_features(cpuinfo: str | None = None) -> dict[str, bool | None]:
     return {name: name in flags for name in CPU_FEATURES}
 
 
-def _isa_rank(name: str) -> int | None:
-    upper = name.strip().upper()
-    return next((rank for rank, names in enumerate(ONEDNN_ISA_LEVELS) if upper in names), None)
-
-
 def onednn_isa_cap() -> str | None:
-    """``ONEDNN_MAX_CPU_ISA`` when it names a level below everything (``ALL``/``DEFAULT``/unknown: None)."""
+    """``ONEDNN_MAX_CPU_ISA`` when it names a known level (``ALL``/``DEFAULT``/unknown: None, no cap)."""
     value = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
-    return value.strip().upper() if value and _isa_rank(value) is not None else None
+    level = value.strip().upper() if value else None
+    return level if level in ONEDNN_ISA_LEVELS else None
 
 
 def effective_cpu_features(cpuinfo: str | None = None, cap: str | None = "env") -> dict[str, bool | None]:
-    """:func:`cpu_features` as oneDNN may use them: a feature above ``ONEDNN_MAX_CPU_ISA`` counts as absent.
+    """:func:`cpu_features` as oneDNN may use them: a feature beyond ``ONEDNN_MAX_CPU_ISA`` counts as absent.
 
     ``cap="env"`` reads the variable; None means no cap; a level name (``"AVX2"``) applies that cap.
     """
     features = cpu_features(cpuinfo)
-    level = onednn_isa_cap() if cap == "env" else cap
-    rank = None if level is None else _isa_rank(level)
-    if rank is None:
+    level = onednn_isa_cap() if cap == "env" else (cap.upper() if cap else None)
+    allowed = ONEDNN_ISA_LEVELS.get(level) if level else None
+    if allowed is None:
         return features
-    return {name: (present and (_isa_rank(_FEATURE_LEVEL[name]) or 0) <= rank) if present is not None else None
+    return {name: (present and name in allowed) if present is not None else None
             for name, present in features.items()}
 
 
@@ -127,6 +128,11 @@ def bf16_support(device: str = "cpu") -> tuple[bool | None, str]:
 
         native = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         return native, "the GPU supports bf16" if native else "this GPU has no native bf16"
+    if platform.machine().lower() not in X86_MACHINES:
+        text = _cpuinfo_text()
+        if text is not None and "bf16" in parse_cpu_flags(text):  # Arm's BF16 extension (Graviton 3/4, ...)
+            return True, f"the {platform.machine()} CPU has the bf16 extension"
+        return None, f"whether this {platform.machine()} CPU computes bf16 natively is not known to nnopt"
     features = effective_cpu_features()
     if features.get("avx512_bf16") is None and features.get("amx_bf16") is None:
         return None, "the CPU's features could not be read, so whether bf16 is native is unknown"

@@ -16,15 +16,17 @@ torch's in :mod:`nnopt.quantization.kernel_checks`, ONNX Runtime's in :mod:`nnop
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-# Shapes (rows, depth, columns): batch 1 and a few rows; a depth of 256 or 512 keeps |Σ| of u8 × s8
-# products (≤ 255 · 127 · 512 < 2^24) exact in a float32 output too.
-CHECK_SHAPES = ((1, 256, 48), (33, 512, 40))
+# Shapes (rows, depth, columns): batch 1, a few rows and more rows (kernels dispatch by shape); a depth of
+# at most 512 keeps |Σ| of u8 × s8 products (≤ 255 · 127 · 512 < 2^24) exact in a float32 output too.
+CHECK_SHAPES = ((1, 256, 48), (33, 512, 40), (96, 384, 64))
+SATURATION = "differs from the exact integer product (u8×s8 pair sums saturating in 16 bits: a CPU without VNNI?)"
 
 # A gemm under test: activation codes (m, k) int64, weight codes (n, k) int64 in -127..127 -> (m, n) result.
 Gemm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -47,7 +49,8 @@ class KernelCheck:
             return f"not available ({self.detail})"
         if self.passed:
             return "passed (exact on extreme codes)"
-        return f"FAILED: off by up to {self.max_abs_error:g} ({self.detail}); not used"
+        off = "" if self.max_abs_error is None else f"off by up to {self.max_abs_error:g}: "
+        return f"FAILED ({off}{self.detail}); not used"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,29 +95,34 @@ def known_answer_error(gemm: Gemm, activation_range: tuple[int, int] = (0, 255))
 
 
 def run_check(name: str, gemm: Gemm, activation_range: tuple[int, int]) -> KernelCheck:
-    """Run the known-answer check of ``gemm`` (not cached): any exception or mismatch fails it."""
+    """Run the known-answer check of ``gemm`` (not cached): any exception or mismatch fails it.
+
+    Eager and in full precision whatever the caller's context: autocast would turn float32 products
+    into bf16 ones, and a failure under tracing would say nothing about the kernel.
+    """
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", enabled=False):
             error = known_answer_error(gemm, activation_range)
     except Exception as exc:  # noqa: BLE001 - a kernel that raises on valid codes is not usable either
-        return KernelCheck(name, False, None, f"raised {type(exc).__name__}: {exc}"[:200])
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        return KernelCheck(name, False, None, f"raised {type(exc).__name__}: {first_line}"[:200])
+    if not math.isfinite(error):
+        return KernelCheck(name, False, None, "returned the wrong shape or non-finite values")
     # float32 outputs of exact integers below 2^24 are exact; anything off is a wrong kernel
-    detail = "" if error == 0 else "u8×s8 pair sums saturating in 16 bits (a CPU without VNNI?)"
-    return KernelCheck(name, error == 0, error, detail)
+    return KernelCheck(name, error == 0, error, "" if error == 0 else SATURATION)
 
 
 _RESULTS: dict[str, KernelCheck] = {}  # one verdict per kernel name and process
 _LOCK = threading.Lock()
 
 
+@torch.compiler.disable  # a layer's first call may come inside torch.compile: check eagerly, not traced
 def checked(name: str, spec: KernelSpec) -> KernelCheck:
     """The verdict on kernel ``name`` in this process (checked on first request, then remembered)."""
     known = _RESULTS.get(name)  # the hot path (every int8 GEMM asks): no lock once a verdict exists
     if known is not None:
         return known
+    why = spec.unavailable()  # outside the lock: an ONNX Runtime check takes seconds; equal verdicts may race
+    verdict = KernelCheck(name, None, None, why) if why else run_check(name, spec.gemm, spec.activation_range)
     with _LOCK:
-        if name not in _RESULTS:
-            why = spec.unavailable()
-            _RESULTS[name] = KernelCheck(name, None, None, why) if why else run_check(
-                name, spec.gemm, spec.activation_range)
-        return _RESULTS[name]
+        return _RESULTS.setdefault(name, verdict)

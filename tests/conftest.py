@@ -7,19 +7,20 @@ import torch
 
 import nnopt
 
-# Test files whose results depend on which int8 kernels this CPU runs (oneDNN, torch._int_mm, ONNX Runtime):
-# `make test` runs them a second time with ONEDNN_MAX_CPU_ISA=AVX2, where oneDNN behaves as on an AVX2-only CPU.
-INT8_SENSITIVE = {
+# Test files whose results depend on the CPU's ISA: which int8 kernels are exact (oneDNN, torch._int_mm,
+# ONNX Runtime) and whether bf16 is native. `make test` runs them a second time with ONEDNN_MAX_CPU_ISA=AVX2,
+# where oneDNN behaves as on an AVX2-only CPU (no VNNI, no native bf16).
+ISA_SENSITIVE = {
     "test_encoder_fusion.py", "test_kernel_checks.py", "test_kernel_choice.py", "test_minilm_quantization.py",
     "test_onnx_backend.py", "test_onnx_safety.py", "test_ptq.py", "test_qat.py", "test_convert_cli.py",
-    "test_quantize_cli.py",
+    "test_quantize_cli.py", "test_bench_cli.py", "test_advise_cli.py",
 }
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.name in INT8_SENSITIVE:
-            item.add_marker(pytest.mark.int8)
+        if item.path.name in ISA_SENSITIVE:
+            item.add_marker(pytest.mark.isa)
 
 
 @pytest.fixture(scope="session")

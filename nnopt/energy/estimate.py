@@ -319,6 +319,7 @@ def _float_dtype(dtype: torch.dtype) -> str:
 def _record(module: nn.Module, args: tuple, output: Any) -> _Record | None:
     from nnopt.metrics.profile import _macs_of
     from nnopt.quantization.clustering import _ClusteredWeight
+    from nnopt.quantization.kernels import int8_gemm_path
     from nnopt.quantization.modules import QuantizedLinear, _QuantizedWeight
     from nnopt.quantization.ptq import Int8DynamicLinear, Int8Embedding, _Int8Static
     from nnopt.sparse.kernels import SparseLinear
@@ -348,7 +349,12 @@ def _record(module: nn.Module, args: tuple, output: Any) -> _Record | None:
         if isinstance(module, Int8DynamicLinear):
             extra.append(("add", "fp32", in_elems))  # the per-call min/max range pass (a compare per element)
         codes = in_elems * 2  # the int8 codes written, then read by the GEMM
-        return _Record("int8", "int8", macs, extra, _own_bytes(module), act_bytes + codes)
+        # Where no int8 kernel passed its known-answer check (a CPU without VNNI), the codes are multiplied
+        # by the exact float32 fallback: fp32 MACs, not int8 ones.
+        path = int8_gemm_path(isinstance(module, Int8DynamicLinear), module.weight_q.device.type)
+        if path in ("onednn", "torch-int-mm"):
+            return _Record("int8", "int8", macs, extra, _own_bytes(module), act_bytes + codes)
+        return _Record(f"int8 codes, {path} product", "fp32", macs, extra, _own_bytes(module), act_bytes + codes)
     if isinstance(module, _QuantizedWeight):
         macs = _macs_of(module, output)
         weights = module.weight_shape.numel()

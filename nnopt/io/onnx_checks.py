@@ -58,6 +58,7 @@ def _run(graph: Any, feed: Any) -> Any:
     from onnx import helper
 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # opset 17's IR version: read by every onnxruntime nnopt supports (>= 1.17)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3

@@ -392,8 +392,16 @@ def _reason(candidate: _Candidate, speedup: float, agreement: Mapping[str, Any],
         if widest <= SMALL_LAYER:
             return (f"{measured}: layers of at most {widest} inputs: quantizing activations costs more than the "
                     f"int8 product saves{convs}")
-        if features.get("avx512_vnni") is False and features.get("amx_int8") is False:
-            return f"{measured}: the CPU has neither AVX-512 VNNI nor AMX-INT8, so int8 products are not faster"
+        from nnopt.cpu import has_vnni
+        from nnopt.quantization.kernels import int8_gemm_path
+
+        path = int8_gemm_path(dynamic=True)
+        if path not in ("onednn", "torch-int-mm"):
+            return (f"{measured}: no int8 kernel passed its known-answer check on this CPU, so int8 layers multiply "
+                    f"their codes exactly in {path.split('-')[0]}, not with int8 products")
+        if has_vnni() is False:
+            return (f"{measured}: the CPU has no VNNI (AVX-512 VNNI, AVX-VNNI or AMX-INT8), so int8 products are "
+                    "not faster")
         if facts["linear_weight_share"] < 0.5:
             return (f"{measured}: Linear layers hold only {facts['linear_weight_share']:.0%} of the weights; "
                     "int8 dynamic leaves the convolutions in fp32")

@@ -46,8 +46,8 @@ def register(commands: Any) -> None:
                         help="allowed quality drop as a fraction in [0, 1] (0.005 = half a point of accuracy; for "
                         "encoders mean cosine >= 1 - D); '0.5%%' also works")
     parser.add_argument("--budget-minutes", default="30", metavar="M",
-                        help="bounds the run: no trial starts after M minutes and the final timings shrink to what "
-                        "is left (default 30)")
+                        help="bounds the run: no trial starts after 90%% of M minutes and the timings after the trials "
+                        "shrink to what is left (default 30)")
     parser.add_argument("--workers", default="1", metavar="W",
                         help="evaluate trials in W spawned processes (default 1); latency is timed serially")
     parser.add_argument("--batch", default="32", metavar="B", help="batch size for latency and energy (default 32)")

@@ -6,8 +6,9 @@ and 10th–90th percentiles. Backends: torch eager, ``torch.compile`` (compiled 
 time is reported apart from the timings) and ONNX Runtime (the model exported with
 ``nnopt.export_onnx``). Results are a BENCHMARKS.md document (benchmark ``"bench"``), and
 ``compare_runs`` checks a run against an earlier one for regressions. ``dtype="bf16"`` runs the
-torch and compiled backends under ``torch.autocast(device, torch.bfloat16)``; on a CPU without
-AVX-512 BF16 or AMX-BF16 bf16 is emulated, and the run says so in its env (``warnings``).
+torch and compiled backends under ``torch.autocast(device, torch.bfloat16)``; a CPU without
+AVX-512 BF16 or AMX-BF16 would emulate bf16 (minutes per call on large models), so the run is refused
+there, and a CPU whose features cannot be read gets a warning in its env (``warnings``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nnopt.cpu import bf16_support, require_native_bf16
+from nnopt import cpu
 from nnopt.errors import ConfigError, UnsupportedModelError
 from nnopt.io.json_file import JSONFileError, read_json
 from nnopt.metrics.speed import bind_call, example_batch
@@ -97,7 +98,7 @@ class BenchOptions:
 def bf16_warning(device: str = "cpu") -> str | None:
     """The warning a bf16 run carries when it cannot tell whether ``device`` computes bf16 natively; None
     otherwise (a device known to emulate bf16 is refused before the run: ``require_native_bf16``)."""
-    native, why = bf16_support(device)
+    native, why = cpu.bf16_support(device)
     return f"bf16: {why}; it may be emulated and slower than fp32" if native is None else None
 
 
@@ -180,7 +181,7 @@ def run_bench(path: str | Path, options: BenchOptions) -> BenchResult:
 
     check_available(options)
     if options.dtype == "bf16":
-        require_native_bf16("--dtype bf16", options.device)  # before loading: refused in well under a second
+        cpu.require_native_bf16("--dtype bf16", options.device)  # before loading: refused in well under a second
     path = Path(path)
     meta = read_meta(path)
     model = load_model(path).eval()
@@ -578,5 +579,5 @@ def write_json(path: str | Path, doc: Mapping[str, Any]) -> None:
 __all__ = [
     "BACKENDS", "DEVICES", "DTYPES", "BenchOptions", "BenchResult", "Comparison", "check_available", "check_comparable",
     "check_output", "check_tolerance", "compare_runs", "load_bench_json", "parse_int_list", "run_bench",
-    "write_json", "autocast_call", "bf16_support", "bf16_warning",
+    "write_json", "autocast_call", "bf16_warning",
 ]

@@ -74,11 +74,13 @@ def int8_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
         if m <= 16 or k % 8 or w_q.shape[0] % 8:
             return (x_q.double() @ w_q.double().t()).to(torch.int32)
         return torch._int_mm(x_q, w_q.t())
-    if kernel_passes("torch-int-mm"):
+    path = int8_gemm_path(dynamic=False)
+    if path == "torch-int-mm":
         return torch._int_mm(x_q, w_q.t())
-    if kernel_passes("fp32-exact"):
+    if path == "fp32-exact":
         return fp32_exact_int8_matmul(x_q, w_q)
-    return (x_q.double() @ w_q.double().t()).to(torch.int32)
+    with torch.autocast("cpu", enabled=False):
+        return (x_q.double() @ w_q.double().t()).to(torch.int32)
 
 
 # |int8 · int8| ≤ 128 · 128 = 2^14, so any sum of at most 2^10 products is an integer of at most 2^24 in
@@ -93,13 +95,27 @@ def fp32_exact_int8_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor
     """
     x, w = x_q.to(torch.float32), w_q.to(torch.float32)
     depth = x.shape[1]
-    if depth <= EXACT_FP32_DEPTH:
-        return (x @ w.t()).to(torch.int32)
-    acc = torch.zeros(x.shape[0], w.shape[0], dtype=torch.int32, device=x.device)
-    for start in range(0, depth, EXACT_FP32_DEPTH):
-        stop = start + EXACT_FP32_DEPTH
-        acc += (x[:, start:stop] @ w[:, start:stop].t()).to(torch.int32)
-    return acc
+    with torch.autocast(x.device.type, enabled=False):  # autocast would make these bf16 products: inexact
+        if depth <= EXACT_FP32_DEPTH:
+            return (x @ w.t()).to(torch.int32)
+        acc = torch.zeros(x.shape[0], w.shape[0], dtype=torch.int32, device=x.device)
+        for start in range(0, depth, EXACT_FP32_DEPTH):
+            stop = start + EXACT_FP32_DEPTH
+            acc += (x[:, start:stop] @ w[:, start:stop].t()).to(torch.int32)
+        return acc
+
+
+def int8_gemm_path(dynamic: bool, device: str = "cpu") -> str:
+    """The kernel an int8 layer's GEMM runs on ``device`` here: ``onednn`` (dynamic layers on CPU),
+    ``torch-int-mm``, ``fp32-exact`` or ``float64`` (the first whose known-answer check passed)."""
+    if device != "cpu":
+        return "torch-int-mm"
+    if dynamic and onednn_int8_exact():
+        return "onednn"
+    for name in ("torch-int-mm", "fp32-exact"):
+        if kernel_passes(name):
+            return name
+    return "float64"
 
 
 def im2col_codes(
@@ -144,8 +160,8 @@ def require_int8_gemm(device: str = "cpu") -> None:
 # --------------------------------------------------------------------------- oneDNN (x86 CPU)
 # oneDNN's int8 matrix kernel uses AMX or AVX-512 VNNI where the CPU has them and fuses GELU
 # into its epilogue (without VNNI its u8×s8 pair sums saturate: layers use it only after its
-# known-answer check passed, ``onednn_int8_exact``); ``torch._int_mm`` on CPU does neither (measured 14.5 ms vs 5.0 ms for a
-# 4096×384 · 384×1536 product on this project's Xeon). The same int8 codes go into both, so the
+# known-answer check passed, ``onednn_int8_exact``); ``torch._int_mm`` on CPU does neither (measured
+# 14.5 ms vs 5.0 ms for a 4096×384 · 384×1536 product on this project's Xeon). The same int8 codes go into both, so the
 # two paths compute the same function up to float32 rounding of the epilogue.
 
 ONEDNN_ACTIVATIONS = ("none", "gelu")

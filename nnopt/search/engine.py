@@ -19,6 +19,8 @@ from nnopt.search.sensitivity import Sensitivity, measure_sensitivity
 from nnopt.search.space import OBJECTIVES, SPACE_VERSION
 from nnopt.search.trials import TrialContext, energy_method, run_trials, screen_latency, time_models
 
+TRIAL_SHARE = 0.9  # of --budget-minutes in which trials may start; screening and confirmation get the rest
+
 
 @dataclasses.dataclass(frozen=True)
 class SearchSettings:
@@ -26,7 +28,8 @@ class SearchSettings:
 
     ``max_drop`` is a fraction (0.005 = half a point of accuracy; for a sentence encoder, the mean
     cosine to the input model's embeddings must stay ≥ 1 − max_drop). ``budget_minutes`` bounds the run:
-    no trial starts after it, and the final timings shrink to what is left of it; ``batch`` is the batch
+    no trial starts after 90% of it, and the timings after the trials shrink to what is left (a trial
+    already running finishes, and each timing keeps its minimum call count); ``batch`` is the batch
     size latency and energy are measured at.
     """
 
@@ -149,8 +152,9 @@ def search(ctx: TrialContext, settings: SearchSettings, checkpoint: Checkpoint, 
             save()
             bar.advance(status=plans[index].name)
 
-        started = run_trials(jobs, ctx, settings.workers, keep,
-                             may_start=lambda: time.monotonic() - clock_start < settings.budget_minutes * 60)
+        # Trials start in the first TRIAL_SHARE of the budget: the timings after them need the rest.
+        started = run_trials(jobs, ctx, settings.workers, keep, may_start=lambda: time.monotonic() - clock_start
+                             < settings.budget_minutes * 60 * TRIAL_SHARE)
     # Timing and counters run here, one model at a time, never beside a running trial. The budget bounds
     # the whole run: timings left after it shrink to what remains (each keeps its minimum call count).
     def left_s() -> float:

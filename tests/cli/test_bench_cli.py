@@ -249,7 +249,7 @@ def _all_cpu_features(value):
 def test_bf16_rows_carry_the_dtype_and_run_under_autocast(saved, capsys, monkeypatch):
     from nnopt import cpu
 
-    monkeypatch.setattr(cpu, "cpu_features", lambda cpuinfo=None: _all_cpu_features(True))
+    monkeypatch.setattr(cpu, "bf16_support", lambda device="cpu": (True, "the CPU has AVX-512 BF16"))
     doc = _bench_json(capsys, [str(saved / "simplenet"), "--dtype", "bf16", "--batch", "1,4", "--threads", "1",
                                "--seconds", "0.05"])
     env = doc["env"]
@@ -266,8 +266,10 @@ def test_bf16_rows_carry_the_dtype_and_run_under_autocast(saved, capsys, monkeyp
 
 def test_bf16_runs_under_autocast_for_real(saved, monkeypatch):
     """The timed call is the model under torch.autocast: a Linear inside it sees bf16 autocast enabled."""
+    from nnopt import cpu
     from nnopt.pipeline import bench
 
+    monkeypatch.setattr(cpu, "bf16_support", lambda device="cpu": (True, "the CPU has AVX-512 BF16"))
     seen = []
     real = bench.bind_call
 
@@ -306,7 +308,10 @@ def test_bf16_with_unknown_cpu_support_warns_and_still_runs(saved, capsys, monke
     assert doc["rows"][0]["variant"] == "torch bf16" and doc["rows"][0]["latency_ms_median"] > 0
 
 
-def test_bf16_compiled_backend(saved, capsys):
+def test_bf16_compiled_backend(saved, capsys, monkeypatch):
+    from nnopt import cpu
+
+    monkeypatch.setattr(cpu, "bf16_support", lambda device="cpu": (True, "the CPU has AVX-512 BF16"))
     doc = _bench_json(capsys, [str(saved / "simplenet"), "--backend", "compiled", "--dtype", "bf16", "--batch", "1",
                                "--threads", "1", "--seconds", "0.02"])
     (row,) = doc["rows"]
@@ -327,7 +332,10 @@ def test_bad_dtype_writes_nothing(saved, tmp_path, expect_error, args, message):
     assert not out.exists()
 
 
-def test_compare_matches_bf16_rows_by_variant(saved, tmp_path, capsys):
+def test_compare_matches_bf16_rows_by_variant(saved, tmp_path, capsys, monkeypatch):
+    from nnopt import cpu
+
+    monkeypatch.setattr(cpu, "bf16_support", lambda device="cpu": (True, "the CPU has AVX-512 BF16"))
     old = tmp_path / "fp32.json"
     assert main(["bench", str(saved / "simplenet"), "--batch", "1", "--threads", "1", "--seconds", "0.02",
                  "--out", str(old)]) == 0

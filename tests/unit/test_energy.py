@@ -154,16 +154,37 @@ def test_dense_pruned_layer_costs_the_same_csr_costs_less():
     assert sparse.compute_mj < dense.compute_mj and sparse.total_mj < dense.total_mj
 
 
-def test_int8_kernel_cheaper_compute_and_counts_the_quantization_pass():
+def _int8_kernels(monkeypatch, passed: bool) -> None:
+    """Set every torch int8 kernel's known-answer verdict: a CPU with exact int8 kernels, or one without."""
+    from nnopt.quantization import kernel_checks as KC
+
+    for name in ("onednn-u8s8", "torch-int-mm"):
+        monkeypatch.setitem(KC._RESULTS, name, KC.KernelCheck(name, passed, 0.0 if passed else 8e6, "forced"))
+
+
+def test_int8_kernel_cheaper_compute_and_counts_the_quantization_pass(monkeypatch):
     torch.manual_seed(0)
     linear = nn.Linear(256, 256)
     fp32 = _estimate(_net(linear, features=256), batch=8).layers[0]
+    _int8_kernels(monkeypatch, passed=True)  # the estimate only: no output is read
     int8 = _estimate(_net(Int8DynamicLinear(linear), features=256), batch=8).layers[0]
     assert int8.dtype == "int8" and int8.macs == fp32.macs
     quant_pj = sum(n * TABLE.op_pj(op, dt) for op, dt, n in int8.extra_ops)
     assert quant_pj > 0
     assert int8.compute_pj == pytest.approx(int8.macs * TABLE.mac_pj("int8") + quant_pj)
     assert int8.compute_pj < fp32.compute_pj and int8.weight_bytes < fp32.weight_bytes
+
+
+def test_int8_layer_without_an_exact_int8_kernel_is_costed_as_the_fp32_product_it_runs(monkeypatch):
+    """Where no int8 kernel passed its known-answer check (a CPU without VNNI), the codes are multiplied in
+    float32: the estimate must not credit int8 MACs the machine does not run."""
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 256)
+    _int8_kernels(monkeypatch, passed=False)
+    layer = _estimate(_net(Int8DynamicLinear(linear), features=256), batch=8).layers[0]
+    assert layer.dtype == "fp32" and "fp32-exact" in layer.kernel
+    quant_pj = sum(n * TABLE.op_pj(op, dt) for op, dt, n in layer.extra_ops)
+    assert layer.compute_pj == pytest.approx(layer.macs * TABLE.mac_pj("fp32") + quant_pj)
 
 
 def test_weight_only_layer_has_fp32_macs_and_fewer_weight_bytes():

@@ -61,6 +61,38 @@ def test_every_torch_kernel_has_a_verdict_and_the_fallback_is_exact():
         assert checks["onednn-u8s8"].passed is False
 
 
+def test_fp32_exact_matmul_blocks_where_one_float32_product_would_round():
+    """Σ = 2048 · 127 · 127 + 127 = 33,032,319: odd and above 2^24, so a single float32 GEMM cannot hold it."""
+    x = torch.full((1, 2049), 127, dtype=torch.int8)
+    x[0, -1] = 1
+    w = torch.full((3, 2049), 127, dtype=torch.int8)
+    assert int((x.float() @ w.float().t())[0, 0]) != 33_032_319  # what the blocks are for
+    assert K.fp32_exact_int8_matmul(x, w).tolist() == [[33_032_319] * 3]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's autocast must not turn it into bf16
+        assert K.fp32_exact_int8_matmul(x, w).tolist() == [[33_032_319] * 3]
+    assert K.int8_matmul(x, w).tolist() == [[33_032_319] * 3]
+
+
+def test_a_kernel_failure_has_a_one_line_summary_even_without_an_error_figure():
+    def raises(x, w):
+        raise RuntimeError("first line\n\nsecond line")
+
+    check = KC.run_check("raising", raises, (0, 255))
+    assert check.max_abs_error is None and "\n" not in check.summary()
+    assert check.summary() == "FAILED (raised RuntimeError: first line); not used"
+    nan = KC.run_check("nan", lambda x, w: (x @ w.t()).double() * float("nan"), (0, 255))
+    assert nan.passed is False and nan.max_abs_error is None and "non-finite" in nan.summary()
+    import json
+
+    json.dumps(nan.to_dict(), allow_nan=False)  # `nnopt env --json` stays valid JSON
+
+
+def test_a_check_first_asked_under_autocast_is_still_exact(monkeypatch):
+    monkeypatch.delitem(KC._RESULTS, "fp32-exact", raising=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert KC.check_kernel("fp32-exact").passed is True
+
+
 def test_fp32_exact_matmul_is_exact_past_its_block_depth():
     x, w = KC.extreme_codes(5, 3000, 7, (-128, 127))
     x[0], w[0] = -128, -127  # 3000 · 128 · 127 > 2^24: a single float32 GEMM would round
@@ -159,6 +191,9 @@ def test_isa_class_and_features_under_a_cap():
     assert envinfo.isa_class(envinfo.effective_cpu_features(xeon, cap="AVX512_CORE_VNNI")) == "AVX-512 VNNI"
     assert envinfo.isa_class(envinfo.effective_cpu_features(xeon, cap="avx2")) == "AVX2"
     assert envinfo.isa_class(envinfo.effective_cpu_features(xeon, cap="AVX2_VNNI")) == "AVX-VNNI"
+    # oneDNN's levels are no single chain: AVX512_CORE does not include AVX2_VNNI
+    assert envinfo.isa_class(envinfo.effective_cpu_features(xeon, cap="AVX512_CORE")) == "AVX-512"
+    assert envinfo.has_vnni(envinfo.effective_cpu_features(xeon, cap="AVX512_CORE")) is False
     assert envinfo.has_vnni(envinfo.effective_cpu_features(epyc_zen3, cap=None)) is False
     assert envinfo.has_vnni(envinfo.effective_cpu_features(xeon, cap="AVX2")) is False
     capped = envinfo.effective_cpu_features(xeon, cap="AVX512_CORE_BF16")
@@ -206,3 +241,19 @@ def test_nnopt_env_under_the_avx2_cap_shows_the_failed_check(tmp_path):
                          check=True).stdout
     assert "AVX2 (ONEDNN_MAX_CPU_ISA=AVX2)" in out
     assert "int8 kernel onednn-u8s8" in out and "FAILED" in out and "int8 kernel fp32-exact" in out
+
+
+def test_bf16_on_arm_reads_the_bf16_feature(monkeypatch, tmp_path):
+    """On aarch64 the x86 flags are all absent: bf16 is native where Arm's bf16 extension is listed, and
+    unknown (not refused) where it is not."""
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    info = tmp_path / "cpuinfo"
+    monkeypatch.setattr(cpu, "CPUINFO", info)
+    info.write_text("processor : 0\nFeatures : fp asimd sve bf16 i8mm\n")
+    assert cpu.bf16_support()[0] is True
+    info.write_text("processor : 0\nFeatures : fp asimd\n")
+    native, why = cpu.bf16_support()
+    assert native is None and "aarch64" in why
+    cpu.require_native_bf16("anything")  # unknown is not refused
