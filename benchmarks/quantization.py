@@ -112,6 +112,7 @@ def ort_quantize_dynamic(fp32_onnx: Path, out: Path, weight_type: str | None = N
 
 
 def ort_peer_name(prefix: str) -> str:
+    """The variant name with the int8 form ONNX Runtime runs it in here (nnopt's exports use int8_weights="auto")."""
     return f"{prefix} ({'U8S8' if ort_weight_type() == 'int8' else 'U8U8'})"
 
 
@@ -143,12 +144,13 @@ def minilm_rows(tmp: Path, seconds: float) -> list[dict[str, Any]]:
     variants["torch", "dynamic-int8 per-channel"] = torch_dynamic(model, per_channel=True)
 
     example = dict(encode_batch(evaluation[:2]))
+    nnopt_onnx = ("nnopt", ort_peer_name("int8-dynamic-smooth0.7 on onnxruntime"))
     ort_models = {
         ("onnxruntime", "fp32 optimized graph"): _ort_optimized(model, example, tmp),
-        ("nnopt", "int8-dynamic-smooth0.7 on onnxruntime"): tmp / "nnopt_int8.onnx",
+        nnopt_onnx: tmp / "nnopt_int8.onnx",
     }
-    nnopt.export_onnx(variants["nnopt", "int8-dynamic-smooth0.7"], example, ort_models[
-        ("nnopt", "int8-dynamic-smooth0.7 on onnxruntime")])
+    nnopt.export_onnx(variants["nnopt", "int8-dynamic-smooth0.7"], example, ort_models[nnopt_onnx],
+                      int8_weights="auto")
     ort_models["onnxruntime", ort_peer_name("quantize_dynamic per-channel, optimized graph")] = ort_quantize_dynamic(
         ort_models["onnxruntime", "fp32 optimized graph"], tmp / "ort_int8.onnx"
     )
@@ -291,13 +293,14 @@ def linear_rows(tmp: Path, seconds: float) -> list[dict[str, Any]]:
     }
     raw = tmp / "linear.onnx"
     nnopt.export_onnx(layer, torch.randn(2, 4096), raw)
+    nnopt_onnx = ("nnopt", ort_peer_name("int8-dynamic on onnxruntime"))
     ort_paths = {
-        ("nnopt", "int8-dynamic on onnxruntime"): tmp / "linear_nnopt.onnx",
+        nnopt_onnx: tmp / "linear_nnopt.onnx",
         ("onnxruntime", ort_peer_name("quantize_dynamic per-channel")): ort_quantize_dynamic(
             raw, tmp / "linear_ort.onnx"),
     }
-    nnopt.export_onnx(variants["nnopt", "int8-dynamic"], torch.randn(2, 4096), ort_paths["nnopt",
-                                                                                        "int8-dynamic on onnxruntime"])
+    nnopt.export_onnx(variants["nnopt", "int8-dynamic"], torch.randn(2, 4096), ort_paths[nnopt_onnx],
+                      int8_weights="auto")
     runners = {key: nnopt.OnnxRunner(path, threads=torch.get_num_threads()) for key, path in ort_paths.items()}
     probe = torch.randn(256, 4096)
     extra: dict[tuple[str, str], dict[str, Any]] = {}

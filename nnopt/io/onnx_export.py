@@ -6,11 +6,17 @@ int8 layers export in the forms ONNX Runtime runs with integer kernels:
 - static int8 Linear/Conv2d → QuantizeLinear/DequantizeLinear pairs around the float op (the
   QDQ form), which ONNX Runtime turns into integer operators.
 
-Both are written **U8U8**: activations and weights as uint8, each weight code stored as code + 128
-with zero point 128. The integers are the same as nnopt's (so the file computes what the nnopt
-model computes), and the file is right on every CPU: ONNX Runtime's u8×s8 kernels sum pairs of
-products in saturating 16-bit lanes on x86 CPUs without VNNI (its documentation's advice there is
-U8U8 or reduce_range), while its u8×u8 kernels widen to 16 bits first and never saturate.
+``int8_weights`` picks how the codes are written; the integers are nnopt's either way, so the file
+computes what the nnopt model computes:
+- ``"uint8"`` (the default, **U8U8**): activations and weights as uint8, each weight code stored as
+  code + 128 with zero point 128. Right on every CPU: ONNX Runtime's u8×s8 kernels sum pairs of
+  products in saturating 16-bit lanes on x86 CPUs without VNNI (its documentation's advice there is
+  U8U8 or reduce_range), while its u8×u8 kernels widen to 16 bits first and never saturate.
+- ``"int8"`` (U8S8 dynamic, S8S8 static): about 2× faster in ONNX Runtime on CPUs with VNNI (measured
+  on MiniLM and a 4096² Linear, README), wrong on CPUs without it; refused where ONNX Runtime's u8×s8
+  kernel failed its known-answer check (:mod:`nnopt.io.onnx_checks`).
+- ``"auto"``: ``"int8"`` where that check passed on this machine, else ``"uint8"``: for a file timed and
+  used here (``nnopt bench --backend onnxruntime``), not one copied to other machines.
 
 Uses the TorchScript-based exporter (``dynamo=False``): its symbolic functions are what lets a
 layer choose its own ONNX nodes. onnx and onnxruntime are the ``onnx`` extra, imported lazily.
@@ -19,6 +25,7 @@ layer choose its own ONNX nodes. onnx and onnxruntime are the ``onnx`` extra, im
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import io
 import warnings
 from collections.abc import Mapping, Sequence
@@ -32,6 +39,8 @@ from torch import nn
 from nnopt.errors import ConfigError, UnsupportedModelError
 
 OPSET = 17
+INT8_WEIGHTS = ("uint8", "int8", "auto")
+_WEIGHTS: contextvars.ContextVar[str] = contextvars.ContextVar("nnopt_onnx_int8_weights", default="uint8")
 
 
 class _DynamicInt8LinearFn(torch.autograd.Function):
@@ -44,15 +53,18 @@ class _DynamicInt8LinearFn(torch.autograd.Function):
     ) -> torch.Tensor:
         # Only shape and dtype matter here: the exported graph comes from ``symbolic``.
         x = x if smoothing is None else x * smoothing
-        return torch.nn.functional.linear(x, (weight_t.t().to(x.dtype) - WEIGHT_ZERO_U8) * weight_step[:, None], bias)
+        return torch.nn.functional.linear(x, _weight_values(weight_t.t(), x.dtype) * weight_step[:, None], bias)
 
     @staticmethod
     def symbolic(g: Any, x: Any, weight_t: Any, weight_step: Any, bias: Any, smoothing: Any) -> Any:
         if not _is_none(smoothing):
             x = g.op("Mul", x, smoothing)
         x_q, x_step, x_zero = g.op("DynamicQuantizeLinear", x, outputs=3)
-        w_zero = g.op("Constant", value_t=torch.tensor(WEIGHT_ZERO_U8, dtype=torch.uint8))
-        acc = g.op("MatMulInteger", x_q, weight_t, x_zero, w_zero)
+        if _WEIGHTS.get() == "uint8":
+            w_zero = g.op("Constant", value_t=torch.tensor(WEIGHT_ZERO_U8, dtype=torch.uint8))
+            acc = g.op("MatMulInteger", x_q, weight_t, x_zero, w_zero)
+        else:
+            acc = g.op("MatMulInteger", x_q, weight_t, x_zero)
         out = g.op("Mul", g.op("Cast", acc, to_i=1), g.op("Mul", x_step, weight_step))  # to_i=1: FLOAT
         return g.op("Add", out, bias)
 
@@ -65,7 +77,8 @@ def dynamic_int8_linear(module: Any, x: torch.Tensor) -> torch.Tensor:
     """What ``Int8DynamicLinear.forward`` returns during export."""
     bias = module.bias if module.bias is not None else torch.zeros(module.out_features)
     smoothing = _constant(module.input_smoothing) if module.smoothing else None
-    weight_t = _constant(weight_codes_u8(module.weight_q).t())  # (in, out) as MatMulInteger wants
+    codes = weight_codes_u8(module.weight_q) if _WEIGHTS.get() == "uint8" else module.weight_q
+    weight_t = _constant(codes.t())  # (in, out) as MatMulInteger wants
     out = _DynamicInt8LinearFn.apply(x, weight_t, _constant(module.weight_step), _constant(bias), smoothing)
     return torch.nn.functional.gelu(out) if module.activation == "gelu" else out
 
@@ -78,7 +91,7 @@ class _StaticInt8Fn(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, weight_q: torch.Tensor, weight_step: torch.Tensor, bias: torch.Tensor,
         x_step: torch.Tensor, x_zero: torch.Tensor, conv: tuple[Any, ...] | None,
     ) -> torch.Tensor:
-        weight = (weight_q.to(x.dtype) - WEIGHT_ZERO_U8) * weight_step.view((-1,) + (1,) * (weight_q.ndim - 1))
+        weight = _weight_values(weight_q, x.dtype) * weight_step.view((-1,) + (1,) * (weight_q.ndim - 1))
         if conv is None:
             return torch.nn.functional.linear(x, weight, bias)
         return torch.nn.functional.conv2d(x, weight, bias, *conv)
@@ -88,7 +101,10 @@ class _StaticInt8Fn(torch.autograd.Function):
         g: Any, x: Any, weight_q: Any, weight_step: Any, bias: Any, x_step: Any, x_zero: Any, conv: Any
     ) -> Any:
         x = g.op("DequantizeLinear", g.op("QuantizeLinear", x, x_step, x_zero), x_step, x_zero)
-        w_zero = g.op("Constant", value_t=torch.full((_static_dim(weight_q),), WEIGHT_ZERO_U8, dtype=torch.uint8))
+        if _WEIGHTS.get() == "uint8":
+            w_zero = g.op("Constant", value_t=torch.full((_static_dim(weight_q),), WEIGHT_ZERO_U8, dtype=torch.uint8))
+        else:
+            w_zero = g.op("Constant", value_t=torch.zeros(_static_dim(weight_q), dtype=torch.int8))
         weight = g.op("DequantizeLinear", weight_q, weight_step, w_zero, axis_i=0)
         if conv is None:
             return g.op("Add", g.op("MatMul", x, g.op("Transpose", weight, perm_i=[1, 0])), bias)
@@ -106,12 +122,16 @@ def static_int8(module: Any, x: torch.Tensor) -> torch.Tensor:
     """What static int8 layers return during export: float ops between QDQ pairs, U8U8 (module docstring)."""
     bias = module.bias if module.bias is not None else torch.zeros(module.weight_q.shape[0])
     x_step = torch.tensor(float(1.0 / module.input_scale))
-    # uint8 codes = int8 codes + 128 on the same grid: the zero point moves with them
-    x_zero = torch.tensor(int(module.input_zero_point) + 128, dtype=torch.uint8)
     conv = (module.stride, module.padding, module.dilation) if module.weight_q.ndim == 4 else None
+    if _WEIGHTS.get() == "uint8":
+        # uint8 codes = int8 codes + 128 on the same grid: the zero point moves with them
+        x_zero = torch.tensor(int(module.input_zero_point) + 128, dtype=torch.uint8)
+        weight_q = weight_codes_u8(module.weight_q)
+    else:
+        x_zero = torch.tensor(int(module.input_zero_point), dtype=torch.int8)
+        weight_q = module.weight_q
     return _StaticInt8Fn.apply(
-        x, _constant(weight_codes_u8(module.weight_q)), _constant(module.weight_step), _constant(bias), x_step,
-        x_zero, conv,
+        x, _constant(weight_q), _constant(module.weight_step), _constant(bias), x_step, x_zero, conv,
     )
 
 
@@ -121,6 +141,31 @@ WEIGHT_ZERO_U8 = 128
 def weight_codes_u8(weight_q: torch.Tensor) -> torch.Tensor:
     """Symmetric int8 weight codes (−127..127) as uint8 codes with zero point 128 (1..255): same values."""
     return (weight_q.to(torch.int16) + WEIGHT_ZERO_U8).to(torch.uint8)
+
+
+def _weight_values(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The integer values of exported weight codes (uint8 ones carry the zero point 128)."""
+    values = codes.to(dtype)
+    # no subtraction of 0: the tracer pools that constant out of the autograd.Function's block and fails
+    return values - WEIGHT_ZERO_U8 if codes.dtype == torch.uint8 else values
+
+
+def resolve_int8_weights(int8_weights: str) -> str:
+    """``"uint8"`` or ``"int8"`` for an export asked for ``int8_weights`` (see the module docstring)."""
+    if int8_weights not in INT8_WEIGHTS:
+        raise ConfigError(f"int8_weights must be one of {', '.join(INT8_WEIGHTS)}, got {int8_weights!r}")
+    if int8_weights == "uint8":
+        return "uint8"
+    from nnopt.io.onnx_checks import check_onnxruntime_kernel
+
+    check = check_onnxruntime_kernel("onnxruntime-u8s8")
+    if int8_weights == "auto":
+        return "int8" if check.passed else "uint8"
+    if check.passed is False:
+        raise UnsupportedModelError(
+            "int8 weights give u8×s8 kernels, and ONNX Runtime's failed its known-answer check on this CPU "
+            f"({check.detail}): the file would compute wrong results here; export with int8_weights='uint8'")
+    return "int8"
 
 
 def _constant(t: torch.Tensor) -> torch.Tensor:
@@ -136,6 +181,7 @@ def export_onnx(
     input_names: Sequence[str] | None = None,
     dynamic_batch: bool = True,
     external_data: str | None = None,
+    int8_weights: str = "uint8",
 ) -> bytes:
     """Export ``model`` to ONNX (opset 17); returns the bytes and writes them atomically to ``path``.
 
@@ -146,8 +192,12 @@ def export_onnx(
     ``external_data``: a file name, relative to ``path``'s directory, that receives the weights
     (tensors of 1 KiB and more) while ``path`` keeps the graph; a name that could land outside
     that directory (absolute, ``..``, a symlink out) is refused. The returned bytes hold everything.
+
+    ``int8_weights`` (``"uint8"``, ``"int8"`` or ``"auto"``): how int8 layers write their codes; the default
+    U8U8 form is right on every CPU (module docstring).
     """
     onnx = _require("onnx")
+    weights = resolve_int8_weights(int8_weights)
     if external_data is not None and path is None:
         raise ConfigError("external_data needs a path to write beside")
     if isinstance(example_inputs, Mapping):
@@ -170,6 +220,7 @@ def export_onnx(
     was_training = model.training
     model.eval()
     export_mode = getattr(model, "onnx_export_mode", None)  # a model's own choice of exportable layers
+    token = _WEIGHTS.set(weights)
     try:
         with warnings.catch_warnings(), export_mode() if callable(export_mode) else contextlib.nullcontext():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice, tracer warnings
@@ -180,6 +231,7 @@ def export_onnx(
     except Exception as exc:  # the exporter raises many types; name the model and the cause
         raise UnsupportedModelError(f"ONNX export of {type(model).__name__} failed: {exc}") from None
     finally:
+        _WEIGHTS.reset(token)
         model.train(was_training)
     data = buffer.getvalue()
     onnx.checker.check_model(onnx.load_from_string(data))

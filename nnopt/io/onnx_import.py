@@ -203,13 +203,9 @@ def quantize_onnx(src: str | Path, dst: str | Path, per_channel: bool = True, ov
     except ImportError:
         raise UnsupportedModelError("quantizing ONNX needs onnxruntime: pip install 'nnopt[onnx]'") from None
     if weight_type == "int8":
-        from nnopt.io.onnx_checks import check_onnxruntime_kernel
+        from nnopt.io.onnx_export import resolve_int8_weights
 
-        check = check_onnxruntime_kernel("onnxruntime-u8s8")
-        if check.passed is False:
-            raise UnsupportedModelError(
-                "int8 weights give u8×s8 kernels, and ONNX Runtime's failed its known-answer check on this CPU "
-                f"({check.detail}): the model would be wrong here; use uint8 weights (the default)")
+        resolve_int8_weights("int8")  # refused where ONNX Runtime's u8×s8 kernel is wrong on this CPU
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}.onnx")
     try:

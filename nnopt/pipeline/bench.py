@@ -372,7 +372,9 @@ class _OnnxBackend(_Backend):
         from nnopt.io.onnx_export import export_onnx
 
         try:
-            export_onnx(self.model, _inputs(self.model, min(self.options.batches), "cpu"), self.path)
+            # a file timed here and nowhere else: the fastest exact int8 form on this machine
+            export_onnx(self.model, _inputs(self.model, min(self.options.batches), "cpu"), self.path,
+                        int8_weights="auto")
         except BaseException:
             self._tmp.cleanup()
             raise

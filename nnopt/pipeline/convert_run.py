@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -90,11 +91,11 @@ def _check_file(out: Path, inputs: list[Path], overwrite: bool) -> None:
         raise OutputError(f"refusing to overwrite {out}: it exists (pass --overwrite to replace it)")
 
 
-def _write_onnx(model: Any, out: Path, inputs: list[Path], overwrite: bool) -> int:
+def _write_onnx(model: Any, out: Path, inputs: list[Path], overwrite: bool, int8_weights: str = "uint8") -> int:
     from nnopt.io.onnx_export import export_onnx
     from nnopt.metrics.speed import example_batch
 
-    export_onnx(model, example_batch(model, 2), path=out)
+    export_onnx(model, example_batch(model, 2), path=out, int8_weights=int8_weights)
     return out.stat().st_size
 
 
@@ -131,8 +132,12 @@ def run_convert(
     allow_pickle: bool = False,
     overwrite: bool = False,
     input_shape: Sequence[int] | None = None,
+    int8_weights: str = "uint8",
 ) -> ConvertResult:
     """Read ``source`` (see :func:`nnopt.io.sources.open_model`) and write it to ``out``.
+
+    ``int8_weights`` applies to an ``.onnx`` output (:func:`nnopt.io.onnx_export.export_onnx`): ``uint8``
+    (U8U8, right on every CPU) or ``int8`` (faster with VNNI, refused where it would be wrong here).
 
     A torch module from a factory becomes an nnopt ``sequential`` model first (see
     :func:`nnopt.io.torch_factory.to_nnopt`; ``input_shape`` is needed when its first layer is not
@@ -145,6 +150,13 @@ def run_convert(
     inputs = [Path(p) for p in (source, weights) if p is not None and Path(p).exists()]
     writer = output_kind(out)
     writer.check(out, inputs, overwrite)  # before loading: a refusal comes first, not after the work
+    if writer.write is _write_onnx:
+        from nnopt.io.onnx_export import resolve_int8_weights
+
+        resolve_int8_weights(int8_weights)  # refused before loading too
+        writer = dataclasses.replace(writer, write=functools.partial(_write_onnx, int8_weights=int8_weights))
+    elif int8_weights != "uint8":
+        raise ConfigError("--int8-weights applies to an .onnx output only")
     loaded = open_model(source, weights=weights, allow_pickle=allow_pickle)
     model = as_nnopt_model(loaded, input_shape, source)
     written = writer.write(model, out, inputs, overwrite)
@@ -257,6 +269,10 @@ def register(commands: Any) -> None:
     convert.add_argument("--input-shape", default=None, metavar="D[,D...]",
                          help="input shape without the batch (e.g. 1,28,28), for a factory model whose first layer "
                          "is not a Linear")
+    convert.add_argument("--int8-weights", choices=("uint8", "int8"), default="uint8",
+                         help=".onnx output of an int8 model: uint8 (default) writes U8U8, right on every CPU; int8 "
+                         "writes U8S8/S8S8, about 2x faster in ONNX Runtime with VNNI but wrong without it (refused "
+                         "on such a CPU)")
     convert.add_argument("--overwrite", action="store_true", help="replace an earlier output at OUT")
     convert.set_defaults(handler=cmd_convert)
 
@@ -289,7 +305,8 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     result = run_convert(args.source, args.out, weights=args.weights, allow_pickle=args.allow_pickle,
-                         overwrite=args.overwrite, input_shape=parse_shape(args.input_shape))
+                         overwrite=args.overwrite, input_shape=parse_shape(args.input_shape),
+                         int8_weights=args.int8_weights)
     print(result)
     return 0
 

@@ -127,6 +127,7 @@ def _saved(tmp_path):
         (["convert", "{nets}:lstm", "-o", "{tmp}/out"], "LSTM"),
         (["convert", "{nets}:mlp", "--input-shape", "3,x", "-o", "{tmp}/out"], "--input-shape"),
         (["quantize-onnx", "{tmp}/model.onnx", "-o", "{tmp}/model.onnx"], "overlaps the input"),
+        (["convert", "{tmp}/saved", "-o", "{tmp}/out", "--int8-weights", "int8"], "applies to an .onnx output only"),
         (["quantize-onnx", "{tmp}/bad.onnx", "-o", "{tmp}/out.onnx"], "not a valid ONNX file"),
         (["quantize-onnx", "{tmp}/model.onnx", "-o", "{tmp}/out.txt"], "must end in .onnx"),
     ],

@@ -91,6 +91,38 @@ def test_onnx_exports_match_nnopt(trained_simplenet, digits):
         assert (ours - theirs).abs().max() < 0.1, config.kind  # measured: 0.0 dynamic, ~0.02-0.03 static
 
 
+@pytest.mark.parametrize("config", [nnopt.StaticQuantConfig(), nnopt.DynamicQuantConfig()], ids=lambda c: c.kind)
+def test_int8_weight_exports_only_where_exact_and_auto_picks_the_exact_form(trained_simplenet, digits, config,
+                                                                           monkeypatch):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from nnopt.io.onnx_export import resolve_int8_weights
+    from nnopt.quantization import kernel_checks as KC
+
+    q = nnopt.quantize(trained_simplenet, config, data=digits.train)
+    with torch.inference_mode():
+        ours = q(digits.test.x)
+
+    def weight_types(data: bytes) -> set[str]:
+        graph = onnx.load_from_string(data).graph
+        tensors = [*graph.initializer, *(n.attribute[0].t for n in graph.node if n.op_type == "Constant")]
+        return {onnx.TensorProto.DataType.Name(t.data_type) for t in tensors if len(t.dims) == 2}
+
+    if KC.kernel_passes("onnxruntime-u8s8"):  # a CPU with VNNI: the faster U8S8/S8S8 file, still nnopt's integers
+        data = nnopt.export_onnx(q, digits.test.x[:2], int8_weights="int8")
+        assert weight_types(data) == {"INT8"} and resolve_int8_weights("auto") == "int8"
+        theirs = nnopt.OnnxRunner(data, threads=1)(digits.test.x)
+        assert (ours.argmax(1) == theirs.argmax(1)).float().mean() >= 0.99
+        assert (ours - theirs).abs().max() < 0.1
+    monkeypatch.setitem(KC._RESULTS, "onnxruntime-u8s8", KC.KernelCheck("onnxruntime-u8s8", False, 8e6, "forced"))
+    with pytest.raises(nnopt.NnoptError, match="known-answer check on this CPU"):
+        nnopt.export_onnx(q, digits.test.x[:2], int8_weights="int8")
+    assert resolve_int8_weights("auto") == "uint8"
+    assert weight_types(nnopt.export_onnx(q, digits.test.x[:2], int8_weights="auto")) == {"UINT8"}
+    with pytest.raises(ConfigError, match="int8_weights must be one of uint8, int8, auto"):
+        nnopt.export_onnx(q, digits.test.x[:2], int8_weights="s8")
+
+
 def test_static_onnx_is_qdq_with_u8u8_codes(trained_simplenet, digits):
     """Static exports are U8U8 (right on CPUs without VNNI): uint8 weight codes = int8 codes + 128, zero point
     128, and uint8 activation zero points = int8 zero points + 128; no int8 tensor is left in the graph."""
