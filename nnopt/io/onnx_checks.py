@@ -1,7 +1,8 @@
 """ONNX Runtime's int8 kernels under the known-answer check (:mod:`nnopt.kernel_check`).
 
 - ``onnxruntime-u8s8`` / ``onnxruntime-u8u8``: MatMulInteger with int8 or uint8 (zero point 128) weights;
-- ``onnxruntime-qdq-u8u8``: the QDQ MatMul that nnopt's static int8 exports use, float output.
+- ``onnxruntime-qdq-u8u8`` / ``onnxruntime-qdq-s8s8``: the QDQ MatMul of nnopt's static int8 exports (U8U8
+  by default, S8S8 with ``int8_weights="int8"``), float output.
 
 Sessions use ORT_ENABLE_ALL, so the fused kernels users get are the ones checked.
 """
@@ -34,23 +35,32 @@ def _ort_matmul_integer(weights: str) -> Any:
     return gemm
 
 
-def _ort_qdq_u8u8(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The static export's QDQ form: Q/DQ (uint8) activations, DQ (uint8, zero point 128) weights, MatMul."""
+def _ort_qdq(signed: bool) -> Any:
+    """The static export's QDQ form: Q/DQ activations, DQ per-channel weights, MatMul, float output; U8U8
+    (uint8 weights with zero point 128) or S8S8 (``int8_weights="int8"``)."""
+
+    def gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(_run(_qdq_graph(x.shape[1], w, signed), x.numpy().astype(np.float32)))
+
+    return gemm
+
+
+def _qdq_graph(k: int, w: torch.Tensor, signed: bool) -> Any:
     from onnx import TensorProto, helper, numpy_helper
 
-    k, n = x.shape[1], w.shape[0]
+    n = w.shape[0]
+    codes = w.t().numpy().astype(np.int8) if signed else (w.t().numpy() + 128).astype(np.uint8)
     inits = [numpy_helper.from_array(np.array(1.0, np.float32), "x_step"),
-             numpy_helper.from_array(np.array(0, np.uint8), "x_zero"),
-             numpy_helper.from_array((w.t().numpy() + 128).astype(np.uint8), "w_q"),
+             numpy_helper.from_array(np.array(0, np.int8 if signed else np.uint8), "x_zero"),
+             numpy_helper.from_array(codes, "w_q"),
              numpy_helper.from_array(np.ones(n, np.float32), "w_step"),
-             numpy_helper.from_array(np.full(n, 128, np.uint8), "w_zero")]
+             numpy_helper.from_array(np.full(n, 0 if signed else 128, codes.dtype), "w_zero")]
     nodes = [helper.make_node("QuantizeLinear", ["X", "x_step", "x_zero"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "x_step", "x_zero"], ["xd"]),
              helper.make_node("DequantizeLinear", ["w_q", "w_step", "w_zero"], ["wd"], axis=1),
              helper.make_node("MatMul", ["xd", "wd"], ["Y"])]
-    graph = helper.make_graph(nodes, "check", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, k])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])], inits)
-    return torch.from_numpy(_run(graph, x.numpy().astype(np.float32)))
+    return helper.make_graph(nodes, "check", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, k])],
+                             [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])], inits)
 
 
 def _run(graph: Any, feed: Any) -> Any:
@@ -75,7 +85,8 @@ def _unavailable() -> str | None:
 ONNXRUNTIME_KERNELS: dict[str, KernelSpec] = {
     "onnxruntime-u8s8": KernelSpec(_ort_matmul_integer("s8"), (0, 255), _unavailable),
     "onnxruntime-u8u8": KernelSpec(_ort_matmul_integer("u8"), (0, 255), _unavailable),
-    "onnxruntime-qdq-u8u8": KernelSpec(_ort_qdq_u8u8, (0, 255), _unavailable),
+    "onnxruntime-qdq-u8u8": KernelSpec(_ort_qdq(signed=False), (0, 255), _unavailable),
+    "onnxruntime-qdq-s8s8": KernelSpec(_ort_qdq(signed=True), (-128, 127), _unavailable),
 }
 
 

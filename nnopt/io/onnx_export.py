@@ -158,13 +158,15 @@ def resolve_int8_weights(int8_weights: str) -> str:
         return "uint8"
     from nnopt.io.onnx_checks import check_onnxruntime_kernel
 
-    check = check_onnxruntime_kernel("onnxruntime-u8s8")
+    failed = [c for c in map(check_onnxruntime_kernel, ("onnxruntime-u8s8", "onnxruntime-qdq-s8s8"))
+              if c.passed is False]
     if int8_weights == "auto":
-        return "int8" if check.passed else "uint8"
-    if check.passed is False:
+        return "uint8" if failed or check_onnxruntime_kernel("onnxruntime-u8s8").passed is None else "int8"
+    if failed:
         raise UnsupportedModelError(
-            "int8 weights give u8×s8 kernels, and ONNX Runtime's failed its known-answer check on this CPU "
-            f"({check.detail}): the file would compute wrong results here; export with int8_weights='uint8'")
+            f"int8 weights give u8×s8 kernels, and ONNX Runtime's {failed[0].kernel} failed its known-answer check "
+            f"on this CPU ({failed[0].detail}): the file would compute wrong results here; "
+            "export with int8_weights='uint8'")
     return "int8"
 
 

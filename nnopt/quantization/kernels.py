@@ -48,12 +48,14 @@ def int8_linear(
     w_step: torch.Tensor,
     w_colsum: torch.Tensor,
     bias: torch.Tensor | None,
+    w_float: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(x_q − z) W_qᵀ / (S_x S_w) + b`` with an int8 GEMM.
 
-    x_q: (m, in) int8; w_q: (out, in) int8; w_step: (out,) = 1 / S_w; w_colsum: (out,) int32 Σ_k W_q.
+    x_q: (m, in) int8; w_q: (out, in) int8; w_step: (out,) = 1 / S_w; w_colsum: (out,) int32 Σ_k W_q;
+    w_float: the codes as float32, where the layer keeps them for the exact float32 fallback.
     """
-    acc = int8_matmul(x_q, w_q)  # (m, out) int32, exact
+    acc = int8_matmul(x_q, w_q, w_float)  # (m, out) int32, exact
     # Integer correction: |Σ W_q · z| can pass 2^24, beyond float32's exact integers.
     zero = x_zero.to(torch.int32) if isinstance(x_zero, torch.Tensor) else int(x_zero)
     acc = acc - w_colsum * zero
@@ -61,7 +63,7 @@ def int8_linear(
     return out if bias is None else out + bias
 
 
-def int8_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+def int8_matmul(x_q: torch.Tensor, w_q: torch.Tensor, w_float: torch.Tensor | None = None) -> torch.Tensor:
     """Exact int32 ``x_q · w_qᵀ`` for int8 ``x_q`` (m, k) and ``w_q`` (n, k).
 
     On CUDA ``torch._int_mm`` needs more than 16 rows and k, n multiples of 8; other shapes (batch 1,
@@ -78,7 +80,7 @@ def int8_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     if path == "torch-int-mm":
         return torch._int_mm(x_q, w_q.t())
     if path == "fp32-exact":
-        return fp32_exact_int8_matmul(x_q, w_q)
+        return fp32_exact_int8_matmul(x_q, w_q, w_float)
     with torch.autocast("cpu", enabled=False):
         return (x_q.double() @ w_q.double().t()).to(torch.int32)
 
@@ -88,12 +90,13 @@ def int8_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
 EXACT_FP32_DEPTH = 1024
 
 
-def fp32_exact_int8_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+def fp32_exact_int8_matmul(x_q: torch.Tensor, w_q: torch.Tensor, w_float: torch.Tensor | None = None) -> torch.Tensor:
     """Exact int32 ``x_q · w_qᵀ`` by float32 GEMMs over blocks of :data:`EXACT_FP32_DEPTH` inputs.
 
-    The fallback where no int8 kernel passed its check: fp32 speed, integer-exact results.
+    The fallback where no int8 kernel passed its check: fp32 speed, integer-exact results. ``w_float``
+    (``w_q`` as float32, kept by the layer) saves converting the weights on every call.
     """
-    x, w = x_q.to(torch.float32), w_q.to(torch.float32)
+    x, w = x_q.to(torch.float32), (w_q.to(torch.float32) if w_float is None else w_float)
     depth = x.shape[1]
     with torch.autocast(x.device.type, enabled=False):  # autocast would make these bf16 products: inexact
         if depth <= EXACT_FP32_DEPTH:

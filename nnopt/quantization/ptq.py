@@ -127,6 +127,18 @@ class _Int8Weight(nn.Module):
         """Recompute the derived constants from ``weight_q`` and ``weight_scale``."""
         self.weight_step = 1.0 / self.weight_scale  # (out,) the real value of one weight code
         self.weight_colsum = self.weight_q.flatten(1).sum(dim=1, dtype=torch.int32)
+        self._codes_fp32: torch.Tensor | None = None
+
+    def gemm_codes_fp32(self) -> torch.Tensor | None:
+        """The (out, in) codes as float32 where the exact float32 fallback multiplies them (no int8 kernel
+        passed its known-answer check here), kept so that no call converts the weights again: fp32 memory
+        for fp32 speed. None wherever an int8 kernel runs."""
+        if K.int8_gemm_path(dynamic=False, device=self.weight_q.device.type) != "fp32-exact":
+            return None
+        cached = getattr(self, "_codes_fp32", None)
+        if cached is None:
+            cached = self._codes_fp32 = self.weight_q.flatten(1).to(torch.float32)
+        return cached
 
     def set_weight(self, weight: torch.Tensor) -> None:
         scale, _ = P.compute_qparams(weight, 8, symmetric=True, channel_axis=0)
@@ -199,7 +211,8 @@ class Int8DynamicLinear(_Int8Weight):
             flat = x.reshape(-1, self.in_features)  # (tokens, in)
             scale, zero_t = K.dynamic_qparams(flat)
             x_q = K.quantize_activation(flat, scale, zero_t)
-            out = K.int8_linear(x_q, scale, zero_t, self.weight_q, self.weight_step, self.weight_colsum, self.bias)
+            out = K.int8_linear(x_q, scale, zero_t, self.weight_q, self.weight_step, self.weight_colsum, self.bias,
+                                self.gemm_codes_fp32())
             if self.activation == "gelu":
                 out = torch.nn.functional.gelu(out)
             out = out.to(self.output_dtype)
@@ -286,7 +299,7 @@ class Int8StaticLinear(_Int8Static):
         zero = self.input_zero_point
         out = K.int8_linear(
             self.quantize_input(flat), self.input_scale, zero, self.weight_q, self.weight_step, self.weight_colsum,
-            self.bias,
+            self.bias, self.gemm_codes_fp32(),
         )
         return out.reshape(*x.shape[:-1], self.out_features)
 
@@ -316,7 +329,7 @@ class Int8StaticConv2d(_Int8Static):
         )
         out = K.int8_linear(
             patches, self.input_scale, zero, self.weight_q.flatten(1), self.weight_step, self.weight_colsum,
-            self.bias,
+            self.bias, self.gemm_codes_fp32(),
         )  # (n · out_h · out_w, out_channels)
         return out.reshape(x.shape[0], out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
 

@@ -257,3 +257,16 @@ def test_bf16_on_arm_reads_the_bf16_feature(monkeypatch, tmp_path):
     native, why = cpu.bf16_support()
     assert native is None and "aarch64" in why
     cpu.require_native_bf16("anything")  # unknown is not refused
+
+
+def test_the_fp32_fallback_keeps_float_codes_only_where_it_runs_and_drops_them_on_new_weights(monkeypatch):
+    source = torch.nn.Linear(16, 4)
+    module = Int8StaticLinear(source)
+    module.set_weight(source.weight.detach())
+    _force(monkeypatch, **{"torch-int-mm": True})
+    assert module.gemm_codes_fp32() is None  # an int8 kernel runs: no float copy of the weights
+    _force(monkeypatch, **{"torch-int-mm": False, "fp32-exact": True})
+    codes = module.gemm_codes_fp32()
+    assert codes is not None and torch.equal(codes, module.weight_q.float()) and module.gemm_codes_fp32() is codes
+    module.set_weight(-source.weight.detach())
+    assert torch.equal(module.gemm_codes_fp32(), module.weight_q.float())  # refreshed with the codes
