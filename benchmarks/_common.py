@@ -38,16 +38,25 @@ def write_results(
     doc = {"benchmark": name, "env": {**environment(), **(extra_env or {})}, "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, (json.dumps(doc, indent=2) + "\n").encode())
+    atomic_write_bytes(out.with_suffix(".md"), render_markdown(doc, extra_columns).encode())
+
+
+def render_markdown(doc: dict[str, Any], extra_columns: tuple[str, ...] = ()) -> str:
+    """The Markdown table of a benchmark document, headed by where it ran (CPU, ISA class, threads)."""
+    rows, env = doc["rows"], doc["env"]
     columns = ["workload", "tool", "variant", "batch", "latency_ms_median", "latency_ms_p10", "latency_ms_p90",
                "speedup_vs_baseline", "accuracy", "file_bytes", "nonzeros", *extra_columns, "energy_mj"]
     columns = [c for c in columns if any(r.get(c) is not None for r in rows)]  # drop all-null columns
     table = markdown_table(columns, [[r.get(c) for c in columns] for r in rows])
-    env = doc["env"]
     timed = any(r.get("latency_ms_median") is not None for r in rows)
-    header = (f"# {name}\n\n{env['device']} ({env['cpu']}), {env['threads']} threads, torch {env['torch']}. "
+    isa = env.get("isa", "ISA class not recorded")
+    if env.get("onednn_max_cpu_isa"):
+        isa += f", oneDNN capped with ONEDNN_MAX_CPU_ISA={env['onednn_max_cpu_isa']}"
+    header = (f"# {doc['benchmark']}\n\n{env['device']} ({env['cpu']}; {isa}), {env['threads']} threads, "
+              f"torch {env['torch']}. "
               + ("Latency measured side by side in one process (variants alternated). " if timed else "")
               + "Accuracy on the held-out test split; file bytes of the written file (measured).\n\n")
-    atomic_write_bytes(out.with_suffix(".md"), (header + table + "\n").encode())
+    return header + table + "\n"
 
 
 def parse_args(
