@@ -3,8 +3,9 @@ plan (a recipe) that best serves the objective within an accuracy budget, and wr
 
 Everything is checked before any work. The output directory appears complete or not at all; the
 trials evaluated so far are checkpointed beside it, so Ctrl-C loses no finished work and
-``--resume`` continues. Exit status: 0 with a chosen plan; 3 when no plan meets ``--max-drop``
-(the front and the closest plans are still written, without a model); 2 on bad input.
+``--resume`` continues. Exit status: 0 with a chosen plan; 3 when no plan meets ``--max-drop`` or, for
+latency, none that does is measurably faster than the input model (the front and the closest plans are
+still written, without a model); 2 on bad input.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from nnopt.errors import ConfigError
 from nnopt.report.document import REPORT_HTML, REPORT_JSON, REPORT_MD
 
-NOTHING_MEETS = 3  # exit status when no plan meets the accuracy budget
+NOTHING_MEETS = 3  # exit status when no plan is chosen: none meets the accuracy budget (or, latency: none is faster)
 # What an earlier auto output holds: it may be replaced with --overwrite (report.json marks it).
 AUTO_FILES = (REPORT_JSON, REPORT_HTML, REPORT_MD, "recipe.yaml", "model")
 
@@ -32,7 +33,8 @@ def register(commands: Any) -> None:
         "sparsity, bit widths, structured ratios, int8), evaluate each through its recipe with fine-tuning, keep "
         "the Pareto front of quality against the objective, and write the best plan within --max-drop: OUT/model "
         "(rebuilt on the whole training split, as `nnopt optimize OUT/recipe.yaml` does), OUT/recipe.yaml and "
-        "OUT/report.json/.html/.md. Exit status 0 with a chosen plan, 3 when none meets --max-drop (the front is "
+        "OUT/report.json/.html/.md. Exit status 0 with a chosen plan, 3 when none meets --max-drop or, for latency, "
+        "none that does is faster than the input (the front is "
         "still written), 2 on bad input. Ctrl-C keeps a checkpoint beside OUT; --resume continues it.",
     )
     parser.add_argument("path", metavar="PATH", help="an nnopt model directory")
@@ -102,7 +104,7 @@ def _int(text: str, flag: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class AutoResult:
-    """What an auto run wrote and its exit status (0: a plan was chosen; 3: none met the budget)."""
+    """What an auto run wrote and its exit status (0: a plan was chosen; 3: none was, see NOTHING_MEETS)."""
 
     out: Path
     report: dict[str, Any]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from nnopt.errors import ConfigError
+from nnopt.metrics.speed import MIN_SPEEDUP
 from nnopt.progress import track
 from nnopt.search.checkpoint import Checkpoint
 from nnopt.search.pareto import choose, closest, meets, pareto_front
@@ -90,6 +91,13 @@ class SearchOutcome:
     budget: dict[str, Any]
     objective_method: str
     deadline: float = float("inf")  # time.monotonic() at which --budget-minutes runs out (the report's timing too)
+
+    @property
+    def only_slower(self) -> bool:
+        """Nothing chosen although plans met the accuracy budget: none was faster than the baseline."""
+        return self.chosen is None and bool(self.closest) and all(
+            (t.get("latency_ms") or {}).get("speedup", MIN_SPEEDUP) < MIN_SPEEDUP and t.get("meets_budget")
+            for t in self.closest)
 
     def seconds_left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
@@ -171,12 +179,16 @@ def search(ctx: TrialContext, settings: SearchSettings, checkpoint: Checkpoint, 
     front = pareto_front(valid, _quality, _cost)
     if settings.objective == "latency" and front:
         front = _confirm(ctx, settings, state, save, front, left_s())
-    chosen = choose(front, _quality, _cost, baseline, settings.max_drop)
+    # For latency a plan must also be measurably faster than the input model: on a CPU where int8 or pruned
+    # layers run slower (no VNNI, overhead-bound layers) the right answer is "keep the model".
+    faster = [t for t in front if settings.objective != "latency" or t["latency_ms"]["speedup"] >= MIN_SPEEDUP]
+    chosen = choose(faster, _quality, _cost, baseline, settings.max_drop)
     budget = {"minutes": settings.budget_minutes, "spent_s": round(time.monotonic() - clock_start, 1),
               "plans": len(plans), "evaluated": len(trials), "started_this_run": started,
               "not_started": len(plans) - len(trials), "resumed": checkpoint.resumed}
+    slower = [t for t in front if t not in faster and meets(t["quality"], baseline, settings.max_drop)]
     return SearchOutcome(baseline, sensitivity, trials, front, chosen,
-                         [] if chosen else closest(valid, _quality, _cost), budget,
+                         [] if chosen else (slower or closest(valid, _quality, _cost)), budget,
                          objective_method(settings.objective, settings.batch, torch.get_num_threads(),
                                           getattr(counter, "name", None)),
                          deadline=clock_start + settings.budget_minutes * 60)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nnopt.metrics.speed import MIN_SPEEDUP
 from nnopt.search.engine import SearchOutcome, SearchSettings, plan_of
 from nnopt.search.plans import plan_recipe
 from nnopt.search.trials import TrialContext, energy_nj, layer_summary, time_models
@@ -117,7 +118,8 @@ def build_report(ctx: TrialContext, settings: SearchSettings, outcome: SearchOut
         "kind": "auto", "objective": settings.objective, "max_drop": settings.max_drop, "metric": metric,
         "batch": batch, "chosen": chosen_name, "message": message(settings, outcome, result, metric),
         "objective_method": outcome.objective_method,
-        "environment": {"device": env["device"], "cpu": env["cpu"], "threads": threads, "batch": batch,
+        "environment": {"device": env["device"], "cpu": env["cpu"], "isa": env["isa"],
+                        "onednn_max_cpu_isa": env["onednn_max_cpu_isa"], "threads": threads, "batch": batch,
                         "torch": env["torch"], "nnopt": env["nnopt"], "allocator": env.get("allocator")},
         "dataset": ctx.task.describe(), "input": {"architecture": meta["architecture"],
                                                   "applied": [p["name"] for p in meta.get("applied", [])]},
@@ -195,6 +197,12 @@ def message(settings: SearchSettings, outcome: SearchOutcome, result: dict[str, 
     ran = (f"{budget['evaluated']} of {budget['plans']} plans evaluated"
            + (f" ({budget['not_started']} not started: the {settings.budget_minutes:g}-minute budget ran out)"
               if budget["not_started"] else ""))
+    if result is None and outcome.only_slower:
+        best = max(outcome.closest, key=lambda t: t["latency_ms"]["speedup"])
+        return (f"No plan within --max-drop {settings.max_drop:g} is faster than the baseline at batch "
+                f"{settings.batch} ({ran}): the fastest, {best['name']}, measured {best['latency_ms']['speedup']:.2f}x "
+                f"the baseline's speed, below the {MIN_SPEEDUP}x a choice needs. Keep the input model here. "
+                "No model was written; the front is in the report.")
     if result is None:
         near = "; ".join(f"{t['name']} (drop {t['drop']:.4f}, objective {t['objective_value']:.4g})"
                          for t in outcome.closest) or "none"

@@ -364,3 +364,25 @@ def test_the_budget_bounds_the_final_timings(saved, tmp_path, monkeypatch):
     assert seen["screen"] == [0.0] and seen["confirm"][0] == 0.0  # not the 30 s asked for: nothing is left
     assert seen["confirm"][-1] == 0.0  # the report's timing of baseline, front and final model
     assert report["front"] and all(f["latency_ms"]["median"] > 0 for f in report["front"])  # min calls still run
+
+
+def test_latency_plans_slower_than_the_input_are_not_chosen(saved, tmp_path, monkeypatch):
+    """On a CPU where every plan runs slower (int8 without VNNI, overhead-bound layers), auto keeps the input
+    model: exit 3 and a message that says so, not a 'chosen' plan that makes the model slower."""
+    from nnopt.search import engine
+
+    real_time = engine.time_models
+
+    def slower(models, inputs, batch, seconds, *rest, **kw):
+        timing = real_time(models, inputs, batch, seconds, *rest, **kw)
+        base = timing["baseline"]["median"]
+        return {name: ({**t, "median": base * 2} if name != "baseline" else t) for name, t in timing.items()}
+
+    monkeypatch.setattr(engine, "time_models", slower)
+    settings = SearchSettings(objective="latency", max_drop=0.05, **{**TINY, "levels": {"structured": (0.5,)}})
+    result = run_auto(saved, "digits", settings, tmp_path / "slow")
+    report = result.report
+    assert result.exit_code == NOTHING_MEETS and report["chosen"] is None and report["front"]
+    assert all(f["speedup"] == pytest.approx(0.5) for f in report["front"])
+    assert "is faster than the baseline" in report["message"] and "Keep the input model here" in report["message"]
+    assert report["environment"]["isa"] and "onednn_max_cpu_isa" in report["environment"]
