@@ -93,11 +93,12 @@ def torch_dynamic(model: nn.Module, per_channel: bool) -> nn.Module:
 
 
 def ort_weight_type() -> str:
-    """ONNX Runtime's own advice for x86: int8 weights (U8S8) where its u8×s8 kernels are exact (VNNI), else
-    uint8 weights (U8U8), which never saturate. Decided by the known-answer check, not by CPU flags."""
-    from nnopt.quantization.kernel_checks import kernel_passes
+    """ONNX Runtime's own advice for x86: int8 weights where its u8×s8 kernels are exact (VNNI), else uint8
+    weights (U8U8), which never saturate. Decided by the known-answer checks (as nnopt's int8_weights="auto"
+    export is), not by CPU flags."""
+    from nnopt.io.onnx_export import resolve_int8_weights
 
-    return "int8" if kernel_passes("onnxruntime-u8s8") else "uint8"
+    return resolve_int8_weights("auto")
 
 
 def ort_quantize_dynamic(fp32_onnx: Path, out: Path, weight_type: str | None = None) -> Path:

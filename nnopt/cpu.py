@@ -111,6 +111,8 @@ def isa_class(features: dict[str, bool | None] | None = None) -> str:
 
 def has_vnni(features: dict[str, bool | None] | None = None) -> bool | None:
     """Whether int8 dot products accumulate into 32 bits (AVX-512 VNNI, AVX-VNNI or AMX); None if unknown."""
+    if features is None and platform.machine().lower() not in X86_MACHINES:
+        return None  # VNNI is x86's; other CPUs' int8 dot products are not described by these flags
     f = effective_cpu_features() if features is None else features
     if all(f.get(flag) is None for flag in ("avx_vnni", "avx512_vnni", "amx_int8")):
         return None

@@ -116,12 +116,17 @@ _RESULTS: dict[str, KernelCheck] = {}  # one verdict per kernel name and process
 _LOCK = threading.Lock()
 
 
-@torch.compiler.disable  # a layer's first call may come inside torch.compile: check eagerly, not traced
 def checked(name: str, spec: KernelSpec) -> KernelCheck:
     """The verdict on kernel ``name`` in this process (checked on first request, then remembered)."""
     known = _RESULTS.get(name)  # the hot path (every int8 GEMM asks): no lock once a verdict exists
     if known is not None:
         return known
+    # A layer's first call may come inside torch.compile: the check runs eagerly, never traced. Wrapped
+    # here, not at import: torch.compiler.disable imports torch._dynamo (1.5 s).
+    return torch.compiler.disable(_first_check)(name, spec)
+
+
+def _first_check(name: str, spec: KernelSpec) -> KernelCheck:
     why = spec.unavailable()  # outside the lock: an ONNX Runtime check takes seconds; equal verdicts may race
     verdict = KernelCheck(name, None, None, why) if why else run_check(name, spec.gemm, spec.activation_range)
     with _LOCK:

@@ -354,7 +354,9 @@ def _record(module: nn.Module, args: tuple, output: Any) -> _Record | None:
         path = int8_gemm_path(isinstance(module, Int8DynamicLinear), module.weight_q.device.type)
         if path in ("onednn", "torch-int-mm"):
             return _Record("int8", "int8", macs, extra, _own_bytes(module), act_bytes + codes)
-        return _Record(f"int8 codes, {path} product", "fp32", macs, extra, _own_bytes(module), act_bytes + codes)
+        # ... reading the float32 copy of the codes the layer keeps for it, 4 bytes per weight
+        weights = _own_bytes(module) + 4 * module.weight_q.numel()
+        return _Record(f"int8 codes, {path} product", "fp32", macs, extra, weights, act_bytes + codes)
     if isinstance(module, _QuantizedWeight):
         macs = _macs_of(module, output)
         weights = module.weight_shape.numel()

@@ -12,9 +12,9 @@ computes what the nnopt model computes:
   code + 128 with zero point 128. Right on every CPU: ONNX Runtime's u8×s8 kernels sum pairs of
   products in saturating 16-bit lanes on x86 CPUs without VNNI (its documentation's advice there is
   U8U8 or reduce_range), while its u8×u8 kernels widen to 16 bits first and never saturate.
-- ``"int8"`` (U8S8 dynamic, S8S8 static): about 2× faster in ONNX Runtime on CPUs with VNNI (measured
-  on MiniLM and a 4096² Linear, README), wrong on CPUs without it; refused where ONNX Runtime's u8×s8
-  kernel failed its known-answer check (:mod:`nnopt.io.onnx_checks`).
+- ``"int8"`` (U8S8 dynamic, S8S8 static): about 1.8× faster in ONNX Runtime on a CPU with VNNI (MiniLM,
+  docs/cpus.md), wrong on CPUs without it; refused where ONNX Runtime's u8×s8 MatMulInteger or S8S8 QDQ
+  MatMul failed its known-answer check (:mod:`nnopt.io.onnx_checks`; MatMul stands for Conv too).
 - ``"auto"``: ``"int8"`` where that check passed on this machine, else ``"uint8"``: for a file timed and
   used here (``nnopt bench --backend onnxruntime``), not one copied to other machines.
 
@@ -150,23 +150,27 @@ def _weight_values(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return values - WEIGHT_ZERO_U8 if codes.dtype == torch.uint8 else values
 
 
-def resolve_int8_weights(int8_weights: str) -> str:
-    """``"uint8"`` or ``"int8"`` for an export asked for ``int8_weights`` (see the module docstring)."""
+SIGNED_KERNELS = ("onnxruntime-u8s8", "onnxruntime-qdq-s8s8")  # what int8-weight exports run (MatMul stands for Conv)
+
+
+def resolve_int8_weights(int8_weights: str, kernels: tuple[str, ...] = SIGNED_KERNELS,
+                         instead: str = "export with int8_weights='uint8' (nnopt convert --int8-weights uint8)") -> str:
+    """``"uint8"`` or ``"int8"`` for an export asked for ``int8_weights`` (see the module docstring): int8 only
+    where ONNX Runtime's ``kernels`` passed their known-answer checks here; ``instead`` is the advice on refusal."""
     if int8_weights not in INT8_WEIGHTS:
         raise ConfigError(f"int8_weights must be one of {', '.join(INT8_WEIGHTS)}, got {int8_weights!r}")
     if int8_weights == "uint8":
         return "uint8"
     from nnopt.io.onnx_checks import check_onnxruntime_kernel
 
-    failed = [c for c in map(check_onnxruntime_kernel, ("onnxruntime-u8s8", "onnxruntime-qdq-s8s8"))
-              if c.passed is False]
+    checks = [check_onnxruntime_kernel(name) for name in kernels]
+    failed = [c for c in checks if c.passed is False]
     if int8_weights == "auto":
-        return "uint8" if failed or check_onnxruntime_kernel("onnxruntime-u8s8").passed is None else "int8"
+        return "int8" if all(c.passed for c in checks) else "uint8"
     if failed:
         raise UnsupportedModelError(
             f"int8 weights give u8×s8 kernels, and ONNX Runtime's {failed[0].kernel} failed its known-answer check "
-            f"on this CPU ({failed[0].detail}): the file would compute wrong results here; "
-            "export with int8_weights='uint8'")
+            f"on this CPU ({failed[0].detail}): the file would compute wrong results here; {instead}")
     return "int8"
 
 

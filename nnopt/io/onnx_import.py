@@ -205,7 +205,8 @@ def quantize_onnx(src: str | Path, dst: str | Path, per_channel: bool = True, ov
     if weight_type == "int8":
         from nnopt.io.onnx_export import resolve_int8_weights
 
-        resolve_int8_weights("int8")  # refused where ONNX Runtime's u8×s8 kernel is wrong on this CPU
+        # refused where ONNX Runtime's u8×s8 MatMulInteger (all quantize_dynamic writes) is wrong on this CPU
+        resolve_int8_weights("int8", ("onnxruntime-u8s8",), "use weight_type='uint8' (--weight-type uint8)")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}.onnx")
     try:

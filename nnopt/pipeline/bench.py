@@ -203,6 +203,11 @@ def run_bench(path: str | Path, options: BenchOptions) -> BenchResult:
         env["dtype_method"] = f"torch.autocast(device_type={options.device!r}, dtype=torch.bfloat16)"
         warning = bf16_warning(options.device)
         env["warnings"] = [warning] if warning else []
+    if options.backend == "onnxruntime":
+        from nnopt.io.onnx_export import resolve_int8_weights
+
+        # how int8 layers were exported for this run (U8S8 is faster with VNNI; U8U8 is exact everywhere)
+        env["onnx_int8_weights"] = resolve_int8_weights("auto")
     runner = _make_backend(model, options)
     load_before = _load_average()
     rows: list[dict[str, Any]] = []

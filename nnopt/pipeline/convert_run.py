@@ -271,7 +271,7 @@ def register(commands: Any) -> None:
                          "is not a Linear")
     convert.add_argument("--int8-weights", choices=("uint8", "int8"), default="uint8",
                          help=".onnx output of an int8 model: uint8 (default) writes U8U8, right on every CPU; int8 "
-                         "writes U8S8/S8S8, about 2x faster in ONNX Runtime with VNNI but wrong without it (refused "
+                         "writes U8S8/S8S8, about 1.8x faster in ONNX Runtime with VNNI but wrong without it (refused "
                          "on such a CPU)")
     convert.add_argument("--overwrite", action="store_true", help="replace an earlier output at OUT")
     convert.set_defaults(handler=cmd_convert)

@@ -127,7 +127,7 @@ class _Int8Weight(nn.Module):
         """Recompute the derived constants from ``weight_q`` and ``weight_scale``."""
         self.weight_step = 1.0 / self.weight_scale  # (out,) the real value of one weight code
         self.weight_colsum = self.weight_q.flatten(1).sum(dim=1, dtype=torch.int32)
-        self._codes_fp32: torch.Tensor | None = None
+        self._codes_fp32: tuple[tuple[int, int, str], torch.Tensor] | None = None
 
     def gemm_codes_fp32(self) -> torch.Tensor | None:
         """The (out, in) codes as float32 where the exact float32 fallback multiplies them (no int8 kernel
@@ -135,10 +135,13 @@ class _Int8Weight(nn.Module):
         for fp32 speed. None wherever an int8 kernel runs."""
         if K.int8_gemm_path(dynamic=False, device=self.weight_q.device.type) != "fp32-exact":
             return None
+        codes = self.weight_q
+        # keyed by the codes' storage, version and device: an in-place change or a swapped tensor rebuilds it
+        key = (codes.data_ptr(), codes._version, str(codes.device))
         cached = getattr(self, "_codes_fp32", None)
-        if cached is None:
-            cached = self._codes_fp32 = self.weight_q.flatten(1).to(torch.float32)
-        return cached
+        if cached is None or cached[0] != key:
+            cached = self._codes_fp32 = (key, codes.flatten(1).to(torch.float32))
+        return cached[1]
 
     def set_weight(self, weight: torch.Tensor) -> None:
         scale, _ = P.compute_qparams(weight, 8, symmetric=True, channel_axis=0)

@@ -209,7 +209,7 @@ def test_quantize_onnx_writes_u8u8_by_default_and_int8_weights_only_where_exact(
     if KC.kernel_passes("onnxruntime-u8s8"):  # a CPU with VNNI: the faster U8S8 file is allowed
         assert _matmul_weight_types(quantize_onnx(fp32_onnx, tmp_path / "s8.onnx", weight_type="int8")) == {"INT8"}
     monkeypatch.setitem(KC._RESULTS, "onnxruntime-u8s8", KC.KernelCheck("onnxruntime-u8s8", False, 8e6, "saturating"))
-    with pytest.raises(UnsupportedModelError, match="known-answer check on this CPU .*int8_weights='uint8'"):
+    with pytest.raises(UnsupportedModelError, match="known-answer check on this CPU .*weight_type='uint8'"):
         quantize_onnx(fp32_onnx, tmp_path / "s8-refused.onnx", weight_type="int8")
     assert not (tmp_path / "s8-refused.onnx").exists()
     with pytest.raises(ConfigError, match="weight_type must be one of uint8, int8"):
