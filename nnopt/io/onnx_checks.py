@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nnopt.errors import UnsupportedModelError
 from nnopt.kernel_check import KernelCheck, KernelSpec, checked
 
 
@@ -93,3 +94,40 @@ ONNXRUNTIME_KERNELS: dict[str, KernelSpec] = {
 def check_onnxruntime_kernel(name: str) -> KernelCheck:
     """The verdict on ONNX Runtime kernel ``name`` in this process."""
     return checked(name, ONNXRUNTIME_KERNELS[name])
+
+
+# Where an operator reads integer weight codes: ONNX Runtime multiplies them as u8×s8 when they are int8.
+WEIGHT_CODE_INPUTS = {"MatMulInteger": 1, "ConvInteger": 1, "QLinearMatMul": 3, "QLinearConv": 3, "DequantizeLinear": 0}
+SIGNED_KERNELS = ("onnxruntime-u8s8", "onnxruntime-qdq-s8s8")
+
+
+def signed_int8_weights(model: Any) -> list[str]:
+    """The nodes of ``model`` (an onnx ModelProto) that read int8 weight codes (initializers or Constants)."""
+    from onnx import TensorProto
+
+    graph = model.graph
+    int8 = {t.name for t in graph.initializer if t.data_type == TensorProto.INT8}
+    int8 |= {node.output[0] for node in graph.node if node.op_type == "Constant" and node.attribute
+             and node.attribute[0].HasField("t") and node.attribute[0].t.data_type == TensorProto.INT8}
+    found = []
+    for node in graph.node:
+        index = WEIGHT_CODE_INPUTS.get(node.op_type)
+        if index is not None and len(node.input) > index and node.input[index] in int8:
+            found.append(f"{node.op_type} {node.name or node.output[0]!r}")
+    return found
+
+
+def refuse_wrong_int8(model: Any, what: str) -> None:
+    """Refuse to run ``model`` on ONNX Runtime's CPU kernels where its int8 weights would give wrong results
+    here: u8×s8 kernels that failed their known-answer check (a CPU without VNNI). Files with uint8 (U8U8)
+    weights, or no int8 weights, pass without running a check."""
+    found = signed_int8_weights(model)
+    if not found:
+        return
+    failed = [c for c in map(check_onnxruntime_kernel, SIGNED_KERNELS) if c.passed is False]
+    if failed:
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        raise UnsupportedModelError(
+            f"{what} multiplies int8 weights ({found[0]}{more}), which ONNX Runtime computes wrongly on this CPU "
+            f"({failed[0].kernel} failed its known-answer check: no VNNI?); write it with uint8 weights instead "
+            "(nnopt convert --int8-weights uint8, or nnopt quantize-onnx --weight-type uint8)")

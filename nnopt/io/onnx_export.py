@@ -319,11 +319,17 @@ class OnnxRunner:
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         if isinstance(model, bytes):
             source = model
+            proto = _require("onnx").load_from_string(model)
         else:
             from nnopt.io.onnx_import import load_onnx
 
             # Checked (external data confined to the model's directory, ONNX checker) before any session.
-            source = load_onnx(model).SerializeToString()
+            proto = load_onnx(model)
+            source = proto.SerializeToString()
+        if "CUDAExecutionProvider" not in providers:
+            from nnopt.io.onnx_checks import refuse_wrong_int8
+
+            refuse_wrong_int8(proto, "this ONNX model" if isinstance(model, bytes) else str(model))
         self.session = ort.InferenceSession(source, options, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
 

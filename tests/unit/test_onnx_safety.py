@@ -226,3 +226,29 @@ def test_quantize_onnx_refuses_to_write_over_its_input_or_an_existing_file(fp32_
     assert existing.read_bytes() == b"mine"
     with pytest.raises(ConfigError, match=".onnx"):
         quantize_onnx(fp32_onnx, tmp_path / "q.bin")
+
+
+def test_onnx_runner_refuses_int8_weights_where_onnx_runtime_gets_them_wrong(tmp_path, monkeypatch):
+    """A U8S8 file (fast on VNNI CPUs) copied to a CPU without VNNI would compute wrong results there: the
+    runner refuses it with one error naming the fix; the U8U8 form of the same model runs."""
+    from nnopt.errors import UnsupportedModelError
+    from nnopt.io.onnx_checks import signed_int8_weights
+    from nnopt.quantization import kernel_checks as KC
+
+    model = nnopt.quantize(_MLP(), nnopt.DynamicQuantConfig())
+    x = torch.randn(4, 64)
+    unsigned = nnopt.export_onnx(model, x[:2])
+    assert signed_int8_weights(onnx.load_from_string(unsigned)) == []
+    if KC.kernel_passes("onnxruntime-u8s8") and KC.kernel_passes("onnxruntime-qdq-s8s8"):
+        signed = nnopt.export_onnx(model, x[:2], int8_weights="int8")
+        assert len(signed_int8_weights(onnx.load_from_string(signed))) == 2  # both Linear layers
+        assert torch.allclose(nnopt.OnnxRunner(signed)(x), nnopt.OnnxRunner(unsigned)(x), atol=1e-5)
+        path = tmp_path / "u8s8.onnx"
+        path.write_bytes(signed)
+        monkeypatch.setitem(KC._RESULTS, "onnxruntime-u8s8",
+                            KC.KernelCheck("onnxruntime-u8s8", False, 8e6, "saturating"))
+        with pytest.raises(UnsupportedModelError, match=r"u8s8.onnx multiplies int8 weights \(MatMulInteger .* and 1 "
+                                                        r"more\).*--int8-weights uint8"):
+            nnopt.OnnxRunner(path)
+    monkeypatch.setitem(KC._RESULTS, "onnxruntime-u8s8", KC.KernelCheck("onnxruntime-u8s8", False, 8e6, "saturating"))
+    torch.testing.assert_close(nnopt.OnnxRunner(unsigned)(x), model(x), atol=1e-4, rtol=1e-4)  # U8U8 always runs
