@@ -96,8 +96,14 @@ def check_onnxruntime_kernel(name: str) -> KernelCheck:
     return checked(name, ONNXRUNTIME_KERNELS[name])
 
 
+def failed_checks(kernels: tuple[str, ...]) -> list[KernelCheck]:
+    """The verdicts among ``kernels`` that found the kernel wrong here (not those merely unavailable)."""
+    return [check for check in map(check_onnxruntime_kernel, kernels) if check.passed is False]
+
+
 # Where an operator reads integer weight codes: ONNX Runtime multiplies them as u8×s8 when they are int8.
 WEIGHT_CODE_INPUTS = {"MatMulInteger": 1, "ConvInteger": 1, "QLinearMatMul": 3, "QLinearConv": 3, "DequantizeLinear": 0}
+# What int8-weight files run: U8S8 MatMulInteger and S8S8 QDQ (the MatMul check stands for Conv too).
 SIGNED_KERNELS = ("onnxruntime-u8s8", "onnxruntime-qdq-s8s8")
 
 
@@ -124,7 +130,7 @@ def refuse_wrong_int8(model: Any, what: str) -> None:
     found = signed_int8_weights(model)
     if not found:
         return
-    failed = [c for c in map(check_onnxruntime_kernel, SIGNED_KERNELS) if c.passed is False]
+    failed = failed_checks(SIGNED_KERNELS)
     if failed:
         more = f" and {len(found) - 1} more" if len(found) > 1 else ""
         raise UnsupportedModelError(

@@ -77,8 +77,7 @@ def dynamic_int8_linear(module: Any, x: torch.Tensor) -> torch.Tensor:
     """What ``Int8DynamicLinear.forward`` returns during export."""
     bias = module.bias if module.bias is not None else torch.zeros(module.out_features)
     smoothing = _constant(module.input_smoothing) if module.smoothing else None
-    codes = weight_codes_u8(module.weight_q) if _WEIGHTS.get() == "uint8" else module.weight_q
-    weight_t = _constant(codes.t())  # (in, out) as MatMulInteger wants
+    weight_t = _constant(_export_codes(module.weight_q).t())  # (in, out) as MatMulInteger wants
     out = _DynamicInt8LinearFn.apply(x, weight_t, _constant(module.weight_step), _constant(bias), smoothing)
     return torch.nn.functional.gelu(out) if module.activation == "gelu" else out
 
@@ -126,12 +125,11 @@ def static_int8(module: Any, x: torch.Tensor) -> torch.Tensor:
     if _WEIGHTS.get() == "uint8":
         # uint8 codes = int8 codes + 128 on the same grid: the zero point moves with them
         x_zero = torch.tensor(int(module.input_zero_point) + 128, dtype=torch.uint8)
-        weight_q = weight_codes_u8(module.weight_q)
     else:
         x_zero = torch.tensor(int(module.input_zero_point), dtype=torch.int8)
-        weight_q = module.weight_q
     return _StaticInt8Fn.apply(
-        x, _constant(weight_q), _constant(module.weight_step), _constant(bias), x_step, x_zero, conv,
+        x, _constant(_export_codes(module.weight_q)), _constant(module.weight_step), _constant(bias), x_step,
+        x_zero, conv,
     )
 
 
@@ -143,6 +141,11 @@ def weight_codes_u8(weight_q: torch.Tensor) -> torch.Tensor:
     return (weight_q.to(torch.int16) + WEIGHT_ZERO_U8).to(torch.uint8)
 
 
+def _export_codes(weight_q: torch.Tensor) -> torch.Tensor:
+    """A layer's weight codes in the form this export writes (``int8_weights``)."""
+    return weight_codes_u8(weight_q) if _WEIGHTS.get() == "uint8" else weight_q
+
+
 def _weight_values(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The integer values of exported weight codes (uint8 ones carry the zero point 128)."""
     values = codes.to(dtype)
@@ -150,23 +153,21 @@ def _weight_values(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return values - WEIGHT_ZERO_U8 if codes.dtype == torch.uint8 else values
 
 
-SIGNED_KERNELS = ("onnxruntime-u8s8", "onnxruntime-qdq-s8s8")  # what int8-weight exports run (MatMul stands for Conv)
-
-
-def resolve_int8_weights(int8_weights: str, kernels: tuple[str, ...] = SIGNED_KERNELS,
+def resolve_int8_weights(int8_weights: str, kernels: tuple[str, ...] | None = None,
                          instead: str = "export with int8_weights='uint8' (nnopt convert --int8-weights uint8)") -> str:
     """``"uint8"`` or ``"int8"`` for an export asked for ``int8_weights`` (see the module docstring): int8 only
-    where ONNX Runtime's ``kernels`` passed their known-answer checks here; ``instead`` is the advice on refusal."""
+    where ONNX Runtime's ``kernels`` (default: those int8-weight files run) passed their known-answer checks
+    here; ``instead`` is the advice on refusal."""
     if int8_weights not in INT8_WEIGHTS:
         raise ConfigError(f"int8_weights must be one of {', '.join(INT8_WEIGHTS)}, got {int8_weights!r}")
     if int8_weights == "uint8":
         return "uint8"
-    from nnopt.io.onnx_checks import check_onnxruntime_kernel
+    from nnopt.io.onnx_checks import SIGNED_KERNELS, check_onnxruntime_kernel, failed_checks
 
-    checks = [check_onnxruntime_kernel(name) for name in kernels]
-    failed = [c for c in checks if c.passed is False]
+    kernels = SIGNED_KERNELS if kernels is None else kernels
     if int8_weights == "auto":
-        return "int8" if all(c.passed for c in checks) else "uint8"
+        return "int8" if all(check_onnxruntime_kernel(name).passed for name in kernels) else "uint8"
+    failed = failed_checks(kernels)
     if failed:
         raise UnsupportedModelError(
             f"int8 weights give u8×s8 kernels, and ONNX Runtime's {failed[0].kernel} failed its known-answer check "

@@ -183,7 +183,7 @@ def quantize_onnx(src: str | Path, dst: str | Path, per_channel: bool = True, ov
     16 bits before multiplying, so the file is right on every x86 CPU. ``"int8"`` (U8S8) runs faster on CPUs
     with VNNI, but ONNX Runtime's u8×s8 kernels sum pairs into saturating 16-bit lanes on CPUs without it
     (its own documentation recommends U8U8 or reduce_range there); it is refused where that kernel failed
-    its known-answer check (:mod:`nnopt.quantization.kernel_checks`).
+    its known-answer check (:mod:`nnopt.io.onnx_checks`).
 
     ``src`` is read with :func:`load_onnx` (checked) and never modified; ``dst`` must be another
     path, and an existing ``dst`` is replaced only with ``overwrite``. The result is written to a

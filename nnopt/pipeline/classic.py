@@ -164,7 +164,10 @@ def _directory(variant: str) -> str:
 
 _COMPUTE_FP32 = "fp32 dense"
 _COMPUTE_DEQUANT = "fp32 dense; {bits}-bit codes (stored as {dtype}) dequantized on every call"
+
+
 def _compute_int8() -> str:
+    """How the static int8 variants multiply here: the kernel that passed its known-answer check."""
     from nnopt.quantization.kernels import int8_gemm_path
 
     path = int8_gemm_path(dynamic=False)

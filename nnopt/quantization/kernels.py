@@ -76,7 +76,7 @@ def int8_matmul(x_q: torch.Tensor, w_q: torch.Tensor, w_float: torch.Tensor | No
         if m <= 16 or k % 8 or w_q.shape[0] % 8:
             return (x_q.double() @ w_q.double().t()).to(torch.int32)
         return torch._int_mm(x_q, w_q.t())
-    path = int8_gemm_path(dynamic=False)
+    path = "fp32-exact" if w_float is not None else int8_gemm_path(dynamic=False)  # the layer chose already
     if path == "torch-int-mm":
         return torch._int_mm(x_q, w_q.t())
     if path == "fp32-exact":
@@ -164,8 +164,8 @@ def require_int8_gemm(device: str = "cpu") -> None:
 # oneDNN's int8 matrix kernel uses AMX or AVX-512 VNNI where the CPU has them and fuses GELU
 # into its epilogue (without VNNI its u8×s8 pair sums saturate: layers use it only after its
 # known-answer check passed, ``onednn_int8_exact``); ``torch._int_mm`` on CPU does neither (measured
-# 14.5 ms vs 5.0 ms for a 4096×384 · 384×1536 product on this project's Xeon). The same int8 codes go into both, so the
-# two paths compute the same function up to float32 rounding of the epilogue.
+# 14.5 ms vs 5.0 ms for a 4096×384 · 384×1536 product on this project's Xeon). The same int8 codes go
+# into both, so the two paths compute the same function up to float32 rounding of the epilogue.
 
 ONEDNN_ACTIVATIONS = ("none", "gelu")
 _ONEDNN_OK: list[bool] = []

@@ -165,8 +165,10 @@ def search(ctx: TrialContext, settings: SearchSettings, checkpoint: Checkpoint, 
                              < settings.budget_minutes * 60 * TRIAL_SHARE)
     # Timing and counters run here, one model at a time, never beside a running trial. The budget bounds
     # the whole run: timings left after it shrink to what remains (each keeps its minimum call count).
+    deadline = clock_start + settings.budget_minutes * 60
+
     def left_s() -> float:
-        return max(0.0, settings.budget_minutes * 60 - (time.monotonic() - clock_start))
+        return max(0.0, deadline - time.monotonic())
 
     if settings.objective == "latency":
         _screen(ctx, settings, state, save, progress, left_s())
@@ -191,7 +193,7 @@ def search(ctx: TrialContext, settings: SearchSettings, checkpoint: Checkpoint, 
                          [] if chosen else (slower or closest(valid, _quality, _cost)), budget,
                          objective_method(settings.objective, settings.batch, torch.get_num_threads(),
                                           getattr(counter, "name", None)),
-                         deadline=clock_start + settings.budget_minutes * 60)
+                         deadline=deadline)
 
 
 def _quality(trial: dict[str, Any]) -> float:
