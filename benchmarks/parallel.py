@@ -18,7 +18,7 @@ Workloads (BENCHMARKS.md):
   full, 1 quick); each figure is the median of the per-round medians (``rows_per_s_rounds`` lists
   them). ``efficiency``: for workers, the speed-up over 1 worker ÷ workers; for the 2-thread peer,
   its speed-up over the 1-thread baseline ÷ 2.
-- ``ddp``: ``nnopt.parallel.ddp_train`` of simplenet (seed 0) on the digits train split, 2 epochs,
+- ``ddp``: ``nnopt.training.ddp_train`` of simplenet (seed 0) on the digits train split, 2 epochs,
   global batch 32, seed 0, at world_size 1 and 2 (gloo, 1 thread per rank), against in-process
   ``nnopt.train`` with the same config at ``--train-threads`` (default 1). ``wall_s``: the whole
   call (for DDP: spawning the ranks and the process group, training, collecting the weights);

@@ -47,7 +47,7 @@ from torch import nn
 
 import nnopt
 from nnopt.metrics.accuracy import accuracy
-from nnopt.simplify import FoldBatchNormConfig, LowRankConfig, LowRankLinear, simplify
+from nnopt.simplification import FoldBatchNormConfig, LowRankConfig, LowRankLinear, simplify
 
 WORKLOADS = ("cnn", "minilm")
 EXTRA = ("macs", "params", "max_abs_logit_diff", "same_predictions", "factorized", "ranks", "cosine_mean",

@@ -50,6 +50,9 @@ _EXPORTS = {
     "apply_recipe": "nnopt.recipe",
     "recipe_to_yaml": "nnopt.recipe",
     "SearchSettings": "nnopt.search",
+    "auto": "nnopt.search",
+    "AutoConfig": "nnopt.search",
+    "AutoResult": "nnopt.search",
     "load_onnx": "nnopt.io.onnx_import",
     "quantize_onnx": "nnopt.io.onnx_import",
     "load_keras": "nnopt.io.keras_file",
@@ -60,19 +63,19 @@ _EXPORTS = {
     "profile_model": "nnopt.metrics",
     "measure_latency": "nnopt.metrics",
     "save_model": "nnopt.io",
-    "load_model": "nnopt.io",
+    "load_model": "nnopt.loading",
     "NnoptError": "nnopt.errors",
     "tune_allocator": "nnopt.runtime",
     "CheckpointSpec": "nnopt.checkpoint",
     "verify_directory": "nnopt.io.manifest",
-    "simplify": "nnopt.simplify",
-    "FoldBatchNormConfig": "nnopt.simplify",
-    "LowRankConfig": "nnopt.simplify",
+    "simplify": "nnopt.simplification",
+    "FoldBatchNormConfig": "nnopt.simplification",
+    "LowRankConfig": "nnopt.simplification",
     "thread_sweep": "nnopt.parallel",
     "parallel_predict": "nnopt.parallel",
     "throughput_vs_workers": "nnopt.parallel",
     "ddp_train": "nnopt.parallel",
-    "system_report": "nnopt.envinfo",
+    "system_report": "nnopt.metrics.system",
     "estimate_energy": "nnopt.energy",
     "measure_energy": "nnopt.energy",
     "latency_energy": "nnopt.energy",
@@ -98,7 +101,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs only
     from nnopt.data import load_dataset, load_digits
     from nnopt.errors import NnoptError
-    from nnopt.io import load_model, save_model
+    from nnopt.io import save_model
+    from nnopt.loading import load_model
     from nnopt.metrics import accuracy, measure, measure_latency, profile_model
     from nnopt.models import architectures, create_model, from_keras
     from nnopt.pruning import (
@@ -110,5 +114,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs only
         prune,
     )
     from nnopt.quantization import WeightQuantConfig, quantize
+    from nnopt.search import AutoConfig, AutoResult, auto
     from nnopt.sparse import SparseKernelConfig, sparsify
     from nnopt.training import TrainConfig, train

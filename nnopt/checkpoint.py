@@ -28,7 +28,7 @@ import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -185,7 +185,9 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # legacy=True (the default) with the global MT19937: the 5-tuple, never the dict form
+    state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
+    kind, keys, pos, has_gauss, cached = state
     return {
         "torch": torch.get_rng_state(),
         "shuffle": generator.get_state(),

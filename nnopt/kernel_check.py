@@ -10,7 +10,7 @@ the extremes of their range (the pairs that saturate first) and a few random one
 shapes, and is compared with the exact int64 product. A kernel that disagrees is not used.
 
 This module is the check itself (base layer); the kernels under test are named where they live:
-torch's in :mod:`nnopt.quantization.kernel_checks`, ONNX Runtime's in :mod:`nnopt.io.onnx_checks`.
+torch's in :mod:`nnopt.layers.kernel_checks`, ONNX Runtime's in :mod:`nnopt.io.onnx_checks`.
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ def checked(name: str, spec: KernelSpec) -> KernelCheck:
         return known
     # A layer's first call may come inside torch.compile: the check runs eagerly, never traced. Wrapped
     # here, not at import: torch.compiler.disable imports torch._dynamo (1.5 s).
-    return torch.compiler.disable(_first_check)(name, spec)
+    verdict: KernelCheck = torch.compiler.disable(_first_check)(name, spec)
+    return verdict
 
 
 def _first_check(name: str, spec: KernelSpec) -> KernelCheck:

@@ -69,7 +69,7 @@ class Lineage:
 
 def get_lineage(model: nn.Module) -> Lineage:
     """The lineage nnopt attached to ``model``; an error for models nnopt did not create."""
-    lineage = getattr(model, _ATTR, None)
+    lineage: Lineage | None = getattr(model, _ATTR, None)
     if lineage is None:
         raise ModelFormatError(
             f"{type(model).__name__} was not created by nnopt; build it with "

@@ -11,8 +11,8 @@ config's fields::
       - kind: quantize-weights
         bits: 8
 
-Which verb runs a kind, and which part of a data set it reads, is an explicit registry
-(:func:`register_step`); parsing rejects anything it does not know, naming the key and its place.
+Which verb runs a kind, and which part of a data set it reads, is the technique registry
+(:mod:`nnopt.techniques`); parsing rejects anything it does not know, naming the key and its place.
 
 >>> recipe = parse_recipe({"steps": [{"kind": "prune-threshold", "threshold": 0.01}]})
 >>> recipe.steps
@@ -23,85 +23,39 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+import nnopt.pruning  # noqa: F401  (the built-in techniques register themselves on import)
+import nnopt.quantization  # noqa: F401
+import nnopt.simplification  # noqa: F401
+import nnopt.sparse  # noqa: F401
 from nnopt.config import CONFIG_VERSION, Config
 from nnopt.data import Dataset
 from nnopt.errors import ConfigError
 from nnopt.io.model_dir import WEIGHT_FILES
-from nnopt.pruning import (
-    GradualPruneConfig,
-    MagnitudePruneConfig,
-    NMPruneConfig,
-    StructuredPruneConfig,
-    ThresholdPruneConfig,
-)
-from nnopt.pruning.structured import NEEDS_GRADIENTS
-from nnopt.quantization import (
-    ClusterConfig,
-    DynamicQuantConfig,
-    MixedPrecisionConfig,
-    QATConfig,
-    StaticQuantConfig,
-    WeightQuantConfig,
-)
-from nnopt.simplify import FoldBatchNormConfig, LowRankConfig
-from nnopt.sparse import SparseKernelConfig
-from nnopt.training import TrainConfig
+from nnopt.techniques import Technique, kinds, run_technique, technique_for, technique_named, working_copy
 
 __all__ = [
-    "Recipe", "StepKind", "apply_recipe", "check_data", "data_needs", "load_recipe", "parse_recipe",
-    "recipe_to_dict", "recipe_to_yaml", "recorded_recipe", "register_step", "step_kind", "step_kinds",
+    "Recipe", "apply_recipe", "check_data", "data_needs", "load_recipe", "parse_recipe", "recipe_to_dict",
+    "recipe_to_yaml", "recorded_recipe", "step_kind", "step_kinds",
 ]
 
 TOP_LEVEL_KEYS = ("name", "description", "weights_format", "steps")
 
-# (working model, config, the data the step reads or None, progress) -> the model, changed in place.
-# Runners of steps that train also take ``data_parallel=N`` (a keyword, passed only when N > 1).
-Runner = Callable[..., nn.Module]
-
-
-@dataclasses.dataclass(frozen=True)
-class StepKind:
-    """How a recipe runs one config kind.
-
-    ``needs_data(config)`` says why the step cannot run without data (None: it can);
-    ``data_for(dataset, config)`` is the part of a data set it reads (None: nothing). Test rows
-    are never handed to a step: they stay held out for the accuracy measured afterwards.
-    """
-
-    config_type: type[Config]
-    verb: str
-    run: Runner
-    needs_data: Callable[[Any], str | None]
-    data_for: Callable[[Dataset, Any], Any]
-
-
-_STEPS: dict[str, StepKind] = {}
-
-
-def register_step(step: StepKind) -> None:
-    """Make ``step.config_type.kind`` usable in recipes. A duplicate kind is an error."""
-    kind = step.config_type.kind
-    if kind in _STEPS:
-        raise ValueError(f"recipe step kind {kind!r} is already registered")
-    _STEPS[kind] = step
-
-
 def step_kinds() -> tuple[str, ...]:
-    """The kinds a recipe step may name, sorted."""
-    return tuple(sorted(_STEPS))
+    """The kinds a recipe step may name, sorted (every registered technique's kind)."""
+    return kinds()
 
 
-def step_kind(kind: str) -> StepKind:
-    """How a recipe runs ``kind`` (its config class, verb and data needs)."""
-    if kind not in _STEPS:
+def step_kind(kind: str) -> Technique:
+    """How a recipe runs ``kind``: its technique (config class, verb and data needs)."""
+    technique = technique_named(kind)
+    if technique.kind != kind:  # a legacy pass name or a CLI preset is not a recipe kind
         raise ConfigError(f"unknown recipe step kind {kind!r}; known kinds: {', '.join(step_kinds())}")
-    return _STEPS[kind]
+    return technique
 
 
 # ------------------------------------------------------------------------------------------ recipe
@@ -125,8 +79,7 @@ class Recipe:
         if not self.steps:
             raise ConfigError("Recipe.steps is empty; a recipe needs at least one step")
         for index, step in enumerate(self.steps):
-            spec = _STEPS.get(getattr(step, "kind", None)) if isinstance(step, Config) else None
-            if spec is None or type(step) is not spec.config_type:
+            if not isinstance(step, Config) or not _is_step(step):
                 raise ConfigError(f"Recipe.steps[{index}]: {type(step).__name__} is not a recipe step; "
                                   f"known kinds: {', '.join(step_kinds())}")
         for field in ("name", "description", "weights_format"):
@@ -170,9 +123,9 @@ def _parse_step(item: Any, place: str) -> Config:
     kind = item.get("kind")
     if kind is None:
         raise ConfigError(f"{place}: missing key 'kind'; known kinds: {', '.join(step_kinds())}")
-    if not isinstance(kind, str) or kind not in _STEPS:
+    if not isinstance(kind, str) or kind not in step_kinds():
         raise ConfigError(f"{place}: unknown kind {kind!r}; known kinds: {', '.join(step_kinds())}")
-    cls = _STEPS[kind].config_type
+    cls = step_kind(kind).config_type
     place = f"{place} (kind {kind})"
     fields = [f.name for f in dataclasses.fields(cls)]
     _reject_unknown(item, ("kind", "version", *fields), place, shown=fields)
@@ -285,7 +238,7 @@ def data_needs(recipe: Recipe) -> tuple[str, ...]:
     """One line per step that cannot run without data, naming the step and why."""
     needs = []
     for index, step in enumerate(recipe.steps):
-        reason = _STEPS[step.kind].needs_data(step)
+        reason = technique_for(step).needs_data(step)
         if reason:
             needs.append(f"steps[{index}] (kind {step.kind}) needs data for {reason}")
     return tuple(needs)
@@ -315,8 +268,6 @@ def apply_recipe(
 
     >>> small = apply_recipe(model, load_recipe("recipes/classic.yaml"))  # doctest: +SKIP
     """
-    from nnopt.passes import working_copy
-
     if not isinstance(recipe, Recipe):
         raise ConfigError(f"expected a Recipe, got {type(recipe).__name__}")
     if data is not None and not isinstance(data, Dataset):
@@ -325,112 +276,32 @@ def apply_recipe(
     parallel = _parallel_option(recipe, data_parallel)
     current = working_copy(model)
     for step in recipe.steps:
-        spec = _STEPS[step.kind]
-        current = spec.run(current, step, spec.data_for(data, step) if data is not None else None, progress,
-                           **parallel)
+        technique = technique_for(step)
+        part = technique.data_for(data, step) if data is not None else None
+        # the verbs' shared body, in place: every step of the recipe works on one copy
+        current = run_technique(technique.verb, current, step, True, data=part, progress=progress, **parallel)
     return current.eval()
 
 
 def _parallel_option(recipe: Recipe, data_parallel: int) -> dict[str, int]:
-    """``{"data_parallel": N}`` for the runners when N > 1, after checking that some step trains and
-    that every step's runner takes the option."""
+    """``{"data_parallel": N}`` for the techniques when N > 1, after checking that some step trains and
+    that every step's technique takes the option."""
     import inspect
 
     from nnopt.training import parallel_context
 
     option = parallel_context(data_parallel)
-    if option and not any(_trains(step) for step in recipe.steps):
+    if option and not any(technique_for(step).trains(step) for step in recipe.steps):
         raise ConfigError("data_parallel applies to recipes with a step that trains (fine-tuning); this one has none")
     for step in recipe.steps if option else ():
-        parameters = inspect.signature(_STEPS[step.kind].run).parameters.values()
+        parameters = inspect.signature(technique_for(step).apply).parameters.values()
         if not any(p.name == "data_parallel" or p.kind is p.VAR_KEYWORD for p in parameters):
             raise ConfigError(f"recipe step kind {step.kind!r} does not run data-parallel; use data_parallel=1")
     return option
 
 
-def _trains(step: Config) -> bool:
-    # the data needs of a step name "fine-tuning" exactly when it trains
-    return "fine-tuning" in (_STEPS[step.kind].needs_data(step) or "")
-
-
-# ------------------------------------------------------------------------- the built-in step kinds
-
-
-def _prune(model: nn.Module, config: Any, data: Any, progress: bool | None, data_parallel: int = 1) -> nn.Module:
-    from nnopt.pruning import prune
-
-    return prune(model, config, data=data, inplace=True, progress=progress, data_parallel=data_parallel)
-
-
-def _quantize(model: nn.Module, config: Any, data: Any, progress: bool | None, data_parallel: int = 1) -> nn.Module:
-    from nnopt.quantization import quantize
-
-    return quantize(model, config, data=data, inplace=True, progress=progress, data_parallel=data_parallel)
-
-
-def _simplify(model: nn.Module, config: Any, data: Any, progress: bool | None, data_parallel: int = 1) -> nn.Module:
-    from nnopt.simplify import simplify
-
-    return simplify(model, config, data=data, inplace=True)  # does not train
-
-
-def _sparsify(model: nn.Module, config: Any, data: Any, progress: bool | None, data_parallel: int = 1) -> nn.Module:
-    from nnopt.sparse import sparsify
-
-    return sparsify(model, config, inplace=True)  # does not train
-
-
-def _finetune(model: nn.Module, config: Any, data: Any, progress: bool | None, data_parallel: int = 1) -> nn.Module:
-    from nnopt.pruning import finetune
-
-    finetune(model, data, config, progress=progress, data_parallel=data_parallel)  # zero weights stay zero
-    return model
-
-
-def _never(config: Any) -> str | None:
-    return None
-
-
-def _always(reason: str) -> Callable[[Any], str | None]:
-    return lambda config: reason
-
-
-def _nothing(dataset: Dataset, config: Any) -> Any:
-    return None
-
-
-def _train_split(dataset: Dataset, config: Any) -> Any:
-    return dataset.train
-
-
-def _calibration_rows(dataset: Dataset, config: Any) -> Any:
-    # A stratified subset of the training split, as `nnopt quantize --calib` takes.
-    return dataset.calibration(config.calibration_samples)
-
-
-def _structured_needs(config: StructuredPruneConfig) -> str | None:
-    reasons = ([f"importance {config.importance!r} (gradients)"] if config.importance in NEEDS_GRADIENTS else [])
-    reasons += ["fine-tuning"] if config.finetune_epochs > 0 else []
-    return " and ".join(reasons) or None
-
-
-for _step in (
-    StepKind(ThresholdPruneConfig, "prune", _prune, _never, _nothing),
-    StepKind(MagnitudePruneConfig, "prune", _prune, _never, _nothing),
-    StepKind(NMPruneConfig, "prune", _prune, _never, _nothing),
-    StepKind(GradualPruneConfig, "prune", _prune, _always("fine-tuning"), _train_split),
-    StepKind(StructuredPruneConfig, "prune", _prune, _structured_needs, _train_split),
-    StepKind(WeightQuantConfig, "quantize", _quantize, _never, _nothing),
-    StepKind(DynamicQuantConfig, "quantize", _quantize,
-             lambda c: "smoothing calibration" if c.smoothing is not None else None, _calibration_rows),
-    StepKind(StaticQuantConfig, "quantize", _quantize, _always("calibration"), _calibration_rows),
-    StepKind(QATConfig, "quantize", _quantize, _always("fine-tuning"), _train_split),
-    StepKind(ClusterConfig, "quantize", _quantize,
-             lambda c: "fine-tuning" if c.finetune_epochs > 0 else None, _train_split),
-    StepKind(MixedPrecisionConfig, "quantize", _quantize, _always("sensitivity measurement"), _train_split),
-    StepKind(FoldBatchNormConfig, "simplify", _simplify, _never, _train_split),  # optional: one batch for shapes
-    StepKind(LowRankConfig, "simplify", _simplify, _never, _nothing),
-    StepKind(SparseKernelConfig, "sparsify", _sparsify, _never, _nothing),
-    StepKind(TrainConfig, "finetune", _finetune, _always("fine-tuning"), _train_split),
-):
-    register_step(_step)
+def _is_step(step: Config) -> bool:
+    try:
+        return technique_for(step).kind == step.kind
+    except ConfigError:
+        return False

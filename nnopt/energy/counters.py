@@ -63,10 +63,11 @@ class NvmlCounter:
         self._nvml = pynvml
         self._handle = pynvml.nvmlDeviceGetHandleByIndex(self.index)
         self.name = f"NVML GPU {self.index} total energy"
-        self.max_range = None  # a 64-bit mJ count: never wraps in practice
+        self.max_range: float | None = None  # a 64-bit mJ count: never wraps in practice
 
     def read(self) -> float:
-        return self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle) / 1e3
+        millijoules: int = self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
+        return millijoules / 1e3
 
 
 def rapl_counters(root: Path = POWERCAP) -> list[RaplCounter]:

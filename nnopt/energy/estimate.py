@@ -1,9 +1,10 @@
 """Analytic energy estimate: Σ MACs executed × e_MAC(dtype) + Σ bytes moved × e_byte(memory level).
 
-Per layer, forward hooks on one batch of zeros record what the layer's kernel executes:
+Per layer, forward hooks on one batch of zeros record what the layer's kernel executes (nnopt's compressed
+layers say it themselves, through :meth:`nnopt.layers.protocol.CompressedLayer.kernel_cost`):
 
 - dense kernels (nn.Linear, nn.Conv*) execute every MAC, zeros included: a pruned dense layer costs the same;
-- :class:`~nnopt.sparse.SparseLinear` (CSR) executes one MAC per stored non-zero per row;
+- :class:`~nnopt.layers.sparse.SparseLinear` (CSR) executes one MAC per stored non-zero per row;
 - int8 kernels (Int8DynamicLinear, Int8StaticLinear/Conv2d) execute int8 MACs (int32 accumulate) plus the
   activation quantization pass (a scale and round per input element; dynamic layers also a min/max pass) and
   the requantization of each output (a multiply and an add in fp32);
@@ -32,12 +33,12 @@ from torch import nn
 
 from nnopt.energy.tables import DEFAULT_TABLE, EnergyTable, MemoryLevel, load_energy_table
 from nnopt.errors import ConfigError
+from nnopt.layers.protocol import float_dtype_name, own_bytes
 
 CACHE_ROOT = Path("/sys/devices/system/cpu/cpu0/cache")
 DRAM = "dram"
 NOT_COUNTED = ("elementwise and normalization layers, attention products (functional matmuls), "
                "activations of layers without weights")
-_FLOAT_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,72 +308,27 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _own_bytes(module: nn.Module) -> int:
-    tensors = [*module._parameters.values(), *module._buffers.values()]
-    return sum(_nbytes(t) for t in tensors if isinstance(t, torch.Tensor))
-
-
-def _float_dtype(dtype: torch.dtype) -> str:
-    return _FLOAT_DTYPES.get(dtype, str(dtype).removeprefix("torch."))
-
-
 def _record(module: nn.Module, args: tuple, output: Any) -> _Record | None:
-    from nnopt.metrics.profile import _macs_of
-    from nnopt.quantization.clustering import _ClusteredWeight
-    from nnopt.quantization.kernels import int8_gemm_path
-    from nnopt.quantization.modules import QuantizedLinear, _QuantizedWeight
-    from nnopt.quantization.ptq import Int8DynamicLinear, Int8Embedding, _Int8Static
-    from nnopt.sparse.kernels import SparseLinear
+    from nnopt.layers.protocol import CompressedLayer
+    from nnopt.metrics.profile import layer_macs
 
     if not isinstance(output, torch.Tensor):
         return None
     inputs = [a for a in args if isinstance(a, torch.Tensor)]
-    in_elems = sum(a.numel() for a in inputs)
     act_bytes = sum(_nbytes(a) for a in inputs) + _nbytes(output)
-    out_elems = output.numel()
 
-    if isinstance(module, (nn.Embedding, Int8Embedding)):
+    if isinstance(module, CompressedLayer):  # the layer says what its kernel executes here
+        cost = module.kernel_cost(inputs, output)
+        return _Record(cost.kernel, cost.dtype, cost.macs, list(cost.extra_ops), cost.weight_bytes,
+                       act_bytes + cost.extra_bytes)
+    if isinstance(module, nn.Embedding):
         # A lookup reads only the gathered rows; no MACs.
-        stored = module.weight_q if isinstance(module, Int8Embedding) else module.weight
-        extra = [("multiply", "fp32", out_elems)] if isinstance(module, Int8Embedding) else []
-        return _Record("lookup", _float_dtype(output.dtype), 0, extra, out_elems * stored.element_size(),
+        return _Record("lookup", float_dtype_name(output.dtype), 0, [], output.numel() * module.weight.element_size(),
                        act_bytes)
-    if isinstance(module, SparseLinear):
-        rows = out_elems // module.out_features
-        return _Record("csr", _float_dtype(module.weight_values.dtype), module.nonzeros * rows, [],
-                       _own_bytes(module), act_bytes)
-    if isinstance(module, (Int8DynamicLinear, _Int8Static)):
-        macs = _macs_of(module, output)
-        # Quantize each input element (scale, round) and requantize each output (scale, offset), in fp32.
-        extra = [("multiply", "fp32", in_elems), ("add", "fp32", in_elems),
-                 ("multiply", "fp32", out_elems), ("add", "fp32", out_elems)]
-        if isinstance(module, Int8DynamicLinear):
-            extra.append(("add", "fp32", in_elems))  # the per-call min/max range pass (a compare per element)
-        codes = in_elems * 2  # the int8 codes written, then read by the GEMM
-        # Where no int8 kernel passed its known-answer check (a CPU without VNNI), the codes are multiplied
-        # by the exact float32 fallback: fp32 MACs, not int8 ones.
-        path = int8_gemm_path(isinstance(module, Int8DynamicLinear), module.weight_q.device.type)
-        if path in ("onednn", "torch-int-mm"):
-            return _Record("int8", "int8", macs, extra, _own_bytes(module), act_bytes + codes)
-        # ... reading the float32 copy of the codes the layer keeps for it, 4 bytes per weight
-        weights = _own_bytes(module) + 4 * module.weight_q.numel()
-        return _Record(f"int8 codes, {path} product", "fp32", macs, extra, weights, act_bytes + codes)
-    if isinstance(module, _QuantizedWeight):
-        macs = _macs_of(module, output)
-        weights = module.weight_shape.numel()
-        path = module.compute_path if isinstance(module, QuantizedLinear) else "dequantize"
-        extra = [("multiply", "fp32", weights), ("add", "fp32", weights)]  # w = (q - z) / S per weight, per call
-        dtype = "fp32" if path == "dequantize" else "bf16"  # int8pack/int4pack kernels take bf16 activations
-        return _Record(f"weight-only {module.weight_storage}, {path}", dtype, macs, extra, _own_bytes(module),
-                       act_bytes)
-    if isinstance(module, _ClusteredWeight):
-        macs = _macs_of(module, output)
-        return _Record("clustered (codebook gather)", _float_dtype(module.codebook.dtype), macs, [],
-                       _own_bytes(module), act_bytes)
-    macs = _macs_of(module, output)
+    macs = layer_macs(module, output)
     weight = getattr(module, "weight", None)
     if macs and isinstance(weight, torch.Tensor):
-        return _Record("dense", _float_dtype(weight.dtype), macs, [], _own_bytes(module), act_bytes)
+        return _Record("dense", float_dtype_name(weight.dtype), macs, [], own_bytes(module), act_bytes)
     return None
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"SavedModel": "nnopt.io.model_dir", "load_model": "nnopt.io.model_dir",
-            "read_meta": "nnopt.io.model_dir", "save_model": "nnopt.io.model_dir"}
+# Loading replays techniques, so it sits above them: nnopt.load_model (nnopt.loading).
+_EXPORTS = {"SavedModel": "nnopt.io.model_dir", "read_meta": "nnopt.io.model_dir", "save_model": "nnopt.io.model_dir"}
 __all__ = sorted(_EXPORTS)
 
 

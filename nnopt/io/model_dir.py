@@ -7,12 +7,10 @@ from that record and reads tensors with safetensors: nothing stored is ever exec
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
 import json
-import platform
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -21,11 +19,12 @@ import torch
 from torch import nn
 
 from nnopt._version import __version__
-from nnopt.errors import ConfigError, ModelFormatError, NnoptError
+from nnopt.envinfo import library_versions
+from nnopt.errors import ConfigError, ModelFormatError
 from nnopt.io.atomic import atomic_directory, refuse_input_overlap, write_bytes_durable
 from nnopt.io.json_file import JSONFileError, read_json
 from nnopt.io.safety import refuse_unsafe
-from nnopt.lineage import Lineage, get_lineage, set_lineage
+from nnopt.lineage import Lineage, get_lineage
 
 WEIGHTS_FILE = "model.safetensors"
 PACKED_FILE = "model.nnpk"
@@ -113,12 +112,13 @@ def _serialize(
 
         return st_save(tensors, metadata={"format": FORMAT, "architecture": architecture}), None
     from nnopt.io.packed import pack_tensors
+    from nnopt.layers.protocol import compressed_layers
 
     # Integer codes are stored in exactly their bit width (two 4-bit codes per byte, ...).
     code_bits = {
-        f"{name}.weight_q": module.bits
-        for name, module in model.named_modules()
-        if isinstance(getattr(module, "weight_q", None), torch.Tensor)
+        f"{name}.{key}" if name else key: bits
+        for name, layer in compressed_layers(model).items()
+        for key, bits in layer.stored_codes().items()
     }
     payload, infos = pack_tensors(tensors, code_bits=code_bits)
     return payload, [dataclasses.asdict(info) for info in infos]
@@ -185,58 +185,6 @@ def _check_meta_types(meta_path: Path, meta: dict[str, Any]) -> None:
         raise ModelFormatError(f"{meta_path}: every entry of 'applied' must be a mapping")
 
 
-def load_model(path: str | Path) -> nn.Module:
-    """Load an nnopt model directory without executing any stored code.
-
-    The weights file's sha256 must match the record; the architecture is rebuilt by name, the
-    recorded passes re-create their structure, then tensors are loaded strictly.
-    """
-    path = Path(path)
-    meta = read_meta(path)
-    lineage = Lineage.from_dict(meta)
-    weights = path / weights_file(meta)
-    # First on the meta device, which allocates nothing: a record claiming huge layers is refused before
-    # any real memory is taken for it, and a packed file may not declare more bytes than the model holds.
-    expected = None
-    with contextlib.suppress(_MetaUnsupported):
-        expected = _build(path, lineage, torch.device("meta")).state_dict()
-    limit = None if expected is None else sum(t.numel() * t.element_size() for t in expected.values())
-    tensors = _read_weights(path, meta, max_bytes=limit)
-    if expected is not None:
-        check_tensors(weights, expected, tensors, finite=False)
-    model = _build(path, lineage, None)
-    check_tensors(weights, model.state_dict(), tensors)
-    model.load_state_dict(tensors, strict=True)  # cannot fail now: names, dtypes and shapes were checked
-    set_lineage(model, lineage)
-    for module in model.modules():
-        check = getattr(module, "check_loaded", None)
-        if callable(check):
-            check()
-    return model.eval()
-
-
-class _MetaUnsupported(Exception):
-    """An architecture or replay that cannot be built on the meta device (then only the real build checks)."""
-
-
-def _build(path: Path, lineage: Lineage, device: torch.device | None) -> nn.Module:
-    from nnopt.models.registry import build_from_lineage
-    from nnopt.passes import replay_structure
-
-    try:
-        with device if device is not None else contextlib.nullcontext():
-            model = build_from_lineage(lineage)
-            for applied in lineage.applied:
-                replay_structure(model, applied)
-        return model
-    except NnoptError:
-        raise
-    except (KeyError, AttributeError, ValueError, TypeError, RuntimeError, NotImplementedError) as exc:
-        if device is not None:
-            raise _MetaUnsupported from exc
-        raise ModelFormatError(f"{path / META_FILE} describes a model that cannot be built: {exc!r}") from None
-
-
 def check_tensors(
     where: str | Path, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], finite: bool = True
 ) -> None:
@@ -260,7 +208,7 @@ def check_tensors(
             raise ModelFormatError(f"{where}: tensor {name!r} holds NaN or infinite values")
 
 
-def _read_weights(path: Path, meta: dict[str, Any], max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+def read_weights(path: Path, meta: dict[str, Any], max_bytes: int | None = None) -> dict[str, torch.Tensor]:
     name = weights_file(meta)
     weights = path / name
     if not weights.is_file():
@@ -276,16 +224,3 @@ def _read_weights(path: Path, meta: dict[str, Any], max_bytes: int | None = None
 
     # Header checked before safetensors parses it; parser errors become ModelFormatError too.
     return load_safetensors_bytes(data, str(weights))
-
-
-def library_versions() -> dict[str, str]:
-    import numpy
-    import safetensors
-
-    return {
-        "nnopt": __version__,
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "safetensors": safetensors.__version__,
-        "python": platform.python_version(),
-    }

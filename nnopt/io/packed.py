@@ -29,6 +29,7 @@ import math
 import struct
 import zlib
 from collections.abc import Callable
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ class TensorPackInfo:
     positions_codec: str = "none"
 
 
-def _lzma_filters(size: int) -> list[dict]:
+def _lzma_filters(size: int) -> list[dict[str, Any]]:
     """Dictionary sized to the stream: both sides derive it from the size, so it need not be stored."""
     return [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": max(4096, min(size, 1 << 26))}]
 
@@ -138,7 +139,7 @@ def _unrelative(buf: bytes, nnz: int, n: int, what: str) -> np.ndarray:
     return idx
 
 
-def _frame(records: list[list], blobs: list[bytes]) -> bytes:
+def _frame(records: list[list[Any]], blobs: list[bytes]) -> bytes:
     """Preamble + header (zlib'd when that is smaller) + blobs."""
     head = json.dumps(records, separators=(",", ":")).encode()
     small = zlib.compress(head, 9)
@@ -147,7 +148,7 @@ def _frame(records: list[list], blobs: list[bytes]) -> bytes:
     return _PRE.pack(MAGIC, VERSION, flags, len(head), zlib.crc32(body)) + body
 
 
-def _pack_one(name: str, t: torch.Tensor, bits: int | None) -> tuple[list, list[bytes], TensorPackInfo]:
+def _pack_one(name: str, t: torch.Tensor, bits: int | None) -> tuple[list[Any], list[bytes], TensorPackInfo]:
     """Try dense, bitmask and relative positions and keep whichever file bytes are fewest."""
     shape = tuple(t.shape)
     t = t.detach().cpu().contiguous().reshape(-1) if t.numel() else torch.empty(0, dtype=t.dtype)  # sane strides
@@ -166,7 +167,7 @@ def _pack_one(name: str, t: torch.Tensor, bits: int | None) -> tuple[list, list[
             encode = lambda sel: _pack_codes(ints[sel], bits)  # noqa: E731
     cands = [(0, (0, b""), _compress(encode(slice(None))))]
     if nnz < n:
-        values = _compress(encode(mask))
+        values = _compress(encode(cast(np.ndarray, mask)))  # a 1-D array: rows is 2-D
         cands += [(1, _compress(np.packbits(mask).tobytes()), values),
                   (2, _compress(_relative(np.flatnonzero(mask))), values)]
     pos, (pc, pblob), (vc, vblob) = min(cands, key=lambda c: len(c[1][1]) + len(c[2][1]))
@@ -208,7 +209,7 @@ def pack_tensors(
     return _frame(records, blobs), infos
 
 
-def _check_record(i: int, r: object) -> tuple:
+def _check_record(i: int, r: object) -> tuple[Any, ...]:
     """Types and ranges of one header record, before anything is allocated or decompressed."""
     if not (isinstance(r, list) and len(r) == 10 and isinstance(r[0], str) and isinstance(r[1], str)
             and r[1] in _DTYPES and isinstance(r[2], list) and len(r[2]) <= 64

@@ -95,7 +95,7 @@ def _guarded(kind: str, load: Callable[[], Any], where: str) -> Any:
 
 
 def _load_nnopt_dir(path: Path) -> Any:
-    from nnopt.io.model_dir import load_model
+    from nnopt.loading import load_model
 
     return load_model(path)
 

@@ -90,6 +90,8 @@ class ModelProfile:
 def profile_model(model: nn.Module, input_shape: Sequence[int] | None = None,
                   file_bytes: int | None = None) -> ModelProfile:
     """Profile every leaf module that holds weights or performs MACs, in model order."""
+    from nnopt.layers.protocol import CompressedLayer
+
     shape = tuple(input_shape or model_input_shape(model))
     macs = count_macs(model, shape)
     layers = []
@@ -105,9 +107,9 @@ def profile_model(model: nn.Module, input_shape: Sequence[int] | None = None,
             type=type(module).__name__,
             shape=tuple(main.shape) if main is not None else (),
             params=sum(t.numel() for t in tensors),
-            nonzeros=sum(int(torch.count_nonzero(_codes_as_values(module, t))) for t in tensors),
+            nonzeros=sum(int(torch.count_nonzero(t)) for t in tensors),
             macs=macs.get(name, 0),
-            dtype=getattr(module, "weight_storage", None) or (
+            dtype=module.weight_storage if isinstance(module, CompressedLayer) else (
                 str(main.dtype).removeprefix("torch.") if main is not None else "-"
             ),
             bytes=sum(t.numel() * t.element_size() for t in module.state_dict().values()),
@@ -129,7 +131,7 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
 
     def hook(name: str):
         def fn(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            counts[name] = counts.get(name, 0) + _macs_of(module, output)
+            counts[name] = counts.get(name, 0) + layer_macs(module, output)
         return fn
 
     try:
@@ -147,41 +149,31 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
     return counts
 
 
-# Where a layer keeps its weights: integer codes, codebook indices, packed int4 codes, or floats.
-_WEIGHT_ATTRIBUTES = ("weight_q", "weight_indices", "weight_packed", "weight")
+def layer_macs(module: nn.Module, output: torch.Tensor) -> int:
+    """Multiply-accumulates of one call of a Linear- or Conv-like layer that returned ``output``
+    (for a compressed layer: of the dense layer it stands for); 0 for anything else."""
+    from nnopt.layers.protocol import CompressedLayer, conv_macs, linear_macs
 
-
-def _macs_of(module: nn.Module, output: torch.Tensor) -> int:
-    codes = getattr(module, "weight_codes", None)
-    weight = codes() if callable(codes) else next(
-        (w for a in _WEIGHT_ATTRIBUTES if isinstance(w := getattr(module, a, None), torch.Tensor)), None
-    )
-    if not isinstance(weight, torch.Tensor) or not isinstance(output, torch.Tensor):
+    if not isinstance(output, torch.Tensor):
+        return 0
+    if isinstance(module, CompressedLayer):
+        return module.macs(output)
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
         return 0
     if hasattr(module, "in_features"):  # Linear-like: (batch, ..., out) outputs, in MACs each
-        return output.numel() * module.in_features
+        return linear_macs(module.in_features, output)
     if hasattr(module, "in_channels") and weight.ndim >= 3:  # Conv-like: per output element
-        return output.numel() * weight[0].numel()
+        return conv_macs(weight.shape, output)
     return 0
 
 
 def _weight_tensors(module: nn.Module) -> list[torch.Tensor]:
-    """The module's own weights: parameters plus quantized codes or a sparse layer's weight (as a
-    dense view, so counts mean the same for every kernel); not scales or BN statistics."""
+    """The module's own weights: its parameters, and a compressed layer's weight as the dense values it
+    stands for (so counts mean the same for every storage); not scales or BN statistics."""
+    from nnopt.layers.protocol import CompressedLayer
+
     tensors = [p for p in module.parameters(recurse=False)]
-    codes = getattr(module, "weight_q", None)
-    if isinstance(codes, torch.Tensor):
-        tensors.insert(0, codes)
-    elif isinstance(getattr(module, "weight_packed", None), torch.Tensor):
-        tensors.insert(0, module.weight_codes())  # int4 codes unpacked: one value per weight
-    dense_weight = getattr(module, "dense_weight", None)
-    if callable(dense_weight):
-        tensors.insert(0, dense_weight())
+    if isinstance(module, CompressedLayer):
+        tensors.insert(0, module.dense_weight().detach())
     return tensors
-
-
-def _codes_as_values(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
-    # An int code equal to the zero point is a zero weight.
-    if tensor is getattr(module, "weight_q", None):
-        return tensor.to(torch.int32) - getattr(module, "weight_zero_point", 0)
-    return tensor

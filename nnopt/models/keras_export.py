@@ -77,7 +77,7 @@ def to_keras(model: nn.Module) -> Any:
         x = torch.zeros((1, *input_shape), device=device)
         for index, (name, module) in enumerate(_torch_chain(model, handlers)):
             keras_name = name.replace(".", "_") or f"layer_{index}"
-            handlers[type(module)](keras_name, module, export)
+            _handler(module, handlers)(keras_name, module, export)  # type: ignore[misc]
             try:
                 x = module(x)
             except Exception as exc:  # torch raises RuntimeError for shape mismatches
@@ -104,16 +104,12 @@ def to_keras(model: nn.Module) -> Any:
 
 
 def _export_handlers() -> dict[type[nn.Module], Callable[[str, Any, _Export], None]]:
-    # Exact types only: a subclass (a fake-quant Linear, say) may compute something else.
+    # Exact types only: a subclass (a fake-quant Linear, say) may compute something else. nnopt's compressed
+    # layers are found through the layer protocol instead (see _handler).
     from nnopt.models.sequential import NhwcToNchw
-    from nnopt.quantization.clustering import ClusteredConv2d, ClusteredLinear
-    from nnopt.quantization.modules import QuantizedConv2d, QuantizedLinear
-    from nnopt.sparse.kernels import SparseLinear
 
     handlers: dict[type[nn.Module], Callable[[str, Any, _Export], None]] = {
-        nn.Linear: _export_linear, QuantizedLinear: _export_linear, ClusteredLinear: _export_linear,
-        SparseLinear: _export_linear,
-        nn.Conv2d: _export_conv, QuantizedConv2d: _export_conv, ClusteredConv2d: _export_conv,
+        nn.Linear: _export_linear, nn.Conv2d: _export_conv,
         nn.BatchNorm1d: _export_norm, nn.BatchNorm2d: _export_norm,
         nn.MaxPool2d: _export_pool, nn.AvgPool2d: _export_pool, nn.AdaptiveAvgPool2d: _export_global_average,
         nn.Flatten: _export_flatten, NhwcToNchw: _export_channels_first,
@@ -121,6 +117,14 @@ def _export_handlers() -> dict[type[nn.Module], Callable[[str, Any, _Export], No
     }
     handlers.update(dict.fromkeys(_TORCH_ACTIVATIONS, _export_activation))
     return handlers
+
+
+def _handler(module: nn.Module, handlers: dict[type[nn.Module], Any]) -> Callable[[str, Any, _Export], None] | None:
+    from nnopt.layers.protocol import CompressedLayer
+
+    if isinstance(module, CompressedLayer):
+        return {"Dense": _export_linear, "Conv2D": _export_conv}.get(module.keras_layer or "")
+    return handlers.get(type(module))
 
 
 _TORCH_ACTIVATIONS: dict[type[nn.Module], str] = {
@@ -137,7 +141,7 @@ def _torch_chain(model: nn.Module, handlers: dict[type[nn.Module], Any]) -> list
     chain: list[tuple[str, nn.Module]] = []
 
     def visit(name: str, module: nn.Module) -> None:
-        if type(module) in handlers:
+        if _handler(module, handlers) is not None:
             chain.append((name, module))
             return
         children = list(module.named_children())
@@ -292,11 +296,10 @@ def _torch_padding(
 
 
 def _dense_weight(module: Any) -> torch.Tensor:
-    # Weight-only quantized layers hold codes; clustered and sparse ones a codebook or CSR parts.
-    for method in ("dequantized_weight", "dense_weight"):
-        if hasattr(module, method):
-            return getattr(module, method)()
-    return module.weight
+    from nnopt.layers.protocol import CompressedLayer
+
+    # Compressed layers hold codes, a codebook or CSR parts: Keras gets the weight they compute with.
+    return module.dense_weight() if isinstance(module, CompressedLayer) else module.weight
 
 
 def _numpy(tensors: list[torch.Tensor]) -> list[np.ndarray]:
@@ -354,7 +357,9 @@ def _reference_mode(model: nn.Module) -> Iterator[None]:
     """Inference mode, with weight-only quantized layers on their exact dequantize path (the
     function the Keras twin computes; their int kernels add bf16 rounding), then put back as it was."""
     modes = [(m, m.training) for m in model.modules()]
-    computes = [(m, m.compute) for m in model.modules() if hasattr(m, "dequantized_weight") and hasattr(m, "compute")]
+    from nnopt.layers.protocol import CompressedLayer
+
+    computes = [(m, m.compute) for m in model.modules() if isinstance(m, CompressedLayer) and hasattr(m, "compute")]
     model.eval()
     try:
         for module, _ in computes:

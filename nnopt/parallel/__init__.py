@@ -4,7 +4,6 @@ data-parallel (DDP) fine-tuning that matches single-process training.
 >>> from nnopt.parallel import thread_sweep, parallel_predict, ddp_train
 """
 
-from nnopt.parallel.ddp import DDPHistory, ddp_train
 from nnopt.parallel.threads import ThreadSweep, ThreadTiming, thread_sweep
 from nnopt.parallel.workers import (
     InferencePool,
@@ -13,6 +12,7 @@ from nnopt.parallel.workers import (
     parallel_predict,
     throughput_vs_workers,
 )
+from nnopt.training.ddp import DDPHistory, ddp_train
 
 __all__ = [
     "DDPHistory", "InferencePool", "ThreadSweep", "ThreadTiming", "WorkerSweep", "WorkerThroughput",

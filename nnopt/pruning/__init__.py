@@ -14,43 +14,18 @@ from torch import nn
 from nnopt.checkpoint import CheckpointSpec, checkpoint_context
 from nnopt.config import Config
 from nnopt.data import Split
-from nnopt.passes import Apply, register_pass, run_verb
-from nnopt.pruning.magnitude import (
-    MAGNITUDE_PASS,
-    THRESHOLD_PASS,
-    MagnitudePruneConfig,
-    ThresholdPruneConfig,
-    prune_magnitude,
-    prune_threshold,
-)
+from nnopt.pruning.magnitude import MagnitudePruneConfig, ThresholdPruneConfig
 from nnopt.pruning.masks import MaskKeeper
-from nnopt.pruning.nm import NM_PASS, NMPruneConfig, prune_nm
-from nnopt.pruning.schedule import GRADUAL_PASS, GradualPruneConfig, prune_gradual
-from nnopt.pruning.structured import (
-    STRUCTURED_PASS,
-    StructuredPruneConfig,
-    prune_structured,
-    register_importance,
-    replay_structured,
-)
+from nnopt.pruning.nm import NMPruneConfig
+from nnopt.pruning.schedule import GradualPruneConfig
+from nnopt.pruning.structured import StructuredPruneConfig, register_importance
+from nnopt.techniques import Technique, always, register_technique, run_technique, train_split
 from nnopt.training import TrainConfig, TrainHistory, parallel_context, train
 
 __all__ = [
     "GradualPruneConfig", "MagnitudePruneConfig", "MaskKeeper", "NMPruneConfig", "StructuredPruneConfig",
     "ThresholdPruneConfig", "finetune", "prune", "register_importance",
 ]
-
-_PRUNERS: dict[type, tuple[str, Apply]] = {
-    ThresholdPruneConfig: (THRESHOLD_PASS, prune_threshold),
-    MagnitudePruneConfig: (MAGNITUDE_PASS, prune_magnitude),
-    NMPruneConfig: (NM_PASS, prune_nm),
-    GradualPruneConfig: (GRADUAL_PASS, prune_gradual),
-}
-for _name, _ in _PRUNERS.values():
-    register_pass(_name)  # values only: nothing to replay on load
-_PRUNERS[StructuredPruneConfig] = (STRUCTURED_PASS, prune_structured)
-register_pass(STRUCTURED_PASS, replay_structured)  # layers change shape: re-create them on load
-
 
 def prune(
     model: Any,
@@ -70,14 +45,14 @@ def prune(
     token batches (dicts of ``input_ids`` and ``attention_mask``).
 
     >>> pruned = prune(model, MagnitudePruneConfig(sparsity=0.9, allocation="global"))
-    >>> pruned = prune(model, GradualPruneConfig(final_sparsity=0.9), data=dataset.train)
+    >>> pruned = prune(model, GradualPruneConfig(final_sparsity=0.9, epochs=3), data=dataset.train)
     >>> smaller = prune(model, StructuredPruneConfig(ratio=0.5, importance="gradient"), data=dataset.train)
 
     ``checkpoint``/``resume``: passes that train (gradual pruning) checkpoint every epoch and continue
     from the last checkpoint (see :mod:`nnopt.checkpoint`). ``data_parallel`` > 1: passes that train
     (gradual pruning, structured recovery) run in that many DDP processes (see :func:`nnopt.train`).
     """
-    return run_verb("pruning", _PRUNERS, model, config, inplace, data=data, eval_data=eval_data, progress=progress,
+    return run_technique("prune", model, config, inplace, data=data, eval_data=eval_data, progress=progress,
                     **checkpoint_context(checkpoint, resume), **parallel_context(data_parallel))
 
 
@@ -89,3 +64,14 @@ def finetune(
     (``data_parallel`` > 1: in that many DDP processes, as :func:`nnopt.train`)."""
     return train(model, data, config, eval_data=eval_data, callbacks=[MaskKeeper.from_zeros(model)],
                  progress=progress, data_parallel=data_parallel)
+
+
+def _finetune_step(model: nn.Module, config: TrainConfig, data: Split | None = None, progress: bool | None = None,
+                   data_parallel: int = 1, **_: Any) -> dict[str, Any]:
+    finetune(model, data, config, progress=progress, data_parallel=data_parallel)  # type: ignore[arg-type]
+    return {}
+
+
+# A recipe's `train` step: fine-tuning changes values only, so the model's record does not list it.
+register_technique(Technique(TrainConfig, "finetune", _finetune_step, needs_data=always("fine-tuning"),
+                             data_for=train_split, records=False))

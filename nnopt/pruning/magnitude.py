@@ -22,6 +22,7 @@ from nnopt.errors import ConfigError
 from nnopt.pruning.masks import apply_masks
 from nnopt.pruning.targets import layer_stats, prune_targets
 from nnopt.select import validate_patterns
+from nnopt.techniques import Technique, register_technique
 
 THRESHOLD_PASS = "prune-threshold"
 MAGNITUDE_PASS = "prune-magnitude"
@@ -123,3 +124,8 @@ def _keep_largest(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
         order = torch.argsort(scores.flatten(), stable=True)
         keep[order[:drop]] = False
     return keep.view_as(scores)
+
+
+# Values only: nothing to replay on load.
+register_technique(Technique(ThresholdPruneConfig, "prune", prune_threshold))
+register_technique(Technique(MagnitudePruneConfig, "prune", prune_magnitude))

@@ -17,6 +17,7 @@ from nnopt.errors import ConfigError
 from nnopt.pruning.masks import apply_masks
 from nnopt.pruning.targets import layer_stats, prune_targets
 from nnopt.select import validate_patterns
+from nnopt.techniques import Technique, register_technique
 
 NM_PASS = "prune-nm"
 
@@ -60,3 +61,6 @@ def prune_nm(model: nn.Module, config: NMPruneConfig, **_: Any) -> dict[str, Any
     masks = {name: nm_mask(module.weight, config.n, config.m, name) for name, module in targets}
     apply_masks(targets, masks)  # only after every layer's masks are known: a bad layer changes nothing
     return {"pattern": f"{config.n}:{config.m}", **layer_stats(targets)}
+
+
+register_technique(Technique(NMPruneConfig, "prune", prune_nm))  # values only: nothing to replay

@@ -21,6 +21,7 @@ from nnopt.pruning.magnitude import check_allocation, check_sparsity, magnitude_
 from nnopt.pruning.masks import apply_masks
 from nnopt.pruning.targets import layer_stats, prune_targets
 from nnopt.select import validate_patterns
+from nnopt.techniques import Technique, always, register_technique, train_split
 from nnopt.training import TrainConfig, train
 
 if TYPE_CHECKING:
@@ -135,3 +136,7 @@ def prune_gradual(model: nn.Module, config: GradualPruneConfig, data: Split | No
         "loss": history.loss,
         **layer_stats(targets),
     }
+
+
+register_technique(Technique(GradualPruneConfig, "prune", prune_gradual, needs_data=always("fine-tuning"),
+                             data_for=train_split))  # values only: nothing to replay

@@ -1,7 +1,7 @@
 """Quantization: ``quantize(model, config)`` dispatches on the config's type.
 
-Each technique lives in its own module and registers its config type in
-:mod:`nnopt.quantization.registry` when imported below.
+Each technique lives in its own module and registers its config type in the technique registry
+(:mod:`nnopt.techniques`) when imported below.
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ from torch import nn
 
 from nnopt.checkpoint import CheckpointSpec, checkpoint_context
 from nnopt.config import Config
-from nnopt.passes import run_verb
 from nnopt.quantization import clustering, mixed, ptq, qat, weights  # noqa: F401  (their registrations)
 from nnopt.quantization.clustering import ClusterConfig
 from nnopt.quantization.mixed import MixedPrecisionConfig, sensitivity
 from nnopt.quantization.ptq import DynamicQuantConfig, StaticQuantConfig
 from nnopt.quantization.qat import QATConfig
-from nnopt.quantization.registry import QUANTIZERS
 from nnopt.quantization.weights import WeightQuantConfig
+from nnopt.techniques import run_technique
 
 __all__ = [
     "ClusterConfig", "DynamicQuantConfig", "MixedPrecisionConfig", "QATConfig", "StaticQuantConfig",
@@ -52,7 +51,7 @@ def quantize(
     """
     from nnopt.training import parallel_context
 
-    return run_verb(
-        "quantization", QUANTIZERS, model, config, inplace, data=data, eval_data=eval_data, progress=progress,
+    return run_technique(
+        "quantize", model, config, inplace, data=data, eval_data=eval_data, progress=progress,
         **checkpoint_context(checkpoint, resume), **parallel_context(data_parallel),
     )

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnopt.quantization import kernels as K
+from nnopt.layers import kernels as K
 
 
 def _has(module: nn.Module, *names: str) -> bool:
@@ -113,7 +113,7 @@ def apply_fusions(model: nn.Module, plan: dict[str, list[Any]], fold_values: boo
 
     ``fold_values`` is False when replaying a saved model: its value scales already hold the fold.
     """
-    from nnopt.quantization.ptq import Int8DynamicLinear
+    from nnopt.layers.int8 import Int8DynamicLinear
     from nnopt.select import replace_layer
 
     for name in plan.get("residual", []):

@@ -82,8 +82,8 @@ def layer_input_shapes(model: nn.Module, names: Sequence[str], batch: int) -> di
 
 def time_kernels(module: nn.Linear, shape: tuple[int, ...], smoothing: bool) -> KernelTiming:
     """Both kernels of ``module`` on one seeded input of ``shape``, timed side by side."""
+    from nnopt.layers.int8 import Int8DynamicLinear
     from nnopt.metrics.speed import compare_calls
-    from nnopt.quantization.ptq import Int8DynamicLinear
 
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     int8 = Int8DynamicLinear(module, smoothing=smoothing)

@@ -15,7 +15,7 @@ biases and unselected layers are not counted.
 The plan starts with every layer at the widest option and greedily takes the narrowing step (layer, width)
 with the smallest predicted error increase per byte saved, treating per-layer errors as additive.
 
->>> q = quantize(model, MixedPrecisionConfig(bits_options=(8, 4), max_bytes_ratio=0.2), data=ds.calibration())
+>>> q = quantize(model, MixedPrecisionConfig(bits_options=(8, 4), max_bytes_ratio=0.2), data=dataset.calibration())
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from torch import nn
 from nnopt.config import Config
 from nnopt.data import Split
 from nnopt.errors import ConfigError, ModelFormatError, UnsupportedModelError
+from nnopt.layers.weight_only import QUANTIZED_TYPES
 from nnopt.lineage import AppliedPass
 from nnopt.metrics.table import render_table
 from nnopt.progress import track
 from nnopt.quantization import weights
-from nnopt.quantization.modules import QUANTIZED_TYPES
-from nnopt.quantization.registry import register_quantizer
 from nnopt.select import replace_layer, select_layers, validate_patterns
+from nnopt.techniques import Technique, always, register_technique, train_split
 
 PASS_NAME = "mixed-precision"
 METRICS: tuple[str, ...] = ("output_error", "accuracy")
@@ -350,7 +350,7 @@ def sensitivity(
     ``data`` is a :class:`~nnopt.data.Split` or an iterable of input batches (or ``(inputs, labels)``
     pairs; labels are needed for ``metric="accuracy"``). The model is left as it was.
 
-    >>> print(sensitivity(model, ds.calibration(256)))  # doctest: +SKIP
+    >>> print(sensitivity(model, dataset.calibration(256)))  # doctest: +SKIP
     """
     widths = _check_options(tuple(bits_options), metric, per_channel, group_size, "sensitivity")
     validate_patterns(tuple(layers))
@@ -569,4 +569,5 @@ def replay(model: nn.Module, applied: AppliedPass) -> None:
         weights.replay(model, AppliedPass(weights.PASS_NAME, wcfg.to_dict(), {"layers": {name: details}}))
 
 
-register_quantizer(MixedPrecisionConfig, PASS_NAME, apply_mixed_precision, replay)
+register_technique(Technique(MixedPrecisionConfig, "quantize", apply_mixed_precision, replay,
+                             needs_data=always("sensitivity measurement"), data_for=train_split))

@@ -1,12 +1,12 @@
 """Calibration observers: watch activations (or weights) batch by batch, then propose ``(S, z)``.
 
 Each observer has one job: turn what it saw into a clipping range ``[lo, hi]``. The range becomes
-``(S, z)`` through :func:`nnopt.quantization.primitives.qparams_from_range`, the same formula the
+``(S, z)`` through :func:`nnopt.layers.primitives.qparams_from_range`, the same formula the
 weight path uses.
 
 >>> obs = make_observer("percentile", percentile=99.9)
->>> for batch in calibration_batches:
-...     obs.update(model_part(batch))
+>>> for batch in torch.randn(4, 32, 16):  # calibration activations, (rows, features) each
+...     obs.update(batch)
 >>> scale, zero = obs.qparams(bits=8, symmetric=False)
 
 - ``minmax``: the exact running min and max (optionally per channel). Outliers stretch the range.
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from nnopt.errors import ConfigError
-from nnopt.quantization import primitives as P
+from nnopt.layers import primitives as P
 
 NO_DATA = "observer saw no data: the calibration set is empty"
 

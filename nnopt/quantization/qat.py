@@ -12,8 +12,8 @@ Integer-Arithmetic-Only Inference"):
 3. rounding has zero gradient almost everywhere, so gradients pass through a straight-through
    estimator (STE): identity inside the clipping range, zero outside it (clipped values do not
    move the loss);
-4. the fine-tuned twins are converted into :class:`~nnopt.quantization.ptq.Int8StaticLinear` /
-   :class:`~nnopt.quantization.ptq.Int8StaticConv2d` with the trained weights and the observed
+4. the fine-tuned twins are converted into :class:`~nnopt.layers.int8.Int8StaticLinear` /
+   :class:`~nnopt.layers.int8.Int8StaticConv2d` with the trained weights and the observed
    ranges: the same codes the fake-quant forward simulated, now computed with an int8 GEMM.
 
 Pruned weights stay exactly zero: symmetric quantization maps 0 to code 0, and fine-tuning keeps
@@ -35,18 +35,18 @@ from torch import nn
 from nnopt.config import Config
 from nnopt.data import Split
 from nnopt.errors import ConfigError
+from nnopt.layers import primitives as P
 from nnopt.pruning.masks import MaskKeeper
-from nnopt.quantization import primitives as P
 from nnopt.quantization.observers import MinMaxObserver
 from nnopt.quantization.ptq import STATIC_TYPES, _targets, calibration_inputs, observe_inputs, replay_static
-from nnopt.quantization.registry import register_quantizer
 from nnopt.select import replace_layer, validate_patterns
+from nnopt.techniques import Technique, always, register_technique, train_split
 from nnopt.training import TrainConfig, TrainHistory, train
 
 if TYPE_CHECKING:
     from nnopt.checkpoint import CheckpointSpec
 
-PASS_NAME = "quantize-qat"
+PASS_NAME = "qat"
 BITS = 8  # the int8 kernels fix the width
 
 
@@ -413,4 +413,5 @@ class _BestOnValidation:
             self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-register_quantizer(QATConfig, PASS_NAME, quantize_qat, replay_static)
+register_technique(Technique(QATConfig, "quantize", quantize_qat, replay_static, needs_data=always("fine-tuning"),
+                             data_for=train_split, legacy_names=("quantize-qat",)))

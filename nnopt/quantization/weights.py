@@ -1,5 +1,5 @@
 """Weight-only quantization (the classic rule): store integer codes plus scales; compute with a weight-only
-kernel where torch has one for the shape, else dequantize (see :mod:`nnopt.quantization.modules`)."""
+kernel where torch has one for the shape, else dequantize (see :mod:`nnopt.layers.weight_only`)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from torch import nn
 
 from nnopt.config import Config
 from nnopt.errors import ConfigError, ModelFormatError, UnsupportedModelError
+from nnopt.layers import primitives as P
+from nnopt.layers.weight_only import COMPUTE_MODES, QUANTIZED_TYPES, QuantizedLinear, _QuantizedWeight
 from nnopt.lineage import AppliedPass
-from nnopt.quantization import primitives as P
-from nnopt.quantization.modules import COMPUTE_MODES, QUANTIZED_TYPES, QuantizedLinear, _QuantizedWeight
-from nnopt.quantization.registry import register_quantizer
 from nnopt.quantization.targets import check_target
 from nnopt.select import replace_layer, select_layers, validate_patterns
+from nnopt.techniques import Technique, register_technique
 
 PASS_NAME = "quantize-weights"
 # Storage layouts recorded per layer, so that a load re-creates exactly the saved buffers.
@@ -39,7 +39,7 @@ class WeightQuantConfig(Config):
     ``layers`` selects layers (names, ``re:`` patterns, ``type:`` names); empty means every
     Linear and Conv2d.
 
-    >>> WeightQuantConfig(bits=4, group_size=32)  # int4 weight-only, one scale per 32 inputs
+    >>> int4 = WeightQuantConfig(bits=4, group_size=32)  # int4 weight-only, one scale per 32 inputs
     """
 
     kind = "quantize-weights"
@@ -140,7 +140,7 @@ def quantize_weights(model: nn.Module, config: WeightQuantConfig, **context: Any
         codes, scale, zero = _qparams_and_codes(weight, config)
         qmodule.set_codes(codes, scale, zero)
         replace_layer(model, name, qmodule)
-        error = (qmodule.dequantized_weight() - weight).abs().max()
+        error = (qmodule.dense_weight() - weight).abs().max()
         details[name] = {
             "shape": list(weight.shape),
             "max_abs_error": float(error),
@@ -170,4 +170,7 @@ def replay(model: nn.Module, applied: AppliedPass) -> None:
         replace_layer(model, name, _make_module(module, config, plan, packed))
 
 
-register_quantizer(WeightQuantConfig, PASS_NAME, quantize_weights, replay)
+register_technique(Technique(
+    WeightQuantConfig, "quantize", quantize_weights, replay,
+    presets={"int8-weight": {"bits": 8, "per_channel": True}, "int4-weight": {"bits": 4, "per_channel": True}},
+))

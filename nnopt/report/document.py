@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from nnopt.errors import ModelFormatError
 
@@ -246,7 +246,7 @@ def _point(batch: str, value: Mapping[str, Any]) -> LatencyPoint:
 
 def _energy(entry: Mapping[str, Any], doc: Mapping[str, Any]) -> Energy | None:
     value = entry.get("energy_nj")
-    methods = doc.get("methods") if isinstance(doc.get("methods"), Mapping) else {}
+    methods = cast(Mapping[str, Any], doc.get("methods")) if isinstance(doc.get("methods"), Mapping) else {}
     method = entry.get("energy_method") or doc.get("energy_method") or methods.get("energy_nj")
     if isinstance(value, Mapping):
         total = _number(value.get("total_nj", value.get("total")))
@@ -258,7 +258,7 @@ def _energy(entry: Mapping[str, Any], doc: Mapping[str, Any]) -> Energy | None:
             total = _number(entry.get("energy_mj")) * 1e6  # type: ignore[operator]
         parts = {k: _number(entry.get(f"energy_{k}")) for k in ("compute_nj", "memory_nj", "low_nj", "high_nj")}
     if total is None and parts["compute_nj"] is not None and parts["memory_nj"] is not None:
-        total = parts["compute_nj"] + parts["memory_nj"]  # type: ignore[operator]
+        total = parts["compute_nj"] + parts["memory_nj"]
     if total is None:
         return None
     return Energy(total, method=str(method) if method else None, **parts)

@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from nnopt.io.atomic import atomic_write_bytes
 from nnopt.report.document import OBJECTIVE_PHRASES, REPORT_HTML, REPORT_JSON, REPORT_MD, ReportView, read_report
@@ -125,7 +125,8 @@ def _header(view: ReportView, date: str | None) -> str:
 
 
 def _what_ran(view: ReportView) -> str:
-    doc, config = view.doc, view.doc.get("config") if isinstance(view.doc.get("config"), Mapping) else {}
+    doc = view.doc
+    config = cast(Mapping[str, Any], doc.get("config")) if isinstance(doc.get("config"), Mapping) else {}
     if doc.get("description"):
         return str(doc["description"])
     if view.kind == "classic-demo":

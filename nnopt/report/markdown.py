@@ -3,7 +3,7 @@ document (so ``nnopt report`` can rebuild them). They never compute anything new
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from nnopt.metrics.table import markdown_table
@@ -195,7 +195,7 @@ def _measurement_rows(variants: list[dict[str, Any]]) -> tuple[list[str], list[l
     return columns, rows
 
 
-def _batches(variants: list[dict[str, Any]]) -> list[str]:
+def _batches(variants: Sequence[Mapping[str, Any]]) -> list[str]:
     found = {b for v in variants for b in (v.get("latency_ms") or {})}
     return sorted(found, key=lambda b: int(b) if b.isdigit() else 0)
 

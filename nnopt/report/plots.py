@@ -25,7 +25,7 @@ SPARSITY_COLOUR, STRUCTURED_COLOUR = "#3b75af", "#2ca02c"
 BUDGET_COLOUR = "#c0392b"
 WIDTH_IN = 8.0
 
-_RC = {
+_RC: dict[Any, Any] = {  # Any keys: matplotlib >= 3.10 types them as one Literal of rc names
     "svg.fonttype": "none",  # text stays text: small, searchable, selectable
     "svg.hashsalt": "nnopt",  # the same report gives the same file
     "font.family": "sans-serif",
@@ -72,8 +72,8 @@ def tradeoff_svg(view: ReportView, x: str, fig_id: str) -> str:
     rows = view.front if view.front else view.rows
     if view.front and view.baseline is not None:
         rows = (view.baseline, *rows)
-    points = [(r, _x_value(r, x), r.accuracy) for r in rows]
-    points = [(r, px, py) for r, px, py in points if px is not None and py is not None and px > 0]
+    candidates = [(r, _x_value(r, x), r.accuracy) for r in rows]
+    points = [(r, px, py) for r, px, py in candidates if px is not None and py is not None and px > 0]
     scale = 100.0 if view.metric == "accuracy" else 1.0
     with _figure(WIDTH_IN, 4.2) as fig:
         ax = fig.add_subplot()

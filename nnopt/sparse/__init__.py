@@ -7,14 +7,14 @@ from typing import Any
 from torch import nn
 
 from nnopt.config import Config
-from nnopt.passes import Apply, register_pass, run_verb
+from nnopt.layers.sparse import SparseLinear
 from nnopt.sparse import kernels
-from nnopt.sparse.kernels import PASS_NAME, SparseKernelConfig, SparseLinear, choose_kernels
+from nnopt.sparse.kernels import PASS_NAME, SparseKernelConfig, choose_kernels
+from nnopt.techniques import Technique, register_technique, run_technique
 
 __all__ = ["PASS_NAME", "SparseKernelConfig", "SparseLinear", "sparsify"]
 
-_SPARSIFIERS: dict[type, tuple[str, Apply]] = {SparseKernelConfig: (PASS_NAME, choose_kernels)}
-register_pass(PASS_NAME, kernels.replay)
+register_technique(Technique(SparseKernelConfig, "sparsify", choose_kernels, kernels.replay))
 
 
 def sparsify(model: Any, config: Config = SparseKernelConfig(), inplace: bool = False) -> nn.Module:
@@ -27,7 +27,7 @@ def sparsify(model: Any, config: Config = SparseKernelConfig(), inplace: bool = 
     >>> type(fast.fc1).__name__  # doctest: +SKIP
     'SparseLinear'
     """
-    return run_verb("sparse kernel", _SPARSIFIERS, model, config, inplace)
+    return run_technique("sparsify", model, config, inplace)
 
 
 def kernel_summary(details: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ from torch import nn
 
 import nnopt
 from nnopt.io.packed import pack_tensors, unpack_tensors
-from nnopt.quantization import primitives as P
+from nnopt.layers import primitives as P
 from nnopt.quantization.clustering import ClusterConfig, assign, cluster_weight
 
 # Derandomized: the same examples on every run and machine; no example database is read or written.

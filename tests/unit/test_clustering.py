@@ -7,14 +7,8 @@ from safetensors.torch import load_file, save_file
 
 import nnopt
 from nnopt.errors import ConfigError, ModelFormatError, UnsupportedModelError
-from nnopt.quantization.clustering import (
-    ClusterConfig,
-    ClusteredConv2d,
-    ClusteredLinear,
-    assign,
-    cluster_weight,
-    kmeans_1d,
-)
+from nnopt.layers.clustered import ClusteredConv2d, ClusteredLinear
+from nnopt.quantization.clustering import ClusterConfig, assign, cluster_weight, kmeans_1d
 
 LAYERS = ("features.0", "features.2", "classifier")
 

@@ -32,7 +32,7 @@ def test_int8_dynamic_matches_cpu(trained_simplenet, digits, batch):
 
 
 def test_int8_matmul_exact_for_any_shape():
-    from nnopt.quantization.kernels import int8_matmul
+    from nnopt.layers.kernels import int8_matmul
 
     g = torch.Generator().manual_seed(0)
     for m, k, n in [(1, 64, 10), (17, 64, 64), (128, 384, 1536), (5, 33, 7)]:

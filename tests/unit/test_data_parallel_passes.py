@@ -118,10 +118,13 @@ def test_a_recipe_trains_data_parallel_like_one_process(trained, digits):
 
 def test_a_recipe_step_without_data_parallel_support_is_refused(trained, digits, monkeypatch):
     from nnopt import recipe as recipes
+    from nnopt import techniques
 
     parsed = recipes.parse_recipe({"steps": [{"kind": "train", "epochs": 1}]})
-    old = recipes.step_kind("train")
-    monkeypatch.setitem(recipes._STEPS, "train", dataclasses.replace(old, run=lambda m, c, d, p: m))
+    old = techniques.technique_for(parsed.steps[0])
+    # a technique whose apply takes no data_parallel (the built-in ones all take it)
+    monkeypatch.setitem(techniques._BY_TYPE, type(parsed.steps[0]),
+                        dataclasses.replace(old, apply=lambda model, config, data, progress: {}))
     with pytest.raises(ConfigError, match="'train' does not run data-parallel"):
         recipes.apply_recipe(trained, parsed, data=digits, data_parallel=2)
 

@@ -10,9 +10,9 @@ import torch
 import nnopt
 from nnopt import cpu, envinfo
 from nnopt.errors import ConfigError
+from nnopt.layers import kernels as K
+from nnopt.layers.int8 import Int8DynamicLinear
 from nnopt.quantization import encoder_fusion
-from nnopt.quantization import kernels as K
-from nnopt.quantization.ptq import Int8DynamicLinear
 
 needs_onednn = pytest.mark.skipif(not K.onednn_int8_exact(), reason="oneDNN's int8 Linear is missing from this torch "
                                   "build or failed its known-answer check on this CPU (no VNNI)")

@@ -22,7 +22,7 @@ from nnopt.energy import (
 from nnopt.energy.measure import BACKWARDS, SHORT_WINDOW, WRAPPED
 from nnopt.energy.tables import parse_energy_table
 from nnopt.errors import ConfigError
-from nnopt.quantization.ptq import Int8DynamicLinear
+from nnopt.layers.int8 import Int8DynamicLinear
 from nnopt.sparse import SparseLinear
 
 TABLE = load_energy_table()
@@ -156,7 +156,7 @@ def test_dense_pruned_layer_costs_the_same_csr_costs_less():
 
 def _int8_kernels(monkeypatch, passed: bool) -> None:
     """Set every torch int8 kernel's known-answer verdict: a CPU with exact int8 kernels, or one without."""
-    from nnopt.quantization import kernel_checks as KC
+    from nnopt.layers import kernel_checks as KC
 
     for name in ("onednn-u8s8", "torch-int-mm"):
         monkeypatch.setitem(KC._RESULTS, name, KC.KernelCheck(name, passed, 0.0 if passed else 8e6, "forced"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from nnopt import cpu, envinfo
+from nnopt.metrics import system
 
 X86 = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -46,5 +47,5 @@ def test_cpu_model_and_unreadable_cpuinfo(monkeypatch, tmp_path):
     assert envinfo.cpu_model(X86) == "AMD EPYC 9R14 96-Core Processor"
     monkeypatch.setattr(cpu, "CPUINFO", tmp_path / "missing")
     assert envinfo.cpu_features() == dict.fromkeys(envinfo.CPU_FEATURES)  # unknown, not "absent"
-    assert envinfo.system_report()["cpu_features_source"] == "unavailable"
+    assert system.system_report()["cpu_features_source"] == "unavailable"
     assert isinstance(envinfo.cpu_model(), str)

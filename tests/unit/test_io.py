@@ -6,8 +6,9 @@ import torch
 
 import nnopt
 from nnopt.errors import ModelFormatError, OutputError, UnsafeFileError
-from nnopt.io import load_model, read_meta, save_model
+from nnopt.io import read_meta, save_model
 from nnopt.io.atomic import atomic_directory
+from nnopt.loading import load_model
 
 
 def _variants(model):

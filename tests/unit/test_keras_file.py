@@ -332,17 +332,17 @@ def test_structured_pruned_simplenet_is_saved_narrower(simplenet_file, tmp_path)
 def test_weight_quantized_layers_are_written_dequantized(simplenet_file, tmp_path):
     quantized = nnopt.quantize(load_keras(simplenet_file), nnopt.WeightQuantConfig(bits=4))
     back = keras.saving.load_model(save_keras(quantized, tmp_path / "q.keras"))
-    layers = [m for m in quantized.modules() if hasattr(m, "dequantized_weight")]
+    layers = [m for m in quantized.modules() if hasattr(m, "compute")]
     assert layers and all(m.compute == "auto" for m in layers)  # save_keras gave the modes back
     kernels = _kernels(back)
     for layer in layers:
-        weight = layer.dequantized_weight().detach().T.numpy()
+        weight = layer.dense_weight().detach().T.numpy()
         assert any(k.shape == weight.shape and np.array_equal(k, weight) for k in kernels)
     # The Keras model computes with those float weights; so does the dequantize path in torch
     # (the int kernels of the auto path round activations to bf16).
     reference = copy.deepcopy(quantized)
     for module in reference.modules():
-        if hasattr(module, "dequantized_weight"):
+        if hasattr(module, "compute"):
             module.compute = "dequantize"
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
     np.testing.assert_allclose(_keras_out(back, x), _torch_out(reference, x), rtol=0, atol=1e-5)

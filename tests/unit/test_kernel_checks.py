@@ -13,9 +13,9 @@ import torch
 
 import nnopt
 from nnopt import cpu, envinfo
-from nnopt.quantization import kernel_checks as KC
-from nnopt.quantization import kernels as K
-from nnopt.quantization.ptq import Int8DynamicLinear, Int8StaticLinear
+from nnopt.layers import kernel_checks as KC
+from nnopt.layers import kernels as K
+from nnopt.layers.int8 import Int8DynamicLinear, Int8StaticLinear
 
 
 def _saturating_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -143,7 +143,7 @@ def test_dynamic_int8_linear_is_exact_on_saturating_codes(monkeypatch, verdicts)
     exact = _integer_reference(module, x)
     torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-3)
     # and so the output is within the quantization error of the fp32 product
-    fp32 = x @ module.dequantized_weight().t()
+    fp32 = x @ module.dense_weight().t()
     assert float((out - fp32).abs().max()) <= float(K.quantize_activation_u8(x)[1]) * 256 * 0.5 * 0.5 + 1e-3
 
 

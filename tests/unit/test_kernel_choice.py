@@ -8,10 +8,10 @@ from torch import nn
 
 import nnopt
 from nnopt.errors import ConfigError
+from nnopt.layers.int8 import Int8DynamicLinear
 from nnopt.lineage import get_lineage
 from nnopt.quantization import DynamicQuantConfig
 from nnopt.quantization import kernel_choice as kc
-from nnopt.quantization.ptq import Int8DynamicLinear
 
 
 def test_only_layers_measured_faster_become_int8(monkeypatch):

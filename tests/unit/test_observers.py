@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from nnopt.errors import ConfigError
+from nnopt.layers import primitives as P
 from nnopt.quantization import observers as O
-from nnopt.quantization import primitives as P
 
 
 def batches(data: torch.Tensor, n: int) -> list[torch.Tensor]:

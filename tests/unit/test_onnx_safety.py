@@ -203,7 +203,7 @@ def _matmul_weight_types(path) -> set[str]:
 
 def test_quantize_onnx_writes_u8u8_by_default_and_int8_weights_only_where_exact(fp32_onnx, tmp_path, monkeypatch):
     from nnopt.errors import UnsupportedModelError
-    from nnopt.quantization import kernel_checks as KC
+    from nnopt.layers import kernel_checks as KC
 
     assert _matmul_weight_types(quantize_onnx(fp32_onnx, tmp_path / "u8.onnx")) == {"UINT8"}
     if KC.kernel_passes("onnxruntime-u8s8"):  # a CPU with VNNI: the faster U8S8 file is allowed
@@ -233,7 +233,7 @@ def test_onnx_runner_refuses_int8_weights_where_onnx_runtime_gets_them_wrong(tmp
     runner refuses it with one error naming the fix; the U8U8 form of the same model runs."""
     from nnopt.errors import UnsupportedModelError
     from nnopt.io.onnx_checks import signed_int8_weights
-    from nnopt.quantization import kernel_checks as KC
+    from nnopt.layers import kernel_checks as KC
 
     model = nnopt.quantize(_MLP(), nnopt.DynamicQuantConfig())
     x = torch.randn(4, 64)

@@ -14,9 +14,9 @@ import torch
 
 import nnopt
 from nnopt.errors import ConfigError
-from nnopt.parallel.ddp import ddp_train
 from nnopt.parallel.threads import thread_sweep
 from nnopt.parallel.workers import InferencePool, parallel_predict, throughput_vs_workers
+from nnopt.training.ddp import ddp_train
 
 
 def _gloo_or_skip() -> None:
@@ -65,7 +65,7 @@ def test_ddp_rejects_bad_world_size(digits, world_size):
 
 def test_ddp_module_has_a_command_line():
     result = subprocess.run(
-        [sys.executable, "-m", "nnopt.parallel.ddp", "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "nnopt.training.ddp", "--help"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0
     assert "torchrun" in result.stdout and "--arch" in result.stdout and "--out" in result.stdout

@@ -7,8 +7,8 @@ import torch
 
 import nnopt
 from nnopt.errors import ConfigError
-from nnopt.quantization import kernels as K
-from nnopt.quantization.ptq import Int8DynamicLinear, Int8Embedding, Int8StaticConv2d, Int8StaticLinear
+from nnopt.layers import kernels as K
+from nnopt.layers.int8 import Int8DynamicLinear, Int8Embedding, Int8StaticConv2d, Int8StaticLinear
 
 
 def test_int8_linear_equals_integer_reference():
@@ -97,7 +97,7 @@ def test_int8_weight_exports_only_where_exact_and_auto_picks_the_exact_form(trai
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from nnopt.io.onnx_export import resolve_int8_weights
-    from nnopt.quantization import kernel_checks as KC
+    from nnopt.layers import kernel_checks as KC
 
     q = nnopt.quantize(trained_simplenet, config, data=digits.train)
     with torch.inference_mode():
@@ -137,7 +137,7 @@ def test_static_onnx_is_qdq_with_u8u8_codes(trained_simplenet, digits):
     tensors += [numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"]
     assert not [t for t in tensors if t.dtype.name == "int8"]
     weights = sorted((t for t in tensors if t.dtype.name == "uint8" and t.ndim == 2), key=lambda t: -t.size)
-    layers = [m for m in q.modules() if isinstance(m, nnopt.quantization.ptq.Int8StaticLinear)]
+    layers = [m for m in q.modules() if isinstance(m, nnopt.layers.int8.Int8StaticLinear)]
     assert len(weights) == 3
     for module, codes in zip(sorted(layers, key=lambda m: -m.weight_q.numel()), weights):
         assert (codes.astype(int) - 128 == module.weight_q.numpy()).all()

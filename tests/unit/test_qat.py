@@ -9,9 +9,10 @@ from torch import nn
 import nnopt
 from nnopt.data import Split
 from nnopt.errors import ConfigError
+from nnopt.layers import primitives as P
+from nnopt.layers.int8 import Int8StaticConv2d, Int8StaticLinear
 from nnopt.lineage import get_lineage
-from nnopt.quantization import primitives as P
-from nnopt.quantization.ptq import Int8StaticConv2d, Int8StaticLinear, StaticQuantConfig
+from nnopt.quantization.ptq import StaticQuantConfig
 from nnopt.quantization.qat import (
     FakeQuantConv2d,
     FakeQuantLinear,
@@ -124,7 +125,7 @@ def test_qat_int8_is_within_half_a_point_of_fp32_and_of_static_ptq(trained_simpl
         layer = qat_model.get_submodule(name)
         assert isinstance(layer, Int8StaticLinear) and layer.weight_q.dtype == torch.int8
     applied = get_lineage(qat_model).applied[-1]
-    assert applied.name == "quantize-qat"
+    assert applied.name == "qat"
     assert set(applied.details["layers"]) == set(LAYERS)
     assert len(applied.details["training"]["loss"]) == 3
     training = applied.details["training"]

@@ -3,8 +3,8 @@ import torch
 
 import nnopt
 from nnopt.errors import ConfigError, UnsupportedModelError
-from nnopt.quantization import primitives as P
-from nnopt.quantization.modules import QuantizedConv2d, QuantizedLinear
+from nnopt.layers import primitives as P
+from nnopt.layers.weight_only import QuantizedConv2d, QuantizedLinear
 
 
 def test_weights_are_stored_as_integers_plus_scale(trained_simplenet):
@@ -17,7 +17,7 @@ def test_weights_are_stored_as_integers_plus_scale(trained_simplenet):
         expected_scale = 127 / w.abs().max()
         torch.testing.assert_close(layer.weight_scale.flatten()[0], expected_scale)
         assert torch.equal(layer.weight_q, torch.round(w.double() * layer.weight_scale.double()).to(torch.int8))
-        error = (layer.dequantized_weight() - w).abs().max()
+        error = (layer.dense_weight() - w).abs().max()
         assert error <= 1 / (2 * layer.weight_scale.flatten()[0]) + 1e-6
 
 
@@ -53,7 +53,7 @@ def test_pruned_zeros_stay_zero_after_quantization(trained_simplenet):
     pruned = nnopt.prune(trained_simplenet, nnopt.ThresholdPruneConfig(threshold=0.05))
     q = nnopt.quantize(pruned, nnopt.WeightQuantConfig(bits=8, symmetric=False))
     zeros = pruned.features[0].weight == 0
-    assert (q.features[0].dequantized_weight()[zeros] == 0).all()
+    assert (q.features[0].dense_weight()[zeros] == 0).all()
 
 
 def test_conv_layers_quantize(digits):

@@ -9,11 +9,12 @@ from torch import nn
 
 import nnopt
 from nnopt.errors import ConfigError, SelectionError
-from nnopt.io import load_model, save_model
+from nnopt.io import save_model
 from nnopt.lineage import get_lineage
-from nnopt.simplify import FoldBatchNormConfig, LowRankConfig, LowRankLinear, simplify
-from nnopt.simplify.fold import find_pairs
-from nnopt.simplify.lowrank import energy_rank
+from nnopt.loading import load_model
+from nnopt.simplification import FoldBatchNormConfig, LowRankConfig, LowRankLinear, simplify
+from nnopt.simplification.fold import find_pairs
+from nnopt.simplification.lowrank import energy_rank
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 

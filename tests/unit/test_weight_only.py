@@ -9,11 +9,12 @@ from torch import nn
 
 import nnopt
 from nnopt.errors import ConfigError, ModelFormatError
-from nnopt.io import load_model, save_model
+from nnopt.io import save_model
+from nnopt.layers import primitives as P
+from nnopt.layers.weight_only import QuantizedConv2d, QuantizedLinear
+from nnopt.loading import load_model
 from nnopt.metrics.accuracy import accuracy
 from nnopt.metrics.profile import profile_model
-from nnopt.quantization import primitives as P
-from nnopt.quantization.modules import QuantizedConv2d, QuantizedLinear
 from nnopt.quantization.weights import WeightQuantConfig, quantize_weights
 
 
@@ -28,7 +29,7 @@ def test_group_scales_have_one_entry_per_group_and_bound_the_error():
     linear = nn.Linear(64, 32)
     q = _quantize_layer(copy.deepcopy(linear), bits=4, group_size=16)
     assert q.weight_scale.shape == (32, 4)
-    error = (q.dequantized_weight() - linear.weight.detach()).abs().reshape(32, 4, 16)
+    error = (q.dense_weight() - linear.weight.detach()).abs().reshape(32, 4, 16)
     assert (error <= 1 / (2 * q.weight_scale.unsqueeze(-1)) + 1e-6).all()
     # Each group's scale comes from its own range: 7 / max|w| over those 16 weights.
     expected = 7 / linear.weight.detach().reshape(32, 4, 16).abs().amax(-1)
@@ -37,7 +38,7 @@ def test_group_scales_have_one_entry_per_group_and_bound_the_error():
     conv = nn.Conv2d(8, 4, 3)
     qc = _quantize_layer(copy.deepcopy(conv), bits=8, group_size=24, symmetric=False)
     assert isinstance(qc, QuantizedConv2d) and qc.weight_scale.shape == (4, 3) and qc.weight_q.dtype == torch.int8
-    error = (qc.dequantized_weight() - conv.weight.detach()).abs().reshape(4, 3, 24)
+    error = (qc.dense_weight() - conv.weight.detach()).abs().reshape(4, 3, 24)
     assert (error <= 1 / (2 * qc.weight_scale.unsqueeze(-1)) + 1e-6).all()
 
 
@@ -157,7 +158,7 @@ def test_kernel_path_matches_the_dequantize_path(config, kernel):
     for shape in [(1, 128), (33, 128), (2, 3, 128), (128,)]:
         x = torch.randn(shape)
         with torch.inference_mode():
-            out, expected = q(x), F.linear(x, q.dequantized_weight(), q.bias)
+            out, expected = q(x), F.linear(x, q.dense_weight(), q.bias)
             assert torch.equal(reference(x), expected)
         assert out.shape == expected.shape and out.dtype == torch.float32
         # bf16 activations: ~3e-3 relative error, far below int4's/int8's own quantization error.
@@ -171,7 +172,7 @@ def test_auto_uses_the_int8_kernel_only_for_larger_layers():
     assert small_int8.compute_path == "dequantize"
     x = torch.randn(5, 256)
     with torch.no_grad():
-        assert torch.equal(small_int8(x), F.linear(x, small_int8.dequantized_weight(), small_int8.bias))
+        assert torch.equal(small_int8(x), F.linear(x, small_int8.dense_weight(), small_int8.bias))
     assert _quantize_layer(nn.Linear(512, 256), bits=8, per_channel=True).compute_path == "int8pack_mm"
     # The path depends on the layer only: a row's output is the same whatever batch it comes in.
     x = torch.randn(300, 64)
@@ -193,7 +194,7 @@ def test_kernel_cache_follows_new_codes_and_autograd_uses_dequantize():
     # Gradients with respect to the input flow through the dequantized weight (the kernels have no backward).
     x.requires_grad_(True)
     a(x).sum().backward()
-    torch.testing.assert_close(x.grad, a.dequantized_weight().sum(0).expand(4, 64))
+    torch.testing.assert_close(x.grad, a.dense_weight().sum(0).expand(4, 64))
 
 
 def test_quantized_linear_extra_repr_names_the_group():

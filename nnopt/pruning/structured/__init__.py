@@ -36,6 +36,7 @@ from nnopt.pruning.structured.importance import (
 )
 from nnopt.pruning.structured.surgery import mask_channels, remove_channels, resize_layers
 from nnopt.select import select_layers, validate_patterns
+from nnopt.techniques import Technique, register_technique, train_split
 
 STRUCTURED_PASS = "prune-structured"
 ALLOCATIONS = ("uniform", "global", "energy")
@@ -43,7 +44,7 @@ ALLOCATIONS = ("uniform", "global", "energy")
 __all__ = [
     "IMPORTANCE", "NEEDS_GRADIENTS", "STRUCTURED_PASS", "ChannelGroup", "DistillationLoss", "Gradients",
     "StructuredPruneConfig", "channel_groups", "distillation_loss", "mask_channels", "prune_structured",
-    "register_importance", "remove_channels", "replay_structured",
+    "register_importance", "remove_channels", "replay_structured", "structured_data_needs",
 ]
 
 
@@ -104,6 +105,13 @@ class StructuredPruneConfig(Config):
 # --------------------------------------------------------------------------- the pass
 
 
+def structured_data_needs(config: StructuredPruneConfig) -> str | None:
+    """Why ``config`` cannot run without data: gradient-based importance, recovery fine-tuning (None: it can)."""
+    reasons = [f"importance {config.importance!r} (gradients)"] if config.importance in NEEDS_GRADIENTS else []
+    reasons += ["fine-tuning"] if config.finetune_epochs > 0 else []
+    return " and ".join(reasons) or None
+
+
 def prune_structured(model: nn.Module, config: StructuredPruneConfig, **context: Any) -> dict[str, Any]:
     """Prune ``model`` in place; returns the record (new layer shapes, group sizes, criterion)."""
     data = context.get("data")
@@ -111,15 +119,12 @@ def prune_structured(model: nn.Module, config: StructuredPruneConfig, **context:
     if example is None:
         example = _example_input(model, data)
     teacher = copy.deepcopy(model).eval() if config.distill > 0 else None
-    needs_data = config.importance in NEEDS_GRADIENTS or config.finetune_epochs > 0
     if context.get("data_parallel", 1) > 1 and config.finetune_epochs > 0 and not isinstance(data, Split):
         raise ConfigError("data-parallel recovery needs labelled data (a Split); a sentence encoder's "
                           "distillation runs in one process: use data_parallel=1")
-    if needs_data and data is None:
-        raise ConfigError(
-            f"structured pruning with importance {config.importance!r}"
-            f"{' and fine-tuning' if config.finetune_epochs else ''} needs data=..."
-        )
+    reason = structured_data_needs(config)
+    if reason and data is None:
+        raise ConfigError(f"structured pruning with {reason} needs data=...")
     groups = _selected(model, channel_groups(model, example), config.layers)
     original = {g.name: g.size for g in groups}
     shapes: dict[str, dict[str, Any]] = {}
@@ -341,3 +346,7 @@ def _distill_encoder(
     model.eval()
     return last
 
+
+# Layers change shape: replay re-creates them on load.
+register_technique(Technique(StructuredPruneConfig, "prune", prune_structured, replay_structured,
+                             needs_data=structured_data_needs, data_for=train_split))

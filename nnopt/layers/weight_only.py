@@ -5,7 +5,7 @@ Two storage layouts:
 - **codes**: ``weight_q`` int8 codes in the weight's shape, ``weight_scale`` S and ``weight_zero_point`` z
   (any bit width 2..8, symmetric or not).
 - **packed int4**: ``weight_packed`` uint8, two signed 4-bit codes per byte along the flattened input
-  dimension (:func:`~nnopt.quantization.primitives.pack_int4`), shape ``(out, in·kh·kw / 2)``, plus
+  dimension (:func:`~nnopt.layers.primitives.pack_int4`), shape ``(out, in·kh·kw / 2)``, plus
   ``weight_scale``. Used for symmetric codes of at most 4 bits whose flattened input dimension is even
   (an odd one falls back to the codes layout); symmetric means z = 0, so no zero point is stored.
 
@@ -56,14 +56,15 @@ Throughput-bound callers with large batches can pass ``compute="dequantize"``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnopt.quantization import primitives as P
+from nnopt.layers import primitives as P
+from nnopt.layers.protocol import KernelCost, conv_macs, conv_repr, linear_macs, own_bytes
 
 COMPUTE_MODES = ("auto", "kernel", "dequantize")
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts, widest first
@@ -135,6 +136,19 @@ class _QuantizedWeight(nn.Module):
         """How the codes are stored, for profiles: ``"int8"`` or ``"int4 (packed)"``."""
         return "int4 (packed)" if self.packed else str(self.weight_q.dtype).removeprefix("torch.")
 
+    def stored_codes(self) -> dict[str, int]:
+        # packed int4 codes are already two per byte
+        return {} if self.packed else {"weight_q": self.bits}
+
+    def kernel_cost(self, inputs: Sequence[torch.Tensor], output: torch.Tensor) -> KernelCost:
+        """The codes are dequantized per call (``w = (q − z) / S``), or read by an int8/int4 kernel."""
+        path = getattr(self, "compute_path", "dequantize")
+        weights = self.weight_shape.numel()
+        extra = (("multiply", "fp32", weights), ("add", "fp32", weights))
+        dtype = "fp32" if path == "dequantize" else "bf16"  # int8pack/int4pack kernels take bf16 activations
+        return KernelCost(f"weight-only {self.weight_storage}, {path}", dtype, self.macs(output), own_bytes(self),
+                          extra)
+
     def _sources(self) -> tuple[torch.Tensor, ...]:
         if self.packed:
             return self.weight_packed, self.weight_scale
@@ -171,7 +185,7 @@ class _QuantizedWeight(nn.Module):
             return P.unpack_int4(self.weight_packed).reshape(self.weight_shape)
         return self.weight_q
 
-    def dequantized_weight(self) -> torch.Tensor:
+    def dense_weight(self) -> torch.Tensor:
         """The fp32 weight the codes stand for: ``(w_q − z) / S``, per tensor, channel or group."""
         codes = self.weight_codes()
         zero = 0 if self.packed else self.weight_zero_point
@@ -189,6 +203,8 @@ class _QuantizedWeight(nn.Module):
 
 
 class QuantizedLinear(_QuantizedWeight):
+    keras_layer = "Dense"
+
     def __init__(
         self, source: nn.Linear, bits: int, qparam_shape: tuple[int, ...], *, group_size: int | None = None,
         packed: bool = False, compute: str = "auto",
@@ -201,10 +217,13 @@ class QuantizedLinear(_QuantizedWeight):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self._kernel_for(x)
         if kernel is None:
-            return F.linear(x, self.dequantized_weight(), self.bias)
+            return F.linear(x, self.dense_weight(), self.bias)
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         y = kernel.run(rows).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def macs(self, output: torch.Tensor) -> int:
+        return linear_macs(self.in_features, output)
 
     @property
     def compute_path(self) -> str:
@@ -275,6 +294,8 @@ class QuantizedLinear(_QuantizedWeight):
 
 
 class QuantizedConv2d(_QuantizedWeight):
+    keras_layer = "Conv2D"
+
     def __init__(
         self, source: nn.Conv2d, bits: int, qparam_shape: tuple[int, ...], *, group_size: int | None = None,
         packed: bool = False, compute: str = "auto",
@@ -289,18 +310,18 @@ class QuantizedConv2d(_QuantizedWeight):
         self._init_weight_buffers(source.weight.shape, bits, qparam_shape, group_size, packed, compute)
         self.bias = None if source.bias is None else nn.Parameter(source.bias.detach().clone())
 
+    def macs(self, output: torch.Tensor) -> int:
+        return conv_macs(self.weight_shape, output)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # No weight-only conv kernel exists in torch for CPU: always dequantize.
         return F.conv2d(
-            x, self.dequantized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups
+            x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups
         )
 
     def extra_repr(self) -> str:
         group = "" if self.group_size is None else f", group_size={self.group_size}"
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, bits={self.bits}{group}"
-        )
+        return conv_repr(self, f", bits={self.bits}{group}")
 
 
 QUANTIZED_TYPES: dict[type[nn.Module], type[_QuantizedWeight]] = {

@@ -1,7 +1,7 @@
 """Integer compute paths: int8 × int8 → int32 matrix products with a float epilogue.
 
 ``torch._int_mm`` multiplies int8 matrices into int32 on CPU (and CUDA) — exactly where it passed its
-known-answer check (:mod:`nnopt.quantization.kernel_checks`; some CPUs without VNNI saturate), else an
+known-answer check (:mod:`nnopt.layers.kernel_checks`; some CPUs without VNNI saturate), else an
 exact float32 product of the codes takes its place. Activations
 are quantized asymmetrically to int8 (``x_q = round(x · S) + z``), so the product needs the
 zero-point correction ``(x_q − z) · W_q = x_q · W_q − z · Σ_k W_q``; weights are symmetric, so
@@ -17,7 +17,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from nnopt.quantization.kernel_checks import kernel_passes
+from nnopt.layers.kernel_checks import kernel_passes
 
 INT8_MIN, INT8_MAX = -128, 127
 
@@ -69,7 +69,7 @@ def int8_matmul(x_q: torch.Tensor, w_q: torch.Tensor, w_float: torch.Tensor | No
     On CUDA ``torch._int_mm`` needs more than 16 rows and k, n multiples of 8; other shapes (batch 1,
     a 10-way classifier) take a float64 product, which is exact for int8 codes (|Σ| < 2^53). On CPU
     ``torch._int_mm`` runs only where it passed its known-answer check in this process (it saturates
-    on some CPUs without VNNI, :mod:`nnopt.quantization.kernel_checks`); else the exact float32 product.
+    on some CPUs without VNNI, :mod:`nnopt.layers.kernel_checks`); else the exact float32 product.
     """
     m, k = x_q.shape
     if x_q.is_cuda:

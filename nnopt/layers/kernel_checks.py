@@ -26,7 +26,7 @@ from nnopt.kernel_check import (  # re-exported for callers and tests
 
 
 def _onednn_u8s8(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    from nnopt.quantization.kernels import onednn_int8_linear, prepack_int8_weight
+    from nnopt.layers.kernels import onednn_int8_linear, prepack_int8_weight
 
     packed = prepack_int8_weight(w.to(torch.int8))
     return onednn_int8_linear(x.to(torch.uint8), 1.0, 0, packed, torch.ones(w.shape[0]), None, "none")
@@ -37,13 +37,13 @@ def _int_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _fp32_exact(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    from nnopt.quantization.kernels import fp32_exact_int8_matmul
+    from nnopt.layers.kernels import fp32_exact_int8_matmul
 
     return fp32_exact_int8_matmul(x.to(torch.int8), w.to(torch.int8))
 
 
 def _available_onednn() -> str | None:
-    from nnopt.quantization.kernels import onednn_int8_available
+    from nnopt.layers.kernels import onednn_int8_available
 
     return None if onednn_int8_available() else "this torch build has no oneDNN int8 Linear"
 

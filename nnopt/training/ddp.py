@@ -30,7 +30,7 @@ command and ``python -m nnopt`` already do). Without the guard nnopt stops with 
 
 Two entry points: :func:`ddp_train` (spawns the ranks from Python) and a torchrun command::
 
-    torchrun --nproc_per_node 2 -m nnopt.parallel.ddp --arch simplenet --epochs 2 --out out/ddp
+    torchrun --nproc_per_node 2 -m nnopt.training.ddp --arch simplenet --epochs 2 --out out/ddp
 """
 
 from __future__ import annotations
@@ -130,7 +130,8 @@ def ddp_train(
         callback_states = _load_callback_states(Path(tmp) / _CALLBACKS, callbacks)
     for callback, callback_state in zip(callbacks, callback_states, strict=True):
         if callback_state is not None:
-            callback.restore_state(callback_state, model)
+            # A callback that returned a state defines restore_state too (TrainCallback's docstring).
+            callback.restore_state(callback_state, model)  # type: ignore[attr-defined]
     model.eval()
     return DDPHistory(**record, wall_seconds=time.perf_counter() - started)
 
@@ -147,7 +148,7 @@ def _refuse_while_bootstrapping() -> None:
         )
 
 
-def _spawn(world_size: int, backend: str, payload: tuple, out_dir: str) -> None:
+def _spawn(world_size: int, backend: str, payload: tuple[Any, ...], out_dir: str) -> None:
     """Run the ranks; a rank that fails becomes one error carrying its message (the last line it raised)."""
     import torch.multiprocessing as mp
 
@@ -167,7 +168,8 @@ def _load_callback_states(path: Path, callbacks: Sequence[TrainCallback]) -> lis
     if not callbacks:
         return []
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        states: list[Any] = torch.load(path, weights_only=True, map_location="cpu")
+        return states
     except Exception as exc:  # noqa: BLE001  (the unpickler raises several types)
         names = ", ".join(type(c).__name__ for c in callbacks)
         raise ConfigError(f"the trained weights are loaded, but a callback's state ({names}) could not come back "
@@ -285,7 +287,7 @@ def _epochs(ddp: nn.Module, model: nn.Module, data: Split, config: TrainConfig, 
         bar.advance(status=epoch_status(history))
 
 
-def _spawn_rank(rank: int, world_size: int, port: int, backend: str, payload: tuple, out_dir: str) -> None:
+def _spawn_rank(rank: int, world_size: int, port: int, backend: str, payload: tuple[Any, ...], out_dir: str) -> None:
     # Runs in each spawned process (torch.multiprocessing.spawn passes the rank first).
     import torch.distributed as dist
     from safetensors.torch import save_file
@@ -324,15 +326,15 @@ def _free_port() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m nnopt.parallel.ddp``: train a registered architecture on digits with DDP.
+    """``python -m nnopt.training.ddp``: train a registered architecture on digits with DDP.
 
     Under ``torchrun`` the ranks come from its environment; run plainly, ``--world-size``
     processes are spawned. Rank 0 saves the model with :func:`nnopt.save_model`.
     """
     parser = argparse.ArgumentParser(
-        prog="python -m nnopt.parallel.ddp",
+        prog="python -m nnopt.training.ddp",
         description="Data-parallel (DDP) training of a registered architecture on digits. "
-        "Use under torchrun (torchrun --nproc_per_node 2 -m nnopt.parallel.ddp ...) or plainly "
+        "Use under torchrun (torchrun --nproc_per_node 2 -m nnopt.training.ddp ...) or plainly "
         "with --world-size.",
     )
     parser.add_argument("--arch", default="simplenet", help="registered architecture (nnopt.create_model)")

@@ -32,7 +32,7 @@ from nnopt.config import Config
 from nnopt.errors import ModelFormatError
 from nnopt.lineage import AppliedPass
 from nnopt.select import replace_layer
-from nnopt.simplify.registry import register_simplifier
+from nnopt.techniques import Technique, register_technique, train_split
 
 PASS_NAME = "fold-batchnorm"
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -47,7 +47,7 @@ class FoldBatchNormConfig(Config):
     Exact for the model in eval mode (running statistics); the folded model has the layer's bias
     where the BatchNorm was, so fine-tuning it afterwards trains that bias instead of BatchNorm
     statistics. BatchNorms that cannot be folded stay, with the reason recorded. No options:
-    eager PyTorch has no fused Conv+ReLU kernel to offer (see :mod:`nnopt.simplify.fold`).
+    eager PyTorch has no fused Conv+ReLU kernel to offer (see :mod:`nnopt.simplification.fold`).
 
     >>> folded = nnopt.simplify(model.eval(), FoldBatchNormConfig())  # doctest: +SKIP
     """
@@ -243,4 +243,5 @@ def replay(model: nn.Module, applied: AppliedPass) -> None:
         replace_layer(model, norm_name, nn.Identity())
 
 
-register_simplifier(FoldBatchNormConfig, PASS_NAME, fold_batchnorm, replay)
+# Data is optional: one batch checks the shapes of Linear→BatchNorm1d pairs.
+register_technique(Technique(FoldBatchNormConfig, "simplify", fold_batchnorm, replay, data_for=train_split))

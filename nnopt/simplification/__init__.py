@@ -3,8 +3,8 @@
 - :class:`FoldBatchNormConfig`: BatchNorm folded into the preceding Conv/Linear (exact in eval mode).
 - :class:`LowRankConfig`: Linear layers replaced by truncated-SVD factor pairs (approximate).
 
-Each technique lives in its own module and registers its config type in
-:mod:`nnopt.simplify.registry` when imported below.
+Each technique lives in its own module and registers its config type in the technique registry
+(:mod:`nnopt.techniques`) when imported below.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Any
 from torch import nn
 
 from nnopt.config import Config
-from nnopt.passes import run_verb
-from nnopt.simplify import fold, lowrank  # noqa: F401  (their registrations)
-from nnopt.simplify.fold import FoldBatchNormConfig
-from nnopt.simplify.lowrank import LowRankConfig, LowRankLinear
-from nnopt.simplify.registry import SIMPLIFIERS
+from nnopt.layers.lowrank import LowRankLinear
+from nnopt.simplification import fold, lowrank  # noqa: F401  (their registrations)
+from nnopt.simplification.fold import FoldBatchNormConfig
+from nnopt.simplification.lowrank import LowRankConfig
+from nnopt.techniques import run_technique
 
 __all__ = ["FoldBatchNormConfig", "LowRankConfig", "LowRankLinear", "simplify"]
 
@@ -40,4 +40,4 @@ def simplify(
     False
     >>> small = simplify(model, LowRankConfig(energy=0.9))  # doctest: +SKIP
     """
-    return run_verb("simplify", SIMPLIFIERS, model, config, inplace, data=data)
+    return run_technique("simplify", model, config, inplace, data=data)

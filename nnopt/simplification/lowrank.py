@@ -20,9 +20,10 @@ from torch import nn
 
 from nnopt.config import Config
 from nnopt.errors import ConfigError, ModelFormatError, SelectionError, UnsupportedModelError
+from nnopt.layers.lowrank import LowRankLinear
 from nnopt.lineage import AppliedPass
 from nnopt.select import replace_layer, select_layers, validate_patterns
-from nnopt.simplify.registry import register_simplifier
+from nnopt.techniques import Technique, register_technique
 
 PASS_NAME = "lowrank"
 
@@ -42,8 +43,8 @@ class LowRankConfig(Config):
     among the matches are factorized); empty means every ``nn.Linear`` except the model's last (the
     classifier, usually the most sensitive).
 
-    >>> LowRankConfig(energy=0.95)
-    >>> LowRankConfig(rank=192, layers=("re:intermediate\\\\.dense$",))
+    >>> by_energy = LowRankConfig(energy=0.95)
+    >>> fixed = LowRankConfig(rank=192, layers=("re:intermediate\\\\.dense$",))
     """
 
     kind = "lowrank"
@@ -70,33 +71,6 @@ class LowRankConfig(Config):
         if self.rank is not None and self.rank < 1:
             raise ConfigError(f"LowRankConfig.rank: must be >= 1, got {self.rank!r}")
         validate_patterns(self.layers)
-
-
-class LowRankLinear(nn.Module):
-    """``x ↦ up(down(x))``: ``down`` is ``in → rank`` without bias, ``up`` is ``rank → out`` with the
-    original layer's bias. Both are plain ``nn.Linear`` layers, so other passes (quantization,
-    profiling) see and handle them as such."""
-
-    def __init__(
-        self, in_features: int, out_features: int, rank: int, bias: bool = True,
-        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        if not 1 <= rank <= min(in_features, out_features):
-            raise ValueError(f"rank must be in 1..{min(in_features, out_features)}, got {rank}")
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
-        self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))  # (..., rank) in between
-
-    def weight_product(self) -> torch.Tensor:
-        """The rank-``r`` weight ``(out, in)`` the pair computes."""
-        return self.up.weight @ self.down.weight
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
 # --------------------------------------------------------------------------- pure maths
@@ -229,4 +203,4 @@ def replay(model: nn.Module, applied: AppliedPass) -> None:
         replace_layer(model, name, new)
 
 
-register_simplifier(LowRankConfig, PASS_NAME, factorize, replay)
+register_technique(Technique(LowRankConfig, "simplify", factorize, replay))
