@@ -68,14 +68,6 @@ class AdviseOptions:
             raise ConfigError("min_calls, warmup and rounds must be >= 1")
 
 
-def parse_count(text: str | int, flag: str) -> int:
-    """``"32"`` -> 32; ConfigError naming ``flag`` unless it is an integer >= 1."""
-    item = str(text).strip()
-    if not (item.isdigit() and int(item) >= 1):
-        raise ConfigError(f"{flag} must be an integer >= 1, got {str(text)!r}")
-    return int(item)
-
-
 @dataclasses.dataclass(frozen=True)
 class AdviceResult:
     """One ``advise`` run: a row per technique timed, the techniques not tried and why, and the env."""
@@ -135,10 +127,11 @@ def run_advise(path: str | Path, options: AdviseOptions) -> AdviceResult:
     """Build, time and check every data-free technique for the saved model at ``path``."""
     from nnopt.cpu import cpu_features
     from nnopt.envinfo import environment
-    from nnopt.io.model_dir import load_model, read_meta
+    from nnopt.io.model_dir import read_meta
+    from nnopt.layers.kernel_checks import check_all
+    from nnopt.loading import load_model
     from nnopt.metrics.speed import compare_calls
     from nnopt.pipeline.bench import _inputs, _load_average
-    from nnopt.quantization.kernel_checks import check_all
 
     options.validate()
     path = Path(path)
@@ -309,7 +302,7 @@ def _quantized(model: nn.Module) -> nn.Module:
 
 
 def _folded(model: nn.Module) -> nn.Module:
-    from nnopt.simplify import FoldBatchNormConfig, simplify
+    from nnopt.simplification import FoldBatchNormConfig, simplify
 
     return simplify(copy.deepcopy(model), FoldBatchNormConfig(), inplace=True).eval()
 
@@ -393,7 +386,7 @@ def _reason(candidate: _Candidate, speedup: float, agreement: Mapping[str, Any],
             return (f"{measured}: layers of at most {widest} inputs: quantizing activations costs more than the "
                     f"int8 product saves{convs}")
         from nnopt.cpu import has_vnni
-        from nnopt.quantization.kernels import int8_gemm_path
+        from nnopt.layers.kernels import int8_gemm_path
 
         path = int8_gemm_path(dynamic=True)
         if path not in ("onednn", "torch-int-mm"):
@@ -420,4 +413,4 @@ def _reason(candidate: _Candidate, speedup: float, agreement: Mapping[str, Any],
     return f"{measured} (< {MIN_SPEEDUP}x)"
 
 
-__all__ = ["FASTER", "MIN_SPEEDUP", "NOT_FASTER", "AdviceResult", "AdviseOptions", "parse_count", "run_advise"]
+__all__ = ["FASTER", "MIN_SPEEDUP", "NOT_FASTER", "AdviceResult", "AdviseOptions", "run_advise"]

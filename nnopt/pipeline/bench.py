@@ -112,14 +112,6 @@ def autocast_call(call: Callable[[], object], device: str) -> Callable[[], objec
     return run
 
 
-def parse_int_list(text: str, message: str) -> tuple[int, ...]:
-    """``"1,8,32"`` -> ``(1, 8, 32)``; ConfigError(message) unless every item is an integer >= 1."""
-    items = [item.strip() for item in str(text).split(",")]
-    if not items or not all(item.isdigit() and int(item) >= 1 for item in items):
-        raise ConfigError(message)
-    return tuple(int(item) for item in items)
-
-
 def check_available(options: BenchOptions) -> None:
     """Errors for a valid request that this machine cannot serve (before any model is loaded)."""
     options.validate()
@@ -177,7 +169,8 @@ class BenchResult:
 def run_bench(path: str | Path, options: BenchOptions) -> BenchResult:
     """Time the saved model at ``path`` for each threads × batch of ``options``."""
     from nnopt.envinfo import environment
-    from nnopt.io.model_dir import load_model, read_meta, weights_file
+    from nnopt.io.model_dir import read_meta, weights_file
+    from nnopt.loading import load_model
 
     check_available(options)
     if options.dtype == "bf16":
@@ -585,6 +578,6 @@ def write_json(path: str | Path, doc: Mapping[str, Any]) -> None:
 
 __all__ = [
     "BACKENDS", "DEVICES", "DTYPES", "BenchOptions", "BenchResult", "Comparison", "check_available", "check_comparable",
-    "check_output", "check_tolerance", "compare_runs", "load_bench_json", "parse_int_list", "run_bench",
+    "check_output", "check_tolerance", "compare_runs", "load_bench_json", "run_bench",
     "write_json", "autocast_call", "bf16_warning",
 ]

@@ -22,13 +22,13 @@ from nnopt.data import load_digits
 from nnopt.errors import ConfigError
 from nnopt.io.atomic import atomic_directory, check_replaceable, write_bytes_durable
 from nnopt.io.model_dir import save_model
+from nnopt.layers.primitives import QUANT_MAX_BITS, QUANT_MIN_BITS
 from nnopt.lineage import get_lineage
 from nnopt.metrics import Measurement, compare_latency, measure, measurement_rows
 from nnopt.metrics.table import render_table
 from nnopt.models import create_model
 from nnopt.pruning import GradualPruneConfig, StructuredPruneConfig, ThresholdPruneConfig, prune
 from nnopt.quantization import ClusterConfig, QATConfig, StaticQuantConfig, WeightQuantConfig, quantize
-from nnopt.quantization.primitives import QUANT_MAX_BITS, QUANT_MIN_BITS
 from nnopt.report.document import REPORT_HTML, REPORT_JSON, REPORT_MD
 from nnopt.sparse import SparseKernelConfig, kernel_summary, sparsify
 from nnopt.training import TrainConfig, TrainHistory, train
@@ -168,7 +168,7 @@ _COMPUTE_DEQUANT = "fp32 dense; {bits}-bit codes (stored as {dtype}) dequantized
 
 def _compute_int8() -> str:
     """How the static int8 variants multiply here: the kernel that passed its known-answer check."""
-    from nnopt.quantization.kernels import int8_gemm_path
+    from nnopt.layers.kernels import int8_gemm_path
 
     path = int8_gemm_path(dynamic=False)
     product = "int8 × int8 GEMM (torch._int_mm)" if path == "torch-int-mm" else (
@@ -190,7 +190,7 @@ def _measured_int8(model: nn.Module, batch: int) -> tuple[nn.Module, str, str]:
 
 
 def _dtype(bits: int) -> str:
-    from nnopt.quantization.primitives import storage_dtype
+    from nnopt.layers.primitives import storage_dtype
 
     return str(storage_dtype(bits)).removeprefix("torch.")
 
@@ -199,7 +199,7 @@ def run_classic(config: ClassicConfig, out_dir: str | Path, progress: bool | Non
     """Run the classic pipeline and write the report directory atomically.
 
     >>> result = run_classic(ClassicConfig(epochs=5), "nnopt-report")  # doctest: +SKIP
-    >>> print(result)
+    >>> print(result)  # doctest: +SKIP
     """
     from nnopt.envinfo import environment
     from nnopt.report.html import write_reports

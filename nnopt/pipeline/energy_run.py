@@ -97,7 +97,8 @@ class EnergyRunResult:
 
 
 def run_energy(path: str | Path, options: EnergyOptions) -> EnergyRunResult:
-    from nnopt.io.model_dir import load_model, read_meta
+    from nnopt.io.model_dir import read_meta
+    from nnopt.loading import load_model
     from nnopt.metrics.profile import model_input_shape
     from nnopt.metrics.speed import bind_call, compare_calls, example_batch
 

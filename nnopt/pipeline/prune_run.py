@@ -3,7 +3,6 @@ measure before and after side by side."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -15,28 +14,17 @@ from nnopt.errors import ConfigError
 from nnopt.io.model_dir import save_model
 from nnopt.lineage import get_lineage
 from nnopt.metrics import accuracy, profile_model
-from nnopt.passes import run_verb
-from nnopt.pipeline.runs import Row, check_fine_tuning, commit_output, open_run, render_run, run_checkpoint, size_rows
+from nnopt.pipeline.runs import Row, RunResult, check_fine_tuning, commit_output, open_run, run_checkpoint, size_rows
 from nnopt.pruning import GradualPruneConfig, finetune, prune
-from nnopt.pruning.schedule import GRADUAL_PASS, prune_gradual
 from nnopt.sparse import SparseKernelConfig, kernel_summary, sparsify
 from nnopt.training import TrainConfig
 
 
-@dataclasses.dataclass(frozen=True)
-class PruneRun:
-    """Before/after figures of one `nnopt prune` run."""
-
-    method: str
-    rows: tuple[Row, ...]
-    out: Path
-    kernels: str = ""
-
-    def __str__(self) -> str:
-        notes = ("accuracy: measured on the held-out test split; file bytes: measured on disk;\n"
-                 "compression ratio: dense fp32 safetensors bytes / bytes written;\n"
-                 f"{self.kernels} (measured, median of alternated calls)")
-        return render_run(f"nnopt prune: {self.method}", self.rows, notes)
+def _prune_result(method: str, rows: list[Row], out: Path, kernels: str) -> RunResult:
+    notes = ("accuracy: measured on the held-out test split; file bytes: measured on disk;\n"
+             "compression ratio: dense fp32 safetensors bytes / bytes written;\n"
+             f"{kernels} (measured, median of alternated calls)")
+    return RunResult(title=f"nnopt prune: {method}", rows=tuple(rows), out=out, notes=notes)
 
 
 def run_prune(
@@ -51,7 +39,7 @@ def run_prune(
     checkpoint: CheckpointSpec | None = None,
     resume: bool = False,
     data_parallel: int = 1,
-) -> PruneRun:
+) -> RunResult:
     """Validate everything first, then prune ``path`` into ``out``.
 
     Gradual pruning checkpoints its training into ``checkpoint`` (removed once ``out`` is
@@ -70,11 +58,8 @@ def run_prune(
     model, dataset = run.model, run.dataset
     spec = run_checkpoint(run, checkpoint)
 
-    if spec is not None:  # nnopt.prune takes no checkpoint yet: the same dispatch, with it in the context
-        pruned = run_verb("pruning", {GradualPruneConfig: (GRADUAL_PASS, prune_gradual)}, model, config, False,
-                          data=dataset.train, checkpoint=spec, resume=resume)
-    else:
-        pruned = prune(model, config, data=dataset.train if dataset else None, data_parallel=data_parallel)
+    pruned = prune(model, config, data=dataset.train if dataset else None, checkpoint=spec, resume=resume,
+                   data_parallel=data_parallel)
     if finetune_epochs and not gradual:
         finetune(pruned, dataset.train, TrainConfig(epochs=finetune_epochs), data_parallel=data_parallel)
     metrics: dict[str, Any] = {}
@@ -95,8 +80,7 @@ def run_prune(
     ]
     if dataset is not None:
         rows.insert(0, ("accuracy", round(accuracy(model, dataset.test), 4), round(metrics["accuracy"], 4)))
-    return PruneRun(method=config.kind, rows=tuple(rows), out=out, kernels=kernels)
-
+    return _prune_result(config.kind, rows, out, kernels)
 
 
 def run_structured_prune(
@@ -107,7 +91,7 @@ def run_structured_prune(
     weights_format: str = "safetensors",
     overwrite: bool = False,
     data_parallel: int = 1,
-) -> PruneRun:
+) -> RunResult:
     """Structured pruning of ``path`` into ``out``: a smaller dense model, measured before/after.
 
     Classifiers read ``data_name`` (gradients, recovery, accuracy); a sentence encoder uses the
@@ -154,9 +138,9 @@ def run_structured_prune(
     rows += size_rows(run.meta, saved)
     groups = get_lineage(pruned).applied[-1].details["groups"]
     widths = ", ".join(f"{name} {g['before']}→{g['after']}" for name, g in list(groups.items())[:8])
-    return PruneRun(method=f"{config.kind} ({config.importance})", rows=tuple(rows), out=out,
-                    kernels=f"groups: {widths}{' …' if len(groups) > 8 else ''}; latency: dense kernels, median of "
-                    "alternated calls")
+    return _prune_result(f"{config.kind} ({config.importance})", rows, out,
+                         f"groups: {widths}{' …' if len(groups) > 8 else ''}; latency: dense kernels, median of "
+                         "alternated calls")
 
 
 def _sentence_batches() -> list[dict[str, Any]]:

@@ -16,21 +16,17 @@ from nnopt.io.model_dir import save_model
 from nnopt.lineage import get_lineage
 from nnopt.metrics import accuracy
 from nnopt.metrics.speed import bind_call, compare_calls, example_batch
-from nnopt.passes import run_verb
-from nnopt.pipeline.runs import Row, check_fine_tuning, commit_output, open_run, render_run, run_checkpoint, size_rows
-from nnopt.quantization import (
-    ClusterConfig,
-    DynamicQuantConfig,
-    QATConfig,
-    StaticQuantConfig,
-    WeightQuantConfig,
-    quantize,
-)
-from nnopt.quantization.qat import PASS_NAME as QAT_PASS
-from nnopt.quantization.qat import quantize_qat
+from nnopt.pipeline.runs import Row, RunResult, check_fine_tuning, commit_output, open_run, run_checkpoint, size_rows
+from nnopt.quantization import quantize
+from nnopt.techniques import config_named, technique_for, technique_named
 
+# The CLI's names for the quantization techniques: kinds or presets in the technique registry.
 SCHEMES = ("int8-dynamic", "int8-static", "int8-weight", "int4-weight", "cluster", "qat")
-NEEDS_DATA = ("int8-static", "qat")
+# Options the command line always has (their defaults): set on the configs that have the field.
+_ALWAYS = {"calib": "calibration_samples", "observer": "observer"}
+# Options given only by the user: the scheme's config must have the field, and the scheme not fix it.
+_GIVEN = {"group": ("--group", "group_size"), "bits": ("--bits", "bits"), "smoothing": ("--smoothing", "smoothing"),
+          "kernels": ("--kernels", "kernels"), "kernel_batch": ("--kernel-batch", "kernel_batch")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,29 +45,34 @@ class QuantizeOptions:
 
 
 def build_config(options: QuantizeOptions) -> Config:
-    """The quantization config a scheme name stands for; every field is validated by the config."""
-    scheme, group = options.scheme, options.group
-    if scheme not in SCHEMES:
-        raise ConfigError(f"unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}")
-    if group is not None and scheme not in ("int8-weight", "int4-weight"):
-        raise ConfigError(f"--group applies to int8-weight and int4-weight, not {scheme}")
-    if options.bits is not None and scheme != "cluster":
-        raise ConfigError(f"--bits applies to cluster (the scheme name fixes the width of {scheme})")
-    kernel_options = {k: v for k, v in (("kernels", options.kernels), ("kernel_batch", options.kernel_batch))
-                      if v is not None}
-    if kernel_options and scheme != "int8-dynamic":
-        raise ConfigError(f"--kernels and --kernel-batch apply to int8-dynamic, not {scheme}")
-    if scheme == "int8-dynamic":
-        return DynamicQuantConfig(smoothing=options.smoothing, calibration_samples=options.calib, **kernel_options)
-    if options.smoothing is not None:
-        raise ConfigError("--smoothing applies to int8-dynamic only")
-    if scheme == "int8-static":
-        return StaticQuantConfig(observer=options.observer, calibration_samples=options.calib)
-    if scheme in ("int8-weight", "int4-weight"):
-        return WeightQuantConfig(bits=8 if scheme == "int8-weight" else 4, per_channel=True, group_size=group)
-    if scheme == "cluster":
-        return ClusterConfig(bits=options.bits or 4, finetune_epochs=options.epochs)
-    return QATConfig(epochs=options.epochs or 3)
+    """The config a scheme stands for (its technique in the registry, with the options it takes);
+    every field is validated by the config."""
+    if options.scheme not in SCHEMES:
+        raise ConfigError(f"unknown scheme {options.scheme!r}; known: {', '.join(SCHEMES)}")
+    fields = {}
+    for option, field in _ALWAYS.items():
+        if _takes(options.scheme, field):
+            fields[field] = getattr(options, option)
+    for option, (flag, field) in _GIVEN.items():
+        value = getattr(options, option)
+        if value is not None:
+            if not _takes(options.scheme, field):
+                users = " and ".join(s for s in SCHEMES if _takes(s, field)) or "no scheme"
+                raise ConfigError(f"{flag} applies to {users}, not {options.scheme}")
+            fields[field] = value
+    if options.epochs > 0:  # fine-tuning epochs, whatever the config calls them
+        field = next((f for f in ("finetune_epochs", "epochs") if _takes(options.scheme, f)), None)
+        if field is None:
+            raise ConfigError(f"--epochs applies to cluster and qat, not {options.scheme}")
+        fields[field] = options.epochs
+    return config_named(options.scheme, **fields)
+
+
+def _takes(scheme: str, field: str) -> bool:
+    """Whether ``scheme``'s config has ``field`` and the scheme leaves it free (int4-weight fixes bits)."""
+    technique = technique_named(scheme)
+    names = {f.name for f in dataclasses.fields(technique.config_type)}
+    return field in names and field not in technique.presets.get(scheme, {})
 
 
 def kernel_choice_rows(details: dict[str, Any]) -> list[Row]:
@@ -87,22 +88,6 @@ def kernel_choice_rows(details: dict[str, Any]) -> list[Row]:
     return rows
 
 
-@dataclasses.dataclass(frozen=True)
-class QuantizeRun:
-    """Before/after figures of one `nnopt quantize` run."""
-
-    scheme: str
-    rows: tuple[Row, ...]
-    out: Path
-    timing_note: str
-
-    def __str__(self) -> str:
-        notes = ("accuracy: measured on the held-out test split (calibration used training rows only);\n"
-                 "file bytes: measured on disk; compression ratio: dense fp32 safetensors bytes / bytes written;\n"
-                 f"latency: {self.timing_note}")
-        return render_run(f"nnopt quantize: {self.scheme}", self.rows, notes)
-
-
 def run_quantize(
     path: str | Path,
     options: QuantizeOptions,
@@ -114,7 +99,7 @@ def run_quantize(
     checkpoint: CheckpointSpec | None = None,
     resume: bool = False,
     data_parallel: int = 1,
-) -> QuantizeRun:
+) -> RunResult:
     """Validate everything first, then quantize ``path`` into ``out``.
 
     QAT checkpoints its training into ``checkpoint`` (removed once ``out`` is written);
@@ -123,12 +108,13 @@ def run_quantize(
     """
     out = Path(out)
     config = build_config(options)
-    trains = options.scheme == "qat" or (options.scheme == "cluster" and options.epochs > 0)
+    technique = technique_for(config)
+    trains = technique.trains(config)
     check_fine_tuning(data_parallel, trains, "--scheme qat or --scheme cluster --epochs N",
                       checkpoint is not None or resume)
-    wants_data = options.scheme in NEEDS_DATA or options.smoothing is not None or options.epochs > 0
-    if wants_data and not data_name:
-        raise ConfigError(f"{options.scheme} with these options needs calibration or training data: add --data digits")
+    needs = technique.needs_data(config)
+    if needs and not data_name:
+        raise ConfigError(f"{options.scheme} with these options needs data for {needs}: add --data digits")
     if (checkpoint is not None or resume) and options.scheme != "qat":
         raise ConfigError(f"checkpoints and --resume apply to --scheme qat, not {options.scheme}")
     run = open_run(path, out, weights_format, overwrite, data_name, checkpoint=checkpoint, resume=resume)
@@ -136,13 +122,9 @@ def run_quantize(
     spec = run_checkpoint(run, checkpoint)
 
     data = dataset.train.subset(min(options.calib, len(dataset.train))) if dataset else None
-    if options.scheme in ("qat", "cluster") and dataset is not None:
+    if trains and dataset is not None:
         data = dataset.train  # fine-tuning uses the whole training split
-    if spec is not None:  # nnopt.quantize takes no checkpoint yet: the same dispatch, with it in the context
-        quantized = run_verb("quantization", {QATConfig: (QAT_PASS, quantize_qat)}, model, config, False,
-                             data=data, checkpoint=spec, resume=resume)
-    else:
-        quantized = quantize(model, config, data=data, data_parallel=data_parallel)
+    quantized = quantize(model, config, data=data, checkpoint=spec, resume=resume, data_parallel=data_parallel)
     metrics: dict[str, Any] = {}
     rows: list[Row] = []
     if dataset is not None:
@@ -160,7 +142,9 @@ def run_quantize(
             timings = compare_calls(calls, size, min_seconds=latency_seconds)
         rows.append((f"latency ms, batch {size}", round(timings["before"].median_ms, 4),
                      round(timings["after"].median_ms, 4)))
-    note = (f"measured on this machine, median of alternated calls, {torch.get_num_threads()} threads "
-            "(int8 GEMMs pay off on wide layers; on small ones the quantize/rescale passes cost more than they save; "
-            "transformer encoders are fastest through ONNX Runtime: nnopt.export_onnx)")
-    return QuantizeRun(scheme=options.scheme, rows=tuple(rows), out=out, timing_note=note)
+    notes = ("accuracy: measured on the held-out test split (calibration used training rows only);\n"
+             "file bytes: measured on disk; compression ratio: dense fp32 safetensors bytes / bytes written;\n"
+             f"latency: measured on this machine, median of alternated calls, {torch.get_num_threads()} threads "
+             "(int8 GEMMs pay off on wide layers; on small ones the quantize/rescale passes cost more than they "
+             "save; transformer encoders are fastest through ONNX Runtime: nnopt.export_onnx)")
+    return RunResult(title=f"nnopt quantize: {options.scheme}", rows=tuple(rows), out=out, notes=notes)

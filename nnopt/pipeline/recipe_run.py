@@ -1,13 +1,11 @@
 """`nnopt optimize PATH --recipe R.yaml`: apply a YAML recipe to a saved model, measure it before
 and after side by side, and save the result with the recipe recorded in its ``nnopt.json``.
 
-Only argument parsing is imported with the CLI; torch and the techniques load when the command runs.
+The command line is nnopt.cli.optimize; torch and the techniques load when the workflow runs.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,60 +14,10 @@ from nnopt.errors import ConfigError
 if TYPE_CHECKING:
     from torch import nn
 
-    from nnopt.pipeline.runs import Row
+    from nnopt.pipeline.runs import Row, RunResult
     from nnopt.recipe import Recipe
 
 BATCHES = (1, 32)
-
-
-def register(commands: Any) -> None:
-    """Add the ``optimize`` subcommand to the CLI's subparsers."""
-    parser = commands.add_parser(
-        "optimize", help="apply a YAML recipe (an ordered list of technique configs) to a saved model",
-        description="Apply the steps of a YAML recipe in order to a saved nnopt model (see recipes/ for "
-        "examples), measure before and after (accuracy on the held-out test split with --data, parameters, "
-        "non-zeros, MACs, estimated energy, latency at batch 1 and 32, file bytes, compression ratio) and save "
-        "the result in the recipe's weights_format with the recipe recorded. The recipe, the data and the "
-        "output location are checked before any work.",
-    )
-    parser.add_argument("path", metavar="PATH", help="an nnopt model directory")
-    parser.add_argument("--recipe", required=True, metavar="R.yaml", help="the recipe file")
-    parser.add_argument("--data", default=None, metavar="NAME",
-                        help="data set (digits) for steps that calibrate or fine-tune (training split) and for "
-                        "accuracy before/after (test split)")
-    parser.add_argument("-o", "--out", required=True, metavar="OUT", help="output model directory")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier nnopt model at OUT")
-    parser.add_argument("--latency-seconds", type=float, default=0.5, metavar="S",
-                        help="minimum timing per model and batch size (default: 0.5)")
-    parser.add_argument("--data-parallel", type=int, default=1, metavar="N",
-                        help="steps that train (gradual pruning, structured recovery, QAT, clustering, train) run "
-                        "in N DistributedDataParallel processes (default: 1)")
-    parser.set_defaults(handler=cmd_optimize)
-
-
-def cmd_optimize(args: argparse.Namespace) -> int:
-    result = run_optimize(args.path, args.recipe, args.out, data_name=args.data, overwrite=args.overwrite,
-                          latency_seconds=args.latency_seconds, data_parallel=args.data_parallel)
-    print(result)
-    print(f"\nwrote {result.out}")
-    return 0
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizeRun:
-    """Before/after figures of one `nnopt optimize` run."""
-
-    recipe: Recipe
-    rows: tuple[Row, ...]
-    out: Path
-    notes: str
-
-    def __str__(self) -> str:
-        from nnopt.pipeline.runs import render_run
-
-        steps = " → ".join(step.kind for step in self.recipe.steps)
-        title = f"nnopt optimize: {self.recipe.name + ': ' if self.recipe.name else ''}{steps}"
-        return render_run(title, self.rows, self.notes)
 
 
 def run_optimize(
@@ -81,7 +29,7 @@ def run_optimize(
     latency_seconds: float = 0.5,
     progress: bool | None = None,
     data_parallel: int = 1,
-) -> OptimizeRun:
+) -> RunResult:
     """Check the recipe, the data and ``out``, then apply the recipe to ``path`` and save into ``out``."""
     from nnopt.io.atomic import refuse_input_overlap
     from nnopt.pipeline.runs import open_run
@@ -100,12 +48,12 @@ def run_optimize(
 
 
 def _optimize(run: Any, recipe: Recipe, path: str | Path, out: Path, overwrite: bool, latency_seconds: float,
-              progress: bool | None, data_parallel: int = 1) -> OptimizeRun:
+              progress: bool | None, data_parallel: int = 1) -> RunResult:
     import torch
 
     from nnopt.io.model_dir import save_model
     from nnopt.metrics import accuracy, profile_model
-    from nnopt.pipeline.runs import commit_output, size_rows
+    from nnopt.pipeline.runs import RunResult, commit_output, size_rows
     from nnopt.recipe import apply_recipe, recipe_to_dict
 
     model, dataset = run.model, run.dataset
@@ -145,7 +93,9 @@ def _optimize(run: Any, recipe: Recipe, path: str | Path, out: Path, overwrite: 
         f"latency: measured on this machine, median of alternated calls, threads {torch.get_num_threads()}: "
         + _speed_verdict(timing),
     ]
-    return OptimizeRun(recipe=recipe, rows=tuple(rows), out=out, notes="\n".join(notes))
+    steps = " → ".join(step.kind for step in recipe.steps)
+    title = f"nnopt optimize: {recipe.name + ': ' if recipe.name else ''}{steps}"
+    return RunResult(title=title, rows=tuple(rows), out=out, notes="\n".join(notes))
 
 
 def _speed_verdict(timing: dict[int, tuple[float, float]]) -> str:

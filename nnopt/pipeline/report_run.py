@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -11,27 +10,14 @@ from nnopt.io.json_file import JSONFileError, read_json
 from nnopt.report.document import REPORT_HTML, REPORT_JSON, REPORT_MD
 
 
-def register(commands: Any) -> None:
-    """Add the ``report`` subcommand to the CLI's subparsers."""
-    parser = commands.add_parser(
-        "report", help="render a run's report.json as report.html (plots, self-contained) and report.md",
-        description="Read RUN_DIR/report.json (written by nnopt demo, nnopt auto, ...) and write report.html, "
-        "one self-contained page with tables and plots (every figure marked measured or estimated), and "
-        "report.md, the same tables in Markdown, into RUN_DIR. Existing ones are replaced atomically.",
-    )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a directory that holds report.json")
-    parser.set_defaults(handler=cmd_report)
-
-
-def cmd_report(args: argparse.Namespace) -> int:
+def run_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Render ``run_dir``'s report.json as report.html and report.md beside it; their paths."""
     from nnopt.report.html import write_reports
 
-    run_dir = Path(args.run_dir)
+    run_dir = Path(run_dir)
     report = load_report(run_dir)
     write_reports(run_dir, report)
-    print(f"wrote {run_dir / REPORT_HTML}")
-    print(f"wrote {run_dir / REPORT_MD}")
-    return 0
+    return run_dir / REPORT_HTML, run_dir / REPORT_MD
 
 
 def load_report(run_dir: Path) -> dict[str, Any]:

@@ -1,6 +1,6 @@
-"""What the `nnopt prune` and `nnopt quantize` runs share: checks before any work, the loaded
-input (hashed when opened, and again just before the output is committed), checkpoints of runs
-that train, and the before/after table."""
+"""What the `nnopt prune`, `nnopt quantize` and `nnopt optimize` runs share: checks before any work,
+the loaded input (hashed when opened, and again just before the output is committed), checkpoints of
+runs that train, and the before/after result."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from nnopt.data import Dataset, load_dataset
 from nnopt.errors import ConfigError, IntegrityError, OutputError
 from nnopt.io.atomic import check_replaceable, commit_guard, refuse_input_overlap
 from nnopt.io.manifest import list_files
-from nnopt.io.model_dir import META_FILE, WEIGHT_FILES, SavedModel, load_model, read_meta, weights_file
+from nnopt.io.model_dir import META_FILE, WEIGHT_FILES, SavedModel, read_meta, weights_file
+from nnopt.loading import load_model
 from nnopt.metrics.table import render_table
 
 Row = tuple[str, Any, Any]  # (figure, before, after)
@@ -127,9 +128,19 @@ def size_rows(meta: dict[str, Any], saved: SavedModel) -> list[Row]:
             ("compression ratio", round(old_ratio, 2), round(saved.compression_ratio, 2))]
 
 
-def render_run(title: str, rows: tuple[Row, ...], notes: str) -> str:
-    table = render_table(("", "before", "after"), list(rows), title=title)
-    return f"{table}\n{notes}"
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """Before/after figures of one `nnopt prune`, `nnopt quantize` or `nnopt optimize` run: the ``rows``
+    under ``title``, ``notes`` on how each figure was obtained, and the model directory written."""
+
+    title: str
+    rows: tuple[Row, ...]
+    out: Path
+    notes: str
+
+    def __str__(self) -> str:
+        table = render_table(("", "before", "after"), list(self.rows), title=self.title)
+        return f"{table}\n{self.notes}"
 
 
 def _check_fits(model: nn.Module, dataset: Dataset) -> None:

@@ -8,11 +8,8 @@ verify against (not a directory, no manifest).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 from pathlib import Path
-from typing import Any
 
 from nnopt.io.atomic import sha256_file
 from nnopt.io.json_file import read_json
@@ -21,20 +18,6 @@ from nnopt.io.manifest import VerifyResult, verify_directory
 # nnopt.io.model_dir's names, without importing torch for a hash check (tests/cli/test_verify_cli.py compares them)
 META_FILE = "nnopt.json"
 WEIGHTS_FILES = ("model.safetensors", "model.nnpk")
-
-
-def register(commands: Any) -> None:
-    """Add `nnopt verify` to the CLI's subcommands."""
-    verify = commands.add_parser(
-        "verify", help="check an output directory against its manifest (sha256 of every file)",
-        description="Compare every file of an nnopt output directory (a model, a demo report, ...) with the "
-        "sha256 and size its manifest.json records, and each model's weights with the sha256 in its nnopt.json. "
-        "Prints OK, or the changed, missing and extra files. Exit status 0 when everything matches, 1 on a "
-        "mismatch, 2 when PATH is not a directory with a manifest.json.",
-    )
-    verify.add_argument("path", metavar="DIR", help="an output directory written by nnopt")
-    verify.add_argument("--json", action="store_true", help="print the result as JSON")
-    verify.set_defaults(handler=cmd_verify)
 
 
 def verify_output(path: str | Path) -> VerifyResult:
@@ -76,14 +59,3 @@ def _model_record_mismatches(root: Path) -> list[tuple[str, str]]:
             elif sha256_file(file) != recorded:
                 found.append((rel, f"{rel}: sha256 does not match the one in {META_FILE}"))
     return found
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    result = verify_output(args.path)
-    if args.json:
-        doc = {"path": str(result.path), "ok": result.ok, "checked": result.checked, "changed": list(result.changed),
-               "missing": list(result.missing), "extra": list(result.extra), "notes": list(result.notes)}
-        print(json.dumps(doc, indent=2))
-    else:
-        print(result)
-    return 0 if result.ok else 1

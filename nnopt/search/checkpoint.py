@@ -1,13 +1,14 @@
-"""A search's checkpoint: the trials evaluated so far, kept beside the output so that an interrupted
-run (Ctrl-C, a crash) loses no finished work and ``--resume`` continues it.
+"""A search's checkpoint: the trials evaluated so far, kept so that an interrupted run (Ctrl-C, a
+crash) loses no finished work and resuming continues it.
 
-It lives in a hidden sibling of the output directory (``.OUT.nnopt-auto/``), never inside it: the
-output appears only complete. ``state.json`` is replaced atomically after every trial; trial models
-are written there too (their bytes are the size objective; latency is timed from them). A finished
-run removes the checkpoint.
+``nnopt auto -o OUT`` keeps it in a hidden sibling of the output directory (``.OUT.nnopt-auto/``), never
+inside it: the output appears only complete; ``nnopt.auto(..., checkpoint_dir=D)`` keeps it in ``D``.
+``state.json`` is replaced atomically after every trial; trial models are written there too (their
+bytes are the size objective; latency is timed from them). A finished run removes the checkpoint.
 
 A fingerprint of the inputs and of every setting that changes what a trial measures is stored; a
-resume with anything different is refused, naming the difference.
+resume with anything different is refused, naming the difference. Messages name the Python argument
+(``resume=True``); the CLI says ``--resume``.
 """
 
 from __future__ import annotations
@@ -41,17 +42,22 @@ class Checkpoint:
 
     @classmethod
     def open(cls, out: str | Path, fingerprint: dict[str, Any], resume: bool) -> Checkpoint:
-        """A fresh checkpoint, or the one an interrupted run left (``resume``); checks come first, and
-        nothing is written until the first :meth:`save`."""
-        directory = checkpoint_dir(out)
+        """The checkpoint of a run into ``out``, beside it (see :func:`checkpoint_dir`)."""
+        return cls.at(checkpoint_dir(out), fingerprint, resume)
+
+    @classmethod
+    def at(cls, directory: str | Path, fingerprint: dict[str, Any], resume: bool) -> Checkpoint:
+        """A fresh checkpoint in ``directory``, or the one an interrupted run left there (``resume``);
+        checks come first, and nothing is written until the first :meth:`save`."""
+        directory = Path(directory)
         state_file = directory / STATE_FILE
         if not resume:
             if directory.exists():
-                raise ResumeError(f"an interrupted run left a checkpoint at {directory}: add --resume to continue "
+                raise ResumeError(f"an interrupted run left a checkpoint at {directory}: add resume=True to continue "
                                   "it, or delete that directory to start over")
             return cls(directory, fingerprint)
         if not state_file.is_file():
-            raise ResumeError(f"--resume: no checkpoint at {directory} (no run into {out} was interrupted, or it "
+            raise ResumeError(f"resume=True: no checkpoint at {directory} (no run using it was interrupted, or it "
                               "finished)")
         try:
             state = read_json(state_file)
@@ -63,7 +69,7 @@ class Checkpoint:
         differ = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
         if differ:
             shown = "; ".join(f"{k}: checkpoint {old.get(k)!r}, now {fingerprint.get(k)!r}" for k in differ[:4])
-            raise ResumeError(f"--resume: the checkpoint at {directory} was written by a different run ({shown}); "
+            raise ResumeError(f"resume=True: the checkpoint at {directory} was written by a different run ({shown}); "
                               "rerun with the same model, data and settings, or delete it to start over")
         state.setdefault("latency", {})
         return cls(directory, fingerprint, state)
@@ -78,3 +84,13 @@ class Checkpoint:
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def trials_kept(directory: str | Path) -> int:
+    """How many evaluated trials the checkpoint in ``directory`` holds (0 when there is none or it is unreadable)."""
+    try:
+        state = read_json(Path(directory) / STATE_FILE)
+    except (OSError, JSONFileError):
+        return 0
+    trials = state.get("trials") if isinstance(state, dict) else None
+    return len(trials) if isinstance(trials, dict) else 0

@@ -4,78 +4,21 @@ the Pareto front and the choice within the accuracy budget, checkpointed after e
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nnopt.errors import ConfigError
 from nnopt.metrics.speed import MIN_SPEEDUP
 from nnopt.progress import track
 from nnopt.search.checkpoint import Checkpoint
+from nnopt.search.config import AutoConfig
 from nnopt.search.pareto import choose, closest, meets, pareto_front
 from nnopt.search.plans import Plan, make_plans
 from nnopt.search.sensitivity import Sensitivity, measure_sensitivity
-from nnopt.search.space import OBJECTIVES, SPACE_VERSION
 from nnopt.search.trials import TrialContext, energy_method, run_trials, screen_latency, time_models
 
-TRIAL_SHARE = 0.9  # of --budget-minutes in which trials may start; screening and confirmation get the rest
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchSettings:
-    """What `nnopt auto` is asked: the objective, the accuracy budget, and how long and wide to search.
-
-    ``max_drop`` is a fraction (0.005 = half a point of accuracy; for a sentence encoder, the mean
-    cosine to the input model's embeddings must stay ≥ 1 − max_drop). ``budget_minutes`` bounds the run:
-    no trial starts after 90% of it, and the timings after the trials shrink to what is left (a trial
-    already running finishes, and each timing keeps its minimum call count); ``batch`` is the batch
-    size latency and energy are measured at.
-    """
-
-    objective: str
-    max_drop: float
-    batch: int = 32
-    budget_minutes: float = 30.0
-    workers: int = 1
-    finetune_epochs: int = 20
-    stages: int = 5
-    probe_epochs: int = 1  # recovery of each pruning probe (when plans fine-tune)
-    targets: tuple[float, ...] | None = None  # predicted cost shares; None: the objective's default
-    levels: dict[str, tuple[float, ...]] | None = None
-    latency_seconds: float = 2.0  # final side-by-side timing, per model (at least min_calls calls too)
-    min_calls: int = 20  # BENCHMARKS.md's protocol; fewer only for quick benchmark runs
-    screen_seconds: float = 0.5  # per trial, against the baseline, before the front is known
-
-    def validate(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if not (isinstance(self.max_drop, (int, float)) and math.isfinite(self.max_drop) and 0 <= self.max_drop <= 1):
-            raise ConfigError(f"--max-drop must be a fraction in [0, 1] (0.005 = half a point), got {self.max_drop!r}")
-        for name in ("batch", "workers", "stages", "min_calls"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"--{name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.finetune_epochs, bool) or not isinstance(self.finetune_epochs, int) \
-                or self.finetune_epochs < 0:
-            raise ConfigError(f"--finetune-epochs must be an integer >= 0, got {self.finetune_epochs!r}")
-        for name in ("budget_minutes", "latency_seconds", "screen_seconds"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0) or (
-                    name == "budget_minutes" and value <= 0):
-                flag = "--" + name.replace("_", "-")
-                raise ConfigError(f"{flag} must be a number {'> 0' if name == 'budget_minutes' else '>= 0'}, "
-                                  f"got {value!r}")
-        if self.targets is not None and (not self.targets or any(not (0 < t <= 1) for t in self.targets)):
-            raise ConfigError(f"targets must be cost shares in (0, 1], got {self.targets!r}")
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The settings that change what a trial measures (not the budget, workers or timing lengths)."""
-        return {"objective": self.objective, "max_drop": self.max_drop, "batch": self.batch,
-                "finetune_epochs": self.finetune_epochs, "stages": self.stages,
-                "probe_epochs": self.probe_epochs, "targets": list(self.targets or ()),
-                "levels": {k: list(v) for k, v in sorted((self.levels or {}).items())}, "space_version": SPACE_VERSION}
+TRIAL_SHARE = 0.9  # of budget_minutes in which trials may start; screening and confirmation get the rest
 
 
 @dataclasses.dataclass
@@ -90,7 +33,7 @@ class SearchOutcome:
     closest: list[dict[str, Any]]
     budget: dict[str, Any]
     objective_method: str
-    deadline: float = float("inf")  # time.monotonic() at which --budget-minutes runs out (the report's timing too)
+    deadline: float = float("inf")  # time.monotonic() at which budget_minutes runs out (the report's timing too)
 
     @property
     def only_slower(self) -> bool:
@@ -135,7 +78,7 @@ def energy_counter() -> Any:
     return found[0] if found else None
 
 
-def search(ctx: TrialContext, settings: SearchSettings, checkpoint: Checkpoint, baseline: float,
+def search(ctx: TrialContext, settings: AutoConfig, checkpoint: Checkpoint, baseline: float,
            progress: bool | None = None) -> SearchOutcome:
     """Run (or continue) the search; ``checkpoint`` is saved after the sensitivity pass and every trial."""
     import torch
@@ -204,7 +147,7 @@ def _cost(trial: dict[str, Any]) -> float:
     return float(trial["objective_value"])
 
 
-def _screen(ctx: TrialContext, settings: SearchSettings, state: dict[str, Any], save: Callable[[], None],
+def _screen(ctx: TrialContext, settings: AutoConfig, state: dict[str, Any], save: Callable[[], None],
             progress: bool | None, left_s: float) -> None:
     """A short timing of every trial not timed yet, each alternated with the baseline, within half of
     the budget that is left (the confirmation of the front gets the other half)."""
@@ -220,7 +163,7 @@ def _screen(ctx: TrialContext, settings: SearchSettings, state: dict[str, Any], 
                    seconds, keep, progress)
 
 
-def _measure_energy(ctx: TrialContext, settings: SearchSettings, state: dict[str, Any], save: Callable[[], None],
+def _measure_energy(ctx: TrialContext, settings: AutoConfig, state: dict[str, Any], save: Callable[[], None],
                     counter: Any) -> None:
     inputs = ctx.task.timing_inputs(ctx.model, settings.batch)
     for trial in state["trials"].values():
@@ -229,7 +172,7 @@ def _measure_energy(ctx: TrialContext, settings: SearchSettings, state: dict[str
             save()
 
 
-def _scored(plans: list[Plan], state: dict[str, Any], settings: SearchSettings,
+def _scored(plans: list[Plan], state: dict[str, Any], settings: AutoConfig,
             baseline: float) -> list[dict[str, Any]]:
     """Every evaluated trial in plan order, with its objective value, drop and verdict."""
     trials = []
@@ -248,7 +191,7 @@ def _scored(plans: list[Plan], state: dict[str, Any], settings: SearchSettings,
     return trials
 
 
-def _confirm(ctx: TrialContext, settings: SearchSettings, state: dict[str, Any], save: Callable[[], None],
+def _confirm(ctx: TrialContext, settings: AutoConfig, state: dict[str, Any], save: Callable[[], None],
              front: list[dict[str, Any]], left_s: float) -> list[dict[str, Any]]:
     """Time the screened front again side by side, at the protocol's length (shortened to the budget that
     is left, never below ``min_calls`` calls); the choice uses these figures."""
@@ -283,7 +226,7 @@ def measure_energy_nj(model: Any, inputs: Any, batch: int, counter: Any) -> floa
 
 
 def _load(trial: dict[str, Any]) -> Any:
-    from nnopt.io.model_dir import load_model
+    from nnopt.loading import load_model
 
     return load_model(trial["dir"])
 

@@ -172,7 +172,7 @@ def plan_recipe(plan: Plan, space: SearchSpace, options: BuildOptions) -> Any:
     """The :class:`nnopt.recipe.Recipe` that builds ``plan``: pruning (structured, then per-layer sparsity
     in stages with fine-tuning), recovery, BatchNorm folding, then quantization."""
     from nnopt.recipe import Recipe
-    from nnopt.simplify import FoldBatchNormConfig
+    from nnopt.simplification import FoldBatchNormConfig
 
     options = dataclasses.replace(options, fold=space.has_batchnorm,
                                   attention_dtype="bfloat16" if "bf16-attention" in plan.flags else "float32")

@@ -1,6 +1,6 @@
 """After the search: rebuild the chosen plan as `nnopt optimize` would (its recipe, the whole training
 split), measure it on the test split, time it side by side with the baseline, and assemble the
-``report.json`` document (every figure with the method behind it)."""
+report document (``report.json`` of ``nnopt auto``; every figure with the method behind it)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,28 @@ import torch
 from torch import nn
 
 from nnopt.metrics.speed import MIN_SPEEDUP
-from nnopt.search.engine import SearchOutcome, SearchSettings, plan_of
+from nnopt.search.config import AutoConfig
+from nnopt.search.engine import SearchOutcome, plan_of
 from nnopt.search.plans import plan_recipe
 from nnopt.search.trials import TrialContext, energy_nj, layer_summary, time_models
 
-MODEL_DIR = "model"
-RECIPE_FILE = "recipe.yaml"
+FINAL_DIR = "final"  # in the search's work directory: the rebuilt model, written to measure its bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class InputModel:
+    """The input model's identity and size: its weights file, read from the directory it was loaded from
+    or written for the search."""
+
+    architecture: str
+    applied: tuple[str, ...]  # passes recorded in its lineage
+    file_bytes: int
+    sha256: str
 
 
 @dataclasses.dataclass
 class Final:
-    """The chosen plan rebuilt: its recipe, the model written to ``model/`` and its test figures."""
+    """The chosen plan rebuilt: its recipe, the model (written once to measure its bytes) and its test figures."""
 
     recipe: Any
     model: nn.Module
@@ -31,19 +42,18 @@ class Final:
     test: dict[str, float]
 
 
-def rebuild(ctx: TrialContext, outcome: SearchOutcome, input_path: str | Path, out: Path) -> Final | None:
+def rebuild(ctx: TrialContext, outcome: SearchOutcome, work: Path) -> Final | None:
     """Apply the chosen plan's recipe to the input model with the data `nnopt optimize` would read, and
-    save it to ``out/model``; None when nothing was chosen."""
+    write it to ``work/final`` (its bytes are measured from the file); None when nothing was chosen."""
     from nnopt.io.model_dir import save_model
-    from nnopt.recipe import apply_recipe, recipe_to_dict
+    from nnopt.recipe import apply_recipe
 
     if outcome.chosen is None:
         return None
     recipe = plan_recipe(plan_of(outcome.chosen), ctx.space, ctx.spec.options)
     model = apply_recipe(ctx.model, recipe, data=ctx.task.final_data(), progress=False)
     test = _quality(ctx, model, "test")
-    saved = save_model(model, out / MODEL_DIR, metrics={**test, "recipe": recipe_to_dict(recipe)},
-                       inputs=[input_path], weights_format=recipe.weights_format)
+    saved = save_model(model, work / FINAL_DIR, weights_format=recipe.weights_format, overwrite=True)
     return Final(recipe, model, saved.file_bytes, saved.compression_ratio, test)
 
 
@@ -54,11 +64,12 @@ def _quality(ctx: TrialContext, model: nn.Module, split: str) -> dict[str, float
     return {"accuracy": ctx.task.quality(model, split)}
 
 
-def build_report(ctx: TrialContext, settings: SearchSettings, outcome: SearchOutcome, final: Final | None,
-                 meta: dict[str, Any]) -> dict[str, Any]:
-    """The ``report.json`` document of an auto run (see nnopt.report for the renderers)."""
+def build_report(ctx: TrialContext, settings: AutoConfig, outcome: SearchOutcome, final: Final | None,
+                 input_model: InputModel) -> dict[str, Any]:
+    """The report document of an auto run (see nnopt.report for the renderers)."""
     from nnopt.envinfo import environment
-    from nnopt.io.model_dir import dense_fp32_bytes, load_model, weights_file
+    from nnopt.io.model_dir import dense_fp32_bytes
+    from nnopt.loading import load_model
     from nnopt.metrics import profile_model
     from nnopt.recipe import recipe_to_yaml
 
@@ -78,7 +89,7 @@ def build_report(ctx: TrialContext, settings: SearchSettings, outcome: SearchOut
     timing = time_models(models, inputs, batch, seconds, settings.min_calls)
     base_ms = timing["baseline"]["median"]
 
-    input_bytes = meta["files"][weights_file(meta)]["bytes"]
+    input_bytes = input_model.file_bytes
     dense_bytes = dense_fp32_bytes(ctx.model)
     baseline = {
         "name": "baseline", metric: outcome.baseline, "split": "validation",
@@ -111,7 +122,6 @@ def build_report(ctx: TrialContext, settings: SearchSettings, outcome: SearchOut
             "compression_ratio": final.compression_ratio, "compression_vs_input": input_bytes / final.file_bytes,
             "latency_ms": _ms(timing["final"]), "speedup": base_ms / timing["final"]["median"],
             "energy_nj": energy_nj(final.model, batch), "macs": profile_model(final.model).macs,
-            "model": MODEL_DIR, "recipe_file": RECIPE_FILE,
         }
     env = environment()
     return {
@@ -121,8 +131,8 @@ def build_report(ctx: TrialContext, settings: SearchSettings, outcome: SearchOut
         "environment": {"device": env["device"], "cpu": env["cpu"], "isa": env["isa"],
                         "onednn_max_cpu_isa": env["onednn_max_cpu_isa"], "threads": threads, "batch": batch,
                         "torch": env["torch"], "nnopt": env["nnopt"], "allocator": env.get("allocator")},
-        "dataset": ctx.task.describe(), "input": {"architecture": meta["architecture"],
-                                                  "applied": [p["name"] for p in meta.get("applied", [])]},
+        "dataset": ctx.task.describe(), "input": {"architecture": input_model.architecture,
+                                                  "applied": list(input_model.applied)},
         "baseline": baseline, "front": front, "result": result,
         "layers": layer_summary(ctx.model, final.model) if final is not None else [],
         "trials": [_trial_row(t) for t in outcome.trials],
@@ -168,7 +178,7 @@ def _variants(baseline: dict[str, Any], front: list[dict[str, Any]], result: dic
     return rows
 
 
-def methods(settings: SearchSettings, metric: str, objective_method: str, threads: int) -> dict[str, str]:
+def methods(settings: AutoConfig, metric: str, objective_method: str, threads: int) -> dict[str, str]:
     quality = ("measured: mean cosine between the plan's sentence embeddings and the input model's"
                if metric == "cosine" else "measured: top-1 accuracy")
     return {
@@ -190,7 +200,7 @@ def methods(settings: SearchSettings, metric: str, objective_method: str, thread
     }
 
 
-def message(settings: SearchSettings, outcome: SearchOutcome, result: dict[str, Any] | None, metric: str) -> str:
+def message(settings: AutoConfig, outcome: SearchOutcome, result: dict[str, Any] | None, metric: str) -> str:
     """A plain summary of the outcome: what was chosen and how it did on the test split, or that nothing met
     the budget and which plans came closest."""
     budget = outcome.budget

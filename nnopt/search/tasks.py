@@ -7,7 +7,9 @@ Three disjoint parts of the data, so that the numbers a search reports are hones
 - *validation*: held out from the steps; sensitivities and every trial are scored on it;
 - *test*: never read by the search; only the chosen plan's final numbers are measured on it.
 
-Tasks are registered by data name (:data:`TASKS`); ``nnopt auto --data NAME`` picks one.
+A labelled :class:`~nnopt.data.Dataset` becomes a :class:`ClassificationTask`; bundled data is also found by
+name in :data:`TASKS` (``nnopt auto --data NAME``, ``nnopt.auto(model, "sentences")``). Messages name the
+data as the Python argument (``data='sentences'``); the CLI says ``--data sentences``.
 """
 
 from __future__ import annotations
@@ -86,8 +88,8 @@ class ClassificationTask:
         from nnopt.models.hf_encoder import SentenceEncoder
 
         if isinstance(model, SentenceEncoder):
-            raise ConfigError(f"the model is a sentence encoder; {self.name} is a labelled image data set: "
-                              "use --data sentences")
+            raise ConfigError(f"the model is a sentence encoder; {self.name} is a labelled data set: "
+                              "use data='sentences'")
         shape = tuple(getattr(model, "input_shape", ()) or ())
         features = self.dataset.feature_shape
         image = (1, 8, 8) if features == (64,) else features  # digits rows are 8x8 images
@@ -162,8 +164,8 @@ class SentenceTask:
         from nnopt.models.hf_encoder import SentenceEncoder
 
         if not isinstance(model, SentenceEncoder):
-            raise ConfigError(f"--data {self.name} is for sentence encoders; {type(model).__name__} takes "
-                              "other inputs (use --data digits)")
+            raise ConfigError(f"data='{self.name}' is for sentence encoders; {type(model).__name__} takes "
+                              "other inputs (use data='digits')")
 
     def search_data(self) -> None:
         return None  # encoder plans are data-free, so `nnopt optimize` reproduces them without --data
@@ -225,10 +227,20 @@ TASKS: dict[str, Callable[[], Any]] = {"digits": _digits, "sentences": SentenceT
 
 
 def load_task(name: str) -> Task:
-    """The task for ``--data NAME``."""
+    """The task for bundled data by name (``--data NAME``)."""
     if name not in TASKS:
         raise ConfigError(f"unknown data {name!r} for nnopt auto; known: {', '.join(sorted(TASKS))}")
     return TASKS[name]()
+
+
+def make_task(data: Dataset | str) -> Task:
+    """The task for ``data``: a labelled :class:`~nnopt.data.Dataset` (top-1 accuracy), or a name in :data:`TASKS`."""
+    if isinstance(data, Dataset):
+        return ClassificationTask(data, name=data.name)
+    if isinstance(data, str):
+        return load_task(data)
+    raise ConfigError(f"data must be an nnopt.data.Dataset (nnopt.load_dataset('digits')) or one of "
+                      f"{', '.join(sorted(TASKS))}; got {type(data).__name__}")
 
 
 def prepare(task: Task, model: nn.Module) -> None:

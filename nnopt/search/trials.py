@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nnopt.data import Dataset
 from nnopt.errors import NnoptError, brief
 from nnopt.search.plans import Plan, plan_recipe
 from nnopt.search.space import BuildOptions, SearchSpace, build_space
@@ -35,7 +36,7 @@ class ContextSpec:
     """Everything a process needs to rebuild a :class:`TrialContext` (picklable, for spawned workers)."""
 
     model_path: str
-    data: str
+    data: Dataset | str  # a labelled data set, or bundled data by name (see nnopt.search.tasks.make_task)
     objective: str
     batch: int
     options: BuildOptions
@@ -53,13 +54,13 @@ class TrialContext:
 
 def build_context(spec: ContextSpec, model: nn.Module | None = None, task: Any = None) -> TrialContext:
     """Load the input model and the task (unless given) and find the search space."""
-    from nnopt.io.model_dir import load_model
-    from nnopt.search.tasks import load_task, prepare
+    from nnopt.loading import load_model
+    from nnopt.search.tasks import make_task, prepare
 
     if model is None:
         model = load_model(spec.model_path)
     if task is None:
-        task = load_task(spec.data)
+        task = make_task(spec.data)
         prepare(task, model)
     space = build_space(model, task, spec.objective, levels=spec.levels)
     return TrialContext(spec, model.eval(), task, space)
@@ -262,7 +263,7 @@ def screen_latency(baseline: nn.Module, trials: Sequence[tuple[str, Path]], inpu
                    seconds: float, on_result: Callable[[str, dict[str, float]], None],
                    progress: bool | None = None) -> None:
     """Time each trial model against the baseline, alternated in rounds, one trial at a time."""
-    from nnopt.io.model_dir import load_model
+    from nnopt.loading import load_model
     from nnopt.metrics.speed import compare_calls
     from nnopt.progress import track
 

@@ -46,7 +46,7 @@ def test_classic_recipe_gives_what_its_steps_promise(saved, tmp_path, capsys, di
         assert bool((layer.weight_q[below] == 0).all())  # every |w| < θ is zero
         # 8-bit codes reproduce the kept weights to within half a step of the layer's scale.
         step = weight.abs().max() / (2 ** (BITS - 1) - 1)
-        assert float((layer.dequantized_weight() - weight)[~below].abs().max()) <= float(step) / 2 + 1e-6
+        assert float((layer.dense_weight() - weight)[~below].abs().max()) <= float(step) / 2 + 1e-6
     baseline, after = nnopt.accuracy(source, digits.test), nnopt.accuracy(result, digits.test)
     assert after >= baseline - 0.01
     meta = json.loads((out / "nnopt.json").read_text())

@@ -55,7 +55,7 @@ def test_bad_input_is_named_and_nothing_written(saved, tmp_path, expect_error):
                   "-o", str(out)], "smoothing")
     expect_error(["quantize", str(saved), "--scheme", "int8-dynamic", "-o", str(saved)], "input")
     expect_error(["quantize", str(saved), "--scheme", "int8-weight", "--kernels", "measured", "-o", str(out)],
-                 "--kernels and --kernel-batch apply to int8-dynamic")
+                 "--kernels applies to int8-dynamic, not int8-weight")
     expect_error(["quantize", str(saved), "--scheme", "int8-dynamic", "--kernels", "measured", "--kernel-batch", "0",
                   "-o", str(out)], "kernel_batch must be >= 1")
     assert not out.exists()

@@ -14,6 +14,7 @@ from nnopt.errors import ConfigError, ResumeError
 from nnopt.pipeline.auto_run import NOTHING_MEETS, run_auto
 from nnopt.search import (
     KNOBS,
+    AutoConfig,
     BuildOptions,
     Checkpoint,
     Plan,
@@ -98,14 +99,27 @@ def test_validation_split_is_disjoint_stratified_and_seeded(digits):
     assert set(val.y.tolist()) == set(range(10))
 
 
-def test_settings_are_validated_before_anything_runs():
-    for bad, message in [({"max_drop": 1.5}, "--max-drop"), ({"max_drop": -0.1}, "--max-drop"),
-                         ({"objective": "speed"}, "--objective"), ({"batch": 0}, "--batch"),
-                         ({"workers": 0}, "--workers"), ({"budget_minutes": 0}, "--budget-minutes"),
-                         ({"finetune_epochs": -1}, "--finetune-epochs")]:
-        settings = SearchSettings(**{"objective": "size", "max_drop": 0.01, **bad})
+def test_settings_are_validated_on_construction_and_errors_name_the_field():
+    for bad, message in [({"max_drop": 1.5}, r"AutoConfig\.max_drop must be a fraction in \[0, 1\]"),
+                         ({"max_drop": -0.1}, "AutoConfig.max_drop"),
+                         ({"max_drop": float("nan")}, "AutoConfig.max_drop"),
+                         ({"objective": "speed"}, "AutoConfig.objective must be one of size, latency, energy"),
+                         ({"batch": 0}, "AutoConfig.batch"), ({"workers": 0}, "AutoConfig.workers"),
+                         ({"budget_minutes": 0}, "AutoConfig.budget_minutes must be a number > 0"),
+                         ({"finetune_epochs": -1}, "AutoConfig.finetune_epochs"), ({"batch": "32"}, "AutoConfig.batch"),
+                         ({"targets": (0.0,)}, "AutoConfig.targets"), ({"levels": {"speed": (1,)}}, "unknown knob"),
+                         ({"levels": {"bits": ()}}, r"AutoConfig\.levels\['bits'\]")]:
         with pytest.raises(ConfigError, match=message):
-            settings.validate()
+            AutoConfig(**{"objective": "size", "max_drop": 0.01, **bad})
+    assert SearchSettings is AutoConfig  # the earlier name stays
+
+
+def test_auto_config_round_trips_through_plain_data():
+    config = AutoConfig(objective="latency", max_drop=0.02, targets=(0.5,), levels={"structured": (0.5, 0.75)})
+    data = json.loads(json.dumps(config.to_dict()))
+    assert data["kind"] == "auto" and AutoConfig.from_dict(data) == config
+    with pytest.raises(ConfigError, match="unknown key"):
+        AutoConfig.from_dict({"objective": "size", "max-drop": 0.01})
 
 
 # ------------------------------------------------------------------------------------ plans → recipes
@@ -160,7 +174,7 @@ def test_checkpoint_refuses_a_missing_stale_or_foreign_state(tmp_path):
     first.state["trials"]["x"] = {"quality": 0.9}
     first.save()
     assert checkpoint_dir(out).is_dir() and not out.exists()
-    with pytest.raises(ResumeError, match="--resume"):
+    with pytest.raises(ResumeError, match="resume=True"):
         Checkpoint.open(out, {"objective": "size", "batch": 32}, resume=False)
     with pytest.raises(ResumeError, match="batch: checkpoint 32, now 64"):
         Checkpoint.open(out, {"objective": "size", "batch": 64}, resume=True)
@@ -248,7 +262,7 @@ def test_ctrl_c_leaves_no_output_and_resume_finishes_like_an_uninterrupted_run(s
     state = json.loads((checkpoint_dir(out) / "state.json").read_text())
     assert len(state["trials"]) == 1
     monkeypatch.setattr(trials, "evaluate_plan", real)
-    with pytest.raises(ResumeError, match="--resume"):
+    with pytest.raises(ResumeError, match="resume=True"):
         run_auto(saved, "digits", settings, out)
     with pytest.raises(ResumeError, match="max_drop"):
         run_auto(saved, "digits", SearchSettings(objective="size", max_drop=0.03, **TINY), out, resume=True)

@@ -1,0 +1,40 @@
+"""`nnopt energy PATH`: energy per inference, estimated and, where possible, measured (see
+nnopt.pipeline.energy_run)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def register(commands: Any) -> None:
+    """Add the ``energy`` subcommand to the CLI's subparsers."""
+    energy = commands.add_parser(
+        "energy", help="energy per inference: analytic per-layer estimate, latency-based range, measured if possible",
+        description="Estimate a saved model's energy per inference from a versioned table (MACs executed × pJ per "
+        "MAC + bytes moved × pJ per byte at the cache level its working set fits), give a range from measured "
+        "latency × a share of the CPU's power, and measure with RAPL where the machine exposes it. Every figure "
+        "says whether it is measured or estimated, how, and its bounds.",
+    )
+    energy.add_argument("path", metavar="PATH", help="an nnopt model directory")
+    energy.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    energy.add_argument("--table", default="horowitz-45nm", metavar="NAME_OR_YAML",
+                        help="energy table: a shipped name or a .yaml file (default: horowitz-45nm)")
+    energy.add_argument("--tdp", type=float, default=None, metavar="W",
+                        help="the CPU's thermal design power in watts, for the latency-based range "
+                        "(default: a lookup by CPU model, else 10 W per logical core, a guess)")
+    energy.add_argument("--seconds", type=float, default=0.5, metavar="S",
+                        help="latency timing for the latency-based range (default: 0.5)")
+    energy.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    energy.set_defaults(handler=cmd_energy)
+
+
+def cmd_energy(args: argparse.Namespace) -> int:
+    from nnopt.pipeline.energy_run import EnergyOptions, run_energy
+
+    options = EnergyOptions(batch=args.batch, table=args.table, tdp_w=args.tdp, seconds=args.seconds)
+    options.validate()
+    result = run_energy(args.path, options)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result)
+    return 0
