@@ -11,7 +11,8 @@ def register(commands: Any) -> None:
     demo = commands.add_parser(
         "demo", help="train the classic SimpleNet on digits, prune, quantize, measure, report",
         description="Train SimpleNet (Dense 64-32-10) on scikit-learn digits, prune with |w| < θ, "
-        "quantize with w_q = round(w·S), measure all four variants and write a report.",
+        "quantize with w_q = round(w·S); add gradual and structured pruning and the other quantization schemes; "
+        "measure every variant side by side and write a report.",
     )
     demo.add_argument("--out", default="nnopt-report", metavar="DIR",
                       help="output directory (default: nnopt-report); an earlier report there is replaced")

@@ -19,3 +19,14 @@ def read_json(path: str | Path) -> Any:
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         # a deeply nested document exhausts the decoder's recursion: bad input, not a crash
         raise JSONFileError(str(exc)[:200]) from None
+
+
+def read_json_document(path: Path, error: type[Exception], missing: str, unreadable: str) -> Any:
+    """:func:`read_json` of a file that must be there: ``error(missing)`` when it is not a file,
+    ``error(f"{unreadable}: {reason}")`` when it cannot be parsed."""
+    if not path.is_file():
+        raise error(missing)
+    try:
+        return read_json(path)
+    except JSONFileError as exc:
+        raise error(f"{unreadable}: {exc}") from None

@@ -22,7 +22,7 @@ from nnopt._version import __version__
 from nnopt.envinfo import library_versions
 from nnopt.errors import ConfigError, ModelFormatError
 from nnopt.io.atomic import atomic_directory, refuse_input_overlap, write_bytes_durable
-from nnopt.io.json_file import JSONFileError, read_json
+from nnopt.io.json_file import read_json_document
 from nnopt.io.safety import refuse_unsafe
 from nnopt.lineage import Lineage, get_lineage
 
@@ -153,12 +153,8 @@ def read_meta(path: str | Path) -> dict[str, Any]:
             f"{path} is a file; an nnopt model is a directory with {WEIGHTS_FILE} and {META_FILE}"
         )
     meta_path = path / META_FILE
-    if not meta_path.is_file():
-        raise ModelFormatError(f"{path} is not an nnopt model directory: {META_FILE} is missing")
-    try:
-        meta = read_json(meta_path)
-    except JSONFileError as exc:
-        raise ModelFormatError(f"{meta_path} is corrupt: {exc}") from None
+    missing = f"{path} is not an nnopt model directory: {META_FILE} is missing"
+    meta = read_json_document(meta_path, ModelFormatError, missing, f"{meta_path} is corrupt")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelFormatError(f"{meta_path} is not an nnopt model record (format is not {FORMAT!r})")
     if meta.get("format_version") != FORMAT_VERSION:

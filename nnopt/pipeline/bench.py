@@ -31,7 +31,7 @@ from torch import nn
 
 from nnopt import cpu
 from nnopt.errors import ConfigError, UnsupportedModelError
-from nnopt.io.json_file import JSONFileError, read_json
+from nnopt.io.json_file import read_json_document
 from nnopt.metrics.speed import bind_call, example_batch
 
 BENCHMARK = "bench"
@@ -479,12 +479,8 @@ def _glibc() -> Any:
 def load_bench_json(path: str | Path) -> dict[str, Any]:
     """Read an earlier ``nnopt bench --json`` document; ConfigError naming what is wrong otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--compare {path}: no such file")
-    try:
-        doc = read_json(path)
-    except JSONFileError as exc:
-        raise ConfigError(f"--compare {path} is not a bench JSON: {exc}") from None
+    doc = read_json_document(path, ConfigError, f"--compare {path}: no such file",
+                             f"--compare {path} is not a bench JSON")
     if not isinstance(doc, dict) or doc.get("benchmark") != BENCHMARK or not isinstance(doc.get("rows"), list):
         raise ConfigError(
             f"--compare {path} is not a bench JSON (expected \"benchmark\": \"bench\" and a list of rows)"

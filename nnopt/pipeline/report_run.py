@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from nnopt.errors import ModelFormatError
-from nnopt.io.json_file import JSONFileError, read_json
+from nnopt.io.json_file import read_json_document
 from nnopt.report.document import REPORT_HTML, REPORT_JSON, REPORT_MD
 
 
@@ -27,12 +27,8 @@ def load_report(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / REPORT_JSON
     if not Path(run_dir).is_dir():
         raise ModelFormatError(f"{run_dir} is not a directory (expected a run directory holding {REPORT_JSON})")
-    if not path.is_file():
-        raise ModelFormatError(f"{run_dir} has no {REPORT_JSON}: not an nnopt run directory")
-    try:
-        report = read_json(path)
-    except JSONFileError as exc:
-        raise ModelFormatError(f"{path} is not valid JSON: {exc}") from None
+    report = read_json_document(path, ModelFormatError, f"{run_dir} has no {REPORT_JSON}: not an nnopt run directory",
+                                f"{path} is not valid JSON")
     try:
         read_report(report)
     except ModelFormatError as exc:

@@ -1,7 +1,7 @@
 """CUDA paths: int8 kernels, structured models, bench rows and the NVML counter on a GPU.
 
 CI has no GPU, so every test here skips without CUDA; they run on a lent GPU machine
-(see the README's GPU section for the figures measured there).
+(see docs/gpu.md for the figures measured there).
 """
 
 from __future__ import annotations
