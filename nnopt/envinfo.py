@@ -1,8 +1,8 @@
 """What machine a measurement ran on: device, CPU model and features, threads, library versions.
 
-``environment()`` is the short record every result carries; ``system_report()`` is the full
-picture that ``nnopt env`` prints (CPU features that nnopt's kernels use, torch build, GPU,
-ONNX Runtime providers, allocator).
+``environment()`` is the short record every result carries. The full picture that ``nnopt env``
+prints adds the verdicts of nnopt's int8 kernels, so it sits above the layers, in
+:mod:`nnopt.metrics.system`; this module needs nothing of nnopt but the CPU facts.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ their registrations (:mod:`nnopt.techniques`) can replay the structure each reco
 produced. Nothing stored is executed: ``nnopt.json`` is JSON, the weights are safetensors (or
 nnopt's packed format), and every tensor's name, dtype and shape is checked before it is loaded.
 
->>> import nnopt, tempfile
->>> saved = nnopt.save_model(nnopt.create_model("simplenet"), tempfile.mkdtemp() + "/m")
+>>> import nnopt
+>>> saved = nnopt.save_model(nnopt.create_model("simplenet"), "simplenet-dir")
 >>> type(load_model(saved.path)).__name__
 'MLP'
 """

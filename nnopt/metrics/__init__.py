@@ -74,7 +74,7 @@ def measure(
     Pass ``latency`` (from :func:`compare_latency`) to reuse timings taken side by side.
 
     >>> m = measure(model, dataset.test, name="baseline")
-    >>> 0.0 <= m.accuracy <= 1.0
+    >>> m.accuracy > 0.5  # a trained SimpleNet on held-out digits
     True
     """
     shape = model_input_shape(model)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +61,15 @@ def run_auto(path: str | Path, data: Dataset | str, config: AutoConfig, out: str
     refuse_input_overlap(out, [path])
     check_replaceable(out, AUTO_FILES if overwrite else None)
     model = load_model(path)
-    result = auto(model, data, config, checkpoint_dir=checkpoint_dir(out), resume=resume, source=path,
+    checkpoint = checkpoint_dir(out)
+    result = auto(model, data, config, checkpoint_dir=checkpoint, resume=resume, keep_checkpoint=True, source=path,
                   progress=progress)
     if result.chosen:  # where this run writes the chosen model and its recipe
         result = dataclasses.replace(result, report={
             **result.report, "result": {**result.report["result"], "model": MODEL_DIR, "recipe_file": RECIPE_FILE}})
     with atomic_directory(out, replace_if=AUTO_FILES if overwrite else None) as tmp:
         _write(result, config, data, path, tmp)
+    shutil.rmtree(checkpoint, ignore_errors=True)  # only now: until OUT is complete, --resume can redo the writing
     return AutoRun(out, result)
 
 

@@ -107,8 +107,8 @@ def _fmt(value: Any, unit: str = "") -> str:
 
 
 def auto(model: nn.Module, data: Dataset | str, config: AutoConfig | None = None, *,
-         checkpoint_dir: str | Path | None = None, resume: bool = False, source: str | Path | None = None,
-         progress: bool | None = None) -> AutoResult:
+         checkpoint_dir: str | Path | None = None, resume: bool = False, keep_checkpoint: bool = False,
+         source: str | Path | None = None, progress: bool | None = None) -> AutoResult:
     """Search for the plan (a recipe) that best serves ``config.objective`` within ``config.max_drop``.
 
     Measures each unit's sensitivity on a validation split held out of ``data``'s training split,
@@ -121,7 +121,9 @@ def auto(model: nn.Module, data: Dataset | str, config: AutoConfig | None = None
     ``"sentences"`` for a sentence encoder (quality: mean cosine to the input model's embeddings).
 
     ``checkpoint_dir`` keeps the trials there after each step; ``resume=True`` continues what an
-    interrupted call with the same model, data and settings left (a finished search removes it).
+    interrupted call with the same model, data and settings left. A finished search removes it, unless
+    ``keep_checkpoint`` (a caller that still writes the result removes it once that is done, as
+    ``nnopt auto`` does, so that an interruption while writing loses no trial).
     ``source`` is the model directory ``model`` was loaded from: its weights file then gives the
     baseline's size and identity, and worker processes load it from there.
 
@@ -162,7 +164,8 @@ def auto(model: nn.Module, data: Dataset | str, config: AutoConfig | None = None
             report = build_report(ctx, config, outcome, final, input_model)
             front = tuple(_front_plan(row, trial, ctx, report["metric"])
                           for row, trial in zip(report["front"], outcome.front))
-            checkpoint.remove()
+            if not keep_checkpoint:
+                checkpoint.remove()
     if final is None:
         return AutoResult(None, None, {}, front, report)
     return AutoResult(final.model, final.recipe, final.test, front, report)

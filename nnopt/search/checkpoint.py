@@ -56,6 +56,8 @@ class Checkpoint:
                 raise ResumeError(f"an interrupted run left a checkpoint at {directory}: add resume=True to continue "
                                   "it, or delete that directory to start over")
             return cls(directory, fingerprint)
+        if not state_file.is_file() and directory.is_dir():
+            return cls(directory, fingerprint)  # interrupted before its first trial was saved: nothing to keep
         if not state_file.is_file():
             raise ResumeError(f"resume=True: no checkpoint at {directory} (no run using it was interrupted, or it "
                               "finished)")

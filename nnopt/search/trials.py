@@ -133,7 +133,9 @@ def layer_summary(original: nn.Module, model: nn.Module) -> list[dict[str, Any]]
         bits = getattr(module, "bits", None)
         if not isinstance(bits, int):
             match = _INT_DTYPE.match(layer.dtype)
-            bits = int(match.group(1)) if match else {"float32": 32, "bfloat16": 16, "float16": 16}.get(layer.dtype)
+            floats = {"float32": 32, "bfloat16": 16, "float16": 16}
+            # a float storage label may name its layout first ("csr float32")
+            bits = int(match.group(1)) if match else floats.get(layer.dtype.split()[-1] if layer.dtype else "")
         out_before = before[layer.name].shape[0]
         rows.append({"name": layer.name, "sparsity": round(layer.sparsity, 4), "bits": bits,
                      "structured_ratio": round(1 - layer.shape[0] / out_before, 4) if out_before else 0.0,

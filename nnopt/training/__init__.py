@@ -85,7 +85,7 @@ def train(
     ``resume=True`` continues from it (same model, data and config, else
     :class:`~nnopt.errors.ResumeError`) with the same result as an uninterrupted run.
     ``data_parallel`` > 1 runs the same loop in that many DistributedDataParallel processes
-    (:func:`nnopt.training.ddp_train`: same global batches, callbacks on every rank, the same weights
+    (:func:`nnopt.training.ddp.ddp_train`: same global batches, callbacks on every rank, the same weights
     within floating-point tolerance unless something depends on per-process statistics: BatchNorm in
     training mode, dropout; QAT's observed ranges are all-reduced); it does not checkpoint, ``loss`` and
     ``callbacks`` must be picklable, and a script must call it under ``if __name__ == "__main__":``.

@@ -107,3 +107,40 @@ def test_bad_config_and_arguments_name_the_field(digits, tmp_path):
     with pytest.raises(nnopt.NnoptError, match="resume=True: no checkpoint"):
         nnopt.auto(model, digits, TINY, checkpoint_dir=tmp_path / "ckpt", resume=True)
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_an_interruption_while_writing_the_output_keeps_the_checkpoint(digits, tmp_path, monkeypatch):
+    """nnopt auto removes its checkpoint only once OUT is complete: Ctrl-C while writing, then --resume."""
+    from nnopt.pipeline import auto_run
+    from nnopt.search import checkpoint_dir
+
+    with one_thread():
+        model = nnopt.create_model("simplenet", seed=0)
+        nnopt.train(model, digits.train, nnopt.TrainConfig(epochs=3, seed=0), progress=False)
+        source = nnopt.save_model(model, tmp_path / "in").path
+        out = tmp_path / "out"
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as patch:
+            patch.setattr(auto_run, "_write", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                auto_run.run_auto(source, "digits", TINY, out, progress=False)
+        assert checkpoint_dir(out).is_dir() and not out.exists()
+        done = auto_run.run_auto(source, "digits", TINY, out, resume=True, progress=False)
+    assert done.exit_code in (0, 3)
+    assert (out / "report.json").is_file() and not checkpoint_dir(out).exists()
+
+
+def test_a_checkpoint_directory_left_before_the_first_trial_can_be_resumed(tmp_path):
+    from nnopt.search.checkpoint import Checkpoint
+
+    work = tmp_path / "work"
+    (work / "input").mkdir(parents=True)  # what a call interrupted before its first save leaves
+    with pytest.raises(nnopt.NnoptError, match="add resume=True"):
+        Checkpoint.at(work, {"model": "x"}, resume=False)
+    fresh = Checkpoint.at(work, {"model": "x"}, resume=True)
+    assert not fresh.resumed and fresh.state["trials"] == {}
+    with pytest.raises(nnopt.NnoptError, match="no checkpoint at"):
+        Checkpoint.at(tmp_path / "none", {"model": "x"}, resume=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import doctest
 import importlib
 import pkgutil
@@ -39,7 +40,8 @@ def shared_names(digits) -> dict:
 @pytest.mark.parametrize("test", _docstring_tests(), ids=lambda t: t.name)
 def test_docstring_example_runs(test: doctest.DocTest, shared_names, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    test.globs = {**shared_names, **test.globs}
+    # each example gets its own copies of the model and data: an example that trains them changes no other
+    test.globs = {**shared_names, **copy.deepcopy({k: shared_names[k] for k in ("model", "pruned")}), **test.globs}
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     runner.run(test, out=lambda text: pytest.fail(text, pytrace=False))
     assert runner.failures == 0
