@@ -264,9 +264,21 @@ def test_the_fp32_fallback_keeps_float_codes_only_where_it_runs_and_drops_them_o
     module = Int8StaticLinear(source)
     module.set_weight(source.weight.detach())
     _force(monkeypatch, **{"torch-int-mm": True})
+    monkeypatch.setitem(K._FASTER, "cpu", "torch-int-mm")  # and timed faster than the float32 product here
     assert module.gemm_codes_fp32() is None  # an int8 kernel runs: no float copy of the weights
     _force(monkeypatch, **{"torch-int-mm": False, "fp32-exact": True})
     codes = module.gemm_codes_fp32()
     assert codes is not None and torch.equal(codes, module.weight_q.float()) and module.gemm_codes_fp32() is codes
     module.set_weight(-source.weight.detach())
     assert torch.equal(module.gemm_codes_fp32(), module.weight_q.float())  # refreshed with the codes
+
+
+def test_where_both_exact_products_pass_the_faster_one_here_runs(monkeypatch):
+    """torch._int_mm is exact on AVX2-only CPUs too, but far slower there than the float32 product."""
+    _force(monkeypatch, **{"onednn-u8s8": False, "torch-int-mm": True, "fp32-exact": True})
+    for faster in ("torch-int-mm", "fp32-exact"):
+        monkeypatch.setitem(K._FASTER, "cpu", faster)
+        assert K.int8_gemm_path(dynamic=True) == faster and K.int8_gemm_path(dynamic=False) == faster
+    _force(monkeypatch, **{"torch-int-mm": False})
+    assert K.int8_gemm_path(dynamic=False) == "fp32-exact"  # only what passed its check is timed
+    assert K._time_exact_gemms(rounds=1) in ("torch-int-mm", "fp32-exact")

@@ -261,3 +261,12 @@ def test_int8_models_now_save_in_the_packed_format(tmp_path, digits):
     saved = nnopt.save_model(model, tmp_path / "m", weights_format="packed")
     again = nnopt.load_model(saved.path)
     assert torch.equal(again(digits.test.x[:8]), model(digits.test.x[:8]))
+
+
+def test_the_cli_scheme_names_are_registry_names():
+    """nnopt quantize lists its schemes without importing torch; each must be a kind or preset here."""
+    from nnopt.cli.quantize import SCHEMES_HELP
+    from nnopt.pipeline.quantize_run import SCHEMES
+
+    assert SCHEMES_HELP == SCHEMES
+    assert all(technique_named(scheme).verb == "quantize" for scheme in SCHEMES)
