@@ -122,6 +122,13 @@ def int8_gemm_path(dynamic: bool, device: str = "cpu") -> str:
     return exact[0] if exact else "float64"
 
 
+def why_not_int8(path: str) -> str:
+    """Why int8 layers multiply their codes in float here (``path`` is ``fp32-exact`` or ``float64``)."""
+    if path == "fp32-exact" and kernel_passes("torch-int-mm"):
+        return "torch._int_mm is exact here but timed slower than the exact float32 product"
+    return "no int8 kernel passed its known-answer check here"
+
+
 # Where both are exact, which of torch._int_mm and the float32 product runs faster on this CPU. _int_mm
 # passes its check on AVX2-only CPUs too, but runs there far slower than float32 (MiniLM's int8 layers on
 # an AMD EPYC with AVX2: 6.1 s per batch of 8 × 128 tokens against 0.26 s in fp32, measured).

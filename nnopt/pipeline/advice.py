@@ -386,12 +386,12 @@ def _reason(candidate: _Candidate, speedup: float, agreement: Mapping[str, Any],
             return (f"{measured}: layers of at most {widest} inputs: quantizing activations costs more than the "
                     f"int8 product saves{convs}")
         from nnopt.cpu import has_vnni
-        from nnopt.layers.kernels import int8_gemm_path
+        from nnopt.layers.kernels import int8_gemm_path, why_not_int8
 
         path = int8_gemm_path(dynamic=True)
         if path not in ("onednn", "torch-int-mm"):
-            return (f"{measured}: no int8 kernel passed its known-answer check on this CPU, so int8 layers multiply "
-                    f"their codes exactly in {path.split('-')[0]}, not with int8 products")
+            return (f"{measured}: {why_not_int8(path)}, so int8 layers multiply their codes exactly in "
+                    f"{path.split('-')[0]}, not with int8 products")
         if has_vnni() is False:
             return (f"{measured}: the CPU has no VNNI (AVX-512 VNNI, AVX-VNNI or AMX-INT8), so int8 products are "
                     "not faster")

@@ -168,11 +168,11 @@ _COMPUTE_DEQUANT = "fp32 dense; {bits}-bit codes (stored as {dtype}) dequantized
 
 def _compute_int8() -> str:
     """How the static int8 variants multiply here: the kernel that passed its known-answer check."""
-    from nnopt.layers.kernels import int8_gemm_path
+    from nnopt.layers.kernels import int8_gemm_path, why_not_int8
 
     path = int8_gemm_path(dynamic=False)
     product = "int8 × int8 GEMM (torch._int_mm)" if path == "torch-int-mm" else (
-        f"int8 codes multiplied exactly in {path.split('-')[0]} (no int8 kernel passed its known-answer check here)")
+        f"int8 codes multiplied exactly in {path.split('-')[0]} ({why_not_int8(path)})")
     return f"{product}, activation ranges calibrated on training rows"
 
 

@@ -57,14 +57,18 @@ def test_demo_writes_report_and_variants(demo_dir):
     assert structured["params"] < 0.6 * base["params"] and structured["macs"] < 0.6 * base["macs"]
     assert structured["nonzeros"] == pytest.approx(structured["params"], rel=0.05)
     assert structured["accuracy"] >= base["accuracy"] - 0.03
-    assert "int8 × int8 GEMM" in rows["int8-static"]["compute"]
+    # the kernel this CPU runs: an int8 GEMM, or (no exact int8 kernel, or a slower one) the exact fp32 product
+    assert any(label in rows["int8-static"]["compute"] for label in ("int8 × int8 GEMM", "multiplied exactly in fp32"))
     md = (demo_dir / "report.md").read_text()
     assert "| pruned+quantized |" in md and "measured" in md
     energy = {name: row["energy_nj"] for name, row in rows.items()}  # estimated, per inference
     assert all(e["method"].startswith("estimated") and e["low_nj"] <= e["total_nj"] <= e["high_nj"]
                for e in energy.values())
     assert energy["pruned"]["total_nj"] == energy["baseline"]["total_nj"]  # a dense kernel multiplies the zeros
-    assert energy["int8-static"]["compute_nj"] < energy["baseline"]["compute_nj"] / 4  # int8 MACs
+    if "int8 × int8 GEMM" in rows["int8-static"]["compute"]:
+        assert energy["int8-static"]["compute_nj"] < energy["baseline"]["compute_nj"] / 4  # int8 MACs
+    else:  # fp32 products of the codes are costed as fp32 MACs, plus the quantization: never cheaper
+        assert energy["int8-static"]["compute_nj"] > energy["baseline"]["compute_nj"]
     assert energy["structured-50"]["total_nj"] < energy["baseline"]["total_nj"]  # a smaller dense model
     assert "Energy per inference (estimated)" in md
 
