@@ -14,7 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnopt.errors import ModelFormatError, UnsupportedModelError
-from nnopt.layers.protocol import KernelCost, conv_macs, conv_repr, float_dtype_name, linear_macs, own_bytes
+from nnopt.layers.protocol import (
+    KernelCost,
+    conv_macs,
+    conv_repr,
+    copy_conv_geometry,
+    float_dtype_name,
+    linear_macs,
+    own_bytes,
+)
 
 ZERO_INDEX = 0  # the reserved zero centroid, when a layer has one: pruned weights are index 0
 
@@ -100,10 +108,7 @@ class ClusteredConv2d(_ClusteredWeight):
         super().__init__()
         if source.padding_mode != "zeros":
             raise UnsupportedModelError("only zero padding is supported for clustered Conv2d")
-        self.in_channels, self.out_channels = source.in_channels, source.out_channels
-        self.kernel_size = source.kernel_size
-        self.stride, self.padding = source.stride, source.padding
-        self.dilation, self.groups = source.dilation, source.groups
+        copy_conv_geometry(self, source)
         self._init_clusters(source.weight.shape, bits, zero_centroid)
         self.bias = None if source.bias is None else nn.Parameter(source.bias.detach().clone())
 

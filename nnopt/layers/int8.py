@@ -19,7 +19,15 @@ from torch import nn
 from nnopt.errors import ConfigError, ModelFormatError, UnsupportedModelError
 from nnopt.layers import kernels as K
 from nnopt.layers import primitives as P
-from nnopt.layers.protocol import KernelCost, conv_macs, conv_repr, float_dtype_name, linear_macs, own_bytes
+from nnopt.layers.protocol import (
+    KernelCost,
+    conv_macs,
+    conv_repr,
+    copy_conv_geometry,
+    float_dtype_name,
+    linear_macs,
+    own_bytes,
+)
 
 
 class _Int8Weight(nn.Module):
@@ -272,9 +280,7 @@ class Int8StaticConv2d(_Int8Static):
         super().__init__()
         if source.padding_mode != "zeros" or source.groups != 1 or isinstance(source.padding, str):
             raise UnsupportedModelError("static int8 Conv2d supports groups=1 and numeric zero padding only")
-        self.in_channels, self.out_channels = source.in_channels, source.out_channels
-        self.kernel_size, self.stride = source.kernel_size, source.stride
-        self.padding, self.dilation = source.padding, source.dilation
+        copy_conv_geometry(self, source)  # groups is 1
         self._init_weight(source.weight, source.bias)
         self._init_input()
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -100,6 +100,13 @@ def conv_macs(weight_shape: Sequence[int], output: torch.Tensor) -> int:
     for size in weight_shape[1:]:
         per_output *= int(size)
     return output.numel() * per_output
+
+
+def copy_conv_geometry(layer: Any, source: nn.Conv2d) -> None:  # Any: plain attributes, not submodules
+    """Give ``layer`` the channels, kernel size, stride, padding, dilation and groups of ``source``."""
+    layer.in_channels, layer.out_channels = source.in_channels, source.out_channels
+    layer.kernel_size, layer.stride, layer.padding = source.kernel_size, source.stride, source.padding
+    layer.dilation, layer.groups = source.dilation, source.groups
 
 
 def conv_repr(layer: nn.Module, extra: str) -> str:

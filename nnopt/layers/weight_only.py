@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnopt.layers import primitives as P
-from nnopt.layers.protocol import KernelCost, conv_macs, conv_repr, linear_macs, own_bytes
+from nnopt.layers.protocol import KernelCost, conv_macs, conv_repr, copy_conv_geometry, linear_macs, own_bytes
 
 COMPUTE_MODES = ("auto", "kernel", "dequantize")
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts, widest first
@@ -303,10 +303,7 @@ class QuantizedConv2d(_QuantizedWeight):
         super().__init__()
         if source.padding_mode != "zeros":
             raise ValueError("only zero padding is supported for quantized Conv2d")
-        self.in_channels, self.out_channels = source.in_channels, source.out_channels
-        self.kernel_size = source.kernel_size
-        self.stride, self.padding = source.stride, source.padding
-        self.dilation, self.groups = source.dilation, source.groups
+        copy_conv_geometry(self, source)
         self._init_weight_buffers(source.weight.shape, bits, qparam_shape, group_size, packed, compute)
         self.bias = None if source.bias is None else nn.Parameter(source.bias.detach().clone())
 
