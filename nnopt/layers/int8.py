@@ -60,7 +60,7 @@ class _Int8Weight(nn.Module):
             return None
         codes = self.weight_q
         # keyed by the codes' storage, version and device: an in-place change or a swapped tensor rebuilds it
-        key = (codes.data_ptr(), codes._version, str(codes.device))
+        key = (codes.data_ptr(), K.tensor_version(codes), str(codes.device))
         cached = getattr(self, "_codes_fp32", None)
         if cached is None or cached[0] != key:
             cached = self._codes_fp32 = (key, codes.flatten(1).to(torch.float32))

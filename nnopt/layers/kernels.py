@@ -329,7 +329,7 @@ class SharedInputCodes:
         self._uses = 0
 
     def lookup(self, x: torch.Tensor, smoothing: torch.Tensor | None) -> tuple[torch.Tensor, float, int] | None:
-        if self._codes is None or self._source is None or self._source() is not x or _version(x) != self._version:
+        if self._codes is None or self._source is None or self._source() is not x or tensor_version(x) != self._version:
             return None
         same = smoothing is None if self._smoothing is None else (
             smoothing is not None and torch.equal(smoothing, self._smoothing))
@@ -342,7 +342,7 @@ class SharedInputCodes:
         return codes
 
     def store(self, x: torch.Tensor, smoothing: torch.Tensor | None, codes: tuple[torch.Tensor, float, int]) -> None:
-        self._source, self._version, self._smoothing = weakref.ref(x), _version(x), smoothing
+        self._source, self._version, self._smoothing = weakref.ref(x), tensor_version(x), smoothing
         self._codes, self._uses = codes, 1
 
     def __deepcopy__(self, memo: dict[int, object]) -> SharedInputCodes:
@@ -355,5 +355,7 @@ class SharedInputCodes:
         self.__init__(int(state["size"]))  # type: ignore[misc, arg-type]
 
 
-def _version(x: torch.Tensor) -> int:
+def tensor_version(x: torch.Tensor) -> int:
+    """``x``'s in-place version counter, for caches; -1 for inference tensors, which keep none (the caches'
+    owners clear them when they replace their tensors)."""
     return -1 if x.is_inference() else x._version

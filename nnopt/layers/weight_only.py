@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnopt.layers import primitives as P
+from nnopt.layers.kernels import tensor_version
 from nnopt.layers.protocol import KernelCost, conv_macs, conv_repr, copy_conv_geometry, linear_macs, own_bytes
 
 COMPUTE_MODES = ("auto", "kernel", "dequantize")
@@ -95,11 +96,6 @@ class _KernelCache:
 
     def __reduce__(self) -> tuple[type, tuple[()]]:
         return (_KernelCache, ())
-
-
-def _version(t: torch.Tensor) -> int:
-    # Inference tensors keep no version counter; set_codes/load_state_dict still reset the cache.
-    return -1 if t.is_inference() else t._version
 
 
 class _QuantizedWeight(nn.Module):
@@ -244,13 +240,13 @@ class QuantizedLinear(_QuantizedWeight):
     def _kernel(self) -> _Kernel | None:
         sources, cache = self._sources(), self._kernel_cache
         if cache.key is not None and cache.key[0] == self.compute and all(
-            t is s and v == _version(s) for (t, v), s in zip(cache.key[1], sources, strict=True)
+            t is s and v == tensor_version(s) for (t, v), s in zip(cache.key[1], sources, strict=True)
         ):
             return cache.kernel
         # Built as ordinary tensors even when called under inference_mode, so later autograd-mode calls may use it.
         with torch.inference_mode(False), torch.no_grad():
             cache.kernel = self._build_kernel() if sources[0].device.type == "cpu" else None
-        cache.key = (self.compute, tuple((s, _version(s)) for s in sources))
+        cache.key = (self.compute, tuple((s, tensor_version(s)) for s in sources))
         return cache.kernel
 
     def _build_kernel(self) -> _Kernel | None:

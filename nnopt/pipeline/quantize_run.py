@@ -121,9 +121,7 @@ def run_quantize(
     model, dataset = run.model, run.dataset
     spec = run_checkpoint(run, checkpoint)
 
-    data = dataset.train.subset(min(options.calib, len(dataset.train))) if dataset else None
-    if trains and dataset is not None:
-        data = dataset.train  # fine-tuning uses the whole training split
+    data = technique.data_for(dataset, config) if dataset else None  # calibration rows, or the training split
     quantized = quantize(model, config, data=data, checkpoint=spec, resume=resume, data_parallel=data_parallel)
     metrics: dict[str, Any] = {}
     rows: list[Row] = []

@@ -282,3 +282,15 @@ def test_where_both_exact_products_pass_the_faster_one_here_runs(monkeypatch):
     _force(monkeypatch, **{"torch-int-mm": False})
     assert K.int8_gemm_path(dynamic=False) == "fp32-exact"  # only what passed its check is timed
     assert K._time_exact_gemms(rounds=1) in ("torch-int-mm", "fp32-exact")
+
+
+def test_the_fp32_fallback_runs_a_layer_built_in_inference_mode(monkeypatch):
+    """Inference tensors keep no version counter: the float codes' cache must not ask for one."""
+    monkeypatch.setitem(K._FASTER, "cpu", "fp32-exact")
+    _force(monkeypatch, **{"torch-int-mm": True, "fp32-exact": True})
+    with torch.inference_mode():
+        source = torch.nn.Linear(8, 4)
+        module = Int8StaticLinear(source)
+        module.set_weight(source.weight)
+        x = torch.randn(3, 8)
+        assert module(x).shape == (3, 4) and module.gemm_codes_fp32() is not None
