@@ -238,8 +238,10 @@ def estimate_energy(
     input_shape: Sequence[int] | None = None,
     table: str | Path | EnergyTable = DEFAULT_TABLE,
     caches: Sequence[Cache] | None = None,
+    input_dtype: torch.dtype | None = None,
 ) -> EnergyEstimate:
-    """Analytic energy of one forward pass of ``model`` on ``(batch, *input_shape)`` zeros, per layer.
+    """Analytic energy of one forward pass of ``model`` on ``(batch, *input_shape)`` zeros, per layer
+    (integer ids for a model that starts with an embedding, unless ``input_dtype`` says otherwise).
 
     >>> import nnopt
     >>> est = estimate_energy(nnopt.create_model("simplenet", seed=0))
@@ -253,7 +255,7 @@ def estimate_energy(
 
     shape = tuple(input_shape or model_input_shape(model))
     cache_list, cache_source = _caches_for(energy_table, caches)
-    records = _trace(model, batch, shape)
+    records = _trace(model, batch, shape, input_dtype)
     layers = tuple(_cost(name, module, rec, energy_table, cache_list) for name, module, rec in records)
     return EnergyEstimate(layers, batch, energy_table, cache_list, cache_source)
 
@@ -268,39 +270,26 @@ class _Record:
     activation_bytes: int
 
 
-def _trace(model: nn.Module, batch: int, shape: tuple[int, ...]) -> list[tuple[str, nn.Module, _Record]]:
-    records: dict[str, _Record] = {}
-    handles = []
+def _trace(model: nn.Module, batch: int, shape: tuple[int, ...],
+           input_dtype: torch.dtype | None = None) -> list[tuple[str, nn.Module, _Record]]:
+    from nnopt.metrics.profile import hooked_forward, probe_input
 
-    def hook(name: str):
-        def fn(module: nn.Module, args: tuple, output: Any) -> None:
-            record = _record(module, args, output)
-            if record is None:
-                return
-            if name in records:  # a layer called twice (weight sharing): both calls execute
-                old = records[name]
-                old.macs += record.macs
-                old.extra_ops += record.extra_ops
-                old.activation_bytes += record.activation_bytes
-            else:
-                records[name] = record
-        return fn
+    records: dict[str, _Record] = {}
+
+    def on_call(name: str, module: nn.Module, args: tuple, output: Any) -> None:
+        record = _record(module, args, output)
+        if record is None:
+            return
+        if name in records:  # a layer called twice (weight sharing): both calls execute
+            old = records[name]
+            old.macs += record.macs
+            old.extra_ops += record.extra_ops
+            old.activation_bytes += record.activation_bytes
+        else:
+            records[name] = record
 
     modules = dict(model.named_modules())
-    try:
-        for name, module in modules.items():
-            if name and not any(True for _ in module.children()):
-                handles.append(module.register_forward_hook(hook(name)))
-        was_training = model.training
-        model.eval()
-        with torch.inference_mode():
-            # Zeros in the model's float dtype (whole numbers: valid token ids for text encoders too).
-            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-            model(torch.zeros(batch, *shape, dtype=dtype))
-        model.train(was_training)
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooked_forward(model, probe_input(model, batch, shape, input_dtype), on_call)
     return [(name, modules[name], records[name]) for name in modules if name in records]
 
 
@@ -312,23 +301,26 @@ def _record(module: nn.Module, args: tuple, output: Any) -> _Record | None:
     from nnopt.layers.protocol import CompressedLayer
     from nnopt.metrics.profile import layer_macs
 
-    if not isinstance(output, torch.Tensor):
+    outputs = [o for o in (output if isinstance(output, tuple) else (output,)) if isinstance(o, torch.Tensor)]
+    if not outputs:
         return None
     inputs = [a for a in args if isinstance(a, torch.Tensor)]
-    act_bytes = sum(_nbytes(a) for a in inputs) + _nbytes(output)
+    act_bytes = sum(_nbytes(a) for a in inputs) + sum(_nbytes(o) for o in outputs)
 
     if isinstance(module, CompressedLayer):  # the layer says what its kernel executes here
-        cost = module.kernel_cost(inputs, output)
+        cost = module.kernel_cost(inputs, outputs[0])
         return _Record(cost.kernel, cost.dtype, cost.macs, list(cost.extra_ops), cost.weight_bytes,
                        act_bytes + cost.extra_bytes)
     if isinstance(module, nn.Embedding):
         # A lookup reads only the gathered rows; no MACs.
-        return _Record("lookup", float_dtype_name(output.dtype), 0, [], output.numel() * module.weight.element_size(),
-                       act_bytes)
-    macs = layer_macs(module, output)
-    weight = getattr(module, "weight", None)
-    if macs and isinstance(weight, torch.Tensor):
-        return _Record("dense", float_dtype_name(weight.dtype), macs, [], own_bytes(module), act_bytes)
+        return _Record("lookup", float_dtype_name(outputs[0].dtype), 0, [],
+                       outputs[0].numel() * module.weight.element_size(), act_bytes)
+    macs = layer_macs(module, output, args)
+    weights = [p for p in module.parameters() if p.is_floating_point()]
+    if macs and weights:
+        # A composite layer (nn.MultiheadAttention) reads its children's weights too.
+        weight_bytes = own_bytes(module) + sum(own_bytes(child) for child in module.modules() if child is not module)
+        return _Record("dense", float_dtype_name(weights[0].dtype), macs, [], weight_bytes, act_bytes)
     return None
 
 

@@ -7,7 +7,9 @@ kernel executes (zeros included): an analytic count, not a measurement.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,22 +90,28 @@ class ModelProfile:
 
 
 def profile_model(model: nn.Module, input_shape: Sequence[int] | None = None,
-                  file_bytes: int | None = None) -> ModelProfile:
-    """Profile every leaf module that holds weights or performs MACs, in model order."""
+                  file_bytes: int | None = None, input_dtype: torch.dtype | None = None) -> ModelProfile:
+    """Profile every leaf module that holds weights or performs MACs, in model order.
+
+    ``input_shape`` is one sample's shape (default: the model's ``input_shape``); ``input_dtype``
+    that of its values (default: integer ids for a model that starts with an embedding, else the
+    model's float dtype).
+    """
     from nnopt.layers.protocol import CompressedLayer
 
     shape = tuple(input_shape or model_input_shape(model))
-    macs = count_macs(model, shape)
+    macs = count_macs(model, shape, input_dtype)
     layers = []
     for name, module in model.named_modules():
-        if not name or any(True for _ in module.children()):
-            continue
+        parent = any(True for _ in module.children())
+        if parent and not macs.get(name) and not any(True for _ in module.parameters(recurse=False)):
+            continue  # a container: its layers have rows of their own (parameters it holds itself get one)
         tensors = _weight_tensors(module)
         if not tensors and not macs.get(name):
             continue
         main = tensors[0] if tensors else None
         layers.append(LayerProfile(
-            name=name,
+            name=name or "(model)",
             type=type(module).__name__,
             shape=tuple(main.shape) if main is not None else (),
             params=sum(t.numel() for t in tensors),
@@ -112,9 +120,15 @@ def profile_model(model: nn.Module, input_shape: Sequence[int] | None = None,
             dtype=module.weight_storage if isinstance(module, CompressedLayer) else (
                 str(main.dtype).removeprefix("torch.") if main is not None else "-"
             ),
-            bytes=sum(t.numel() * t.element_size() for t in module.state_dict().values()),
+            bytes=sum(t.numel() * t.element_size() for t in module.state_dict(keep_vars=True).values()
+                      if not _in_child(module, t)),
         ))
     return ModelProfile(layers=tuple(layers), file_bytes=file_bytes)
+
+
+def _in_child(module: nn.Module, tensor: torch.Tensor) -> bool:
+    # A composite layer (nn.MultiheadAttention) is profiled on its own tensors; its children have rows of their own.
+    return any(tensor is t for child in module.children() for t in child.state_dict(keep_vars=True).values())
 
 
 def model_input_shape(model: nn.Module) -> tuple[int, ...]:
@@ -124,36 +138,74 @@ def model_input_shape(model: nn.Module) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def count_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
-    """Multiply-accumulates per sample of each Linear/Conv-like leaf, via forward hooks."""
-    counts: dict[str, int] = {}
+def probe_input(model: nn.Module, batch: int, shape: Sequence[int], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Zeros of ``(batch, *shape)`` that ``model`` accepts: integer ids (0 is a valid one) when its first
+    weighted layer is an embedding, else its float dtype (whole numbers: token ids for text encoders too)."""
+    if dtype is None:
+        first = next((m for m in model.modules() if not any(True for _ in m.children())
+                      and any(True for _ in m.parameters(recurse=False))), None)
+        dtype = torch.int64 if isinstance(first, nn.Embedding) else next(
+            (p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return torch.zeros(batch, *shape, dtype=dtype)
+
+
+# Layers that compute with their children's weights without calling them (their MACs are their own).
+_COMPOSITE = (nn.MultiheadAttention,)
+
+
+def hooked_forward(
+    model: nn.Module, inputs: torch.Tensor, on_call: Callable[[str, nn.Module, tuple, Any], None]
+) -> None:
+    """Run ``model`` once in eval mode and inference mode, calling ``on_call(name, module, args, output)``
+    after each leaf layer (and each composite layer such as ``nn.MultiheadAttention``) runs."""
     handles = []
 
-    def hook(name: str):
-        def fn(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            counts[name] = counts.get(name, 0) + layer_macs(module, output)
+    def hook(name: str) -> Callable[..., None]:
+        def fn(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+            on_call(name, module, (*args, *kwargs.values()), output)
         return fn
 
+    was_training = model.training
     try:
         for name, module in model.named_modules():
-            if name and not any(True for _ in module.children()):
-                handles.append(module.register_forward_hook(hook(name)))
-        was_training = model.training
+            leaf = not any(True for _ in module.children())
+            inside_composite = any(name.startswith(f"{outer}.") for outer in _composites(model))
+            if name and (leaf or isinstance(module, _COMPOSITE)) and not inside_composite:
+                handles.append(module.register_forward_hook(hook(name), with_kwargs=True))
         model.eval()
         with torch.inference_mode():
-            model(torch.zeros(1, *input_shape))
-        model.train(was_training)
+            model(inputs)
     finally:
+        model.train(was_training)
         for handle in handles:
             handle.remove()
+
+
+def _composites(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if name and isinstance(m, _COMPOSITE)]
+
+
+def count_macs(model: nn.Module, input_shape: Sequence[int], input_dtype: torch.dtype | None = None) -> dict[str, int]:
+    """Multiply-accumulates per sample of each Linear/Conv/recurrent/attention layer, via forward hooks."""
+    counts: dict[str, int] = {}
+
+    def on_call(name: str, module: nn.Module, args: tuple, output: Any) -> None:
+        counts[name] = counts.get(name, 0) + layer_macs(module, output, args)
+
+    hooked_forward(model, probe_input(model, 1, input_shape, input_dtype), on_call)
     return counts
 
 
-def layer_macs(module: nn.Module, output: torch.Tensor) -> int:
-    """Multiply-accumulates of one call of a Linear- or Conv-like layer that returned ``output``
-    (for a compressed layer: of the dense layer it stands for); 0 for anything else."""
+def layer_macs(module: nn.Module, output: Any, args: Sequence[Any] = ()) -> int:
+    """Multiply-accumulates of one call of a Linear-, Conv-, recurrent or attention layer that returned
+    ``output`` for the positional ``args`` (for a compressed layer: of the dense layer it stands for);
+    0 for anything else."""
     from nnopt.layers.protocol import CompressedLayer, conv_macs, linear_macs
 
+    if isinstance(module, nn.MultiheadAttention):
+        return _attention_macs(module, output, args)
+    if isinstance(module, nn.RNNBase):
+        return _recurrent_macs(module, output)
     if not isinstance(output, torch.Tensor):
         return 0
     if isinstance(module, CompressedLayer):
@@ -161,11 +213,40 @@ def layer_macs(module: nn.Module, output: torch.Tensor) -> int:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return 0
+    if isinstance(module, nn.modules.conv._ConvTransposeNd) and args and isinstance(args[0], torch.Tensor):
+        # each input element is spread over (out / groups) × kernel outputs; weight (in, out / groups, *kernel)
+        return args[0].numel() * math.prod(weight.shape[1:])
     if hasattr(module, "in_features"):  # Linear-like: (batch, ..., out) outputs, in MACs each
         return linear_macs(module.in_features, output)
     if hasattr(module, "in_channels") and weight.ndim >= 3:  # Conv-like: per output element
         return conv_macs(weight.shape, output)
     return 0
+
+
+def _recurrent_macs(module: nn.RNNBase, output: Any) -> int:
+    # Every time step of every sequence multiplies each weight matrix (input and hidden) once.
+    out = output[0] if isinstance(output, tuple) else output
+    data = getattr(out, "data", out)  # a PackedSequence holds the steps of all sequences in .data
+    if not isinstance(data, torch.Tensor) or data.ndim < 2:
+        return 0
+    width = data.shape[-1]
+    steps = data.numel() // width
+    weights = sum(getattr(module, n).numel() for n in module._flat_weights_names if n.startswith("weight_"))
+    return steps * weights
+
+
+def _attention_macs(module: nn.MultiheadAttention, output: Any, args: Sequence[Any]) -> int:
+    out = output[0] if isinstance(output, tuple) else output
+    tensors = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    if not isinstance(out, torch.Tensor) or len(tensors) < 3:
+        return 0
+    query, key, value = tensors[:3]
+    e = module.embed_dim
+    batch = (out.shape[0] if module.batch_first else out.shape[1]) if out.ndim == 3 else 1
+    q_tokens, k_tokens, v_tokens = query.numel() // e, key.numel() // module.kdim, value.numel() // module.vdim
+    projections = q_tokens * e * e + k_tokens * module.kdim * e + v_tokens * module.vdim * e + q_tokens * e * e
+    scores = 2 * q_tokens * (k_tokens // batch) * e  # q·kᵀ and the weighted sum of values, per head summed
+    return projections + scores
 
 
 def _weight_tensors(module: nn.Module) -> list[torch.Tensor]:

@@ -20,7 +20,7 @@ from torch import nn
 from nnopt.config import Config
 from nnopt.errors import ConfigError
 from nnopt.pruning.masks import apply_masks
-from nnopt.pruning.targets import layer_stats, prune_targets
+from nnopt.pruning.targets import Target, layer_stats, prune_targets
 from nnopt.select import validate_patterns
 from nnopt.techniques import Technique, register_technique
 
@@ -34,7 +34,7 @@ class ThresholdPruneConfig(Config):
     """Zero every selected weight with ``|w| < threshold``. Biases are never touched.
 
     ``layers`` selects layers (names, ``re:`` patterns, ``type:`` names); empty means every
-    Linear and Conv2d but the final classifier.
+    Linear, convolution, recurrent, attention and embedding layer but the final classifier.
     """
 
     kind = "prune-threshold"
@@ -76,8 +76,8 @@ def prune_threshold(model: nn.Module, config: ThresholdPruneConfig, **_: Any) ->
     """Apply the classic rule in place; returns per-layer sparsity."""
     targets = prune_targets(model, config.layers)
     with torch.no_grad():
-        for _name, module in targets:
-            module.weight.masked_fill_(module.weight.abs() < config.threshold, 0.0)
+        for _name, weight in targets:
+            weight.masked_fill_(weight.abs() < config.threshold, 0.0)
     return layer_stats(targets)
 
 
@@ -88,10 +88,10 @@ def prune_magnitude(model: nn.Module, config: MagnitudePruneConfig, **_: Any) ->
 
 
 def magnitude_masks(
-    targets: Sequence[tuple[str, nn.Module]], sparsity: float, allocation: str
+    targets: Sequence[Target], sparsity: float, allocation: str
 ) -> dict[str, torch.Tensor]:
     """Boolean keep-masks (True = keep) reaching ``sparsity`` over the targets' weights."""
-    weights = {name: module.weight.detach() for name, module in targets}
+    weights = {name: weight.detach() for name, weight in targets}
     if allocation == "uniform":
         return {name: _keep_largest(w.abs(), sparsity) for name, w in weights.items()}
     scores = {name: (w.abs() if allocation == "global" else lamp_scores(w)) for name, w in weights.items()}

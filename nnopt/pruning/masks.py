@@ -12,13 +12,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from nnopt.pruning.targets import PRUNABLE_TYPES
+from nnopt.pruning.targets import Target, target_weight, weight_names
 
 
-def apply_masks(targets: Sequence[tuple[str, nn.Module]], masks: dict[str, torch.Tensor]) -> None:
+def apply_masks(targets: Sequence[Target], masks: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
-        for name, module in targets:
-            zero_where_dropped(module.weight, masks[name])
+        for name, weight in targets:
+            zero_where_dropped(weight, masks[name])
 
 
 def zero_where_dropped(weight: torch.Tensor, keep: torch.Tensor) -> None:
@@ -35,14 +35,16 @@ class MaskKeeper:
 
     @classmethod
     def from_zeros(cls, model: nn.Module) -> MaskKeeper:
-        """Masks from the zeros already in every Linear/Conv2d weight that has any."""
+        """Masks from the zeros already in every prunable weight that has any."""
         masks = {}
         for name, module in model.named_modules():
-            if isinstance(module, PRUNABLE_TYPES) and bool((module.weight == 0).any()):
-                masks[name] = module.weight.detach() != 0
+            for param in weight_names(module):
+                weight = getattr(module, param)
+                if bool((weight == 0).any()):
+                    masks[name if param == "weight" else f"{name}.{param}"] = weight.detach() != 0
         return cls(masks)
 
     def after_step(self, model: nn.Module) -> None:
         with torch.no_grad():
             for name, mask in self.masks.items():
-                zero_where_dropped(model.get_submodule(name).weight, mask)
+                zero_where_dropped(target_weight(model, name), mask)

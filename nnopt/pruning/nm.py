@@ -37,12 +37,15 @@ class NMPruneConfig(Config):
 
 def grouped_view(weight: torch.Tensor, m: int, name: str) -> torch.Tensor:
     """(groups, m) view with each row one group of m consecutive input weights."""
-    if weight.ndim == 4:  # (out, in, kh, kw) -> (out, kh, kw, in)
-        weight = weight.permute(0, 2, 3, 1)
-    fan_in = weight.shape[-1]
+    fan_in = _channels_last(weight).shape[-1]
     if fan_in % m:
         raise ConfigError(f"layer {name!r}: M={m} does not divide its input dimension {fan_in}")
-    return weight.reshape(-1, m)
+    return _channels_last(weight).reshape(-1, m)
+
+
+def _channels_last(weight: torch.Tensor) -> torch.Tensor:
+    # A convolution's (out, in, *kernel) weight as (out, *kernel, in): groups run along the input channels.
+    return weight.movedim(1, -1) if weight.ndim >= 3 else weight
 
 
 def nm_mask(weight: torch.Tensor, n: int, m: int, name: str = "weight") -> torch.Tensor:
@@ -50,17 +53,24 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, name: str = "weight") -> torch
     groups = grouped_view(weight.detach().abs(), m, name)
     keep = torch.zeros_like(groups, dtype=torch.bool)
     keep.scatter_(1, torch.topk(groups, n, dim=1).indices, True)
-    if weight.ndim == 4:
-        out, c_in, kh, kw = weight.shape
-        return keep.view(out, kh, kw, c_in).permute(0, 3, 1, 2)
-    return keep.view_as(weight)
+    keep = keep.view(_channels_last(weight).shape)
+    return keep.movedim(-1, 1) if weight.ndim >= 3 else keep
 
 
 def prune_nm(model: nn.Module, config: NMPruneConfig, **_: Any) -> dict[str, Any]:
     targets = prune_targets(model, config.layers)
-    masks = {name: nm_mask(module.weight, config.n, config.m, name) for name, module in targets}
+    skipped = {}
+    if not config.layers:  # by default, weights whose input dimension M does not divide are left dense
+        fits = [(name, w) for name, w in targets if _channels_last(w).shape[-1] % config.m == 0]
+        skipped = {name: f"input dimension {_channels_last(w).shape[-1]} is not a multiple of M={config.m}"
+                   for name, w in targets if (name, w) not in fits}
+        if not fits:
+            raise ConfigError(f"M={config.m} does not divide the input dimension of any layer: " + "; ".join(
+                f"{name}: {why}" for name, why in list(skipped.items())[:5]))
+        targets = fits
+    masks = {name: nm_mask(weight, config.n, config.m, name) for name, weight in targets}
     apply_masks(targets, masks)  # only after every layer's masks are known: a bad layer changes nothing
-    return {"pattern": f"{config.n}:{config.m}", **layer_stats(targets)}
+    return {"pattern": f"{config.n}:{config.m}", **layer_stats(targets), **({"skipped": skipped} if skipped else {})}
 
 
 register_technique(Technique(NMPruneConfig, "prune", prune_nm))  # values only: nothing to replay

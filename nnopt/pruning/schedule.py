@@ -19,7 +19,7 @@ from nnopt.data import Split
 from nnopt.errors import ConfigError
 from nnopt.pruning.magnitude import check_allocation, check_sparsity, magnitude_masks
 from nnopt.pruning.masks import apply_masks
-from nnopt.pruning.targets import layer_stats, prune_targets
+from nnopt.pruning.targets import Target, layer_stats, prune_targets, target_weight
 from nnopt.select import validate_patterns
 from nnopt.techniques import Technique, always, register_technique, train_split
 from nnopt.training import TrainConfig, train
@@ -77,18 +77,23 @@ def cubic_sparsity(step: int, begin: int, end: int, initial: float, final: float
 class GradualPruner:
     """Training callback: prunes at the scheduled steps and holds the masks after every step."""
 
-    def __init__(self, targets: list[tuple[str, nn.Module]], config: GradualPruneConfig, total_steps: int) -> None:
-        self.targets = targets
+    def __init__(self, model: nn.Module, targets: list[Target], config: GradualPruneConfig, total_steps: int) -> None:
+        # Names, not tensors: in data-parallel training each process prunes its own copy of the model.
+        self.names = [name for name, _ in targets]
         self.config = config
         self.end = max(1, int(config.ramp_fraction * total_steps))
         self.interval = max(1, self.end // config.prune_steps)
         self.step = 0
         self.history: list[tuple[int, float]] = []
-        self.masks = self._prune(config.initial_sparsity) if config.initial_sparsity > 0 else {}
+        self.masks = self._prune(model, config.initial_sparsity) if config.initial_sparsity > 0 else {}
 
-    def _prune(self, sparsity: float) -> dict[str, torch.Tensor]:
-        masks = magnitude_masks(self.targets, sparsity, self.config.allocation)
-        apply_masks(self.targets, masks)
+    def _targets(self, model: nn.Module) -> list[Target]:
+        return [(name, target_weight(model, name)) for name in self.names]
+
+    def _prune(self, model: nn.Module, sparsity: float) -> dict[str, torch.Tensor]:
+        targets = self._targets(model)
+        masks = magnitude_masks(targets, sparsity, self.config.allocation)
+        apply_masks(targets, masks)
         self.history.append((self.step, sparsity))
         return masks
 
@@ -96,9 +101,10 @@ class GradualPruner:
         self.step += 1
         if self.step % self.interval == 0 and self.step <= self.end:
             c = self.config
-            self.masks = self._prune(cubic_sparsity(self.step, 0, self.end, c.initial_sparsity, c.final_sparsity))
+            target = cubic_sparsity(self.step, 0, self.end, c.initial_sparsity, c.final_sparsity)
+            self.masks = self._prune(model, target)
         elif self.masks:
-            apply_masks(self.targets, self.masks)
+            apply_masks(self._targets(model), self.masks)
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {"step": self.step, "history": [list(h) for h in self.history], "masks": self.masks}
@@ -108,10 +114,10 @@ class GradualPruner:
         self.history = [(int(step), float(s)) for step, s in state["history"]]
         self.masks = dict(state["masks"])
 
-    def finish(self) -> None:
+    def finish(self, model: nn.Module) -> None:
         """Make sure the final sparsity is reached, whatever the step arithmetic left."""
         if not self.history or self.history[-1][1] < self.config.final_sparsity:
-            self.masks = self._prune(self.config.final_sparsity)
+            self.masks = self._prune(model, self.config.final_sparsity)
 
 
 def prune_gradual(model: nn.Module, config: GradualPruneConfig, data: Split | None = None,
@@ -124,12 +130,12 @@ def prune_gradual(model: nn.Module, config: GradualPruneConfig, data: Split | No
         raise ConfigError("gradual pruning fine-tunes the model: pass training data (data=...)")
     targets = prune_targets(model, config.layers)
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
-    pruner = GradualPruner(targets, config, total_steps=config.epochs * steps_per_epoch)
+    pruner = GradualPruner(model, targets, config, total_steps=config.epochs * steps_per_epoch)
     if checkpoint is not None:
         checkpoint = checkpoint.with_identity({"gradual pruning config": config.to_dict()})
     history = train(model, data, config.train_config(), eval_data=eval_data, callbacks=[pruner], progress=progress,
                     checkpoint=checkpoint, resume=resume, data_parallel=data_parallel)
-    pruner.finish()
+    pruner.finish(model)
     return {
         "allocation": config.allocation,
         "schedule": [{"step": step, "sparsity": round(s, 6)} for step, s in pruner.history],

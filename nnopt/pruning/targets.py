@@ -1,7 +1,10 @@
-"""Which weights pruning touches: Linear and Conv2d weights, never biases or norms.
+"""Which weights pruning touches: the weight matrices of Linear, convolution, recurrent, attention
+and embedding layers; never biases or norms.
 
-By default every such layer except the final classifier (the last one in module order, whose
-outputs are the model's outputs); explicit patterns may select the classifier too.
+A target is ``(name, weight)``: ``name`` is the layer's name for its ``weight`` (``"fc1"``), or
+``layer.parameter`` for the other weight matrices of a layer (``"lstm.weight_hh_l0"``,
+``"attn.in_proj_weight"``). By default every such layer except the final classifier (the last one
+in module order, whose outputs are the model's outputs); explicit patterns may select it too.
 """
 
 from __future__ import annotations
@@ -14,18 +17,40 @@ from torch import nn
 from nnopt.errors import SelectionError, UnsupportedModelError
 from nnopt.select import select_layers
 
-PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+_RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Embedding,
+    *_RECURRENT, nn.MultiheadAttention,
+)
+
+Target = tuple[str, torch.Tensor]
 
 
-def prune_targets(model: nn.Module, patterns: Sequence[str] = ()) -> list[tuple[str, nn.Module]]:
-    """``(name, layer)`` pairs to prune; an error when nothing prunable is selected."""
+def weight_names(module: nn.Module) -> tuple[str, ...]:
+    """The parameter names of ``module``'s prunable weight matrices ("" if none): ``weight`` for
+    Linear/conv/embedding layers, every ``weight_ih_l*``/``weight_hh_l*`` of a recurrent layer, the
+    packed (or separate) input projections of an ``nn.MultiheadAttention`` (its ``out_proj`` is a
+    Linear layer of its own)."""
+    if isinstance(module, _RECURRENT):
+        return tuple(n for n in module._flat_weights_names if n.startswith("weight_"))
+    if isinstance(module, nn.MultiheadAttention):
+        if module.in_proj_weight is not None:
+            return ("in_proj_weight",)
+        return ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+    if isinstance(module, PRUNABLE_TYPES) and isinstance(getattr(module, "weight", None), nn.Parameter):
+        return ("weight",)
+    return ()
+
+
+def prune_targets(model: nn.Module, patterns: Sequence[str] = ()) -> list[Target]:
+    """``(name, weight)`` pairs to prune; an error when nothing prunable is selected."""
     if patterns:
         chosen = select_layers(model, patterns)
     else:
         if not any(isinstance(m, PRUNABLE_TYPES) for m in model.modules()):
             raise UnsupportedModelError(
-                f"{type(model).__name__} has no float Linear or Conv2d layer to prune "
-                "(quantized and sparse-kernel layers cannot be pruned: prune before quantizing)"
+                f"{type(model).__name__} has no float Linear, convolution, recurrent, attention or embedding "
+                "layer to prune (quantized and sparse-kernel layers cannot be pruned: prune before quantizing)"
             )
         chosen = select_layers(model, (), default_types=PRUNABLE_TYPES)[:-1]
         if not chosen:
@@ -33,21 +58,34 @@ def prune_targets(model: nn.Module, patterns: Sequence[str] = ()) -> list[tuple[
                 "the model's only prunable layer is its final classifier, which is left alone by default; "
                 "select it explicitly (layers=...) to prune it"
             )
+    targets: list[Target] = []
     for name, module in chosen:
-        weight = getattr(module, "weight", None)
-        if not isinstance(module, PRUNABLE_TYPES) or not isinstance(weight, torch.Tensor):
+        names = weight_names(module)
+        if not names:
             raise UnsupportedModelError(
-                f"layer {name!r} ({type(module).__name__}) has no float weight to prune; "
-                "pruning works on Linear and Conv2d layers, before quantizing"
+                f"layer {name!r} ({type(module).__name__}) has no float weight to prune; pruning works on "
+                "Linear, convolution, recurrent, attention and embedding layers, before quantizing"
             )
-    return chosen
+        targets += [(name if p == "weight" else f"{name}.{p}", getattr(module, p)) for p in names]
+    return targets
 
 
-def layer_stats(targets: Sequence[tuple[str, nn.Module]]) -> dict[str, object]:
-    """Per-layer and overall sparsity of the selected weights, for the pass record."""
+def target_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The weight a target name stands for in ``model`` (the layer's ``weight``, or the named parameter)."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return model.get_parameter(name)
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise UnsupportedModelError(f"layer {name!r} ({type(module).__name__}) has no weight")
+    return weight
+
+
+def layer_stats(targets: Sequence[Target]) -> dict[str, object]:
+    """Per-weight and overall sparsity of the selected weights, for the pass record."""
     layers = {}
-    for name, module in targets:
-        weight = module.weight
+    for name, weight in targets:
         zeros = int((weight == 0).sum())
         layers[name] = {"numel": weight.numel(), "zeros": zeros, "sparsity": zeros / weight.numel()}
     total = sum(v["numel"] for v in layers.values())

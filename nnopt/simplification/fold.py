@@ -7,7 +7,8 @@ one layer with ``W' = W · s`` (row c scaled by ``s_c = γ_c / √(σ²_c + ε)`
 activations, and the same outputs up to float rounding (the arithmetic is done in float64).
 
 Pairs are found with a torch.fx trace: a BatchNorm is folded only when its input is the output of
-one Conv1d/Conv2d/Linear whose output nothing else reads, and each of the two modules is called once.
+one Conv1d/Conv2d/ConvTranspose1d/ConvTranspose2d/Linear whose output nothing else reads, and each of
+the two modules is called once.
 Models torch.fx cannot trace (Hugging Face encoders, for example) fall back to adjacent
 ``(layer, BatchNorm)`` children of a plain ``nn.Sequential``. A Linear→BatchNorm1d pair is folded
 only when the Linear's output is known (from an example input) to be ``(batch, features)``:
@@ -37,7 +38,14 @@ from nnopt.techniques import Technique, register_technique, train_split
 PASS_NAME = "fold-batchnorm"
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 # Which BatchNorm type normalizes the channels of which layer's output (channel axis 1).
-_NORM_FOR = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Linear: nn.BatchNorm1d}
+_NORM_FOR = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Linear: nn.BatchNorm1d,
+             nn.ConvTranspose1d: nn.BatchNorm1d, nn.ConvTranspose2d: nn.BatchNorm2d}
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d)
+
+
+def _out_dim(layer: nn.Module) -> int:
+    """The weight dimension of a layer's output channels: (in, out, *kernel) for a transposed convolution."""
+    return 1 if isinstance(layer, _TRANSPOSED) else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,15 +103,17 @@ def _why_not(layer: nn.Module, norm: nn.Module, shared: set[int], out_rank: int 
     """None when ``norm`` can fold into ``layer``, else the reason it cannot."""
     wanted = _NORM_FOR.get(type(layer))
     if wanted is None:
-        return f"its input comes from a {type(layer).__name__}, not a Conv1d/Conv2d/Linear"
+        return f"its input comes from a {type(layer).__name__}, not a Conv1d/Conv2d/ConvTranspose/Linear"
     if type(norm) is not wanted:
         return f"a {type(norm).__name__} after a {type(layer).__name__} (expected {wanted.__name__})"
     if id(layer) in shared or id(norm) in shared:
         return "the layer or the BatchNorm is shared (registered under several names)"
     if norm.running_mean is None or norm.running_var is None:
         return "it has no running statistics (track_running_stats=False): it always uses batch statistics"
-    if norm.num_features != layer.weight.shape[0]:
-        return f"it has {norm.num_features} features, the layer has {layer.weight.shape[0]} outputs"
+    if isinstance(layer, _TRANSPOSED) and layer.groups != 1:
+        return f"a grouped transposed convolution (groups={layer.groups}) spreads each output channel over groups"
+    if norm.num_features != layer.weight.shape[_out_dim(layer)]:
+        return f"it has {norm.num_features} features, the layer has {layer.weight.shape[_out_dim(layer)]} outputs"
     if type(layer) is nn.Linear and out_rank != 2:
         if out_rank is None:
             return "the Linear's output shape is unknown (the model has no input_shape; pass data=...)"
@@ -183,13 +193,14 @@ def fold_into(layer: nn.Module, norm: nn.Module) -> None:
     """Fold ``norm``'s eval-mode affine map into ``layer``'s weight and bias, in place."""
     weight = layer.weight
     with torch.no_grad():
-        w = weight.detach().double()  # (out, ...) for Linear and Conv alike
+        w = weight.detach().double()  # (out, ...) for Linear and Conv, (in, out, ...) for ConvTranspose
         scale = torch.rsqrt(norm.running_var.double() + norm.eps)  # (out,)
         if norm.weight is not None:
             scale = scale * norm.weight.detach().double()
         shift = norm.bias.detach().double() if norm.bias is not None else torch.zeros_like(scale)
         bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(scale)
-        new_weight = w * scale.reshape(-1, *([1] * (w.ndim - 1)))
+        dim = _out_dim(layer)
+        new_weight = w * scale.reshape(*([1] * dim), -1, *([1] * (w.ndim - 1 - dim)))
         new_bias = (bias - norm.running_mean.double()) * scale + shift
         weight.copy_(new_weight.to(weight.dtype))
         if layer.bias is None:
@@ -239,7 +250,7 @@ def replay(model: nn.Module, applied: AppliedPass) -> None:
                 f"{layer_name!r} ({type(layer).__name__}) does not fit this architecture"
             )
         if layer.bias is None:
-            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype))
+            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[_out_dim(layer)], dtype=layer.weight.dtype))
         replace_layer(model, norm_name, nn.Identity())
 
 

@@ -210,9 +210,13 @@ def test_nm_with_m_not_dividing_the_fan_in_changes_nothing(m, extra, seed):
     # The first layer fits the pattern; the second's fan-in m + extra does not.
     bad = nn.Sequential(nn.Linear(m * 2, m + extra), nn.ReLU(), nn.Linear(m + extra, 4), nn.ReLU(), nn.Linear(4, 2))
     before = _state(bad)
-    with pytest.raises(ConfigError, match="does not divide"):
-        nnopt.prune(bad, NMPruneConfig(n=1, m=m), inplace=True)
+    with pytest.raises(ConfigError, match="does not divide"):  # selected explicitly: an error
+        nnopt.prune(bad, NMPruneConfig(n=1, m=m, layers=("0", "2")), inplace=True)
     assert all(torch.equal(v, before[k]) for k, v in bad.state_dict().items())  # a bad layer changes nothing
+    # By default the layer that cannot hold the pattern stays dense; the one that can gets it.
+    pruned = nnopt.prune(bad, NMPruneConfig(n=1, m=m))
+    assert torch.equal(pruned[2].weight, bad[2].weight)
+    assert bool(((pruned[0].weight.reshape(-1, m) != 0).sum(1) <= 1).all())
 
 
 # -------------------------------------------------------------------------- masks through fine-tuning
