@@ -3,6 +3,11 @@
 A saved model is rebuilt from this record without executing stored code: the architecture is
 created by name from its config, then each applied pass re-creates the module structure it
 produced (for example quantized layers) before the weights are loaded.
+
+A module nnopt did not create (the user's own ``nn.Module``) gets the architecture
+:data:`USER_MODULE` when a verb first works on it: its config records, as data, the import path
+of its class (``package.module:QualName``) and how to rebuild it (a factory path and JSON
+keyword arguments); :mod:`nnopt.models.user_module` rebuilds it only when the caller allows.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from torch import nn
 from nnopt.errors import ModelFormatError
 
 _ATTR = "_nnopt_lineage"
+# The architecture name of a user's own nn.Module (no registered architecture may take it).
+USER_MODULE = "user-module"
 
 
 @dataclasses.dataclass
@@ -92,3 +99,31 @@ def with_pass(model: nn.Module, applied: AppliedPass) -> None:
     lineage = copy.deepcopy(get_lineage(model))
     lineage.applied.append(applied)
     set_lineage(model, lineage)
+
+
+def class_path(cls: type) -> str:
+    """``package.module:QualName`` of ``cls``: what a user-module record names (data, never code)."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def user_module_lineage(model: nn.Module) -> Lineage:
+    """A fresh lineage for the user's own ``model``: its class's import path as the way to rebuild it.
+
+    A class defined in ``__main__`` or inside a function cannot be imported by a later process: its
+    record keeps the class path but no factory, so that loading asks for one explicitly.
+    """
+    path = class_path(type(model))
+    factory = path if unimportable_reason(path) is None else None
+    return Lineage(architecture=USER_MODULE, config={"class": path, "factory": factory, "kwargs": {}})
+
+
+def unimportable_reason(path: str) -> str | None:
+    """Why ``module:qualname`` cannot be imported by another process (None when it may be)."""
+    module, _, qualname = path.partition(":")
+    if module == "__main__" or module.startswith("__main__."):
+        return "it is defined in __main__ (the script that ran), which another process cannot import"
+    if "<locals>" in qualname.split("."):
+        return "it is defined inside a function (<locals>), which cannot be imported"
+    if any(part.startswith("__") for part in (*module.split("."), *qualname.split("."))):
+        return "its module or name is a dunder name, which nnopt never imports"
+    return None

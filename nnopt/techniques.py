@@ -24,7 +24,7 @@ from torch import nn
 
 from nnopt.config import Config
 from nnopt.errors import ConfigError, ModelFormatError
-from nnopt.lineage import AppliedPass, has_lineage, with_pass
+from nnopt.lineage import AppliedPass, has_lineage, set_lineage, user_module_lineage, with_pass
 
 if TYPE_CHECKING:
     from nnopt.data import Dataset
@@ -181,7 +181,13 @@ def replay_structure(model: nn.Module, applied: AppliedPass) -> None:
 
 
 def working_copy(model: Any, inplace: bool = False) -> nn.Module:
-    """The module a verb works on: the model itself, a deep copy, or a converted Keras model."""
+    """The module a verb works on: the model itself, a deep copy, or a converted Keras model.
+
+    A module nnopt did not create gets a user-module lineage (its class's import path, as data), so
+    that every pass after is recorded and the result saves and reloads. The user's model is never
+    changed, except with ``inplace=True``, where that record is attached to it as an attribute
+    (``_nnopt_lineage``, outside its state dict).
+    """
     if _is_keras(model):
         if inplace:
             raise ConfigError("a Keras model is converted to an nnopt model, so inplace=True cannot apply")
@@ -191,19 +197,25 @@ def working_copy(model: Any, inplace: bool = False) -> nn.Module:
         return converted
     if not isinstance(model, nn.Module):
         raise ModelFormatError(f"expected a torch.nn.Module or a Keras model, got {type(model).__name__}")
-    return model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy.deepcopy(model)
+    if not has_lineage(target):
+        set_lineage(target, user_module_lineage(target))
+    return target
 
 
 def record(model: nn.Module, name: str, config: dict[str, Any], details: dict[str, Any]) -> None:
-    """Note a pass on an nnopt-created model; foreign modules are optimized but carry no record."""
-    if has_lineage(model):
-        with_pass(model, AppliedPass(name=name, config=config, details=details))
+    """Note a pass on ``model`` (a module without a record gets a user-module one first)."""
+    if not has_lineage(model):
+        set_lineage(model, user_module_lineage(model))
+    with_pass(model, AppliedPass(name=name, config=config, details=details))
 
 
 def run_technique(verb: str, model: Any, config: Any, inplace: bool, **context: Any) -> nn.Module:
     """Shared body of the verbs: find the config's technique, run it, record the pass.
 
     ``context`` (data for passes that fine-tune, progress, checkpoints, ...) goes to ``apply`` as is.
+    The result is a copy unless ``inplace``; see :func:`working_copy` for what ``inplace`` attaches to a
+    module nnopt did not create.
     """
     technique = technique_for(config, verb)
     target = working_copy(model, inplace)

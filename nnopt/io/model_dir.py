@@ -3,6 +3,9 @@
 ``nnopt.json`` records the architecture and its config, the passes applied with their settings,
 metrics, library versions, and the sha256 and size of each file. Loading rebuilds the model
 from that record and reads tensors with safetensors: nothing stored is ever executed.
+
+Any ``nn.Module`` saves: one nnopt did not create is recorded as a user module (its class's import
+path, as data; see :mod:`nnopt.models.user_module`), after a check that this record rebuilds it.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ from nnopt.errors import ConfigError, ModelFormatError
 from nnopt.io.atomic import atomic_directory, refuse_input_overlap, write_bytes_durable
 from nnopt.io.json_file import read_json_document
 from nnopt.io.safety import refuse_unsafe
-from nnopt.lineage import Lineage, get_lineage
+from nnopt.lineage import USER_MODULE, Lineage, get_lineage, has_lineage, user_module_lineage
 
 WEIGHTS_FILE = "model.safetensors"
 PACKED_FILE = "model.nnpk"
@@ -59,6 +62,8 @@ def save_model(
     inputs: Iterable[str | Path] = (),
     overwrite: bool = False,
     weights_format: str = "safetensors",
+    factory: str | Callable[..., Any] | None = None,
+    factory_kwargs: Mapping[str, Any] | None = None,
 ) -> SavedModel:
     """Write ``model`` as an nnopt model directory, atomically.
 
@@ -68,18 +73,25 @@ def save_model(
     ``inputs`` are paths this run read from: writing onto or into them is refused. An existing
     ``path`` is replaced only when ``overwrite`` is set and it is an nnopt model directory.
 
+    Any ``nn.Module`` saves. One nnopt did not create records its class's import path
+    (``package.module:Name``) as the way to rebuild it, or ``factory`` (``"package.module:function"``, or a
+    callable, recorded by its import path when it has one) called with the JSON ``factory_kwargs``.
+    Before writing, that record and the recorded passes are rebuilt (on the meta device) and must give
+    exactly the model's tensor names, shapes and dtypes; otherwise the error says what to pass.
+    A class defined in ``__main__`` or in a function is recorded too, but loading it needs ``factory=``.
+
     >>> save_model(create_model("simplenet"), "out/simplenet")  # doctest: +SKIP
+    >>> save_model(MyNet(width=8), "out/mynet", factory_kwargs={"width": 8})  # doctest: +SKIP
     """
     if weights_format not in WEIGHT_FILES:
         raise ConfigError(f"weights_format must be one of {', '.join(WEIGHT_FILES)}, got {weights_format!r}")
     path = Path(path)
     refuse_input_overlap(path, inputs)
-    lineage = get_lineage(model)
+    lineage, dense_bytes = _record_and_dense_bytes(model, factory, factory_kwargs)
     # Clone so tensors that share storage (views, tied weights) serialize independently.
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     payload, packing = _serialize(model, tensors, weights_format, lineage.architecture)
     weights_file = WEIGHT_FILES[weights_format]
-    dense_bytes = dense_fp32_bytes(model)
     if metrics is not None and "file_bytes" in metrics:
         metrics = {**metrics, "file_bytes": len(payload)}  # known only now that it is serialized
     replaceable = (META_FILE, *WEIGHT_FILES.values())
@@ -102,6 +114,41 @@ def save_model(
             meta["packing"] = packing
         write_bytes_durable(tmp / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
     return SavedModel(path=path, file_bytes=len(payload), meta=meta)
+
+
+def _record_and_dense_bytes(
+    model: nn.Module, factory: str | Callable[..., Any] | None, factory_kwargs: Mapping[str, Any] | None
+) -> tuple[Lineage, int]:
+    """The lineage to write and the dense fp32 size of its architecture; a user module's record is
+    checked to rebuild ``model`` exactly (see :func:`nnopt.models.user_module.check_rebuild`)."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"save_model takes a torch nn.Module, got {type(model).__name__}")
+    lineage = get_lineage(model) if has_lineage(model) else user_module_lineage(model)
+    if lineage.architecture != USER_MODULE:
+        if factory is not None or factory_kwargs is not None:
+            raise ConfigError(f"factory and factory_kwargs apply to user modules; this model is nnopt's "
+                              f"{lineage.architecture!r}, rebuilt by name")
+        return lineage, dense_fp32_bytes(model)
+    from nnopt.models.user_module import check_rebuild, save_record
+
+    lineage, builder = save_record(model, lineage, factory, factory_kwargs)
+    check_rebuild(model, lineage, builder)
+    return lineage, _dense_bytes_of(builder)
+
+
+def _dense_bytes_of(builder: Callable[[], nn.Module]) -> int:
+    """Bytes of the untrained build as an fp32 safetensors file, from shapes built on the meta device
+    (uninitialized CPU memory stands in for the values: only the size is measured)."""
+    from safetensors.torch import save as st_save
+
+    try:
+        with torch.device("meta"):
+            dense = builder()
+    except Exception:  # the user's code may not run on the meta device
+        dense = builder()
+    tensors = {k: torch.empty(tuple(v.shape), dtype=torch.float32 if v.is_floating_point() else v.dtype)
+               for k, v in dense.state_dict().items()}
+    return len(st_save(tensors, metadata={"format": FORMAT, "architecture": USER_MODULE}))
 
 
 def _serialize(
@@ -132,6 +179,10 @@ def dense_fp32_bytes(model: nn.Module) -> int:
     from nnopt.models.registry import build_from_lineage
 
     lineage = get_lineage(model)
+    if lineage.architecture == USER_MODULE:
+        from nnopt.models.user_module import save_record
+
+        return _dense_bytes_of(save_record(model, lineage, None, None)[1])
     dense = build_from_lineage(Lineage(lineage.architecture, lineage.config))
     tensors = {k: (v.float() if v.is_floating_point() else v) for k, v in dense.state_dict().items()}
     return len(st_save(tensors, metadata={"format": FORMAT, "architecture": lineage.architecture}))

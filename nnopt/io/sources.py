@@ -25,10 +25,12 @@ from nnopt.errors import ConfigError, ModelFormatError, NnoptError, UnsafeFileEr
 
 @dataclasses.dataclass(frozen=True)
 class LoadOptions:
-    """What the caller allowed: a weights file (factories only) and weights-only pickles."""
+    """What the caller allowed: a weights file (factories only), weights-only pickles, and importing the
+    package a saved user module's record names (None: as :func:`nnopt.loading.trusting_imports` says)."""
 
     weights: Path | None = None
     allow_pickle: bool = False
+    trust_import: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,17 +66,23 @@ def source_kind(source: str | Path) -> SourceKind:
     raise ModelFormatError(f"{text}: {where}. nnopt reads: {accepted}")
 
 
-def open_model(source: str | Path, *, weights: str | Path | None = None, allow_pickle: bool = False) -> Any:
+def open_model(
+    source: str | Path, *, weights: str | Path | None = None, allow_pickle: bool = False,
+    trust_import: bool | None = None,
+) -> Any:
     """Load a model from ``source``: an ``nn.Module`` (nnopt, Keras, Hugging Face or a factory's)
     or, for ``.onnx``, a checked ``onnx.ModelProto``.
 
     ``weights`` is for ``package.module:factory`` sources only. ``allow_pickle`` lets ``.pt``/
     ``.pth``/``.bin`` weights through torch's weights-only unpickler; nothing else ever unpickles.
+    ``trust_import``: an nnopt directory saved from your own ``nn.Module`` is rebuilt by importing the
+    package its record names (see :func:`nnopt.loading.load_model`); without it that is refused.
     """
     kind = source_kind(source)
     if weights is not None and not kind.takes_weights:
         raise ConfigError(f"--weights applies to package.module:factory sources, not to a {kind.name} source")
-    options = LoadOptions(weights=Path(weights) if weights is not None else None, allow_pickle=allow_pickle)
+    options = LoadOptions(weights=Path(weights) if weights is not None else None, allow_pickle=allow_pickle,
+                          trust_import=trust_import)
     return _guarded(kind.name, lambda: kind.load(str(source), Path(source), options), str(source))
 
 
@@ -94,10 +102,10 @@ def _guarded(kind: str, load: Callable[[], Any], where: str) -> Any:
 # --- loaders --------------------------------------------------------------------------------------
 
 
-def _load_nnopt_dir(path: Path) -> Any:
+def _load_nnopt_dir(path: Path, trust_import: bool | None = None) -> Any:
     from nnopt.loading import load_model
 
-    return load_model(path)
+    return load_model(path, trust_import=trust_import)
 
 
 def _load_safetensors(path: Path) -> Any:
@@ -213,7 +221,7 @@ def _open_factory(text: str, path: Path, options: LoadOptions) -> Any:
 
 for _kind in (
     SourceKind("nnopt-dir", "an nnopt model directory (nnopt.json + weights)", _is_nnopt_dir,
-               lambda text, path, options: _load_nnopt_dir(path)),
+               lambda text, path, options: _load_nnopt_dir(path, options.trust_import)),
     SourceKind("hf-dir", "a Hugging Face BERT encoder directory (config.json + model.safetensors)", _is_hf_dir,
                lambda text, path, options: _load_hf_dir(path, allow_pickle=options.allow_pickle)),
     SourceKind("keras", "a Keras 3 .keras file", _suffix(".keras"), lambda text, path, options: _load_keras(path)),

@@ -4,9 +4,10 @@ Naming a factory is the user's explicit choice to run that code (the same trust 
 nothing else is executed. Weights come from safetensors (header checked first) or, only with
 ``allow_pickle``, from a ``torch.save`` file read by torch's weights-only unpickler.
 
-To be saved as an nnopt model directory, a foreign module must be describable without its code:
-:func:`to_nnopt` turns a plain chain of layers into nnopt's ``sequential`` architecture (checked
-numerically), so that loading the result never imports the user's module again.
+Any module saves as an nnopt model directory (as a user module, whose reload needs the user's
+factory or ``trust_import``; see :mod:`nnopt.models.user_module`). :func:`to_nnopt` goes further for
+a plain chain of layers: it becomes nnopt's ``sequential`` architecture (checked numerically), so that
+loading the result never needs the user's module again.
 
 >>> model = load_torch_factory("mypkg.nets:small_mlp", "weights.safetensors")  # doctest: +SKIP
 >>> nnopt_model = to_nnopt(model)  # doctest: +SKIP
