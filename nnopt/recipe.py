@@ -275,11 +275,14 @@ def apply_recipe(
     check_data(recipe, data is not None)
     parallel = _parallel_option(recipe, data_parallel)
     current = working_copy(model)
+    # Without labels, steps that fine-tune distil from the model as it was before the first step.
+    teacher = {"teacher": working_copy(model).eval()} if data is not None and data.train.y is None else {}
     for step in recipe.steps:
         technique = technique_for(step)
         part = technique.data_for(data, step) if data is not None else None
         # the verbs' shared body, in place: every step of the recipe works on one copy
-        current = run_technique(technique.verb, current, step, True, data=part, progress=progress, **parallel)
+        current = run_technique(technique.verb, current, step, True, data=part, progress=progress, **parallel,
+                                **teacher)
     return current.eval()
 
 

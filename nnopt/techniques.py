@@ -217,7 +217,11 @@ def run_technique(verb: str, model: Any, config: Any, inplace: bool, **context: 
     The result is a copy unless ``inplace``; see :func:`working_copy` for what ``inplace`` attaches to a
     module nnopt did not create.
     """
+    from nnopt.data import training_data
+
     technique = technique_for(config, verb)
+    if "data" in context:  # tensors, arrays, Datasets and DataLoaders become a Split (see nnopt.as_dataset)
+        context["data"] = training_data(context["data"])
     target = working_copy(model, inplace)
     details = technique.apply(target, config, **context)
     if technique.records:

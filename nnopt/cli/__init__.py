@@ -37,8 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from nnopt.runtime import tune_allocator
 
     tune_allocator()  # the CLI owns its process: keep freed activation memory for reuse (see nnopt.runtime)
+    from nnopt.cli.options import model_loading
+
     try:
-        return handler(args)
+        with model_loading(args):
+            return handler(args)
     except NnoptError as exc:
         print(f"nnopt: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -60,5 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(commands)
+    from nnopt.cli.options import MODEL_LOADING_COMMANDS, add_trust_import_argument
+
+    for name, command in commands.choices.items():
+        if name in MODEL_LOADING_COMMANDS:
+            add_trust_import_argument(command)
     return parser
 

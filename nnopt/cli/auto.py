@@ -11,7 +11,7 @@ import re
 import sys
 from typing import Any
 
-from nnopt.cli.options import _int, _number, parse_fraction
+from nnopt.cli.options import _int, _number, add_data_arguments, data_options, parse_fraction
 
 
 def register(commands: Any) -> None:
@@ -27,9 +27,9 @@ def register(commands: Any) -> None:
         "still written), 2 on bad input. Ctrl-C keeps a checkpoint beside OUT; --resume continues it.",
     )
     parser.add_argument("path", metavar="PATH", help="an nnopt model directory")
-    parser.add_argument("--data", required=True, metavar="NAME",
-                        help="digits (classifiers) or sentences (sentence encoders: quality is the cosine to the "
-                        "input model's embeddings)")
+    add_data_arguments(parser, "sentences (sentence encoders: quality is the cosine to the input model's embeddings), "
+                       "or the quality metric follows the data: accuracy with labels, top-1 agreement with the input "
+                       "model (cosine for embedding outputs) without", required=True)
     parser.add_argument("--objective", required=True, metavar="{size,latency,energy}",
                         help="size: bytes of the written file (measured); latency: median ms at --batch (measured); "
                         "energy: nJ per inference (estimated, analytic; also measured where counters exist)")
@@ -65,7 +65,8 @@ def cmd_auto(args: argparse.Namespace) -> int:
             workers=_int(args.workers, "--workers"), finetune_epochs=_int(args.finetune_epochs, "--finetune-epochs"),
             latency_seconds=_number(args.latency_seconds, "--latency-seconds"),
         )
-        result = run_auto(args.path, args.data, config, args.out, resume=args.resume, overwrite=args.overwrite)
+        result = run_auto(args.path, _data(args), config, args.out, resume=args.resume, overwrite=args.overwrite,
+                          data_source=args.data, data_options=data_options(args))
     except (ConfigError, ResumeError) as exc:
         raise type(exc)(as_flags(str(exc))) from None
     except KeyboardInterrupt:
@@ -76,6 +77,24 @@ def cmd_auto(args: argparse.Namespace) -> int:
         raise
     print(result)
     return result.exit_code
+
+
+def _data(args: argparse.Namespace) -> Any:
+    """A bundled task's name as is (``digits``, ``sentences``); anything else is the user's file or folder."""
+    from nnopt.search.tasks import TASKS
+
+    if args.data in TASKS:
+        return args.data
+    from pathlib import Path
+
+    from nnopt.datafiles import load_data
+    from nnopt.errors import ConfigError
+
+    if not Path(args.data).exists():
+        raise ConfigError(f"unknown data {args.data!r} for nnopt auto; known: {', '.join(sorted(TASKS))}, or an "
+                          "existing data file or folder (.npz, .npy, .csv, .txt, image class folders)")
+
+    return load_data(args.data, **data_options(args))
 
 
 # The Python names in nnopt.auto's messages, as this command's flags.

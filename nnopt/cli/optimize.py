@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from nnopt.cli.options import add_model_output_arguments, print_written
+from nnopt.cli.options import add_data_arguments, add_model_output_arguments, data_options, print_written
 
 
 def register(commands: Any) -> None:
@@ -20,9 +20,8 @@ def register(commands: Any) -> None:
     )
     parser.add_argument("path", metavar="PATH", help="an nnopt model directory")
     parser.add_argument("--recipe", required=True, metavar="R.yaml", help="the recipe file")
-    parser.add_argument("--data", default=None, metavar="NAME",
-                        help="data set (digits) for steps that calibrate or fine-tune (training split) and for "
-                        "accuracy before/after (test split)")
+    add_data_arguments(parser, "data for steps that calibrate or fine-tune (training split) and for quality "
+                       "before/after (test split)")
     add_model_output_arguments(parser)
     parser.add_argument("--latency-seconds", type=float, default=0.5, metavar="S",
                         help="minimum timing per model and batch size (default: 0.5)")
@@ -36,5 +35,6 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from nnopt.pipeline.recipe_run import run_optimize
 
     result = run_optimize(args.path, args.recipe, args.out, data_name=args.data, overwrite=args.overwrite,
-                          latency_seconds=args.latency_seconds, data_parallel=args.data_parallel)
+                          latency_seconds=args.latency_seconds, data_parallel=args.data_parallel,
+                          data_options=data_options(args))
     return print_written(result)

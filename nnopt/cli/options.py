@@ -52,6 +52,36 @@ def parse_int_list(text: str, message: str) -> tuple[int, ...]:
     return tuple(int(item) for item in items)
 
 
+DATA_HELP = ("NAME (digits) or a file/folder of your data: .npz (x, optional y; or x_train/y_train/x_test/y_test), "
+             ".npy (x only), .csv (numeric columns, a header; labels in column 'label' or 'y', or --label-column), a "
+             "folder of images in class subfolders, a .txt file (one sentence per line); see docs/data.md. Without "
+             "labels, quality is fidelity to the input model and recovery distils from it")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, reads: str, required: bool = False) -> None:
+    """``--data NAME|PATH`` (what the run ``reads`` it for) and the options of data files."""
+    parser.add_argument("--data", required=required, default=None, metavar="NAME|PATH", help=f"{reads}: {DATA_HELP}")
+    parser.add_argument("--label-column", default=None, metavar="COL",
+                        help="--data FILE.csv: the column holding the labels (default: label or y if present)")
+    parser.add_argument("--image-size", default=None, metavar="WxH",
+                        help="--data FOLDER of images: resize every image to W×H pixels, or N×N with one number "
+                        "(default: the first image's size)")
+
+
+def data_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of :func:`nnopt.datafiles.load_data` that ``--label-column``/``--image-size`` give."""
+    options: dict[str, Any] = {}
+    if getattr(args, "label_column", None):
+        options["label_column"] = args.label_column
+    size = getattr(args, "image_size", None)
+    if size:
+        parts = str(size).lower().replace("×", "x").split("x")
+        if not (1 <= len(parts) <= 2 and all(p.strip().isdigit() and int(p) >= 1 for p in parts)):
+            raise ConfigError(f"--image-size takes W×H or N (pixels, integers >= 1), got {size!r}")
+        options["image_size"] = (int(parts[0]), int(parts[-1]))
+    return options
+
+
 def add_model_output_arguments(parser: argparse.ArgumentParser) -> None:
     """``-o/--out`` and ``--overwrite`` of a command that writes one nnopt model directory."""
     parser.add_argument("-o", "--out", required=True, metavar="OUT", help="output model directory")
@@ -137,3 +167,23 @@ def print_written(result: Any) -> int:
     print(result)
     print(f"\nwrote {result.out}")
     return 0
+
+
+# Commands that read a model directory: each takes --trust-import (see add_trust_import_argument).
+MODEL_LOADING_COMMANDS = ("profile", "prune", "quantize", "bench", "advise", "energy", "convert", "optimize", "auto")
+
+
+def add_trust_import_argument(parser: argparse.ArgumentParser) -> None:
+    """``--trust-import`` of a command that loads models: lets a model saved from the user's own nn.Module be
+    rebuilt by importing the package its record names (see :func:`nnopt.loading.load_model`)."""
+    parser.add_argument("--trust-import", action="store_true",
+                        help="a model saved from your own nn.Module: import the package.module:Name its nnopt.json "
+                        "records to rebuild the architecture (this runs that package's code, as trust_remote_code "
+                        "does elsewhere); without it such a model is refused and nothing is imported")
+
+
+def model_loading(args: argparse.Namespace) -> Any:
+    """The context a command runs in: with ``--trust-import``, models load with ``trust_import=True``."""
+    from nnopt.loading import trusting_imports
+
+    return trusting_imports(bool(getattr(args, "trust_import", False)))

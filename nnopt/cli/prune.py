@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from nnopt.cli.options import add_training_arguments, checkpoint_spec, print_written, run_checkpointed
+from nnopt.cli.options import (
+    add_data_arguments,
+    add_training_arguments,
+    checkpoint_spec,
+    data_options,
+    print_written,
+    run_checkpointed,
+)
 
 
 def register(commands: Any) -> None:
@@ -47,8 +54,7 @@ def register(commands: Any) -> None:
                        help="gradual: cubic sparsity ramp with fine-tuning (needs --sparsity and --data)")
     prune.add_argument("--epochs", type=int, default=0,
                        help="fine-tuning epochs (gradual: the whole schedule, default 30; oneshot: after pruning)")
-    prune.add_argument("--data", choices=("digits",), default=None,
-                       help="data set for fine-tuning and for accuracy before/after")
+    add_data_arguments(prune, "data for fine-tuning, gradients and quality before/after")
     prune.add_argument("--layers", action="append", default=[], metavar="PATTERN",
                        help="layer name, re:REGEX or type:TYPE (repeatable); default: all Linear/Conv2d "
                        "but the final classifier")
@@ -97,7 +103,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return run_checkpointed(spec, lambda: run_prune(
         args.path, config, args.out, data_name=args.data, finetune_epochs=finetune_epochs, weights_format=args.format,
         overwrite=args.overwrite, kernel_batch=args.kernel_batch, checkpoint=spec, resume=args.resume,
-        data_parallel=args.data_parallel))
+        data_parallel=args.data_parallel, data_options=data_options(args)))
 
 
 def _structured_prune(args: argparse.Namespace, layers: tuple[str, ...], allocation: str) -> int:
@@ -116,5 +122,5 @@ def _structured_prune(args: argparse.Namespace, layers: tuple[str, ...], allocat
     weights_format = "safetensors" if args.format == "packed" else args.format  # dense result: nothing to pack
     result = run_structured_prune(args.path, config, args.out, data_name=args.data,
                                   weights_format=weights_format, overwrite=args.overwrite,
-                                  data_parallel=args.data_parallel)
+                                  data_parallel=args.data_parallel, data_options=data_options(args))
     return print_written(result)

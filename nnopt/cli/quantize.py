@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from nnopt.cli.options import add_training_arguments, checkpoint_spec, run_checkpointed
+from nnopt.cli.options import (
+    add_data_arguments,
+    add_training_arguments,
+    checkpoint_spec,
+    data_options,
+    run_checkpointed,
+)
 
 # nnopt.pipeline.quantize_run.SCHEMES, without importing torch to build the parser
 SCHEMES_HELP = ("int8-dynamic", "int8-static", "int8-weight", "int4-weight", "cluster", "qat")
@@ -28,8 +34,7 @@ def register(commands: Any) -> None:
                        "layer's input size (default: one scale per output channel)")
     quant.add_argument("--calib", type=int, default=256, metavar="N",
                        help="calibration samples from the training split (default: 256)")
-    quant.add_argument("--data", choices=("digits",), default=None,
-                       help="data set for calibration, fine-tuning and accuracy before/after")
+    add_data_arguments(quant, "data for calibration, fine-tuning and quality before/after")
     quant.add_argument("--observer", choices=("minmax", "percentile", "mse"), default="minmax",
                        help="int8-static: how activation ranges are chosen (default: minmax)")
     quant.add_argument("--smoothing", type=float, default=None, metavar="ALPHA",
@@ -63,4 +68,4 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     spec = checkpoint_spec(args, args.scheme == "qat", "--scheme qat")
     return run_checkpointed(spec, lambda: run_quantize(
         args.path, options, args.out, data_name=args.data, weights_format=args.format, overwrite=args.overwrite,
-        checkpoint=spec, resume=args.resume, data_parallel=args.data_parallel))
+        checkpoint=spec, resume=args.resume, data_parallel=args.data_parallel, data_options=data_options(args)))

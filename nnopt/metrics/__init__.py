@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
-from nnopt.data import Split
-from nnopt.metrics.accuracy import accuracy
+from nnopt.data import Split, as_split
+from nnopt.metrics.accuracy import Fidelity, accuracy, fidelity
 from nnopt.metrics.profile import LayerProfile, ModelProfile, model_input_shape, profile_model
 from nnopt.metrics.speed import LatencyStats, Timing, compare_latency, measure_latency
 from nnopt.metrics.table import render_table
 
 __all__ = [
-    "LatencyStats", "LayerProfile", "compare_latency", "Measurement", "ModelProfile", "Timing", "accuracy",
+    "Fidelity", "LatencyStats", "LayerProfile", "compare_latency", "Measurement", "ModelProfile", "Timing", "accuracy",
+    "fidelity",
     "measure", "measure_latency", "profile_model",
 ]
 
@@ -31,14 +33,18 @@ class Measurement:
     file_bytes: int | None
     latency: LatencyStats | None
     compression_ratio: float | None = None
+    fidelity: Fidelity | None = None  # against the reference model (unlabelled data, or when one is given)
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "name": self.name, "accuracy": self.accuracy, "params": self.params,
             "nonzeros": self.nonzeros, "file_bytes": self.file_bytes, "compression_ratio": self.compression_ratio,
             "macs": self.macs,
             "latency_ms": self.latency.to_dict() if self.latency else None,
         }
+        if self.fidelity is not None:
+            out["fidelity"] = self.fidelity.to_dict()
+        return out
 
     def __str__(self) -> str:
         return render_table(*measurement_rows([self]))
@@ -62,31 +68,37 @@ def measurement_rows(items: Sequence[Measurement]) -> tuple[list[str], list[list
 
 def measure(
     model: nn.Module,
-    data: Split | None = None,
+    data: Split | Any | None = None,
     name: str = "model",
     file_bytes: int | None = None,
     batch_sizes: Sequence[int] = (1, 256),
     min_seconds: float = 2.0,
     latency: LatencyStats | None = None,
+    reference: nn.Module | None = None,
 ) -> Measurement:
-    """Measure accuracy on ``data`` (held out), counts, and latency at each batch size.
+    """Measure accuracy on ``data`` (held out; a Split or anything :func:`nnopt.as_dataset` takes), counts,
+    and latency at each batch size.
 
-    Pass ``latency`` (from :func:`compare_latency`) to reuse timings taken side by side.
+    Pass ``latency`` (from :func:`compare_latency`) to reuse timings taken side by side. With ``reference``
+    (the original model) the result also holds its :class:`Fidelity` on ``data`` (top-1 agreement, output
+    cosine): the quality figure of unlabelled data, whose ``accuracy`` is None.
 
     >>> m = measure(model, dataset.test, name="baseline")
     >>> m.accuracy > 0.5  # a trained SimpleNet on held-out digits
     True
     """
+    split = None if data is None else as_split(data)
     shape = model_input_shape(model)
     prof = profile_model(model, shape)
     if latency is None and batch_sizes:
         latency = measure_latency(model, shape, batch_sizes, min_seconds=min_seconds)
     return Measurement(
         name=name,
-        accuracy=accuracy(model, data) if data is not None else None,
+        accuracy=accuracy(model, split) if split is not None and split.labelled else None,
         params=prof.params,
         nonzeros=prof.nonzeros,
         macs=prof.macs,
         file_bytes=file_bytes,
         latency=latency,
+        fidelity=fidelity(model, reference, split) if reference is not None and split is not None else None,
     )

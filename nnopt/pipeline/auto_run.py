@@ -50,9 +50,13 @@ class AutoRun:
 
 
 def run_auto(path: str | Path, data: Dataset | str, config: AutoConfig, out: str | Path, resume: bool = False,
-             overwrite: bool = False, progress: bool | None = None) -> AutoRun:
+             overwrite: bool = False, progress: bool | None = None, data_source: str | None = None,
+             data_options: dict[str, Any] | None = None) -> AutoRun:
     """Check the output, load the model directory, search (or resume) with :func:`nnopt.auto`, then write
-    OUT atomically: OUT/model, OUT/recipe.yaml and OUT/report.json/.html/.md."""
+    OUT atomically: OUT/model, OUT/recipe.yaml and OUT/report.json/.html/.md.
+
+    ``data``: a bundled task's name or a Dataset (the user's file read by :func:`nnopt.datafiles.load_data`:
+    ``data_source`` is its path, named in the recipe's reproduce line with ``data_options``)."""
     from nnopt.io.atomic import atomic_directory, check_replaceable, refuse_input_overlap
     from nnopt.loading import load_model
     from nnopt.search import auto, checkpoint_dir
@@ -68,12 +72,13 @@ def run_auto(path: str | Path, data: Dataset | str, config: AutoConfig, out: str
         result = dataclasses.replace(result, report={
             **result.report, "result": {**result.report["result"], "model": MODEL_DIR, "recipe_file": RECIPE_FILE}})
     with atomic_directory(out, replace_if=AUTO_FILES if overwrite else None) as tmp:
-        _write(result, config, data, path, tmp)
+        _write(result, config, data_source or data, path, tmp, data_options or {})
     shutil.rmtree(checkpoint, ignore_errors=True)  # only now: until OUT is complete, --resume can redo the writing
     return AutoRun(out, result)
 
 
-def _write(result: AutoResult, config: AutoConfig, data: Dataset | str, path: str | Path, tmp: Path) -> None:
+def _write(result: AutoResult, config: AutoConfig, data: Dataset | str, path: str | Path, tmp: Path,
+           data_options: dict[str, Any]) -> None:
     from nnopt.io.atomic import write_bytes_durable
     from nnopt.io.model_dir import save_model
     from nnopt.recipe import recipe_to_dict, recipe_to_yaml
@@ -83,8 +88,12 @@ def _write(result: AutoResult, config: AutoConfig, data: Dataset | str, path: st
     if result.model is not None and result.recipe is not None:
         save_model(result.model, tmp / MODEL_DIR, metrics={**result.test, "recipe": recipe_to_dict(result.recipe)},
                    inputs=[path], weights_format=result.recipe.weights_format)
-        # `nnopt optimize` reads labelled data by name; encoder plans are data-free.
-        reads = f" --data {data}" if isinstance(data, str) and report["metric"] == "accuracy" else ""
+        # `nnopt optimize` reads the same data (a name or the user's file); bundled encoder plans are data-free.
+        reads = f" --data {data}" if isinstance(data, str) and data != "sentences" else ""
+        if reads and data_options.get("label_column"):
+            reads += f" --label-column {data_options['label_column']}"
+        if reads and data_options.get("image_size"):
+            reads += " --image-size {}x{}".format(*data_options["image_size"])
         header = (f"# nnopt auto: {report['chosen']} ({config.objective}, max drop {config.max_drop:g}).\n"
                   f"# Reproduce: nnopt optimize {path} --recipe {RECIPE_FILE}{reads} -o OUT\n")
         write_bytes_durable(tmp / RECIPE_FILE, (header + recipe_to_yaml(result.recipe)).encode())

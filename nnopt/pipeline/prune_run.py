@@ -13,15 +13,26 @@ from nnopt.config import Config
 from nnopt.errors import ConfigError
 from nnopt.io.model_dir import save_model
 from nnopt.lineage import get_lineage
-from nnopt.metrics import accuracy, profile_model
-from nnopt.pipeline.runs import Row, RunResult, check_fine_tuning, commit_output, open_run, run_checkpoint, size_rows
+from nnopt.metrics import profile_model
+from nnopt.pipeline.runs import (
+    DATA_HINT,
+    QUALITY_NOTE,
+    Row,
+    RunResult,
+    check_fine_tuning,
+    commit_output,
+    open_run,
+    quality_rows,
+    run_checkpoint,
+    size_rows,
+)
 from nnopt.pruning import GradualPruneConfig, finetune, prune
 from nnopt.sparse import SparseKernelConfig, kernel_summary, sparsify
 from nnopt.training import TrainConfig
 
 
-def _prune_result(method: str, rows: list[Row], out: Path, kernels: str) -> RunResult:
-    notes = ("accuracy: measured on the held-out test split; file bytes: measured on disk;\n"
+def _prune_result(method: str, rows: list[Row], out: Path, kernels: str, labelled: bool = True) -> RunResult:
+    notes = (f"{QUALITY_NOTE[labelled]}\nfile bytes: measured on disk;\n"
              "compression ratio: dense fp32 safetensors bytes / bytes written;\n"
              f"{kernels} (measured, median of alternated calls)")
     return RunResult(title=f"nnopt prune: {method}", rows=tuple(rows), out=out, notes=notes)
@@ -39,8 +50,12 @@ def run_prune(
     checkpoint: CheckpointSpec | None = None,
     resume: bool = False,
     data_parallel: int = 1,
+    data_options: dict[str, Any] | None = None,
 ) -> RunResult:
     """Validate everything first, then prune ``path`` into ``out``.
+
+    ``data_name``: bundled data by name or the user's file (:func:`nnopt.datafiles.load_data` with
+    ``data_options``); without labels, fine-tuning distils from the input model and quality is fidelity to it.
 
     Gradual pruning checkpoints its training into ``checkpoint`` (removed once ``out`` is
     written); ``resume`` continues an interrupted run from there. ``data_parallel`` > 1 fine-tunes
@@ -51,20 +66,23 @@ def run_prune(
     check_fine_tuning(data_parallel, gradual or bool(finetune_epochs), "--schedule gradual or --epochs N",
                       checkpoint is not None or resume)
     if (gradual or finetune_epochs) and not data_name:
-        raise ConfigError("fine-tuning needs data: add --data digits")
+        raise ConfigError(f"fine-tuning needs data: {DATA_HINT}")
     if (checkpoint is not None or resume) and not gradual:
         raise ConfigError("checkpoints and --resume apply to gradual pruning (--schedule gradual)")
-    run = open_run(path, out, weights_format, overwrite, data_name, checkpoint=checkpoint, resume=resume)
+    run = open_run(path, out, weights_format, overwrite, data_name, checkpoint=checkpoint, resume=resume,
+                   data_options=data_options)
     model, dataset = run.model, run.dataset
     spec = run_checkpoint(run, checkpoint)
 
     pruned = prune(model, config, data=dataset.train if dataset else None, checkpoint=spec, resume=resume,
                    data_parallel=data_parallel)
     if finetune_epochs and not gradual:
-        finetune(pruned, dataset.train, TrainConfig(epochs=finetune_epochs), data_parallel=data_parallel)
+        finetune(pruned, dataset.train, TrainConfig(epochs=finetune_epochs), data_parallel=data_parallel,
+                 teacher=model)  # distils from the input model where rows have no labels
     metrics: dict[str, Any] = {}
+    quality: list[Row] = []
     if dataset is not None:
-        metrics["accuracy"] = accuracy(pruned, dataset.test)
+        quality, metrics = quality_rows(model, pruned, dataset)
     kernels = "not measured (--kernel-batch 0)"
     if kernel_batch and any(isinstance(m, nn.Linear) for m in pruned.modules()):
         pruned = sparsify(pruned, SparseKernelConfig(batch_size=kernel_batch), inplace=True)
@@ -78,9 +96,7 @@ def run_prune(
          round(1 - after.nonzeros / after.params, 4)),
         *size_rows(run.meta, saved),
     ]
-    if dataset is not None:
-        rows.insert(0, ("accuracy", round(accuracy(model, dataset.test), 4), round(metrics["accuracy"], 4)))
-    return _prune_result(config.kind, rows, out, kernels)
+    return _prune_result(config.kind, quality + rows, out, kernels, dataset is None or dataset.test.labelled)
 
 
 def run_structured_prune(
@@ -91,8 +107,12 @@ def run_structured_prune(
     weights_format: str = "safetensors",
     overwrite: bool = False,
     data_parallel: int = 1,
+    data_options: dict[str, Any] | None = None,
 ) -> RunResult:
     """Structured pruning of ``path`` into ``out``: a smaller dense model, measured before/after.
+
+    Without labels (a file of inputs only), importance uses the model's own predictions, recovery
+    distils from the input model, and quality is fidelity to it.
 
     Classifiers read ``data_name`` (gradients, recovery, accuracy); a sentence encoder uses the
     bundled sentences (calibration part) for gradients and recovery, and reports the cosine of its
@@ -103,7 +123,7 @@ def run_structured_prune(
 
     out = Path(out)
     check_fine_tuning(data_parallel, bool(config.finetune_epochs), "--finetune-epochs E")
-    run = open_run(path, out, weights_format, overwrite, data_name)
+    run = open_run(path, out, weights_format, overwrite, data_name, data_options=data_options)
     model, dataset = run.model, run.dataset
     encoder = isinstance(model, SentenceEncoder)
     from nnopt.pruning.structured import NEEDS_GRADIENTS
@@ -111,19 +131,19 @@ def run_structured_prune(
     reasons = ([f"importance {config.importance!r}"] if config.importance in NEEDS_GRADIENTS else []) + (
         ["fine-tuning"] if config.finetune_epochs else [])
     if reasons and not encoder and dataset is None:
-        raise ConfigError(f"{' and '.join(reasons)} need{'s' if len(reasons) == 1 else ''} data: add --data digits")
-    data = _sentence_batches() if encoder else (dataset.train if dataset else None)
+        raise ConfigError(f"{' and '.join(reasons)} need{'s' if len(reasons) == 1 else ''} data: {DATA_HINT}")
+    data = dataset.train if dataset else (_sentence_batches() if encoder else None)
     pruned = prune(model, config, data=data, data_parallel=data_parallel)
     metrics: dict[str, Any] = {}
     rows: list[Row] = []
-    if encoder:
+    if dataset is not None:
+        quality, metrics = quality_rows(model, pruned, dataset)
+        rows += quality
+    elif encoder:
         cosine = _encoder_fidelity(model, pruned)
         metrics["cosine_mean"] = cosine.cosine_mean
         rows.append(("embedding cosine to the input (mean / min)", "1 / 1",
                      f"{cosine.cosine_mean:.4f} / {cosine.cosine_min:.4f}"))
-    elif dataset is not None:
-        metrics["accuracy"] = accuracy(pruned, dataset.test)
-        rows.append(("accuracy", round(accuracy(model, dataset.test), 4), round(metrics["accuracy"], 4)))
     before, after = profile_model(model), profile_model(pruned)
     saved = commit_output(run, lambda: save_model(pruned, out, metrics=metrics, inputs=[path], overwrite=overwrite,
                                                   weights_format=weights_format), None)
@@ -138,9 +158,10 @@ def run_structured_prune(
     rows += size_rows(run.meta, saved)
     groups = get_lineage(pruned).applied[-1].details["groups"]
     widths = ", ".join(f"{name} {g['before']}→{g['after']}" for name, g in list(groups.items())[:8])
-    return _prune_result(f"{config.kind} ({config.importance})", rows, out,
-                         f"groups: {widths}{' …' if len(groups) > 8 else ''}; latency: dense kernels, median of "
-                         "alternated calls")
+    kernels = (f"groups: {widths}{' …' if len(groups) > 8 else ''}; latency: dense kernels, median of "
+               "alternated calls")
+    return _prune_result(f"{config.kind} ({config.importance})", rows, out, kernels,
+                         labelled=dataset is None or dataset.test.labelled)
 
 
 def _sentence_batches() -> list[dict[str, Any]]:

@@ -14,9 +14,19 @@ from nnopt.config import Config
 from nnopt.errors import ConfigError
 from nnopt.io.model_dir import save_model
 from nnopt.lineage import get_lineage
-from nnopt.metrics import accuracy
 from nnopt.metrics.speed import bind_call, compare_calls, example_batch
-from nnopt.pipeline.runs import Row, RunResult, check_fine_tuning, commit_output, open_run, run_checkpoint, size_rows
+from nnopt.pipeline.runs import (
+    DATA_HINT,
+    QUALITY_NOTE,
+    Row,
+    RunResult,
+    check_fine_tuning,
+    commit_output,
+    open_run,
+    quality_rows,
+    run_checkpoint,
+    size_rows,
+)
 from nnopt.quantization import quantize
 from nnopt.techniques import config_named, technique_for, technique_named
 
@@ -99,8 +109,12 @@ def run_quantize(
     checkpoint: CheckpointSpec | None = None,
     resume: bool = False,
     data_parallel: int = 1,
+    data_options: dict[str, Any] | None = None,
 ) -> RunResult:
     """Validate everything first, then quantize ``path`` into ``out``.
+
+    ``data_name``: bundled data by name or the user's file (:func:`nnopt.datafiles.load_data` with
+    ``data_options``); without labels, quality is top-1 agreement and output cosine to the input model.
 
     QAT checkpoints its training into ``checkpoint`` (removed once ``out`` is written);
     ``resume`` continues an interrupted run from there. ``data_parallel`` > 1 fine-tunes (QAT,
@@ -114,20 +128,23 @@ def run_quantize(
                       checkpoint is not None or resume)
     needs = technique.needs_data(config)
     if needs and not data_name:
-        raise ConfigError(f"{options.scheme} with these options needs data for {needs}: add --data digits")
+        raise ConfigError(f"{options.scheme} with these options needs data for {needs}: {DATA_HINT}")
     if (checkpoint is not None or resume) and options.scheme != "qat":
         raise ConfigError(f"checkpoints and --resume apply to --scheme qat, not {options.scheme}")
-    run = open_run(path, out, weights_format, overwrite, data_name, checkpoint=checkpoint, resume=resume)
+    run = open_run(path, out, weights_format, overwrite, data_name, checkpoint=checkpoint, resume=resume,
+                   data_options=data_options)
     model, dataset = run.model, run.dataset
     spec = run_checkpoint(run, checkpoint)
+    if dataset is not None and trains and not dataset.train.labelled and options.scheme == "qat":
+        raise ConfigError(f"--scheme qat fine-tunes on labels, and {data_name} has none; quantize without training "
+                          "(int8-static, int8-dynamic) or give labelled data")
 
     data = technique.data_for(dataset, config) if dataset else None  # calibration rows, or the training split
     quantized = quantize(model, config, data=data, checkpoint=spec, resume=resume, data_parallel=data_parallel)
     metrics: dict[str, Any] = {}
     rows: list[Row] = []
     if dataset is not None:
-        metrics["accuracy"] = accuracy(quantized, dataset.test)
-        rows.append(("accuracy", round(accuracy(model, dataset.test), 4), round(metrics["accuracy"], 4)))
+        rows, metrics = quality_rows(model, quantized, dataset)
     saved = commit_output(run, lambda: save_model(quantized, out, metrics=metrics, inputs=[path],
                                                   overwrite=overwrite, weights_format=weights_format), spec)
     rows += size_rows(run.meta, saved)
@@ -140,7 +157,7 @@ def run_quantize(
             timings = compare_calls(calls, size, min_seconds=latency_seconds)
         rows.append((f"latency ms, batch {size}", round(timings["before"].median_ms, 4),
                      round(timings["after"].median_ms, 4)))
-    notes = ("accuracy: measured on the held-out test split (calibration used training rows only);\n"
+    notes = (f"{QUALITY_NOTE[dataset is None or dataset.test.labelled]}\n"
              "file bytes: measured on disk; compression ratio: dense fp32 safetensors bytes / bytes written;\n"
              f"latency: measured on this machine, median of alternated calls, {torch.get_num_threads()} threads "
              "(int8 GEMMs pay off on wide layers; on small ones the quantize/rescale passes cost more than they "

@@ -29,10 +29,14 @@ def run_optimize(
     latency_seconds: float = 0.5,
     progress: bool | None = None,
     data_parallel: int = 1,
+    data_options: dict[str, Any] | None = None,
 ) -> RunResult:
-    """Check the recipe, the data and ``out``, then apply the recipe to ``path`` and save into ``out``."""
+    """Check the recipe, the data and ``out``, then apply the recipe to ``path`` and save into ``out``.
+
+    ``data_name``: bundled data by name or the user's file (:func:`nnopt.datafiles.load_data` with
+    ``data_options``); without labels the quality rows are fidelity to the input model."""
     from nnopt.io.atomic import refuse_input_overlap
-    from nnopt.pipeline.runs import open_run
+    from nnopt.pipeline.runs import DATA_HINT, open_run
     from nnopt.recipe import check_data, load_recipe
     from nnopt.training import check_data_parallel
 
@@ -41,9 +45,9 @@ def run_optimize(
     check_data_parallel(data_parallel)
     out = Path(out)
     recipe = load_recipe(recipe_path)
-    check_data(recipe, data_name is not None, hint="add --data digits", where=str(recipe_path))
+    check_data(recipe, data_name is not None, hint=DATA_HINT, where=str(recipe_path))
     refuse_input_overlap(out, [recipe_path])
-    run = open_run(path, out, recipe.weights_format, overwrite, data_name)
+    run = open_run(path, out, recipe.weights_format, overwrite, data_name, data_options=data_options)
     return _optimize(run, recipe, path, out, overwrite, latency_seconds, progress, data_parallel)
 
 
@@ -52,8 +56,8 @@ def _optimize(run: Any, recipe: Recipe, path: str | Path, out: Path, overwrite: 
     import torch
 
     from nnopt.io.model_dir import save_model
-    from nnopt.metrics import accuracy, profile_model
-    from nnopt.pipeline.runs import RunResult, commit_output, size_rows
+    from nnopt.metrics import profile_model
+    from nnopt.pipeline.runs import QUALITY_NOTE, RunResult, commit_output, quality_rows, size_rows
     from nnopt.recipe import apply_recipe, recipe_to_dict
 
     model, dataset = run.model, run.dataset
@@ -61,9 +65,9 @@ def _optimize(run: Any, recipe: Recipe, path: str | Path, out: Path, overwrite: 
     rows: list[Row] = []
     metrics: dict[str, Any] = {}
     if dataset is not None:
-        before_acc, after_acc = accuracy(model, dataset.test), accuracy(optimized, dataset.test)
-        metrics["accuracy"] = after_acc
-        rows.append(("accuracy (test split)", round(before_acc, 4), round(after_acc, 4)))
+        rows, metrics = quality_rows(model, optimized, dataset)
+        if dataset.test.labelled:
+            rows = [("accuracy (test split)", *rows[0][1:])]
     before, after = profile_model(model), profile_model(optimized)
     rows += [
         ("parameters", before.params, after.params),
@@ -86,8 +90,7 @@ def _optimize(run: Any, recipe: Recipe, path: str | Path, out: Path, overwrite: 
                                                   overwrite=overwrite, weights_format=recipe.weights_format), None)
     rows += size_rows(run.meta, saved)
     notes = [
-        "accuracy: measured on the held-out test split (steps read the training split only);" if dataset is not None
-        else "accuracy: not measured (no --data);",
+        QUALITY_NOTE[dataset.test.labelled] if dataset is not None else "accuracy: not measured (no --data);",
         "MACs: estimated (dense kernel, zeros included);", energy_note,
         "file bytes: measured on disk; compression ratio: dense fp32 safetensors bytes / bytes written;",
         f"latency: measured on this machine, median of alternated calls, threads {torch.get_num_threads()}: "

@@ -12,10 +12,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from nnopt.checkpoint import CheckpointSpec, check_start, remove_checkpoint
-from nnopt.data import Dataset, load_dataset
+from nnopt.data import Dataset
+from nnopt.datafiles import load_data
 from nnopt.errors import ConfigError, IntegrityError, OutputError
 from nnopt.io.atomic import check_replaceable, commit_guard, refuse_input_overlap
 from nnopt.io.manifest import list_files
@@ -56,12 +58,16 @@ class RunInput:
             yield
 
 
+DATA_HINT = "add --data digits, or --data FILE (.npz, .npy, .csv, an image folder, .txt; see docs/data.md)"
+
+
 def open_run(
     path: str | Path, out: Path, weights_format: str, overwrite: bool, data_name: str | None,
-    checkpoint: CheckpointSpec | None = None, resume: bool = False,
+    checkpoint: CheckpointSpec | None = None, resume: bool = False, data_options: dict[str, Any] | None = None,
 ) -> RunInput:
     """Check the output, the format and the checkpoint directory, then hash and load the input
-    model (and data set) — nothing is written."""
+    model (and data: a bundled name or the user's file, read by :func:`nnopt.datafiles.load_data` with
+    ``data_options``) — nothing is written."""
     if weights_format not in WEIGHT_FILES:
         raise ConfigError(f"format must be one of {', '.join(WEIGHT_FILES)}, got {weights_format!r}")
     refuse_input_overlap(out, [path])
@@ -74,7 +80,7 @@ def open_run(
     meta = read_meta(path)
     files = list_files(path)  # before loading: a change from here on is caught before the commit
     model = load_model(path)
-    dataset = load_dataset(data_name) if data_name else None
+    dataset = load_data(data_name, **(data_options or {})) if data_name else None
     if dataset is not None:
         _check_fits(model, dataset)
     return RunInput(meta, model, dataset, Path(path), files)
@@ -143,7 +149,31 @@ class RunResult:
         return f"{table}\n{self.notes}"
 
 
+QUALITY_NOTE = {
+    True: "accuracy: measured on the held-out test split (training rows only were read before);",
+    False: "no labels: top-1 agreement with the input model's predictions and mean cosine of the outputs, measured "
+           "on the held-out test split; recovery distilled from the input model;",
+}
+
+
+def quality_rows(before: nn.Module, after: nn.Module, dataset: Dataset) -> tuple[list[Row], dict[str, Any]]:
+    """Rows and saved metrics of the quality on the test split: accuracy with labels; without them the
+    fidelity of ``after`` to ``before`` (top-1 agreement, mean and min output cosine)."""
+    from nnopt.metrics.accuracy import accuracy, fidelity
+
+    if dataset.test.labelled:
+        old, new = accuracy(before, dataset.test), accuracy(after, dataset.test)
+        return [("accuracy", round(old, 4), round(new, 4))], {"accuracy": new}
+    stats = fidelity(after, before, dataset.test)
+    rows: list[Row] = [("top-1 agreement with the input (test rows)", 1.0, round(stats.agreement, 4)),
+                       ("output cosine to the input (mean / min)", "1 / 1",
+                        f"{stats.cosine_mean:.4f} / {stats.cosine_min:.4f}")]
+    return rows, {"agreement": stats.agreement, "cosine_mean": stats.cosine_mean, "cosine_min": stats.cosine_min}
+
+
 def _check_fits(model: nn.Module, dataset: Dataset) -> None:
+    if not hasattr(model, "input_shape") or not isinstance(dataset.train.x, torch.Tensor):
+        return  # a model without a declared input shape, or named inputs: its first forward pass tells
     shape = tuple(getattr(model, "input_shape", dataset.feature_shape))
     image = (1, 8, 8) if dataset.feature_shape == (64,) else dataset.feature_shape  # digits rows are 8×8 images
     if shape not in (dataset.feature_shape, image):

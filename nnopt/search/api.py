@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from nnopt.data import Dataset
+from nnopt.data import Dataset, as_dataset, call_model
 from nnopt.errors import ConfigError, NnoptError
 from nnopt.search.checkpoint import Checkpoint
 from nnopt.search.config import AutoConfig
@@ -106,7 +106,7 @@ def _fmt(value: Any, unit: str = "") -> str:
     return f"{value:.4g}{unit}" if isinstance(value, float) else f"{value}{unit}"
 
 
-def auto(model: nn.Module, data: Dataset | str, config: AutoConfig | None = None, *,
+def auto(model: nn.Module, data: Dataset | str | Any, config: AutoConfig | None = None, *,
          checkpoint_dir: str | Path | None = None, resume: bool = False, keep_checkpoint: bool = False,
          source: str | Path | None = None, progress: bool | None = None) -> AutoResult:
     """Search for the plan (a recipe) that best serves ``config.objective`` within ``config.max_drop``.
@@ -117,8 +117,12 @@ def auto(model: nn.Module, data: Dataset | str, config: AutoConfig | None = None
     measures it on the test split (``result.test``), which the search never read.
 
     ``model`` is an nnopt model (``create_model``, ``load_model``, an adapter); it is left as it was.
-    ``data`` is a labelled :class:`~nnopt.data.Dataset`, or bundled data by name: ``"digits"``, or
-    ``"sentences"`` for a sentence encoder (quality: mean cosine to the input model's embeddings).
+    ``data`` is a :class:`~nnopt.data.Dataset` (``nnopt.load_data(PATH)`` reads files), anything
+    :func:`nnopt.as_dataset` takes (tensors, arrays, ``(x, y)``, torch Datasets and DataLoaders), or bundled data
+    by name: ``"digits"``, or ``"sentences"`` for a sentence encoder (quality: mean cosine to the input model's
+    embeddings). The quality metric follows the data: top-1 accuracy with labels; without them top-1 agreement
+    with the input model's predictions (``report["metric"] == "agreement"``), or the mean cosine of its outputs
+    for an embedding model, and fine-tuning steps distil from the model they start from.
 
     ``checkpoint_dir`` keeps the trials there after each step; ``resume=True`` continues what an
     interrupted call with the same model, data and settings left. A finished search removes it, unless
@@ -141,6 +145,12 @@ def auto(model: nn.Module, data: Dataset | str, config: AutoConfig | None = None
         raise ConfigError(f"config must be an AutoConfig, got {type(config).__name__}")
     if resume and checkpoint_dir is None:
         raise ConfigError("resume=True needs the checkpoint_dir of the interrupted search")
+    if not isinstance(data, str | Dataset):
+        try:  # the user's tensors, Datasets or DataLoaders: one conversion, then as any Dataset
+            data = as_dataset(data)
+        except ConfigError as exc:
+            raise ConfigError(f"data must be an nnopt.data.Dataset, a bundled name ('digits', 'sentences') or what "
+                              f"nnopt.as_dataset takes (tensors, arrays, (x, y), torch Datasets): {exc}") from None
     with _modes_kept(model):  # the search runs the model in eval mode; the caller's mode comes back
         model.eval()  # also before the first check's forward pass: BatchNorm must not update its statistics
         task = make_task(data)
@@ -245,7 +255,16 @@ def _data_fingerprint(data: Dataset | str) -> dict[str, Any]:
         return {"data": data}
     splits = {"train": data.train, "test": data.test}
     return {"data": data.name, "data_sha256": _tensor_sha256(
-        (f"{name}.{part}", getattr(split, part)) for name, split in splits.items() for part in ("x", "y"))}
+        item for name, split in splits.items() for item in _parts(f"{name}.x", split.x) + [(f"{name}.y", split.y)])}
+
+
+def _parts(name: str, x: Any) -> list[tuple[str, Any]]:
+    """Named tensors of one split's inputs (a tensor, a tuple or a dict of them)."""
+    if isinstance(x, dict):
+        return [(f"{name}.{key}", value) for key, value in x.items()]
+    if isinstance(x, tuple):
+        return [(f"{name}.{i}", value) for i, value in enumerate(x)]
+    return [(name, x)]
 
 
 def _check_objective(model: nn.Module, task: Task, config: AutoConfig) -> None:
@@ -253,7 +272,7 @@ def _check_objective(model: nn.Module, task: Task, config: AutoConfig) -> None:
     try:
         with torch.inference_mode():
             inputs = task.timing_inputs(model, config.batch)
-            model(**inputs) if isinstance(inputs, dict) else model(inputs)
+            call_model(model, inputs)
     except (RuntimeError, ValueError, TypeError) as exc:
         raise ConfigError(f"the model does not run on a batch of {config.batch}: {exc}") from None
     if config.objective == "energy":

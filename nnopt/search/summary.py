@@ -61,7 +61,7 @@ def _quality(ctx: TrialContext, model: nn.Module, split: str) -> dict[str, float
     fidelity = getattr(ctx.task, "fidelity", None)
     if callable(fidelity):
         return dict(fidelity(model, split))
-    return {"accuracy": ctx.task.quality(model, split)}
+    return {_test_key(ctx.task.metric): ctx.task.quality(model, split)}
 
 
 def build_report(ctx: TrialContext, settings: AutoConfig, outcome: SearchOutcome, final: Final | None,
@@ -115,7 +115,7 @@ def build_report(ctx: TrialContext, settings: AutoConfig, outcome: SearchOutcome
         })
     result = None
     if final is not None:
-        drop = (1.0 if metric == "cosine" else baseline["test_accuracy"]) - final.test[_test_key(metric)]
+        drop = (1.0 if metric == "cosine" else baseline[f"test_{_test_key(metric)}"]) - final.test[_test_key(metric)]
         result = {
             "name": chosen_name, "split": "test", **final.test, "test_drop": drop,
             "test_meets_budget": drop <= settings.max_drop + 1e-12, "bytes": final.file_bytes,
@@ -149,7 +149,7 @@ def build_report(ctx: TrialContext, settings: AutoConfig, outcome: SearchOutcome
 
 
 def _test_key(metric: str) -> str:
-    return "cosine_mean" if metric == "cosine" else "accuracy"
+    return {"cosine": "cosine_mean", "agreement": "agreement"}.get(metric, "accuracy")
 
 
 def _ms(timing: dict[str, float] | None) -> dict[str, float] | None:
@@ -169,7 +169,7 @@ def _variants(baseline: dict[str, Any], front: list[dict[str, Any]], result: dic
               metric: str) -> list[dict[str, Any]]:
     keys = (metric, "bytes", "compression_ratio", "latency_ms", "speedup", "energy_nj")
     rows = [{"name": "baseline", "role": "baseline", **{k: baseline.get(k) for k in keys},
-             "test": baseline.get(f"test_{_test_key(metric)}" if metric == "cosine" else "test_accuracy")}]
+             "test": baseline.get(f"test_{_test_key(metric)}")}]
     rows += [{"name": f["name"], "role": "front", **{k: f.get(k) for k in keys}, "meets_budget": f["meets_budget"],
               "chosen": f["chosen"]} for f in front]
     if result is not None:
@@ -179,8 +179,9 @@ def _variants(baseline: dict[str, Any], front: list[dict[str, Any]], result: dic
 
 
 def methods(settings: AutoConfig, metric: str, objective_method: str, threads: int) -> dict[str, str]:
-    quality = ("measured: mean cosine between the plan's sentence embeddings and the input model's"
-               if metric == "cosine" else "measured: top-1 accuracy")
+    quality = {"cosine": "measured: mean cosine between the plan's outputs (embeddings) and the input model's",
+               "agreement": "measured: top-1 agreement with the input model's predictions (the data has no labels)",
+               }.get(metric, "measured: top-1 accuracy")
     return {
         metric: f"{quality}; front and trials on the validation split, the final model on the test split",
         "objective_value": objective_method,

@@ -7,7 +7,9 @@ Three disjoint parts of the data, so that the numbers a search reports are hones
 - *validation*: held out from the steps; sensitivities and every trial are scored on it;
 - *test*: never read by the search; only the chosen plan's final numbers are measured on it.
 
-A labelled :class:`~nnopt.data.Dataset` becomes a :class:`ClassificationTask`; bundled data is also found by
+A labelled :class:`~nnopt.data.Dataset` becomes a :class:`ClassificationTask` (top-1 accuracy), an unlabelled one
+a :class:`FidelityTask` (top-1 agreement with the input model, or mean cosine of its embeddings); the user's
+tensors, Datasets and files are converted first (:func:`nnopt.as_dataset`); bundled data is also found by
 name in :data:`TASKS` (``nnopt auto --data NAME``, ``nnopt.auto(model, "sentences")``). Messages name the
 data as the Python argument (``data='sentences'``); the CLI says ``--data sentences``.
 """
@@ -21,7 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from nnopt.data import Dataset, Split, load_dataset
+from nnopt.data import Dataset, Split, as_dataset, call_model, holdout, input_rows, load_dataset, take_rows
 from nnopt.errors import ConfigError
 
 VALIDATION_FRACTION = 0.2  # of the training split, stratified, seed 0
@@ -64,6 +66,8 @@ def validation_split(split: Split, fraction: float = VALIDATION_FRACTION, seed: 
     """
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"validation fraction must be in (0, 1), got {fraction}")
+    if split.y is None or not isinstance(split.x, torch.Tensor) or min(torch.bincount(split.y)[split.y.unique()]) < 2:
+        return holdout(split, fraction, seed)  # the user's data: stratified only where every class allows it
     import numpy as np
     from sklearn.model_selection import train_test_split
 
@@ -93,12 +97,13 @@ class ClassificationTask:
         shape = tuple(getattr(model, "input_shape", ()) or ())
         features = self.dataset.feature_shape
         image = (1, 8, 8) if features == (64,) else features  # digits rows are 8x8 images
-        if shape not in (features, image):
+        if shape and shape not in (features, image):
             raise ConfigError(f"the model takes inputs of shape {shape or 'unknown'}, but {self.name} rows have "
                               f"{features}")
         with torch.inference_mode():
-            out = model.eval()(self.validation.x[:2])
-        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] < self.dataset.num_classes:
+            out = _run(model.eval(), take_rows(self.validation.x, slice(0, 2)), self.name)
+        classes = self.dataset.num_classes or 0
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] < classes:
             raise ConfigError(f"the model's outputs {tuple(getattr(out, 'shape', ()))} are not logits for the "
                               f"{self.dataset.num_classes} classes of {self.name}")
 
@@ -115,7 +120,7 @@ class ClassificationTask:
     def outputs(self, model: nn.Module, split: str) -> torch.Tensor:
         model.eval()
         with torch.inference_mode():
-            return model(self._split(split).x).float()  # (rows, classes) logits
+            return call_model(model, self._split(split).x).float()  # (rows, classes) logits
 
     def score(self, outputs: torch.Tensor, split: str) -> float:
         return float((outputs.argmax(-1) == self._split(split).y).double().mean())
@@ -133,10 +138,8 @@ class ClassificationTask:
         y = self.validation.y
         return float(F.cross_entropy(outputs.double(), y) - F.cross_entropy(reference.double(), y))
 
-    def timing_inputs(self, model: nn.Module, batch: int) -> torch.Tensor:
-        from nnopt.metrics.speed import example_batch
-
-        return example_batch(model, batch)
+    def timing_inputs(self, model: nn.Module, batch: int) -> Any:
+        return data_timing_inputs(model, self.validation, batch)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "metric": self.metric, "fit": len(self.fit), "validation": len(self.validation),
@@ -219,6 +222,115 @@ class SentenceTask:
                 "bundled sentences 200-239, test: sentences 0-199 (never seen by the search)"}
 
 
+@dataclasses.dataclass
+class FidelityTask:
+    """Unlabelled data: quality is fidelity to the input model on held-out rows: top-1 agreement of the
+    predictions (``metric="agreement"``, classifiers) or the mean cosine of the outputs (``"cosine"``,
+    embedding models); recipe steps that fine-tune distil from the model they start from."""
+
+    dataset: Dataset
+    name: str = "data"
+    metric: str = "agreement"
+    temperature: float = 1.0  # of the KL divergence that ranks plans finer than agreement
+
+    def __post_init__(self) -> None:
+        self.fit, self.validation = validation_split(self.dataset.train)
+        self._reference: dict[str, torch.Tensor] = {}
+
+    def check_fits(self, model: nn.Module) -> None:
+        with torch.inference_mode():
+            out = _run(model.eval(), take_rows(self.validation.x, slice(0, 2)), self.name)
+        if not isinstance(out, torch.Tensor) or out.ndim < 2:
+            raise ConfigError(f"the model's outputs {tuple(getattr(out, 'shape', ()))} are not one row of outputs per "
+                              f"input of {self.name}")
+        self._choose_metric(model)
+
+    def _choose_metric(self, model: nn.Module) -> None:
+        from nnopt.training.distill import output_kind
+
+        self.metric = "cosine" if output_kind(model) == "embedding" else "agreement"
+        if self.metric == "cosine":
+            self.fidelity = self._fidelity  # the search reports cosine_mean and cosine_min for embeddings
+
+    def search_data(self) -> Dataset:
+        return dataclasses.replace(self.dataset, name=f"{self.name}-fit", train=self.fit, test=self.validation)
+
+    def final_data(self) -> Dataset:
+        return self.dataset
+
+    def _split(self, split: str) -> Split:
+        return self.validation if split == "validation" else self.dataset.test
+
+    def set_reference(self, model: nn.Module) -> None:
+        """The input model's outputs on both splits: agreement 1.0 (cosine 1.0) by definition."""
+        self._choose_metric(model)
+        self._reference = {split: self.outputs(model, split) for split in ("validation", "test")}
+
+    def outputs(self, model: nn.Module, split: str) -> torch.Tensor:
+        from nnopt.metrics.accuracy import model_outputs
+
+        return model_outputs(model, self._split(split))
+
+    def score(self, outputs: torch.Tensor, split: str) -> float:
+        from nnopt.metrics.accuracy import output_fidelity
+
+        stats = output_fidelity(outputs, self._reference_of(split))
+        return stats.cosine_mean if self.metric == "cosine" else stats.agreement
+
+    def quality(self, model: nn.Module, split: str) -> float:
+        return self.score(self.outputs(model, split), split)
+
+    def _fidelity(self, model: nn.Module, split: str) -> dict[str, float]:
+        from nnopt.metrics.accuracy import output_fidelity
+
+        stats = output_fidelity(self.outputs(model, split), self._reference_of(split))
+        return {"cosine_mean": stats.cosine_mean, "cosine_min": stats.cosine_min}
+
+    def error(self, outputs: torch.Tensor, reference: torch.Tensor) -> float:
+        """Classifiers: KL divergence of the outputs' distribution from the reference's (nats per row; finer than
+        agreement on a few hundred rows); embeddings: 1 − mean cosine."""
+        import torch.nn.functional as F
+
+        if self.metric == "cosine":
+            return float(1 - F.cosine_similarity(outputs.flatten(1), reference.flatten(1), dim=-1).mean())
+        log_p = F.log_softmax(outputs.double(), dim=-1)
+        return float(F.kl_div(log_p, F.softmax(reference.double(), dim=-1), reduction="batchmean"))
+
+    def _reference_of(self, split: str) -> torch.Tensor:
+        if not self._reference:
+            raise RuntimeError("FidelityTask.set_reference(input_model) must run first")
+        return self._reference[split]
+
+    def timing_inputs(self, model: nn.Module, batch: int) -> Any:
+        return data_timing_inputs(model, self.validation, batch)
+
+    def describe(self) -> dict[str, Any]:
+        what = "mean cosine of the outputs" if self.metric == "cosine" else "top-1 agreement of the predictions"
+        return {"name": self.name, "metric": self.metric, "fit": len(self.fit), "validation": len(self.validation),
+                "test": len(self.dataset.test), "train": len(self.dataset.train), "labels": False,
+                "method": f"no labels: {what} with the input model; validation: {VALIDATION_FRACTION:.0%} of the "
+                "training rows (seed 0), held out from every recipe step; test: the held-out test rows, used only "
+                "for the chosen plan; fine-tuning steps distil from the model they start from"}
+
+
+def data_timing_inputs(model: nn.Module, split: Split, batch: int) -> Any:
+    """Inputs to time ``model`` at ``batch``: its own example inputs or rows of its ``input_shape`` when it
+    declares them, else rows of ``split`` repeated to ``batch`` (the user's model and data)."""
+    from nnopt.metrics.speed import example_batch
+
+    if callable(getattr(model, "example_inputs", None)) or getattr(model, "input_shape", None):
+        return example_batch(model, batch)
+    index = torch.arange(batch) % input_rows(split.x)
+    return take_rows(split.x, index)
+
+
+def _run(model: nn.Module, x: Any, name: str) -> Any:
+    try:
+        return call_model(model, x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise ConfigError(f"the model does not run on rows of {name}: {str(exc).splitlines()[0]}") from None
+
+
 def _digits() -> ClassificationTask:
     return ClassificationTask(load_dataset("digits"))
 
@@ -233,14 +345,15 @@ def load_task(name: str) -> Task:
     return TASKS[name]()
 
 
-def make_task(data: Dataset | str) -> Task:
-    """The task for ``data``: a labelled :class:`~nnopt.data.Dataset` (top-1 accuracy), or a name in :data:`TASKS`."""
-    if isinstance(data, Dataset):
-        return ClassificationTask(data, name=data.name)
+def make_task(data: Dataset | str | Any) -> Task:
+    """The task for ``data``: a labelled :class:`~nnopt.data.Dataset` (top-1 accuracy), an unlabelled one
+    (fidelity to the input model), a name in :data:`TASKS`, or the user's data (:func:`nnopt.as_dataset`)."""
     if isinstance(data, str):
         return load_task(data)
-    raise ConfigError(f"data must be an nnopt.data.Dataset (nnopt.load_dataset('digits')) or one of "
-                      f"{', '.join(sorted(TASKS))}; got {type(data).__name__}")
+    dataset = as_dataset(data)
+    if dataset.labelled:
+        return ClassificationTask(dataset, name=dataset.name)
+    return FidelityTask(dataset, name=dataset.name)
 
 
 def prepare(task: Task, model: nn.Module) -> None:

@@ -1,4 +1,5 @@
-"""A small fine-tuning loop: Adam, cross-entropy on logits, seeded shuffling, a progress bar.
+"""A small fine-tuning loop: Adam, cross-entropy on logits (distillation from the model as it was when
+training started, or a given teacher, when the data has no labels), seeded shuffling, a progress bar.
 
 Later techniques hook in through callbacks (``after_step`` runs after every optimizer step:
 re-applying pruning masks, for example) instead of growing this loop.
@@ -9,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
 from nnopt.config import Config
-from nnopt.data import Split
+from nnopt.data import Split, as_split, call_model, input_rows
 from nnopt.errors import ConfigError
 from nnopt.progress import track
 
@@ -31,6 +32,8 @@ class TrainConfig(Config):
     lr: float = 1e-3
     weight_decay: float = 0.0
     seed: int = 0
+    distill: float = 0.0  # with labels: weight of distillation from the teacher (without labels it is 1)
+    temperature: float = 4.0  # softening of the teacher's and the student's logits when distilling
 
     def validate(self) -> None:
         if self.epochs < 0:
@@ -43,6 +46,10 @@ class TrainConfig(Config):
             raise ConfigError(f"seed must be in 0..2**32-1, got {self.seed}")
         if self.weight_decay < 0:
             raise ConfigError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ConfigError(f"TrainConfig.distill must lie in [0, 1], got {self.distill}")
+        if not self.temperature > 0:
+            raise ConfigError(f"TrainConfig.temperature must be > 0, got {self.temperature}")
 
 
 class TrainCallback(Protocol):
@@ -68,19 +75,25 @@ class TrainHistory:
 
 def train(
     model: nn.Module,
-    data: Split,
+    data: Split | Any,
     config: TrainConfig = TrainConfig(),
-    eval_data: Split | None = None,
+    eval_data: Split | Any | None = None,
     callbacks: Sequence[TrainCallback] = (),
     progress: bool | None = None,
-    loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    loss: Callable[[torch.Tensor, Any, torch.Tensor | None], torch.Tensor] | None = None,
     checkpoint: CheckpointSpec | None = None,
     resume: bool = False,
     data_parallel: int = 1,
+    teacher: nn.Module | None = None,
 ) -> TrainHistory:
     """Fine-tune ``model`` in place and return its history.
 
-    ``loss(logits, x, y)`` replaces cross-entropy (knowledge distillation uses it to see ``x``).
+    ``data`` is a :class:`~nnopt.data.Split` or anything :func:`nnopt.as_dataset` takes (tensors, arrays,
+    ``(x, y)``, torch Datasets and DataLoaders). Without labels the loss is distillation from ``teacher``
+    (default: a frozen copy of ``model`` as it is when training starts, i.e. before the pruning or
+    quantization the callbacks apply); with labels it is cross-entropy, mixed with distillation when
+    ``config.distill`` > 0 (see :class:`~nnopt.training.distill.DistillationLoss`).
+    ``loss(outputs, x, y)`` replaces both (``y`` is None for unlabelled rows).
     ``checkpoint`` writes the whole training state every ``checkpoint.every`` epochs;
     ``resume=True`` continues from it (same model, data and config, else
     :class:`~nnopt.errors.ResumeError`) with the same result as an uninterrupted run.
@@ -95,12 +108,18 @@ def train(
     """
     from nnopt.metrics.accuracy import accuracy
 
+    data = as_split(data)
+    eval_data = None if eval_data is None else as_split(eval_data)
+    loss = training_loss(model, data, config, loss, teacher)
     if resume and checkpoint is None:
         raise ConfigError("resume=True needs checkpoint=CheckpointSpec(directory) to resume from")
     if check_data_parallel(data_parallel) > 1:
         if checkpoint is not None:
             raise ConfigError("data-parallel training does not checkpoint: drop checkpoint/resume or use "
                               "data_parallel=1")
+        if not data.labelled or not isinstance(data.x, torch.Tensor):
+            raise ConfigError("data-parallel training needs labelled rows with one input tensor; distillation "
+                              "on unlabelled data and tuple/dict inputs train in one process: use data_parallel=1")
         from nnopt.training.ddp import ddp_train
 
         return ddp_train(model, data, config, world_size=data_parallel, loss=loss, eval_data=eval_data,
@@ -108,14 +127,14 @@ def train(
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    loss_fn = nn.CrossEntropyLoss()
     history = TrainHistory()
     first_epoch, step, saver = 0, 0, None
     if checkpoint is not None:
         from nnopt.checkpoint import Checkpointer, training_fingerprint
 
-        fingerprint = training_fingerprint(config, data, model, callbacks, eval_data=eval_data, loss=loss,
-                                           identity=checkpoint.identity)
+        held_out = None if eval_data is None else fingerprint_view(eval_data)
+        fingerprint = training_fingerprint(config, fingerprint_view(data), model, callbacks, eval_data=held_out,
+                                           loss=loss, identity=checkpoint.identity)
         saver = Checkpointer(checkpoint, fingerprint, config.epochs, model, optimizer, generator, callbacks)
         first_epoch, step = saver.begin(resume, history)
     earlier_seconds, start = history.seconds, time.perf_counter()
@@ -127,18 +146,21 @@ def train(
             total_loss, correct = 0.0, 0
             for x, y in data.batches(config.batch_size, shuffle=True, generator=generator):
                 optimizer.zero_grad(set_to_none=True)
-                logits = model(x)  # (batch, classes)
-                value = loss_fn(logits, y) if loss is None else loss(logits, x, y)
+                logits = call_model(model, x)  # (batch, classes) logits, or (batch, dim) embeddings
+                # no loss: labelled rows (training_loss distils where there are none)
+                value = loss(logits, x, y) if loss is not None else nn.functional.cross_entropy(logits, y)  # type: ignore[arg-type]
                 value.backward()
                 optimizer.step()
                 step += 1
                 for callback in callbacks:
                     callback.after_step(model)
-                total_loss += float(value.detach()) * len(y)
-                correct += int((logits.detach().argmax(-1) == y).sum())
+                total_loss += float(value.detach()) * input_rows(x)
+                if y is not None:
+                    correct += int((logits.detach().argmax(-1) == y).sum())
             history.loss.append(total_loss / len(data))
-            history.train_accuracy.append(correct / len(data))
-            if eval_data is not None:
+            if data.labelled:
+                history.train_accuracy.append(correct / len(data))
+            if eval_data is not None and eval_data.labelled:
                 history.eval_accuracy.append(accuracy(model, eval_data))
             run_after_epoch(callbacks, model, history.epochs - 1)
             if saver is not None:
@@ -150,6 +172,58 @@ def train(
     if saver is not None:
         saver.finish()
     return history
+
+
+def training_loss(
+    model: nn.Module, data: Split, config: TrainConfig, loss: Callable[..., torch.Tensor] | None,
+    teacher: nn.Module | None,
+) -> Callable[..., torch.Tensor] | None:
+    """The loss :func:`train` uses: ``loss`` if given; distillation from ``teacher`` (default: a frozen copy of
+    ``model`` now) without labels or with ``config.distill`` > 0; else None (cross-entropy)."""
+    if loss is not None:
+        if teacher is not None:
+            raise ConfigError("give train() a loss or a teacher, not both")
+        return loss
+    if data.labelled and config.distill == 0:
+        return None
+    import copy
+
+    from nnopt.training.distill import DistillationLoss
+
+    reference = copy.deepcopy(teacher if teacher is not None else model)  # private: the caller's stays as it is
+    reference.eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    weight = config.distill if data.labelled else 1.0
+    return DistillationLoss(reference, weight=weight, temperature=config.temperature)
+
+
+def fingerprint_view(split: Split) -> Split:
+    """The split as one tensor of inputs and one of labels, for checkpoint fingerprints (which digest both)."""
+    import hashlib
+
+    x = split.x
+    if not isinstance(x, torch.Tensor) or split.y is None:
+        digest = hashlib.sha256()
+        parts = sorted(x.items()) if isinstance(x, dict) else list(enumerate(x)) if isinstance(x, tuple) else [(0, x)]
+        for name, part in parts:
+            t = part.detach().cpu().contiguous()
+            digest.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        x = torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8).reshape(1, -1)
+        labels = torch.full((1,), -1) if split.y is None else split.y
+        return _FingerprintSplit(x, labels, len(split))  # type: ignore[return-value]
+    return split
+
+
+class _FingerprintSplit:
+    """What a checkpoint fingerprint reads of a split: its rows and one digestible tensor of each part."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, rows: int) -> None:
+        self.x, self.y, self.rows = x, y, rows
+
+    def __len__(self) -> int:
+        return self.rows
 
 
 def run_after_epoch(callbacks: Sequence[TrainCallback], model: nn.Module, epoch: int) -> None:

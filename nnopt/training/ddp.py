@@ -121,8 +121,8 @@ def ddp_train(
     # keep holding the copy's.
     private_model, private_callbacks, private_loss = copy.deepcopy((model, list(callbacks), loss))
     show = sys.stderr.isatty() if progress is None else progress  # decided here: children share the terminal
-    payload = (private_model.cpu(), private_callbacks, Split(data.x.clone(), data.y.clone()), config, private_loss,
-               None if eval_data is None else Split(eval_data.x.clone(), eval_data.y.clone()), show)
+    payload = (private_model.cpu(), private_callbacks, _copy(data), config, private_loss,
+               None if eval_data is None else _copy(eval_data), show)
     with tempfile.TemporaryDirectory(prefix="nnopt-ddp-") as tmp:
         _spawn(world_size, backend, payload, tmp)
         model.load_state_dict(load_file(str(Path(tmp) / _WEIGHTS)))  # safetensors: plain tensors, no code
@@ -244,6 +244,11 @@ def train_rank(
     return history
 
 
+def _copy(split: Split) -> Split:
+    """A private copy of a split (labelled rows with one input tensor: train() checks)."""
+    return Split(split.x.clone(), None if split.y is None else split.y.clone())
+
+
 def _epochs(ddp: nn.Module, model: nn.Module, data: Split, config: TrainConfig, loss: LossFn | None,
             eval_data: Split | None, callbacks: Sequence[TrainCallback], optimizer: torch.optim.Optimizer,
             generator: torch.Generator, history: TrainHistory, bar: Any) -> None:
@@ -258,6 +263,7 @@ def _epochs(ddp: nn.Module, model: nn.Module, data: Split, config: TrainConfig, 
         ddp.train()
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # (summed loss, correct) on this rank
         for x, y in data.batches(config.batch_size, shuffle=True, generator=generator):
+            assert y is not None  # train() sends only labelled rows with one input tensor here
             rows = len(y)  # global batch size; the last batch may be smaller
             xs = torch.tensor_split(x, world)[rank].to(device)  # (rows_on_rank, features)
             ys = torch.tensor_split(y, world)[rank].to(device)
