@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnopt.config import Config
-from nnopt.data import Split
+from nnopt.data import Split, as_split, call_model
 from nnopt.errors import ConfigError, SelectionError
 from nnopt.lineage import AppliedPass
-from nnopt.pruning.structured.groups import ChannelGroup, channel_groups, is_bert_encoder
+from nnopt.pruning.structured.groups import ChannelGroup, channel_groups, is_bert_encoder, weight_dim
 from nnopt.pruning.structured.importance import (
     IMPORTANCE,
     NEEDS_GRADIENTS,
@@ -35,8 +35,10 @@ from nnopt.pruning.structured.importance import (
     score,
 )
 from nnopt.pruning.structured.surgery import mask_channels, remove_channels, resize_layers
+from nnopt.pruning.structured.transformer_blocks import is_transformer, prepare_transformer, replay_prepare, sync_heads
 from nnopt.select import select_layers, validate_patterns
 from nnopt.techniques import Technique, register_technique, train_split
+from nnopt.training.distill import DistillationLoss
 
 STRUCTURED_PASS = "prune-structured"
 ALLOCATIONS = ("uniform", "global", "energy")
@@ -118,7 +120,11 @@ def prune_structured(model: nn.Module, config: StructuredPruneConfig, **context:
     example = context.get("example")
     if example is None:
         example = _example_input(model, data)
-    teacher = copy.deepcopy(model).eval() if config.distill > 0 else None
+    # Without labels, recovery distils from the unpruned model whatever ``distill`` says (nothing else to learn from).
+    unlabelled = isinstance(data, Split) and data.y is None
+    teacher = context.get("teacher") or copy.deepcopy(model).eval() if config.distill > 0 or (
+        config.finetune_epochs and unlabelled) else None
+    prepared = prepare_transformer(model)  # swaps attention layers for cuttable twins with equal outputs
     if context.get("data_parallel", 1) > 1 and config.finetune_epochs > 0 and not isinstance(data, Split):
         raise ConfigError("data-parallel recovery needs labelled data (a Split); a sentence encoder's "
                           "distillation runs in one process: use data_parallel=1")
@@ -139,6 +145,7 @@ def prune_structured(model: nn.Module, config: StructuredPruneConfig, **context:
         scores = {g.name: score(config.importance, ImportanceInputs(model, g, gradients, config.seed)) for g in groups}
         removed = _allocate(model, groups, scores, original, config, round_index / config.rounds)
         shapes.update(remove_channels(model, groups, removed))
+        sync_heads(model)
         entry: dict[str, Any] = {"round": round_index, "removed": sum(int(r.numel()) for r in removed.values())}
         if config.finetune_epochs > 0:
             entry["finetune_loss"] = _recover(model, teacher, data, config, context.get("data_parallel", 1))
@@ -150,18 +157,30 @@ def prune_structured(model: nn.Module, config: StructuredPruneConfig, **context:
         "groups": {name: {"before": original[name], "after": final.get(name, original[name])} for name in original},
         "importance": config.importance,
         "rounds": history,
+        **({"transformer": prepared} if any(prepared.values()) else {}),
     }
 
 
 def replay_structured(model: nn.Module, applied: AppliedPass) -> None:
+    replay_prepare(model, applied.details.get("transformer", {}))
     resize_layers(model, applied.details.get("shapes", {}))
+    sync_heads(model)
 
 
 def _example_input(model: nn.Module, data: Any) -> Any:
-    if is_bert_encoder(model):
+    """Two rows of the model's input, for tracing: from ``data`` (a Split, an input tensor of any shape
+    and dtype, or an (inputs, labels) pair), else zeros of the model's ``input_shape``."""
+    if is_bert_encoder(model) or is_transformer(model):
         return None
-    if isinstance(data, Split):
-        return data.x[:2]
+    inputs = data.x if isinstance(data, Split) else data
+    if isinstance(inputs, list) and inputs and isinstance(inputs[0], tuple):  # a list of (x, y) batches
+        inputs = inputs[0]
+    if isinstance(inputs, tuple | list) and inputs and isinstance(inputs[0], torch.Tensor):
+        inputs = inputs[0]
+    if isinstance(inputs, torch.Tensor) and inputs.dim() >= 1:
+        return inputs[:2]
+    if inputs is not None:  # tuples or dicts of inputs: channel_groups names what it needs
+        return inputs
     shape = getattr(model, "input_shape", None)
     if shape is None:
         raise ConfigError("structured pruning needs data=... or a model with an input_shape to trace it")
@@ -225,7 +244,7 @@ def channel_energy_pj(model: nn.Module, groups: list[ChannelGroup]) -> dict[str,
             weight = getattr(module, "weight", None)
             if member.role == "norm" or weight is None or member.module not in layers:
                 continue
-            width = weight.shape[0 if member.role == "out" else 1]
+            width = weight.shape[weight_dim(module, member.role)]
             total += layers[member.module] * member.inner / width
         saved[g.name] = total
     return saved
@@ -263,21 +282,27 @@ def _allocate_global(
 
 
 def _batches(data: Any, config: StructuredPruneConfig) -> Iterable[Any]:
-    if isinstance(data, Split):
-        generator = torch.Generator().manual_seed(config.seed)
-        return data.batches(config.batch_size, shuffle=True, generator=generator)
-    if isinstance(data, dict):
-        return [data]
-    return data
+    """Mini-batches for gradients and recovery: ``(x, y)`` pairs of a Split (``y`` None when unlabelled),
+    the inputs dict of token batches (sentence encoders), or the user's data converted to a Split."""
+    if isinstance(data, dict) or (isinstance(data, list) and data and isinstance(data[0], dict | tuple)):
+        return [data] if isinstance(data, dict) else data  # ready batches: token dicts, or (x, y) pairs
+    split = data if isinstance(data, Split) else as_split(data)
+    generator = torch.Generator().manual_seed(config.seed)
+    batches = split.batches(config.batch_size, shuffle=True, generator=generator)
+    if split.y is None and isinstance(split.x, dict):
+        return [x for x, _ in batches]  # unlabelled named inputs: the encoder's own loss
+    return batches
 
 
 def _task_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """Cross-entropy for (x, y) batches; for token batches of a sentence encoder (no labels), the
-    unsupervised SimCSE loss: two dropout views of each sentence should match each other."""
+    """Cross-entropy for (x, y) batches; without labels, cross-entropy against the model's own top-1
+    predictions (gradients of its confidence in what it predicts); for token batches of a sentence encoder,
+    the unsupervised SimCSE loss: two dropout views of each sentence should match each other."""
     if isinstance(batch, tuple | list) and len(batch) == 2:
         model.eval()  # importance of the trained network as it runs (BatchNorm statistics fixed)
         x, y = batch
-        return F.cross_entropy(model(x), y)
+        logits = call_model(model, x)
+        return F.cross_entropy(logits, logits.detach().argmax(-1) if y is None else y)
     if isinstance(batch, dict):
         model.train()  # dropout makes the two views differ
         first, second = model(**batch), model(**batch)  # (n, dim) each
@@ -290,36 +315,31 @@ def _recover(
     model: nn.Module, teacher: nn.Module | None, data: Any, config: StructuredPruneConfig, data_parallel: int = 1
 ) -> float:
     """Fine-tune after a round: cross-entropy (mixed with distillation if asked; in ``data_parallel``
-    processes if > 1) or, for sentence encoders, cosine distillation to the unpruned model's embeddings."""
-    if isinstance(data, Split):
+    processes if > 1); without labels, distillation from the unpruned model (``teacher``) only: KL of the
+    softened logits, or for sentence encoders and named inputs, cosine to its embeddings."""
+    tokens = isinstance(data, dict) or (isinstance(data, list) and bool(data) and isinstance(data[0], dict))
+    split = None if tokens else (data if isinstance(data, Split) else as_split(data))
+    if split is not None and split.y is not None:
         from nnopt.training import TrainConfig, train
 
         loss = None if teacher is None else distillation_loss(teacher, config.distill, config.temperature)
         history = train(
-            model, data, TrainConfig(epochs=config.finetune_epochs, batch_size=config.batch_size, lr=config.lr or 1e-3,
-                                     seed=config.seed), loss=loss, progress=False, data_parallel=data_parallel,
+            model, split, TrainConfig(epochs=config.finetune_epochs, batch_size=config.batch_size, lr=config.lr or 1e-3,
+                                      seed=config.seed), loss=loss, progress=False, data_parallel=data_parallel,
         )
         return float(history.loss[-1])
-    reference = teacher if teacher is not None else None
-    if reference is None:
-        raise ConfigError("fine-tuning a pruned sentence encoder distills from the original: set distill > 0")
-    return _distill_encoder(model, reference, list(_batches(data, config)), config)
+    if teacher is None:
+        raise ConfigError("recovery without labels distils from the unpruned model: set distill > 0 "
+                          "(nnopt.prune does so when the data has no labels)")
+    if split is not None and not isinstance(split.x, dict):
+        from nnopt.training import TrainConfig, train
 
-
-class DistillationLoss:
-    """``loss(logits, x, y)`` for :func:`nnopt.train`: (1 − weight)·cross-entropy + weight·T²·KL of
-    the softened outputs of ``teacher`` (Hinton et al., 2015). A class, not a closure, so that it
-    can travel to data-parallel training processes."""
-
-    def __init__(self, teacher: nn.Module, weight: float, temperature: float) -> None:
-        self.teacher, self.weight, self.temperature = teacher, weight, temperature
-
-    def __call__(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            soft = F.softmax(self.teacher(x) / self.temperature, dim=-1)
-        log_p = F.log_softmax(logits / self.temperature, dim=-1)
-        kd = F.kl_div(log_p, soft, reduction="batchmean") * self.temperature**2
-        return (1 - self.weight) * F.cross_entropy(logits, y) + self.weight * kd
+        history = train(model, split, TrainConfig(epochs=config.finetune_epochs, batch_size=config.batch_size,
+                                                  lr=config.lr or 1e-3, seed=config.seed,
+                                                  temperature=config.temperature),
+                        progress=False, data_parallel=data_parallel, teacher=teacher)
+        return float(history.loss[-1])
+    return _distill_encoder(model, teacher, list(_batches(data, config)), config)
 
 
 def distillation_loss(teacher: nn.Module, weight: float, temperature: float) -> DistillationLoss:

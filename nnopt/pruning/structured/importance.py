@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from nnopt.errors import ConfigError
-from nnopt.pruning.structured.groups import NORM_LAYERS, ChannelGroup, Member
+from nnopt.pruning.structured.groups import NORM_LAYERS, ROLES, ChannelGroup, Member, weight_dim
 
 
 @dataclasses.dataclass
@@ -73,6 +73,9 @@ def score(name: str, inputs: ImportanceInputs) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- per-channel views
 
+ALL_ROLES = ROLES
+OWN_ROLES = ("out", "depthwise")  # the weights that compute a channel (its rows and bias)
+
 
 def _params(module: nn.Module, member: Member) -> Iterator[tuple[str, torch.Tensor, int]]:
     """(parameter attribute, tensor, dimension of the channel) that ``member`` touches."""
@@ -81,9 +84,8 @@ def _params(module: nn.Module, member: Member) -> Iterator[tuple[str, torch.Tens
             yield "weight", module.weight, 0
             yield "bias", module.bias, 0
         return
-    dim = 0 if member.role == "out" else 1
-    yield "weight", module.weight, dim
-    if member.role == "out" and module.bias is not None:
+    yield "weight", module.weight, weight_dim(module, member.role)
+    if member.role in OWN_ROLES and module.bias is not None:
         yield "bias", module.bias, 0
 
 
@@ -109,9 +111,6 @@ def _reduce(
     return total
 
 
-ALL_ROLES = ("out", "in", "norm")
-
-
 def l1(inputs: ImportanceInputs) -> torch.Tensor:
     return _reduce(inputs, lambda _name, w: w.abs(), ALL_ROLES)
 
@@ -133,7 +132,7 @@ def _gradient_of(inputs: ImportanceInputs, table: str) -> Callable[[str, torch.T
 
 def gradient(inputs: ImportanceInputs) -> torch.Tensor:
     """I_i = Σ_j |∂L/∂w_ij| over channel i's incoming weights (and bias), summed over batches."""
-    return _reduce(inputs, _gradient_of(inputs, "abs_sum"), ("out",))
+    return _reduce(inputs, _gradient_of(inputs, "abs_sum"), OWN_ROLES)
 
 
 def taylor(inputs: ImportanceInputs) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """Cutting channels out of layers: the physical removal, its masked twin, and its replay on load.
 
-:func:`remove_channels` builds smaller dense layers (new ``nn.Linear``/``nn.Conv2d``/``BatchNorm``
-modules holding only the kept rows and columns), so the result runs on ordinary dense kernels.
+:func:`remove_channels` builds smaller dense layers (new ``nn.Linear``/``nn.ConvNd``/
+``nn.ConvTransposeNd``/``BatchNorm`` modules holding only the kept rows and columns; a depthwise
+convolution loses the removed channels on both sides and as many groups), so the result runs on
+ordinary dense kernels.
 :func:`mask_channels` zeroes the same channels in place instead; the two give the same outputs,
 which is what the equality tests check. :func:`resize_layers` re-creates the recorded shapes on
 load, before the weights are read.
@@ -16,24 +18,29 @@ import torch
 from torch import nn
 
 from nnopt.errors import ModelFormatError
-from nnopt.pruning.structured.groups import NORM_LAYERS, ChannelGroup
+from nnopt.pruning.structured.groups import (
+    CONV_LAYERS,
+    NORM_LAYERS,
+    PRUNABLE_LAYERS,
+    TRANSPOSED_CONV_LAYERS,
+    ChannelGroup,
+    is_depthwise,
+    weight_dim,
+)
 from nnopt.select import replace_layer
 
-_DIMS = {"out": 0, "in": 1, "norm": 0}
 
-
-def _positions(
-    groups: list[ChannelGroup], removed: dict[str, torch.Tensor]
-) -> dict[str, dict[int, torch.Tensor]]:
-    """Per module, per weight dimension: the indices that go."""
-    found: dict[str, dict[int, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
+def _positions(groups: list[ChannelGroup], removed: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Per module, per member role: the indices that go (along that role's dimension)."""
+    found: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
     for group in groups:
         channels = removed.get(group.name)
         if channels is None or channels.numel() == 0:
             continue
         for member in group.members:
-            found[member.module][_DIMS[member.role]].append(member.positions(channels))
-    return {name: {dim: torch.unique(torch.cat(parts)) for dim, parts in dims.items()} for name, dims in found.items()}
+            found[member.module][member.role].append(member.positions(channels))
+    return {name: {role: torch.unique(torch.cat(parts)) for role, parts in roles.items()}
+            for name, roles in found.items()}
 
 
 def _keep(size: int, gone: torch.Tensor | None) -> torch.Tensor:
@@ -51,48 +58,78 @@ def remove_channels(
     Returns the new shape of every layer it changed, for the saved record.
     """
     shapes: dict[str, dict[str, Any]] = {}
-    for name, dims in _positions(groups, removed).items():
+    for name, roles in _positions(groups, removed).items():
         module = model.get_submodule(name)
         if isinstance(module, NORM_LAYERS):
-            keep = _keep(module.num_features, dims.get(0))
+            keep = _keep(module.num_features, roles.get("norm"))
             replace_layer(model, name, _sliced_norm(module, keep))
             shapes[name] = {"type": type(module).__name__, "features": int(keep.numel())}
             continue
-        keep_out = _keep(module.weight.shape[0], dims.get(0))
-        keep_in = _keep(module.weight.shape[1], dims.get(1))
-        if keep_out.numel() == 0 or keep_in.numel() == 0:
-            raise ValueError(f"structured pruning would remove every channel of {name}")
-        replace_layer(model, name, _sliced_layer(module, keep_out, keep_in))
+        keep_out, keep_in = _kept_channels(name, module, roles)
+        new = _sliced_layer(module, keep_out, keep_in)
+        replace_layer(model, name, new)
         shapes[name] = {"type": type(module).__name__, "out": int(keep_out.numel()), "in": int(keep_in.numel())}
+        if getattr(new, "groups", 1) != 1:
+            shapes[name]["groups"] = int(new.groups)
     for group in groups:
         channels = removed.get(group.name)
         if group.kind == "head" and channels is not None and channels.numel():
             attention = model.get_submodule(group.members[0].module.rsplit(".", 1)[0])
+            if not hasattr(attention, "attention_head_size"):
+                continue  # not BERT: transformer_blocks.sync_heads sets the counts from the new widths
             _set_heads(attention, group.size - int(channels.numel()))
             shapes[group.name] = {"type": "heads", "heads": int(attention.num_attention_heads)}
     return shapes
 
 
+def _channel_counts(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    return module.out_channels, module.in_channels
+
+
+def _kept_channels(name: str, module: nn.Module, roles: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output channels, input channels) that stay, in the module's own numbering."""
+    out, inp = _channel_counts(module)
+    if "depthwise" in roles:
+        if not is_depthwise(module) or set(roles) != {"depthwise"}:
+            raise ModelFormatError(f"structured pruning found {name} both depthwise and not")
+        factor = out // inp
+        gone_in = torch.unique(roles["depthwise"] // factor)
+        keep_in = _keep(inp, gone_in)
+        keep_out = (keep_in[:, None] * factor + torch.arange(factor)[None, :]).flatten()
+        if keep_out.numel() != out - roles["depthwise"].numel():  # a multiplier's outputs go together
+            raise ModelFormatError(f"structured pruning would split the outputs of one channel of {name}")
+    else:
+        keep_out, keep_in = _keep(out, roles.get("out")), _keep(inp, roles.get("in"))
+    if keep_out.numel() == 0 or keep_in.numel() == 0:
+        raise ValueError(f"structured pruning would remove every channel of {name}")
+    return keep_out, keep_in
+
+
 def mask_channels(model: nn.Module, groups: list[ChannelGroup], removed: dict[str, torch.Tensor]) -> None:
     """Zero the same channels in place (rows, biases, norm entries and input columns)."""
     with torch.no_grad():
-        for name, dims in _positions(groups, removed).items():
+        for name, roles in _positions(groups, removed).items():
             module = model.get_submodule(name)
-            for dim, gone in dims.items():
+            for role, gone in roles.items():
                 if isinstance(module, NORM_LAYERS):
                     if module.affine:
                         module.weight[gone] = 0.0
                         module.bias[gone] = 0.0
                     continue
-                module.weight.index_fill_(dim, gone, 0.0)
-                if dim == 0 and module.bias is not None:
+                module.weight.index_fill_(weight_dim(module, role), gone, 0.0)
+                if role in ("out", "depthwise") and module.bias is not None:
                     module.bias[gone] = 0.0
 
 
 def _sliced_layer(module: nn.Module, keep_out: torch.Tensor, keep_in: torch.Tensor) -> nn.Module:
-    weight = module.weight.detach().index_select(0, keep_out).index_select(1, keep_in)
+    weight = module.weight.detach().index_select(weight_dim(module, "out"), keep_out)
+    groups = keep_in.numel() if is_depthwise(module) else 1
+    if not is_depthwise(module):  # a depthwise weight holds one input channel per row
+        weight = weight.index_select(weight_dim(module, "in"), keep_in)
     bias = None if module.bias is None else module.bias.detach()[keep_out]
-    new = _resized_layer(module, int(keep_out.numel()), int(keep_in.numel()))
+    new = _resized_layer(module, int(keep_out.numel()), int(keep_in.numel()), int(groups))
     with torch.no_grad():
         new.weight.copy_(weight)
         if bias is not None:
@@ -101,16 +138,18 @@ def _sliced_layer(module: nn.Module, keep_out: torch.Tensor, keep_in: torch.Tens
     return new
 
 
-def _resized_layer(module: nn.Module, out: int, inp: int) -> nn.Module:
+def _resized_layer(module: nn.Module, out: int, inp: int, groups: int = 1) -> nn.Module:
     kwargs = {"device": module.weight.device, "dtype": module.weight.dtype}
+    bias = module.bias is not None
     if type(module) is nn.Linear:
-        return nn.Linear(inp, out, bias=module.bias is not None, **kwargs)
-    if type(module) is nn.Conv2d:
-        return nn.Conv2d(
-            inp, out, module.kernel_size, module.stride, module.padding, module.dilation, module.groups,
-            module.bias is not None, module.padding_mode, **kwargs,
-        )
-    raise ModelFormatError(f"structured pruning cannot resize a {type(module).__name__}")
+        return nn.Linear(inp, out, bias=bias, **kwargs)
+    if type(module) in CONV_LAYERS:
+        return type(module)(inp, out, module.kernel_size, module.stride, module.padding, module.dilation, groups,
+                            bias, module.padding_mode, **kwargs)
+    if type(module) in TRANSPOSED_CONV_LAYERS and groups == 1:
+        return type(module)(inp, out, module.kernel_size, module.stride, module.padding, module.output_padding,
+                            groups, bias, module.dilation, module.padding_mode, **kwargs)
+    raise ModelFormatError(f"structured pruning cannot resize a {type(module).__name__} (groups={groups})")
 
 
 def _sliced_norm(module: nn.Module, keep: torch.Tensor) -> nn.Module:
@@ -147,10 +186,11 @@ def resize_layers(model: nn.Module, shapes: dict[str, dict[str, Any]]) -> None:
                 _set_heads(model.get_submodule(name.rsplit(".", 1)[0] + ".self"), int(shape["heads"]))
                 continue
             module = model.get_submodule(name)
-            if kind in ("BatchNorm1d", "BatchNorm2d") and type(module).__name__ == kind:
+            if type(module) in NORM_LAYERS and type(module).__name__ == kind:
                 replace_layer(model, name, _resized_norm(module, int(shape["features"])))
-            elif kind in ("Linear", "Conv2d") and type(module).__name__ == kind:
-                replace_layer(model, name, _resized_layer(module, int(shape["out"]), int(shape["in"])))
+            elif type(module) in PRUNABLE_LAYERS and type(module).__name__ == kind:
+                groups = int(shape.get("groups", 1))
+                replace_layer(model, name, _resized_layer(module, int(shape["out"]), int(shape["in"]), groups))
             else:
                 raise ModelFormatError(f"recorded pruned layer {name!r} is a {type(module).__name__}, not {kind}")
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
