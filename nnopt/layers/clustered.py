@@ -14,15 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnopt.errors import ModelFormatError, UnsupportedModelError
-from nnopt.layers.protocol import (
-    KernelCost,
-    conv_macs,
-    conv_repr,
-    copy_conv_geometry,
-    float_dtype_name,
-    linear_macs,
-    own_bytes,
-)
+from nnopt.layers.conv_geometry import ConvGeometry
+from nnopt.layers.protocol import KernelCost, conv_repr, float_dtype_name, linear_macs, own_bytes
 
 ZERO_INDEX = 0  # the reserved zero centroid, when a layer has one: pruned weights are index 0
 
@@ -101,28 +94,94 @@ class ClusteredLinear(_ClusteredWeight):
         return f"in_features={self.in_features}, out_features={self.out_features}, clusters={2**self.bits}"
 
 
-class ClusteredConv2d(_ClusteredWeight):
-    keras_layer = "Conv2D"
+class ClusteredConv(_ClusteredWeight):
+    """A convolution (1-D/2-D, plain or transposed, any groups and padding mode) computing with its codebook weight."""
 
-    def __init__(self, source: nn.Conv2d, bits: int, zero_centroid: bool = False) -> None:
+    keras_layer: str | None = None
+    geometry: ConvGeometry
+
+    def __init__(self, source: nn.Module, bits: int, zero_centroid: bool = False) -> None:
         super().__init__()
-        if source.padding_mode != "zeros":
-            raise UnsupportedModelError("only zero padding is supported for clustered Conv2d")
-        copy_conv_geometry(self, source)
-        self._init_clusters(source.weight.shape, bits, zero_centroid)
-        self.bias = None if source.bias is None else nn.Parameter(source.bias.detach().clone())
+        ConvGeometry.of(source).copy_to(self)
+        weight: torch.Tensor = source.weight  # type: ignore[assignment]
+        self._init_clusters(weight.shape, bits, zero_centroid)
+        bias: torch.Tensor | None = source.bias  # type: ignore[assignment]
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     def macs(self, output: torch.Tensor) -> int:
-        return conv_macs(self.weight_indices.shape, output)
+        return self.geometry.macs(self.weight_indices.shape, output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return self.geometry.run(x, self.dense_weight(), self.bias)
 
     def extra_repr(self) -> str:
-        return conv_repr(self, f", clusters={2**self.bits}")
+        groups = "" if self.groups == 1 else f", groups={self.groups}"
+        return conv_repr(self, f"{groups}, clusters={2**self.bits}")
+
+
+class ClusteredConv2d(ClusteredConv):
+    keras_layer = "Conv2D"  # the Keras exporter itself refuses groups, dilation and padding modes it lacks
+
+
+class ClusteredConv1d(ClusteredConv):
+    pass
+
+
+class ClusteredConvTranspose1d(ClusteredConv):
+    pass
+
+
+class ClusteredConvTranspose2d(ClusteredConv):
+    pass
+
+
+class ClusteredEmbedding(_ClusteredWeight):
+    """An Embedding table as codebook indices; a lookup gathers only the rows it reads."""
+
+    keras_layer = None
+
+    def __init__(self, source: nn.Embedding, bits: int, zero_centroid: bool = False) -> None:
+        super().__init__()
+        if source.max_norm is not None or source.sparse:
+            raise UnsupportedModelError("clustered Embedding supports tables without max_norm and sparse gradients")
+        self.num_embeddings, self.embedding_dim = source.num_embeddings, source.embedding_dim
+        self.padding_idx = source.padding_idx
+        self._init_clusters(source.weight.shape, bits, zero_centroid)
+        self.bias = None
+
+    def macs(self, output: torch.Tensor) -> int:
+        return 0  # a lookup
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight_indices.index_select(0, ids.reshape(-1)).reshape(-1).to(torch.int32)
+        return self.codebook.index_select(0, rows).view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, clusters={2**self.bits}"
+
+
+class ClusteredMatrix(_ClusteredWeight):
+    """One weight matrix of a layer that holds several (an LSTM's ``weight_ih_l0``, attention's
+    ``in_proj_weight``) as codebook indices. Not called itself: its owner computes with :meth:`dense_weight`."""
+
+    keras_layer = None
+
+    def __init__(self, source: torch.Tensor, bits: int, zero_centroid: bool = False) -> None:
+        super().__init__()
+        self._init_clusters(source.shape, bits, zero_centroid)
+
+    def macs(self, output: torch.Tensor) -> int:
+        return 0  # the owner's call does the arithmetic
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight_indices.shape)}, clusters={2**self.bits}"
 
 
 CLUSTERED_TYPES: dict[type[nn.Module], type[_ClusteredWeight]] = {
     nn.Linear: ClusteredLinear,
+    nn.Conv1d: ClusteredConv1d,
     nn.Conv2d: ClusteredConv2d,
+    nn.ConvTranspose1d: ClusteredConvTranspose1d,
+    nn.ConvTranspose2d: ClusteredConvTranspose2d,
+    nn.Embedding: ClusteredEmbedding,
 }

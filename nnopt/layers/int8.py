@@ -11,23 +11,18 @@ live in :mod:`nnopt.quantization.ptq`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nnopt.errors import ConfigError, ModelFormatError, UnsupportedModelError
 from nnopt.layers import kernels as K
 from nnopt.layers import primitives as P
-from nnopt.layers.protocol import (
-    KernelCost,
-    conv_macs,
-    conv_repr,
-    copy_conv_geometry,
-    float_dtype_name,
-    linear_macs,
-    own_bytes,
-)
+from nnopt.layers.conv_geometry import ConvGeometry
+from nnopt.layers.protocol import KernelCost, conv_macs, conv_repr, float_dtype_name, linear_macs, own_bytes
 
 
 class _Int8Weight(nn.Module):
@@ -275,33 +270,129 @@ class Int8StaticLinear(_Int8Static):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
-class Int8StaticConv2d(_Int8Static):
-    def __init__(self, source: nn.Conv2d) -> None:
+class _Int8StaticConv(_Int8Static):
+    """A 1-D or 2-D convolution (any groups, stride, dilation, padding and padding mode) with int8 weights per
+    output channel and a calibrated int8 input.
+
+    Padding holds the code of 0.0 (the zero point), or the padded codes for reflect/replicate/circular, so
+    the integer sums equal those of the float layer's padded input. The sums run as an int8 GEMM over
+    im2col patches where ``torch._int_mm`` is the int8 GEMM chosen here and the layer has one group, else as
+    exact float32 convolutions of the codes (:func:`nnopt.layers.kernels.conv_path`): the same integers, at
+    fp32 speed plus the quantization passes, so slower than the float layer there.
+    """
+
+    geometry: ConvGeometry
+    in_channels: int
+    out_channels: int
+    groups: int
+    _conv_codes: tuple[tuple[int, int, str], torch.Tensor] | None = None
+    _inside: tuple[tuple[object, ...], torch.Tensor] | None = None
+
+    def __init__(self, source: nn.Module) -> None:
         super().__init__()
-        if source.padding_mode != "zeros" or source.groups != 1 or isinstance(source.padding, str):
-            raise UnsupportedModelError("static int8 Conv2d supports groups=1 and numeric zero padding only")
-        copy_conv_geometry(self, source)  # groups is 1
-        self._init_weight(source.weight, source.bias)
+        geometry = ConvGeometry.of(source)
+        if geometry.transposed:
+            raise UnsupportedModelError("static int8 has no transposed-convolution kernel")
+        geometry.copy_to(self)
+        weight: torch.Tensor = source.weight  # type: ignore[assignment]
+        self._init_weight(weight, source.bias)  # type: ignore[arg-type]
         self._init_input()
+
+    def conv_path(self) -> str:
+        return K.conv_path(self.groups, self.weight_q.device.type)
+
+    def kernel_cost(self, inputs: Sequence[torch.Tensor], output: torch.Tensor) -> KernelCost:
+        path = self.conv_path()
+        cost = super().kernel_cost(inputs, output)
+        if path == "torch-int-mm":
+            return cost
+        return dataclasses.replace(cost, kernel=f"int8 codes, {path} convolution", dtype="fp32")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
+            if self.geometry.dims != 2 or self.groups != 1 or not self.geometry.plain:
+                raise UnsupportedModelError(
+                    f"ONNX export of static int8 {self.geometry.describe()} is not supported "
+                    "(only 2-D, groups=1, numeric zero padding)")
             from nnopt.io.onnx_export import static_int8
 
             return static_int8(self, x)
+        path = self.conv_path()
         zero = self.input_zero_point
-        patches, (out_h, out_w) = K.im2col_codes(
-            self.quantize_input(x), zero, self.kernel_size, self.stride, self.padding, self.dilation
-        )
+        if path == "torch-int-mm":
+            codes = self.geometry.pad_codes(self.quantize_input(x).to(torch.float32), float(zero))
+            return self._im2col_forward(codes)
+        codes = K.activation_codes_float(x, self.input_scale, zero.to(torch.float32))
+        g, shape = self.geometry, (-1, *([1] * self.geometry.dims))
+        if g.padding_mode == "zeros":
+            # conv pads with 0, not the zero point: Σ (x_q − z) w_q = conv(x_q) − z · (Σ of the taps that are
+            # inside the input), a per-position constant of the input size
+            acc = K.int8_conv(codes, self._codes_float(), g.run_centered, self.groups, path)
+            acc = acc - zero.to(acc.dtype) * self._inside_sums(codes.shape[2:], acc.dtype)
+        else:
+            acc = K.int8_conv(g.pad_codes(codes, float(zero)), self._codes_float(), g.run_unpadded, self.groups, path)
+            acc = acc - zero.to(acc.dtype) * self.weight_colsum.to(acc.dtype).view(shape)
+        multiplier = (self.weight_step / self.input_scale).to(acc.dtype).view(shape)
+        out = acc.mul_(multiplier) if self.bias is None else torch.addcmul(
+            self.bias.to(acc.dtype).view(shape), acc, multiplier)
+        return out.to(torch.float32)
+
+    def _inside_sums(self, spatial: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """(out, *positions): the sum of each output position's weight codes over the taps inside the input
+        (the full Σ w_q but at the borders); exact integers, cached per input size."""
+        codes = self._codes_float()
+        key = (tuple(spatial), codes.data_ptr(), K.tensor_version(self.weight_q), dtype)
+        cached = self._inside
+        if cached is None or cached[0] != key:
+            ones = torch.ones(1, self.in_channels, *spatial, dtype=torch.float64, device=codes.device)
+            sums = self.geometry.run_centered(ones, codes.double())[0].to(dtype)
+            cached = self._inside = (key, sums)
+        return cached[1]
+
+    def _im2col_forward(self, codes: torch.Tensor) -> torch.Tensor:
+        g = self.geometry
+        planar = codes if g.dims == 2 else codes.unsqueeze(2)  # 1-D as a 1 × L image
+        lift = (lambda t: t) if g.dims == 2 else (lambda t: (1, *t))
+        cols = F.unfold(planar, lift(g.kernel_size), dilation=lift(g.dilation), stride=lift(g.stride))
+        n, _, positions = cols.shape  # (n, in · kernel, positions)
+        patches = cols.transpose(1, 2).reshape(n * positions, -1).to(torch.int8)
         out = K.int8_linear(
-            patches, self.input_scale, zero, self.weight_q.flatten(1), self.weight_step, self.weight_colsum,
-            self.bias, self.gemm_codes_fp32(),
-        )  # (n · out_h · out_w, out_channels)
-        return out.reshape(x.shape[0], out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
+            patches, self.input_scale, self.input_zero_point, self.weight_q.flatten(1), self.weight_step,
+            self.weight_colsum, self.bias,
+        )  # (n · positions, out_channels)
+        spatial = [
+            (size - g.dilation[i] * (g.kernel_size[i] - 1) - 1) // g.stride[i] + 1
+            for i, size in enumerate(codes.shape[2:])
+        ]
+        return out.reshape(n, *spatial, self.out_channels).movedim(-1, 1)
+
+    def _codes_float(self) -> torch.Tensor:
+        """The weight codes as float32 in the weight's shape, kept so that no call converts them again."""
+        codes = self.weight_q
+        key = (codes.data_ptr(), K.tensor_version(codes), str(codes.device))
+        cached = self._conv_codes
+        if cached is None or cached[0] != key:
+            cached = self._conv_codes = (key, codes.to(torch.float32))
+        return cached[1]
+
+    def refresh(self) -> None:
+        super().refresh()
+        self._conv_codes = self._inside = None
 
     def extra_repr(self) -> str:
-        return conv_repr(self, "")
+        groups = "" if self.groups == 1 else f", groups={self.groups}"
+        return conv_repr(self, groups)
 
 
-INT8_TYPES = (Int8DynamicLinear, Int8Embedding, Int8StaticLinear, Int8StaticConv2d)
-STATIC_TYPES: dict[type[nn.Module], type[_Int8Static]] = {nn.Linear: Int8StaticLinear, nn.Conv2d: Int8StaticConv2d}
+class Int8StaticConv2d(_Int8StaticConv):
+    pass
+
+
+class Int8StaticConv1d(_Int8StaticConv):
+    pass
+
+
+INT8_TYPES = (Int8DynamicLinear, Int8Embedding, Int8StaticLinear, Int8StaticConv1d, Int8StaticConv2d)
+STATIC_TYPES: dict[type[nn.Module], type[_Int8Static]] = {
+    nn.Linear: Int8StaticLinear, nn.Conv1d: Int8StaticConv1d, nn.Conv2d: Int8StaticConv2d,
+}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -165,23 +166,111 @@ def _time_exact_gemms(rounds: int = 3) -> str:
     return min(best, key=lambda name: best[name])
 
 
-def im2col_codes(
-    x_q: torch.Tensor, zero: torch.Tensor | float, kernel_size: tuple[int, int], stride: tuple[int, int],
-    padding: tuple[int, int], dilation: tuple[int, int],
-) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Unfold int8 activation codes for a convolution; padding holds the zero point (the code of 0.0).
+# --------------------------------------------------------------------------- convolutions over int8 codes
 
-    Returns the (n · out_h · out_w, in · kh · kw) int8 patch matrix and the output size.
+
+def conv_path(groups: int, device: str = "cpu") -> str:
+    """The kernel a static int8 convolution runs: ``torch-int-mm`` (im2col + int8 GEMM) where that is the int8
+    GEMM chosen here and the convolution has one group; else ``fp32-exact`` (float32 convolutions of the codes,
+    exact where they passed their check: :func:`conv_fp32_exact`), else ``float64``."""
+    if device != "cpu":
+        return "float64"
+    exact = conv_fp32_exact()
+    if groups == 1 and int8_gemm_path(dynamic=False) == "torch-int-mm" and (not exact or _faster_conv() == "im2col"):
+        return "torch-int-mm"
+    return "fp32-exact" if exact else "float64"
+
+
+_FASTER_CONV: list[str] = []
+
+
+def _faster_conv() -> str:
+    """``"im2col"`` (unfold + ``torch._int_mm``) or ``"fp32-exact"``, whichever ran a mid-sized 3×3 convolution
+    faster here (timed once per process): the unfold costs the int8 GEMM path more than the GEMM timing shows."""
+    if not _FASTER_CONV:
+        _FASTER_CONV.append(torch.compiler.disable(_time_conv_paths)())
+    return _FASTER_CONV[0]
+
+
+def _time_conv_paths(rounds: int = 3) -> str:
+    import time
+
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(-128, 128, (4, 32, 32, 32), generator=generator).to(torch.float32)
+    w_q = torch.randint(-127, 128, (64, 32, 3, 3), dtype=torch.int8, generator=generator)
+    w_float, w_flat = w_q.to(torch.float32), w_q.flatten(1)
+
+    def im2col() -> torch.Tensor:
+        cols = F.unfold(F.pad(codes, (1, 1, 1, 1), value=3.0), 3)  # (n, in · 9, positions)
+        patches = cols.transpose(1, 2).reshape(-1, cols.shape[1]).to(torch.int8)
+        return torch._int_mm(patches, w_flat.t())
+
+    calls = {"im2col": im2col, "fp32-exact": lambda: F.conv2d(codes, w_float, None, 1, 1)}
+    best = dict.fromkeys(calls, float("inf"))
+    with torch.inference_mode():
+        for _ in range(rounds + 1):  # alternated; the first round warms up
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return min(best, key=lambda name: best[name])
+
+
+_CONV_EXACT: list[bool] = []
+
+
+def conv_fp32_exact() -> bool:
+    """Whether float32 convolutions of centered int8 codes give exact integer sums here (no Winograd/FFT, no
+    bf16 or tf32 reduction): checked once per process on extreme codes, plain and depthwise, against float64."""
+    if not _CONV_EXACT:
+        generator = torch.Generator().manual_seed(0)
+        ok = True
+        for channels, groups, kernel in ((32, 1, 4), (32, 32, 3)):  # depth 512 and a depthwise 3×3
+            x = torch.randint(-255, 256, (1, channels, 6, 6), generator=generator).to(torch.float32)
+            w = torch.randint(-127, 128, (channels, channels // groups, kernel, kernel), generator=generator)
+            w = torch.where(w >= 0, 127, -127).to(torch.float32)  # extreme magnitudes: the largest sums
+            with torch.autocast("cpu", enabled=False), torch.inference_mode():
+                got = F.conv2d(x, w, None, 1, 0, 1, groups)
+                want = F.conv2d(x.double(), w.double(), None, 1, 0, 1, groups)
+            ok = ok and bool(torch.equal(got.double(), want))
+        _CONV_EXACT.append(ok)
+    return _CONV_EXACT[0]
+
+
+def activation_codes_float(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """:func:`quantize_activation`'s int8 codes, held as float32 (a convolution's input)."""
+    return torch.round(x * scale).add_(zero).clamp_(INT8_MIN, INT8_MAX)
+
+
+def int8_conv(
+    codes: torch.Tensor, w_codes: torch.Tensor, conv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    groups: int, path: str,
+) -> torch.Tensor:
+    """Exact ``Σ x_q · w_q`` of a convolution ``conv(x, w)`` over int8 activation codes held as float32
+    (n, in, *spatial) and weight codes as float32 (out, in / groups, *kernel). Returns float32 sums, or
+    float64 where they may pass float32's exact integers.
+
+    ``fp32-exact``: one float32 convolution where the depth (in / groups · kernel) is at most
+    :data:`EXACT_FP32_DEPTH`, else float32 convolutions over blocks of input channels (within each group)
+    of at most that depth, summed in float64; ``float64``: one float64 convolution.
     """
-    n, _, h, w = x_q.shape
-    codes = x_q.to(torch.float32)  # unfold has no int8 kernel; codes are exact in float32
-    if any(padding):
-        codes = F.pad(codes, (padding[1], padding[1], padding[0], padding[0]), value=float(zero))
-    cols = F.unfold(codes, kernel_size, dilation=dilation, stride=stride)  # (n, c·kh·kw, L)
-    out_h = (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
-    out_w = (w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
-    patches = cols.transpose(1, 2).reshape(n * out_h * out_w, -1).to(torch.int8)
-    return patches, (out_h, out_w)
+    with torch.autocast(codes.device.type, enabled=False):
+        per_group, window = w_codes.shape[1], w_codes[0, 0].numel()
+        step = EXACT_FP32_DEPTH // window
+        if path != "fp32-exact" or step == 0:  # step 0: one channel's window is deeper than float32 sums exactly
+            return conv(codes.double(), w_codes.double())
+        if step >= per_group:
+            return conv(codes, w_codes)
+        n, spatial = codes.shape[0], codes.shape[2:]
+        grouped = codes.reshape(n, groups, per_group, *spatial)
+        acc: torch.Tensor | None = None
+        for start in range(0, per_group, step):
+            stop = min(start + step, per_group)
+            block = grouped[:, :, start:stop].reshape(n, groups * (stop - start), *spatial)
+            part = conv(block, w_codes[:, start:stop].contiguous()).double()
+            acc = part if acc is None else acc.add_(part)
+        assert acc is not None
+        return acc
 
 
 _INT8_GEMM_OK: dict[str, bool] = {}

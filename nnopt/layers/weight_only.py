@@ -63,9 +63,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnopt.errors import UnsupportedModelError
 from nnopt.layers import primitives as P
+from nnopt.layers.conv_geometry import ConvGeometry
 from nnopt.layers.kernels import tensor_version
-from nnopt.layers.protocol import KernelCost, conv_macs, conv_repr, copy_conv_geometry, linear_macs, own_bytes
+from nnopt.layers.protocol import KernelCost, conv_repr, linear_macs, own_bytes
 
 COMPUTE_MODES = ("auto", "kernel", "dequantize")
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts, widest first
@@ -289,35 +291,142 @@ class QuantizedLinear(_QuantizedWeight):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
 
 
-class QuantizedConv2d(_QuantizedWeight):
-    keras_layer = "Conv2D"
+class QuantizedConv(_QuantizedWeight):
+    """A convolution (1-D/2-D, plain or transposed, any groups, padding mode) whose weight is stored as codes.
+
+    No weight-only convolution kernel exists in torch for CPU: every call dequantizes, then runs the
+    source's float convolution (:class:`~nnopt.layers.conv_geometry.ConvGeometry`). A transposed
+    convolution's weight is (in, out / groups, *kernel), so its "per channel" scales run over input channels.
+    """
+
+    keras_layer: str | None = None
 
     def __init__(
-        self, source: nn.Conv2d, bits: int, qparam_shape: tuple[int, ...], *, group_size: int | None = None,
+        self, source: nn.Module, bits: int, qparam_shape: tuple[int, ...], *, group_size: int | None = None,
         packed: bool = False, compute: str = "auto",
     ) -> None:
         super().__init__()
-        if source.padding_mode != "zeros":
-            raise ValueError("only zero padding is supported for quantized Conv2d")
-        copy_conv_geometry(self, source)
-        self._init_weight_buffers(source.weight.shape, bits, qparam_shape, group_size, packed, compute)
-        self.bias = None if source.bias is None else nn.Parameter(source.bias.detach().clone())
+        try:
+            geometry = ConvGeometry.of(source)
+        except UnsupportedModelError as exc:
+            raise ValueError(str(exc)) from None
+        geometry.copy_to(self)
+        weight: torch.Tensor = source.weight  # type: ignore[assignment]
+        self._init_weight_buffers(weight.shape, bits, qparam_shape, group_size, packed, compute)
+        bias: torch.Tensor | None = source.bias  # type: ignore[assignment]
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     def macs(self, output: torch.Tensor) -> int:
-        return conv_macs(self.weight_shape, output)
+        return self.geometry.macs(self.weight_shape, output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # No weight-only conv kernel exists in torch for CPU: always dequantize.
-        return F.conv2d(
-            x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups
-        )
+        return self.geometry.run(x, self.dense_weight(), self.bias)
 
     def extra_repr(self) -> str:
         group = "" if self.group_size is None else f", group_size={self.group_size}"
-        return conv_repr(self, f", bits={self.bits}{group}")
+        groups = "" if self.groups == 1 else f", groups={self.groups}"
+        return conv_repr(self, f"{groups}, bits={self.bits}{group}")
+
+
+class QuantizedConv2d(QuantizedConv):
+    keras_layer = "Conv2D"  # the Keras exporter itself refuses groups, dilation and padding modes it lacks
+
+
+class QuantizedConv1d(QuantizedConv):
+    pass
+
+
+class QuantizedConvTranspose1d(QuantizedConv):
+    pass
+
+
+class QuantizedConvTranspose2d(QuantizedConv):
+    pass
+
+
+class QuantizedEmbedding(_QuantizedWeight):
+    """An Embedding table as codes; a lookup dequantizes only the rows it reads (per-tensor, per-row
+    (``per_channel``) or per-group scales along the embedding dimension)."""
+
+    keras_layer = None
+    weight_q: torch.Tensor
+    weight_packed: torch.Tensor
+    weight_zero_point: torch.Tensor
+
+    def __init__(
+        self, source: nn.Embedding, bits: int, qparam_shape: tuple[int, ...], *, group_size: int | None = None,
+        packed: bool = False, compute: str = "auto",
+    ) -> None:
+        super().__init__()
+        if source.max_norm is not None or source.sparse:
+            raise ValueError("quantized Embedding supports tables without max_norm and sparse gradients")
+        self.num_embeddings, self.embedding_dim = source.num_embeddings, source.embedding_dim
+        self.padding_idx = source.padding_idx
+        self._init_weight_buffers(source.weight.shape, bits, qparam_shape, group_size, packed, compute)
+        self.bias = None
+
+    def macs(self, output: torch.Tensor) -> int:
+        return 0  # a lookup
+
+    def kernel_cost(self, inputs: Sequence[torch.Tensor], output: torch.Tensor) -> KernelCost:
+        """A lookup reads the gathered rows' codes and scales, then dequantizes each value."""
+        elements = output.numel()
+        code_bytes = elements // 2 if self.packed else elements * self.weight_q.element_size()
+        return KernelCost(f"lookup, weight-only {self.weight_storage}", "fp32", 0, code_bytes,
+                          (("multiply", "fp32", elements), ("add", "fp32", elements)))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = ids.reshape(-1)
+        if self.packed:
+            codes = P.unpack_int4(self.weight_packed.index_select(0, rows))  # (rows, dim)
+            zero: torch.Tensor | int = 0
+        else:
+            codes = self.weight_q.index_select(0, rows)
+            zero = self._rows(self.weight_zero_point, rows)
+        scale = self._rows(self.weight_scale, rows)
+        if self.group_size is None:
+            values = P.dequantize(codes, scale, zero)
+        else:
+            zero_g = zero if isinstance(zero, int) else zero.unsqueeze(-1)
+            values = P.dequantize_grouped(codes, scale.unsqueeze(-1), zero_g, self.group_size)
+        return values.reshape(*ids.shape, self.embedding_dim)
+
+    @staticmethod
+    def _rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The per-row (or per-group) parameters of the rows read; a per-tensor one as is."""
+        return table if table.shape[0] == 1 else table.index_select(0, rows)
+
+    def extra_repr(self) -> str:
+        group = "" if self.group_size is None else f", group_size={self.group_size}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}{group}"
+
+
+class QuantizedMatrix(_QuantizedWeight):
+    """One weight matrix of a layer that holds several (an LSTM's ``weight_ih_l0``, attention's
+    ``in_proj_weight``), stored as codes. Not called itself: its owner computes with :meth:`dense_weight`."""
+
+    keras_layer = None
+
+    def __init__(
+        self, source: torch.Tensor, bits: int, qparam_shape: tuple[int, ...], *, group_size: int | None = None,
+        packed: bool = False, compute: str = "auto",
+    ) -> None:
+        super().__init__()
+        self._init_weight_buffers(source.shape, bits, qparam_shape, group_size, packed, "dequantize")
+
+    def macs(self, output: torch.Tensor) -> int:
+        return 0  # the owner's call does the arithmetic
+
+    def extra_repr(self) -> str:
+        group = "" if self.group_size is None else f", group_size={self.group_size}"
+        return f"{tuple(self.weight_shape)}, bits={self.bits}{group}"
 
 
 QUANTIZED_TYPES: dict[type[nn.Module], type[_QuantizedWeight]] = {
     nn.Linear: QuantizedLinear,
+    nn.Conv1d: QuantizedConv1d,
     nn.Conv2d: QuantizedConv2d,
+    nn.ConvTranspose1d: QuantizedConvTranspose1d,
+    nn.ConvTranspose2d: QuantizedConvTranspose2d,
+    nn.Embedding: QuantizedEmbedding,
 }

@@ -27,12 +27,13 @@ from torch import nn
 
 from nnopt.config import Config
 from nnopt.data import Split
-from nnopt.errors import ConfigError, ModelFormatError, UnsupportedModelError
-from nnopt.layers.clustered import CLUSTERED_TYPES, ZERO_INDEX, _ClusteredWeight
-from nnopt.layers.weight_only import QUANTIZED_TYPES, _QuantizedWeight
+from nnopt.errors import ConfigError, ModelFormatError
+from nnopt.layers.clustered import CLUSTERED_TYPES, ZERO_INDEX, ClusteredMatrix, _ClusteredWeight
+from nnopt.layers.weight_only import _QuantizedWeight
 from nnopt.lineage import AppliedPass
-from nnopt.quantization.targets import check_target
-from nnopt.select import replace_layer, select_layers, validate_patterns
+from nnopt.quantization import parts
+from nnopt.quantization.targets import choose_targets
+from nnopt.select import replace_layer, validate_patterns
 from nnopt.techniques import Technique, register_technique, train_split
 
 PASS_NAME = "cluster"
@@ -40,6 +41,8 @@ MIN_BITS, MAX_BITS = 2, 8  # indices are stored as uint8
 INITS: tuple[str, ...] = ("linear", "kmeans++")
 _KMEANSPP_SAMPLE = 1 << 16  # k-means++ seeding runs on at most this many sampled values
 _CHUNK = 1 << 20  # values per assignment step: bounds the float64 temporaries' memory
+# Layers clustering covers: one weight (CLUSTERED_TYPES) or several matrices (LSTM, GRU, attention).
+SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (*CLUSTERED_TYPES, *parts.MULTI_MATRIX_TYPES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +53,8 @@ class ClusterConfig(Config):
     Compression compared, because it keeps centroids for the rare large weights) or ``"kmeans++"``.
     ``iterations`` bounds Lloyd's steps. ``finetune_epochs > 0`` trains the centroids (and biases)
     on ``data`` with Adam at ``lr``. ``layers`` selects layers (names, ``re:`` patterns, ``type:``
-    names); empty means every Linear and Conv2d.
+    names); empty means every layer it covers (Linear, Conv1d/Conv2d of any groups, ConvTranspose1d/2d,
+    Embedding, and each matrix of LSTM, GRU and ``nn.MultiheadAttention``); others are recorded as skipped.
     """
 
     kind = "cluster"
@@ -217,28 +221,27 @@ def cluster_weights(model: nn.Module, config: ClusterConfig, **context: Any) -> 
         raise ConfigError(
             f"ClusterConfig.finetune_epochs > 0 needs data= a Split with labels, got {type(data).__name__}"
         )
-    # Quantized and clustered twins are in the default selection so that re-clustering names the problem.
-    default_types = (*CLUSTERED_TYPES, *QUANTIZED_TYPES.values(), *CLUSTERED_TYPES.values())
-    targets = select_layers(model, config.layers, default_types=default_types)
+    already = ((_ClusteredWeight, "clustered"), (_QuantizedWeight, "quantized"))
+    targets, skipped = choose_targets(model, config.layers, SUPPORTED_TYPES, "weight clustering", already=already,
+                                      refuse=_refusal)
     originals: dict[str, torch.Tensor] = {}
     details: dict[str, Any] = {}
     for name, module in targets:
-        _check_clusterable(name, module)
+        if isinstance(module, parts.MULTI_MATRIX_TYPES):
+            built, infos = {}, {}
+            for key, weight in parts.matrices(module).items():
+                built[key], infos[key] = _clustered(weight.detach(), ClusteredMatrix, weight, config)
+                originals[f"{name}.{key}"] = weight.detach()
+            replace_layer(model, name, parts.assemble(module, built))
+            details[name] = {"type": type(module).__name__, "parts": infos}
+            continue
         weight = module.weight.detach()
-        codebook, indices, zero_centroid = cluster_weight(
-            weight, config.bits, config.init, config.iterations, config.seed
-        )
-        cmodule = CLUSTERED_TYPES[type(module)](module, config.bits, zero_centroid)
-        cmodule.set_clusters(codebook, indices)
+        cmodule, details[name] = _clustered(weight, CLUSTERED_TYPES[type(module)], module, config)
         replace_layer(model, name, cmodule)
         originals[name] = weight
-        details[name] = {
-            "shape": list(weight.shape),
-            "clusters": 2**config.bits,
-            "zero_centroid": zero_centroid,
-            "mse": _mse(cmodule, weight),
-        }
     result: dict[str, Any] = {"layers": details}
+    if skipped:
+        result["skipped"] = skipped
     if config.finetune_epochs > 0:
         from nnopt.pruning.masks import MaskKeeper
         from nnopt.training import TrainConfig, train
@@ -252,16 +255,29 @@ def cluster_weights(model: nn.Module, config: ClusterConfig, **context: Any) -> 
             progress=context.get("progress"), data_parallel=context.get("data_parallel", 1),
         )
         for name, weight in originals.items():
-            details[name]["mse_after_finetune"] = _mse(model.get_submodule(name), weight)
+            owner, _, key = name.rpartition(".")
+            info = details[name] if name in details else details[owner]["parts"][key]
+            info["mse_after_finetune"] = _mse(model.get_submodule(name), weight)
         result["finetune"] = {"epochs": config.finetune_epochs, "loss": history.loss}
     return result
 
 
-def _check_clusterable(name: str, module: nn.Module) -> None:
-    already = ((_ClusteredWeight, "clustered"), (_QuantizedWeight, "quantized"))
-    check_target(name, module, CLUSTERED_TYPES, "weight clustering", already=already)
-    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
-        raise UnsupportedModelError(f"layer {name!r}: only zero padding is supported for clustered Conv2d")
+def _clustered(weight: torch.Tensor, ctype: Any, source: Any, config: ClusterConfig) -> tuple[Any, dict[str, Any]]:
+    """The clustered twin of ``source`` (a layer, or one matrix of a layer) and what to record of it."""
+    codebook, indices, zero_centroid = cluster_weight(weight, config.bits, config.init, config.iterations, config.seed)
+    cmodule = ctype(source, config.bits, zero_centroid)
+    cmodule.set_clusters(codebook, indices)
+    info = {"shape": list(weight.shape), "clusters": 2**config.bits, "zero_centroid": zero_centroid,
+            "mse": _mse(cmodule, weight)}
+    return cmodule, info
+
+
+def _refusal(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
+        return "weight clustering covers Embedding tables without max_norm and sparse gradients"
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d)) and module.padding_mode != "zeros":
+        return "transposed convolutions support zero padding only"
+    return parts.refusal(module)
 
 
 def _mse(module: _ClusteredWeight, weight: torch.Tensor) -> float:
@@ -276,14 +292,28 @@ def replay(model: nn.Module, applied: AppliedPass) -> None:
     if not isinstance(layers, dict):
         raise ModelFormatError(f"pass {applied.name!r}: details.layers must be a mapping")
     for name, info in layers.items():
-        zero_centroid = info.get("zero_centroid") if isinstance(info, dict) else None
-        if not isinstance(zero_centroid, bool):
-            raise ModelFormatError(f"pass {applied.name!r}: layer {name!r} must record zero_centroid as a bool")
         module = model.get_submodule(name)
-        ctype = CLUSTERED_TYPES.get(type(module))
-        if ctype is None:
-            raise ModelFormatError(f"recorded clustered layer {name!r} is a {type(module).__name__}, not Linear/Conv2d")
-        replace_layer(model, name, ctype(module, config.bits, zero_centroid))
+        if type(module) not in SUPPORTED_TYPES:
+            raise ModelFormatError(f"recorded clustered layer {name!r} is a {type(module).__name__}, which "
+                                   "clustering does not cover")
+        if isinstance(module, parts.MULTI_MATRIX_TYPES):
+            recorded = info.get("parts") if isinstance(info, dict) else None
+            if not isinstance(recorded, dict):
+                raise ModelFormatError(f"pass {applied.name!r}: layer {name!r} must record its parts")
+            built = {key: ClusteredMatrix(weight, config.bits, _zero_centroid(applied, f"{name}.{key}",
+                                                                              recorded.get(key)))
+                     for key, weight in parts.matrices(module).items()}
+            replace_layer(model, name, parts.assemble(module, built))
+            continue
+        ctype = CLUSTERED_TYPES[type(module)]
+        replace_layer(model, name, ctype(module, config.bits, _zero_centroid(applied, name, info)))
+
+
+def _zero_centroid(applied: AppliedPass, name: str, info: Any) -> bool:
+    zero_centroid = info.get("zero_centroid") if isinstance(info, dict) else None
+    if not isinstance(zero_centroid, bool):
+        raise ModelFormatError(f"pass {applied.name!r}: layer {name!r} must record zero_centroid as a bool")
+    return zero_centroid
 
 
 register_technique(Technique(

@@ -28,12 +28,14 @@ from nnopt.config import Config
 from nnopt.errors import ConfigError, ModelFormatError
 from nnopt.layers import kernels as K
 from nnopt.layers.int8 import INT8_TYPES, STATIC_TYPES, Int8DynamicLinear, Int8Embedding
+from nnopt.layers.recurrent import Int8DynamicRNN, rnn_kernel_choice
 from nnopt.lineage import AppliedPass
 from nnopt.metrics.speed import MIN_SPEEDUP
+from nnopt.quantization import parts
 from nnopt.quantization.encoder_fusion import apply_fusions, plan_fusions, shared_groups
 from nnopt.quantization.kernel_choice import KERNEL_CHOICES, choose_kernels
-from nnopt.quantization.targets import check_target
-from nnopt.select import replace_layer, select_layers, validate_patterns
+from nnopt.quantization.targets import choose_targets
+from nnopt.select import replace_layer, validate_patterns
 from nnopt.techniques import Technique, calibration_rows, register_technique
 
 DYNAMIC_PASS = "int8-dynamic"
@@ -47,8 +49,10 @@ class DynamicQuantConfig(Config):
     """int8 weights per channel; activations quantized per tensor at run time; int8 GEMM.
 
     ``smoothing`` (SmoothQuant's α in (0, 1], None = off) needs ``data`` for calibration;
-    ``calibration_samples`` caps how many inputs it reads. ``layers`` selects Linear layers
-    (empty: all of them). ``embeddings`` also stores Embedding tables as int8 rows (a lookup
+    ``calibration_samples`` caps how many inputs it reads. ``layers`` selects Linear, LSTM and GRU
+    layers (empty: all of them; inputs of any rank). An LSTM/GRU stores each matrix as int8 rows and runs
+    fbgemm's int8 recurrence where it timed faster here, else the float one
+    (:mod:`nnopt.layers.recurrent`). ``embeddings`` also stores Embedding tables as int8 rows (a lookup
     dequantizes only the rows it reads), which is most of a transformer encoder's file.
     ``attention_dtype="bfloat16"`` has a BERT-family encoder's query, key and value projections
     write bfloat16, so that attention runs in bf16 (AMX/AVX-512 BF16 kernels on x86); the
@@ -89,7 +93,8 @@ class StaticQuantConfig(Config):
 
     ``observer`` picks how a range is chosen from calibration activations: ``minmax``,
     ``percentile`` (clips rare outliers) or ``mse`` (minimizes quantization error).
-    ``layers`` selects Linear and Conv2d layers (empty: all of them).
+    ``layers`` selects Linear, Conv1d and Conv2d layers (empty: all of them; convolutions of any groups,
+    stride, dilation and padding mode). Layers it does not cover are recorded as ``skipped`` with the reason.
     """
 
     kind = "int8-static"
@@ -203,12 +208,45 @@ class _ChannelAbsMax:
 # --------------------------------------------------------------------------- the passes
 
 
-def _targets(model: nn.Module, patterns: tuple[str, ...], allowed: tuple[type[nn.Module], ...]) -> list[Any]:
+_ATTENTION_FP32 = (
+    "left in fp32: nn.MultiheadAttention computes its projections inside torch's attention function "
+    "(in_proj_weight is a raw parameter, out_proj's weight is read directly), which has no int8 path; "
+    "WeightQuantConfig and ClusterConfig cover its matrices"
+)
+DYNAMIC_REASONS: dict[type[nn.Module], str] = {
+    nn.MultiheadAttention: _ATTENTION_FP32,
+    **{t: "dynamic int8 covers Linear, LSTM/GRU and Embedding; a convolution needs calibrated activations "
+          "(StaticQuantConfig) or weight-only quantization"
+       for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)},
+    nn.RNN: "dynamic int8 covers LSTM and GRU, not the plain nn.RNN",
+}
+STATIC_REASONS: dict[type[nn.Module], str] = {
+    nn.MultiheadAttention: _ATTENTION_FP32,
+    nn.Embedding: "a lookup has no float input to calibrate: DynamicQuantConfig (int8 rows) or weight-only covers it",
+    nn.LSTM: "static int8 has no recurrent kernel: DynamicQuantConfig covers LSTM/GRU",
+    nn.GRU: "static int8 has no recurrent kernel: DynamicQuantConfig covers LSTM/GRU",
+    nn.ConvTranspose1d: "static int8 has no transposed-convolution kernel: weight-only quantization covers it",
+    nn.ConvTranspose2d: "static int8 has no transposed-convolution kernel: weight-only quantization covers it",
+}
+
+
+def _targets(
+    model: nn.Module, patterns: tuple[str, ...], allowed: tuple[type[nn.Module], ...],
+    reasons: dict[type[nn.Module], str] | None = None,
+) -> tuple[list[Any], dict[str, str]]:
+    """The layers this int8 scheme quantizes, and those it leaves (default selection) with why."""
     K.require_int8_gemm(next((str(p.device) for p in model.parameters()), "cpu"))
-    targets = select_layers(model, patterns, default_types=(*allowed, *INT8_TYPES))
-    for name, module in targets:
-        check_target(name, module, allowed, "this int8 scheme", already=((INT8_TYPES, "int8-quantized"),))
-    return targets
+    reasons = dict(STATIC_REASONS if reasons is None else reasons)
+    if nn.Embedding not in allowed:
+        reasons.setdefault(nn.Embedding, "DynamicQuantConfig(embeddings=False) leaves Embedding tables in fp32")
+    return choose_targets(model, patterns, allowed, "this int8 scheme", already=((INT8_TYPES, "int8-quantized"),),
+                          reasons=reasons, refuse=_refusal)
+
+
+def _refusal(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
+        return "int8 Embedding covers tables without max_norm and sparse gradients"
+    return parts.refusal(module)
 
 
 def quantize_dynamic(model: nn.Module, config: DynamicQuantConfig, **context: Any) -> dict[str, Any]:
@@ -216,9 +254,10 @@ def quantize_dynamic(model: nn.Module, config: DynamicQuantConfig, **context: An
         from nnopt.cpu import require_native_bf16
 
         require_native_bf16("DynamicQuantConfig(attention_dtype='bfloat16')")
-    allowed = (nn.Linear, nn.Embedding) if config.embeddings else (nn.Linear,)
-    selected = _targets(model, config.layers, allowed)
+    allowed = (nn.Linear, nn.LSTM, nn.GRU, *((nn.Embedding,) if config.embeddings else ()))
+    selected, skipped = _targets(model, config.layers, allowed, DYNAMIC_REASONS)
     tables = [(name, m) for name, m in selected if isinstance(m, nn.Embedding)]
+    recurrent = [(name, m) for name, m in selected if isinstance(m, (nn.LSTM, nn.GRU))]
     targets = [(name, m) for name, m in selected if isinstance(m, nn.Linear)]
     timings = {}
     if config.kernels == "measured" and targets:
@@ -242,13 +281,23 @@ def quantize_dynamic(model: nn.Module, config: DynamicQuantConfig, **context: An
     for dense in apply_fusions(model, plan, fold_values=True):
         details[dense]["smoothing"] = False  # now carried by the value projection's scales
         details[dense]["smoothing_in_value"] = True
-    for name, module in tables:
-        table = Int8Embedding(module)
-        table.set_weight(module.weight.detach())
+    for name, source in tables:
+        table = Int8Embedding(source)
+        table.set_weight(source.weight.detach())
         replace_layer(model, name, table)
-        error = (table.dense_weight() - module.weight.detach()).abs().max()
-        details[name] = {"shape": list(module.weight.shape), "embedding": True, "max_abs_error": float(error)}
+        error = (table.dense_weight() - source.weight.detach()).abs().max()
+        details[name] = {"shape": list(source.weight.shape), "embedding": True, "max_abs_error": float(error)}
+    for name, layer in recurrent:
+        rnn = Int8DynamicRNN(layer)
+        rnn.set_weights(layer)
+        worst = max(float((rnn.matrix(n) - getattr(layer, n).detach()).abs().max()) for n in rnn.shape.weight_names())
+        replace_layer(model, name, rnn)
+        # informational: the recurrence a load runs is chosen again on that machine
+        details[name] = {"recurrent": rnn.shape.mode, "max_abs_error": worst,
+                         "measured": rnn_kernel_choice(rnn).to_dict()}
     result: dict[str, Any] = {"layers": details, "fusions": plan}
+    if skipped:
+        result["skipped"] = skipped
     if timings:
         result["kernel_choice"] = {
             "method": f"measured: median of alternated calls at {config.kernel_batch} examples, "
@@ -289,7 +338,7 @@ def _smoothing_vectors(
 def quantize_static(model: nn.Module, config: StaticQuantConfig, **context: Any) -> dict[str, Any]:
     from nnopt.quantization.observers import make_observer
 
-    targets = _targets(model, config.layers, tuple(STATIC_TYPES))
+    targets, skipped = _targets(model, config.layers, tuple(STATIC_TYPES))
     batches = calibration_inputs(context.get("data"), config.calibration_samples)
     observed = observe_inputs(model, targets, batches, lambda: make_observer(config.observer))
     details: dict[str, Any] = {}
@@ -305,13 +354,19 @@ def quantize_static(model: nn.Module, config: StaticQuantConfig, **context: Any)
         details[name] = {
             "shape": list(module.weight.shape), "input_scale": float(scale), "input_zero_point": int(zero),
         }
-    return {"layers": details, "observer": config.observer}
+    result: dict[str, Any] = {"layers": details, "observer": config.observer}
+    if skipped:
+        result["skipped"] = skipped
+    return result
 
 
 def replay_dynamic(model: nn.Module, applied: AppliedPass) -> None:
     for name, info in applied.details.get("layers", {}).items():
         if info.get("embedding"):
             replace_layer(model, name, Int8Embedding(_recorded(model, name, nn.Embedding)))
+            continue
+        if info.get("recurrent"):
+            replace_layer(model, name, Int8DynamicRNN(_recorded(model, name, (nn.LSTM, nn.GRU))))
             continue
         module = _recorded(model, name, nn.Linear)
         replace_layer(model, name, Int8DynamicLinear(module, smoothing=bool(info.get("smoothing"))))
@@ -323,14 +378,18 @@ def replay_static(model: nn.Module, applied: AppliedPass) -> None:
         module = model.get_submodule(name)
         qtype = STATIC_TYPES.get(type(module))
         if qtype is None:
-            raise ModelFormatError(f"recorded int8 layer {name!r} is a {type(module).__name__}, not Linear/Conv2d")
+            kind = type(module).__name__
+            raise ModelFormatError(f"recorded int8 layer {name!r} is a {kind}, not Linear/Conv1d/Conv2d")
         replace_layer(model, name, qtype(module))
 
 
-def _recorded(model: nn.Module, name: str, expected: type[nn.Module]) -> nn.Module:
+def _recorded(
+    model: nn.Module, name: str, expected: type[nn.Module] | tuple[type[nn.Module], ...]
+) -> nn.Module:
     module = model.get_submodule(name)
     if not isinstance(module, expected):
-        raise ModelFormatError(f"recorded int8 layer {name!r} is a {type(module).__name__}, not {expected.__name__}")
+        kinds = "/".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+        raise ModelFormatError(f"recorded int8 layer {name!r} is a {type(module).__name__}, not {kinds}")
     return module
 
 

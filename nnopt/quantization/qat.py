@@ -54,8 +54,9 @@ BITS = 8  # the int8 kernels fix the width
 class QATConfig(Config):
     """Fine-tune with simulated int8 for ``epochs`` (Adam at ``lr``), then convert to static int8.
 
-    ``layers`` selects Linear and Conv2d layers (empty: all of them). Input ranges start from a
-    min–max calibration on the first ``calibration_samples`` training rows, then follow an EMA
+    ``layers`` selects Linear, Conv1d and Conv2d layers (empty: all of them; convolutions of any groups, e.g.
+    depthwise); other weighted layers stay float and are recorded as ``skipped`` with the reason.
+    Input ranges start from a min–max calibration on the first ``calibration_samples`` training rows, then follow an EMA
     of each batch's min/max with ``observer_momentum`` (``new = m · old + (1 − m) · batch``).
     ``freeze_observers_epoch``: ranges update during the first that many epochs and stay fixed
     afterwards (0: the calibrated ranges throughout; None or ≥ ``epochs``: never frozen).
@@ -212,7 +213,8 @@ class FakeQuantLinear(_FakeQuant, nn.Linear):
 
 
 class FakeQuantConv2d(_FakeQuant, nn.Conv2d):
-    """A Conv2d that trains through int8 simulation. Shares ``source``'s weight and bias Parameters."""
+    """A Conv2d (any groups, padding mode) that trains through int8 simulation. Shares ``source``'s weight and
+    bias Parameters."""
 
     _CONV_ATTRS = (
         "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
@@ -230,7 +232,23 @@ class FakeQuantConv2d(_FakeQuant, nn.Conv2d):
         return self._conv_forward(self.fake_input(x), self.fake_weight(), self.bias)
 
 
-FAKE_QUANT_TYPES: dict[type[nn.Module], type[_FakeQuant]] = {nn.Linear: FakeQuantLinear, nn.Conv2d: FakeQuantConv2d}
+class FakeQuantConv1d(_FakeQuant, nn.Conv1d):
+    """A Conv1d that trains through int8 simulation. Shares ``source``'s weight and bias Parameters."""
+
+    def __init__(self, source: nn.Conv1d, lo: float, hi: float, momentum: float) -> None:
+        nn.Module.__init__(self)
+        for attr in FakeQuantConv2d._CONV_ATTRS:
+            setattr(self, attr, getattr(source, attr))
+        self.weight, self.bias = source.weight, source.bias
+        self._init_observer(lo, hi, momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.fake_input(x), self.fake_weight(), self.bias)
+
+
+FAKE_QUANT_TYPES: dict[type[nn.Module], type[_FakeQuant]] = {
+    nn.Linear: FakeQuantLinear, nn.Conv1d: FakeQuantConv1d, nn.Conv2d: FakeQuantConv2d,
+}
 _FLOAT_TYPES = {fake: float_type for float_type, fake in FAKE_QUANT_TYPES.items()}
 
 
@@ -264,14 +282,16 @@ def set_observing(model: nn.Module, enabled: bool) -> None:
 # --------------------------------------------------------------------------- the pass
 
 
-def prepare_qat(model: nn.Module, config: QATConfig, data: Any) -> list[str]:
+def prepare_qat(model: nn.Module, config: QATConfig, data: Any, skipped: dict[str, str] | None = None) -> list[str]:
     """Replace the selected layers of ``model`` (in place) by calibrated fake-quant twins.
 
     Input ranges come from a min–max pass of the float model over the first
     ``config.calibration_samples`` rows of ``data``: the ranges static PTQ would use.
-    Returns the names of the replaced layers.
+    Returns the names of the replaced layers; ``skipped`` (when given) receives the layers left in float, with why.
     """
-    targets = _targets(model, config.layers, tuple(STATIC_TYPES))
+    targets, left = _targets(model, config.layers, tuple(STATIC_TYPES))
+    if skipped is not None:
+        skipped.update(left)
     for _name, module in targets:
         STATIC_TYPES[type(module)](module)  # fail now, not after training, on what int8 cannot run
     batches = calibration_inputs(data, config.calibration_samples)
@@ -346,7 +366,8 @@ def quantize_qat(model: nn.Module, config: QATConfig, **context: Any) -> dict[st
         raise ConfigError(f"QATConfig needs data= a Split with labels to fine-tune, got {type(data).__name__}")
     if len(data) == 0:
         raise ConfigError("QATConfig: the training data is empty")
-    prepare_qat(model, config, data)
+    skipped: dict[str, str] = {}
+    prepare_qat(model, config, data, skipped)
     train_rows, held_out = _split_validation(data, config)
     keeper = _BestOnValidation(model, held_out) if held_out is not None else None
     history = finetune_qat(model, config, train_rows, eval_data=context.get("eval_data"),
@@ -363,12 +384,15 @@ def quantize_qat(model: nn.Module, config: QATConfig, **context: Any) -> dict[st
     if keeper is not None:
         training["validation_loss"] = keeper.losses
         training["kept_epoch"] = keeper.best_epoch  # 0: the calibrated start, k: after epoch k
-    return {"layers": layers, "training": training}
+    result = {"layers": layers, "training": training}
+    if skipped:
+        result["skipped"] = skipped
+    return result
 
 
 def _split_validation(data: Split, config: QATConfig) -> tuple[Split, Split | None]:
     held = int(len(data) * config.validation_fraction)
-    if held == 0 or config.epochs == 0:
+    if held == 0 or config.epochs == 0 or data.y is None:  # the held-out choice compares losses on labels
         return data, None
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))
     return Split(data.x[order[held:]], data.y[order[held:]]), Split(data.x[order[:held]], data.y[order[:held]])

@@ -13,15 +13,18 @@ from torch import nn
 from nnopt.config import Config
 from nnopt.errors import ConfigError, ModelFormatError, UnsupportedModelError
 from nnopt.layers import primitives as P
-from nnopt.layers.weight_only import COMPUTE_MODES, QUANTIZED_TYPES, QuantizedLinear, _QuantizedWeight
+from nnopt.layers.weight_only import COMPUTE_MODES, QUANTIZED_TYPES, QuantizedLinear, QuantizedMatrix, _QuantizedWeight
 from nnopt.lineage import AppliedPass
-from nnopt.quantization.targets import check_target
-from nnopt.select import replace_layer, select_layers, validate_patterns
+from nnopt.quantization import parts
+from nnopt.quantization.targets import choose_targets
+from nnopt.select import replace_layer, validate_patterns
 from nnopt.techniques import Technique, register_technique
 
 PASS_NAME = "quantize-weights"
 # Storage layouts recorded per layer, so that a load re-creates exactly the saved buffers.
 STORAGE_CODES, STORAGE_PACKED = "int8", "int4-packed"
+# Layers weight quantization covers: one weight (QUANTIZED_TYPES) or several matrices (LSTM, GRU, attention).
+SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (*QUANTIZED_TYPES, *parts.MULTI_MATRIX_TYPES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +39,10 @@ class WeightQuantConfig(Config):
     where they support the shape (int8: layers of ≥ 131072 weights, where it measured faster);
     ``"kernel"`` uses them wherever supported; ``"dequantize"`` always rebuilds the fp32 weight (exact
     fp32 numerics; faster for large batches).
-    ``layers`` selects layers (names, ``re:`` patterns, ``type:`` names); empty means every
-    Linear and Conv2d.
+    ``layers`` selects layers (names, ``re:`` patterns, ``type:`` names); empty means every layer it
+    covers: Linear (any input rank), Conv1d/Conv2d (any groups, padding mode), ConvTranspose1d/2d,
+    Embedding (per-row scales with ``per_channel``), and each weight matrix of LSTM, GRU and
+    ``nn.MultiheadAttention``; other weighted layers are recorded as skipped, with the reason.
 
     >>> int4 = WeightQuantConfig(bits=4, group_size=32)  # int4 weight-only, one scale per 32 inputs
     """
@@ -94,10 +99,10 @@ def _plan(name: str, shape: torch.Size, config: WeightQuantConfig) -> _LayerPlan
 
 
 def _make_module(
-    module: nn.Module, config: WeightQuantConfig, plan: _LayerPlan, packed: bool | None = None
+    module: nn.Module | torch.Tensor, config: WeightQuantConfig, plan: _LayerPlan, packed: bool | None = None
 ) -> _QuantizedWeight:
-    qtype = QUANTIZED_TYPES[type(module)]
-    return qtype(module, config.bits, plan.qparam_shape, group_size=config.group_size,  # type: ignore[call-arg]
+    qtype = QuantizedMatrix if isinstance(module, torch.Tensor) else QUANTIZED_TYPES[type(module)]
+    return qtype(module, config.bits, plan.qparam_shape, group_size=config.group_size,  # type: ignore[arg-type]
                  packed=plan.packed if packed is None else packed, compute=config.compute)
 
 
@@ -116,39 +121,79 @@ def _qparams_and_codes(
     return codes.reshape(weight.shape), scale.squeeze(-1), zero.squeeze(-1)
 
 
+def _refusal(module: nn.Module) -> str | None:
+    """Why one layer of a covered type cannot be quantized here (checked before anything changes), or None."""
+    if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
+        return "weight quantization covers Embedding tables without max_norm and sparse gradients"
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d)) and module.padding_mode != "zeros":
+        return "transposed convolutions support zero padding only"
+    return parts.refusal(module)
+
+
+def _group_refusal(module: nn.Module, config: WeightQuantConfig) -> str | None:
+    """With the default selection, a convolution, table or recurrent/attention layer whose input size
+    ``group_size`` does not divide stays float (a 3-channel stem's 3·k·k, a depthwise 3×3's 9); a named one,
+    and any Linear (whose sizes the group size is chosen for), is refused by :func:`_plan`."""
+    if config.group_size is None or type(module) is nn.Linear or _refusal(module):
+        return None
+    weights = parts.matrices(module) if isinstance(module, parts.MULTI_MATRIX_TYPES) else {"": module.weight}
+    for key, weight in weights.items():
+        flat_in = math.prod(weight.shape[1:])
+        if flat_in % config.group_size:
+            where = f" ({key})" if key else ""
+            return f"group_size {config.group_size} does not divide its flattened input dimension {flat_in}{where}"
+    return None
+
+
 def quantize_weights(model: nn.Module, config: WeightQuantConfig, **context: Any) -> dict[str, Any]:
     """Replace selected layers in place with quantized twins; returns what was done per layer.
 
     Every selected layer is checked (type, finite weights, group size) before any is replaced, so a
-    failure leaves the model as it was.
+    failure leaves the model as it was. LSTM/GRU and attention layers get each weight matrix quantized
+    (recorded under ``parts``); layer types not covered are listed under ``skipped`` with the reason.
     """
-    # Quantized twins are in the default selection so that re-quantizing names the problem.
-    default_types = (*QUANTIZED_TYPES, *QUANTIZED_TYPES.values())
-    targets = select_layers(model, config.layers, default_types=default_types)
-    prepared: list[tuple[str, torch.Tensor, _QuantizedWeight]] = []
+    def refuse(module: nn.Module) -> str | None:
+        return _refusal(module) or _group_refusal(module, config)
+
+    targets, skipped = choose_targets(
+        model, config.layers, SUPPORTED_TYPES, "weight quantization",
+        already=((_QuantizedWeight, "quantized"),), refuse=refuse,
+    )
+    prepared: list[tuple[str, nn.Module, dict[str, tuple[torch.Tensor, _QuantizedWeight]]]] = []
     for name, module in targets:
-        check_target(name, module, QUANTIZED_TYPES, "weight quantization", already=((_QuantizedWeight, "quantized"),))
-        weight = module.weight.detach()
-        plan = _plan(name, weight.shape, config)
-        try:
-            qmodule = _make_module(module, config, plan)
-        except ValueError as exc:  # e.g. a Conv2d padding mode the quantized twin cannot run
-            raise UnsupportedModelError(f"layer {name!r}: {exc}") from None
-        prepared.append((name, weight, qmodule))
+        weights = parts.matrices(module) if isinstance(module, parts.MULTI_MATRIX_TYPES) else {"": module.weight}
+        planned = {}
+        for key, weight in weights.items():
+            where = f"{name}.{key}" if key else name
+            plan = _plan(where, weight.shape, config)
+            try:
+                planned[key] = (weight.detach(), _make_module(weight if key else module, config, plan))
+            except ValueError as exc:  # e.g. a layer the quantized twin cannot run
+                raise UnsupportedModelError(f"layer {where!r}: {exc}") from None
+        prepared.append((name, module, planned))
     details: dict[str, Any] = {}
-    for name, weight, qmodule in prepared:
-        codes, scale, zero = _qparams_and_codes(weight, config)
-        qmodule.set_codes(codes, scale, zero)
-        replace_layer(model, name, qmodule)
-        error = (qmodule.dense_weight() - weight).abs().max()
-        details[name] = {
-            "shape": list(weight.shape),
-            "max_abs_error": float(error),
-            "storage": STORAGE_PACKED if qmodule.packed else STORAGE_CODES,
-            # Informational (replay does not read it): the path a float32 CPU input takes.
-            "kernel": qmodule.compute_path if isinstance(qmodule, QuantizedLinear) else "dequantize",
-        }
-    return {"layers": details}
+    for name, module, planned in prepared:
+        infos = {}
+        for key, (weight, qmodule) in planned.items():
+            codes, scale, zero = _qparams_and_codes(weight, config)
+            qmodule.set_codes(codes, scale, zero)
+            infos[key] = {
+                "shape": list(weight.shape),
+                "max_abs_error": float((qmodule.dense_weight() - weight).abs().max()),
+                "storage": STORAGE_PACKED if qmodule.packed else STORAGE_CODES,
+                # Informational (replay does not read it): the path a float32 CPU input takes.
+                "kernel": qmodule.compute_path if isinstance(qmodule, QuantizedLinear) else "dequantize",
+            }
+        if "" in planned:
+            replace_layer(model, name, planned[""][1])
+            details[name] = infos[""]
+        else:
+            replace_layer(model, name, parts.assemble(module, {k: q for k, (_, q) in planned.items()}))
+            details[name] = {"type": type(module).__name__, "parts": infos}
+    result: dict[str, Any] = {"layers": details}
+    if skipped:
+        result["skipped"] = skipped
+    return result
 
 
 def replay(model: nn.Module, applied: AppliedPass) -> None:
@@ -156,18 +201,35 @@ def replay(model: nn.Module, applied: AppliedPass) -> None:
     config = WeightQuantConfig.from_dict(applied.config, where=f"pass {applied.name!r}")
     for name, info in applied.details.get("layers", {}).items():
         module = model.get_submodule(name)
-        if type(module) not in QUANTIZED_TYPES:
-            raise ModelFormatError(f"recorded quantized layer {name!r} is a {type(module).__name__}, not Linear/Conv2d")
-        try:
-            plan = _plan(name, module.weight.shape, config)
-        except ConfigError as exc:
-            raise ModelFormatError(f"pass {applied.name!r}: {exc}") from None
-        # The recorded layout wins over today's rule, so files keep loading if the rule changes.
-        storage = info.get("storage") if isinstance(info, dict) else None
-        if storage not in (None, STORAGE_CODES, STORAGE_PACKED):
-            raise ModelFormatError(f"pass {applied.name!r}: layer {name!r} records unknown storage {storage!r}")
-        packed = None if storage is None else storage == STORAGE_PACKED
-        replace_layer(model, name, _make_module(module, config, plan, packed))
+        if type(module) not in SUPPORTED_TYPES:
+            raise ModelFormatError(f"recorded quantized layer {name!r} is a {type(module).__name__}, which weight "
+                                   "quantization does not cover")
+        info = info if isinstance(info, dict) else {}
+        if isinstance(module, parts.MULTI_MATRIX_TYPES):
+            recorded = info.get("parts")
+            if not isinstance(recorded, dict):
+                raise ModelFormatError(f"pass {applied.name!r}: layer {name!r} must record its parts")
+            built = {key: _replayed(applied, f"{name}.{key}", weight, weight, config, recorded.get(key))
+                     for key, weight in parts.matrices(module).items()}
+            replace_layer(model, name, parts.assemble(module, built))
+        else:
+            replace_layer(model, name, _replayed(applied, name, module, module.weight, config, info))
+
+
+def _replayed(
+    applied: AppliedPass, name: str, source: nn.Module | torch.Tensor, weight: Any, config: WeightQuantConfig,
+    info: Any,
+) -> _QuantizedWeight:
+    try:
+        plan = _plan(name, weight.shape, config)
+    except ConfigError as exc:
+        raise ModelFormatError(f"pass {applied.name!r}: {exc}") from None
+    # The recorded layout wins over today's rule, so files keep loading if the rule changes.
+    storage = info.get("storage") if isinstance(info, dict) else None
+    if storage not in (None, STORAGE_CODES, STORAGE_PACKED):
+        raise ModelFormatError(f"pass {applied.name!r}: layer {name!r} records unknown storage {storage!r}")
+    packed = None if storage is None else storage == STORAGE_PACKED
+    return _make_module(source, config, plan, packed)
 
 
 register_technique(Technique(

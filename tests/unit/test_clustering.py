@@ -91,11 +91,16 @@ def test_finetuning_moves_centroids_without_losing_accuracy(trained_simplenet, c
     assert len(details["finetune"]["loss"]) == 2 and "mse_after_finetune" in details["layers"]["classifier"]
 
 
-def test_finetuning_needs_labelled_data(trained_simplenet, digits):
+def test_finetuning_needs_data_and_distils_without_labels(trained_simplenet, digits):
     with pytest.raises(ConfigError, match="finetune_epochs > 0 needs data"):
         nnopt.quantize(trained_simplenet, ClusterConfig(finetune_epochs=1))
-    with pytest.raises(ConfigError, match="a Split"):
-        nnopt.quantize(trained_simplenet, ClusterConfig(finetune_epochs=1), data=[digits.train.x])
+    with pytest.raises(ConfigError, match="different sample shapes"):
+        nnopt.quantize(trained_simplenet, ClusterConfig(finetune_epochs=1), data=[digits.train.x, torch.zeros(2, 3)])
+    # inputs only: the centroids learn to follow the unclustered model's outputs
+    clustered = nnopt.quantize(trained_simplenet, ClusterConfig(bits=2))
+    tuned = nnopt.quantize(trained_simplenet, ClusterConfig(bits=2, finetune_epochs=2), data=[digits.train.x])
+    before = nnopt.fidelity(clustered, trained_simplenet, digits.test.x).agreement
+    assert nnopt.fidelity(tuned, trained_simplenet, digits.test.x).agreement >= before
 
 
 def test_save_load_round_trip_is_exact_and_smaller(trained_simplenet, digits, tmp_path):
