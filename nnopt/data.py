@@ -185,6 +185,10 @@ def as_split(data: Any, labels: Any = None) -> Split:
         x, y = _from_batches(data, "DataLoader")
     elif isinstance(data, torch.utils.data.Dataset):
         x, y = _from_items(data)
+    elif isinstance(data, list) and all(isinstance(item, torch.Tensor) for item in data):
+        if not data:
+            raise ConfigError("the data is empty (an empty list of input batches)")
+        x, y = _concatenated(data), None  # a list of input batches (calibration data)
     elif isinstance(data, tuple | list) and not _is_array(data):
         if len(data) != 2:
             raise ConfigError(f"a tuple of data must be (inputs, labels), with labels None when there are none; "
@@ -210,7 +214,8 @@ def as_dataset(
     int64 token ids), a tuple ``(inputs, labels)`` (``labels`` may be None), a dict of input tensors
     (``model(**x)``), a ``torch.utils.data.Dataset`` whose items are ``x``, ``(x, y)`` or dicts (``y`` under
     ``"label"``, ``"labels"`` or ``"y"``; ``x`` under ``"x"``, or the remaining keys as named inputs), a
-    ``DataLoader`` of such batches, a :class:`Split` or a :class:`Dataset` (returned as is). ``labels``
+    ``DataLoader`` of such batches, a list of input batches (tensors, concatenated; unlabelled), a :class:`Split`
+    or a :class:`Dataset` (returned as is). ``labels``
     (integer class ids, ``(n,)``) are optional: without them nnopt measures and recovers against the
     original model. ``test`` gives the held-out rows explicitly; otherwise ``test_fraction`` of the rows
     (seeded, stratified when labelled) are held out. Inputs are used as given (no normalization).
@@ -307,6 +312,13 @@ def _inputs(x: Any) -> Inputs:
     if rows == {0}:
         raise ConfigError("the data has no rows")
     return parts
+
+
+def _concatenated(batches: list[torch.Tensor]) -> torch.Tensor:
+    shapes = {tuple(b.shape[1:]) for b in batches}
+    if len(shapes) != 1 or any(b.ndim == 0 for b in batches):
+        raise ConfigError(f"the input batches have different sample shapes: {sorted(shapes)[:4]}")
+    return torch.cat(batches)
 
 
 def _labels(y: Any, rows: int) -> torch.Tensor:
@@ -417,11 +429,13 @@ def _from_batches(batches: Any, what: str) -> tuple[Inputs, Any]:
 
 
 def training_data(data: Any) -> Any:
-    """What a verb's passes read as ``data``: None, a sentence encoder's token batches (a dict or a list of
-    dicts) as given, a Dataset's training split, else the user's data converted to a :class:`Split`."""
+    """What a verb's passes read as ``data``: None, ready batches (a sentence encoder's dict, a list of token
+    dicts, a list of ``(x, y)`` tuples) as given, a Dataset's training split, else the user's data converted
+    to a :class:`Split`."""
     if data is None or isinstance(data, Split | dict):
         return data
-    if isinstance(data, list) and data and all(isinstance(item, dict) for item in data):
+    if isinstance(data, list) and data and all(
+            isinstance(item, dict) or (isinstance(item, tuple) and len(item) == 2) for item in data):
         return data
     if isinstance(data, Dataset):
         return data.train

@@ -101,6 +101,31 @@ def with_pass(model: nn.Module, applied: AppliedPass) -> None:
     set_lineage(model, lineage)
 
 
+def note_input(model: nn.Module, x: Any) -> None:
+    """Remember one sample's shape and dtype in a user module's record (when it has none yet), so that
+    profiles, energy estimates and timings of it and of its reloads know what it takes."""
+    import torch
+
+    lineage = getattr(model, _ATTR, None)
+    if lineage is None or lineage.architecture != USER_MODULE or "input_shape" in lineage.config:
+        return
+    if isinstance(x, torch.Tensor) and x.ndim >= 1:
+        lineage = copy.deepcopy(lineage)
+        lineage.config.update(input_shape=list(x.shape[1:]), input_dtype=str(x.dtype).removeprefix("torch."))
+        set_lineage(model, lineage)
+
+
+def recorded_input(model: nn.Module) -> tuple[tuple[int, ...], str] | None:
+    """The sample shape and dtype name a user module's record remembers (see :func:`note_input`)."""
+    lineage = getattr(model, _ATTR, None)
+    if lineage is None:
+        return None
+    shape = lineage.config.get("input_shape")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape)):
+        return None
+    return tuple(shape), str(lineage.config.get("input_dtype", "float32"))
+
+
 def class_path(cls: type) -> str:
     """``package.module:QualName`` of ``cls``: what a user-module record names (data, never code)."""
     return f"{cls.__module__}:{cls.__qualname__}"

@@ -62,6 +62,12 @@ def trusting_imports(trust: bool = True) -> Iterator[None]:
         _TRUST_IMPORT.reset(token)
 
 
+def trusted_imports() -> bool:
+    """Whether :func:`load_model` calls that leave ``trust_import`` unset may import now
+    (see :func:`trusting_imports`)."""
+    return _TRUST_IMPORT.get()
+
+
 def load_model(
     path: str | Path, factory: Callable[..., Any] | None = None, trust_import: bool | None = None
 ) -> nn.Module:

@@ -24,7 +24,7 @@ from torch import nn
 
 from nnopt.config import Config
 from nnopt.errors import ConfigError, ModelFormatError
-from nnopt.lineage import AppliedPass, has_lineage, set_lineage, user_module_lineage, with_pass
+from nnopt.lineage import AppliedPass, has_lineage, note_input, set_lineage, user_module_lineage, with_pass
 
 if TYPE_CHECKING:
     from nnopt.data import Dataset
@@ -223,6 +223,7 @@ def run_technique(verb: str, model: Any, config: Any, inplace: bool, **context: 
     if "data" in context:  # tensors, arrays, Datasets and DataLoaders become a Split (see nnopt.as_dataset)
         context["data"] = training_data(context["data"])
     target = working_copy(model, inplace)
+    note_input(target, getattr(context.get("data"), "x", None))
     details = technique.apply(target, config, **context)
     if technique.records:
         record(target, technique.kind, config.to_dict(), details)

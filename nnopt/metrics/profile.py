@@ -132,15 +132,30 @@ def _in_child(module: nn.Module, tensor: torch.Tensor) -> bool:
 
 
 def model_input_shape(model: nn.Module) -> tuple[int, ...]:
+    """One sample's shape: the model's ``input_shape``, or what a user module's record remembers from the
+    data it was optimized with."""
+    from nnopt.errors import ConfigError
+    from nnopt.lineage import recorded_input
+
     shape = getattr(model, "input_shape", None)
     if shape is None:
-        raise ValueError(f"{type(model).__name__} has no input_shape; pass input_shape=...")
+        recorded = recorded_input(model)
+        if recorded is None:
+            raise ConfigError(f"{type(model).__name__} has no input_shape and no data it was optimized with; "
+                              "pass input_shape=... (CLI: --data)")
+        shape = recorded[0]
     return tuple(shape)
 
 
 def probe_input(model: nn.Module, batch: int, shape: Sequence[int], dtype: torch.dtype | None = None) -> torch.Tensor:
     """Zeros of ``(batch, *shape)`` that ``model`` accepts: integer ids (0 is a valid one) when its first
     weighted layer is an embedding, else its float dtype (whole numbers: token ids for text encoders too)."""
+    from nnopt.lineage import recorded_input
+
+    recorded = recorded_input(model)
+    if dtype is None and recorded is not None and tuple(shape) == recorded[0]:
+        named = getattr(torch, recorded[1], None)
+        dtype = named if isinstance(named, torch.dtype) else None
     if dtype is None:
         first = next((m for m in model.modules() if not any(True for _ in m.children())
                       and any(True for _ in m.parameters(recurse=False))), None)

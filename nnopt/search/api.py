@@ -30,7 +30,7 @@ from nnopt.search.plans import plan_recipe
 from nnopt.search.space import BuildOptions
 from nnopt.search.summary import InputModel, build_report, rebuild
 from nnopt.search.tasks import Task, make_task, prepare
-from nnopt.search.trials import ContextSpec, TrialContext, build_context, energy_nj
+from nnopt.search.trials import ContextSpec, ModuleTemplate, TrialContext, build_context, energy_nj
 
 if TYPE_CHECKING:
     from nnopt.recipe import Recipe
@@ -116,7 +116,8 @@ def auto(model: nn.Module, data: Dataset | str | Any, config: AutoConfig | None 
     objective, and rebuilds the cheapest plan within the budget on the whole training split, then
     measures it on the test split (``result.test``), which the search never read.
 
-    ``model`` is an nnopt model (``create_model``, ``load_model``, an adapter); it is left as it was.
+    ``model`` is any ``nn.Module`` (the user's own, ``create_model``, ``load_model``, an adapter); it is left
+    as it was. Trial models of a user's own module are rebuilt from a copy of it (nothing is imported).
     ``data`` is a :class:`~nnopt.data.Dataset` (``nnopt.load_data(PATH)`` reads files), anything
     :func:`nnopt.as_dataset` takes (tensors, arrays, ``(x, y)``, torch Datasets and DataLoaders), or bundled data
     by name: ``"digits"``, or ``"sentences"`` for a sentence encoder (quality: mean cosine to the input model's
@@ -151,6 +152,15 @@ def auto(model: nn.Module, data: Dataset | str | Any, config: AutoConfig | None 
         except ConfigError as exc:
             raise ConfigError(f"data must be an nnopt.data.Dataset, a bundled name ('digits', 'sentences') or what "
                               f"nnopt.as_dataset takes (tensors, arrays, (x, y), torch Datasets): {exc}") from None
+    from nnopt.lineage import has_lineage, note_input, set_lineage, user_module_lineage
+    from nnopt.loading import trusted_imports
+
+    factory = None
+    if not has_lineage(model):  # the user's own module: a copy gets its record, and rebuilds trial models
+        template = ModuleTemplate(model)
+        model, factory = template(), template
+        set_lineage(model, user_module_lineage(model))
+        note_input(model, getattr(data.train, "x", None) if isinstance(data, Dataset) else None)
     with _modes_kept(model):  # the search runs the model in eval mode; the caller's mode comes back
         model.eval()  # also before the first check's forward pass: BatchNorm must not update its statistics
         task = make_task(data)
@@ -162,11 +172,12 @@ def auto(model: nn.Module, data: Dataset | str | Any, config: AutoConfig | None 
                        **config.fingerprint()}
         with _workspace(checkpoint_dir) as work:
             checkpoint = Checkpoint.at(work, fingerprint, resume)  # refusals (stale or foreign) come first
-            model_path, input_model = loaded or _saved_copy(model, work)
+            model_path, input_model = loaded or _saved_copy(model, work, factory)
             spec = ContextSpec(model_path=str(model_path), data=data, objective=config.objective,
                                batch=config.batch, levels=config.levels,
                                options=BuildOptions(finetune_epochs=config.finetune_epochs, stages=config.stages),
-                               threads=_threads_per_worker(config.workers))
+                               threads=_threads_per_worker(config.workers), factory=factory,
+                               trust_import=trusted_imports())
             prepare(task, model)
             ctx = build_context(spec, model=model, task=task)  # finds the search space: an error if there is none
             outcome = search(ctx, config, checkpoint, task.quality(model, "validation"), progress)
@@ -215,12 +226,12 @@ def _loaded_from(model: nn.Module, source: str | Path) -> tuple[Path, InputModel
     return Path(source).resolve(), _input_model(model, meta["files"][weights_file(meta)])
 
 
-def _saved_copy(model: nn.Module, work: Path) -> tuple[Path, InputModel]:
+def _saved_copy(model: nn.Module, work: Path, factory: ModuleTemplate | None) -> tuple[Path, InputModel]:
     """The input model written to the work directory: its bytes are the baseline's, and workers load it."""
     from nnopt.io.model_dir import save_model
 
     work.mkdir(parents=True, exist_ok=True)
-    saved = save_model(model, work / INPUT_DIR, overwrite=True)
+    saved = save_model(model, work / INPUT_DIR, overwrite=True, factory=factory)
     return saved.path.resolve(), _input_model(model, next(iter(saved.meta["files"].values())))
 
 

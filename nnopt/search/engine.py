@@ -160,7 +160,7 @@ def _screen(ctx: TrialContext, settings: AutoConfig, state: dict[str, Any], save
         save()
 
     screen_latency(ctx.model, todo, ctx.task.timing_inputs(ctx.model, settings.batch), settings.batch,
-                   seconds, keep, progress)
+                   seconds, keep, progress, load=ctx.spec.load)
 
 
 def _measure_energy(ctx: TrialContext, settings: AutoConfig, state: dict[str, Any], save: Callable[[], None],
@@ -168,7 +168,8 @@ def _measure_energy(ctx: TrialContext, settings: AutoConfig, state: dict[str, An
     inputs = ctx.task.timing_inputs(ctx.model, settings.batch)
     for trial in state["trials"].values():
         if "error" not in trial and "energy_measured_nj" not in trial:
-            trial["energy_measured_nj"] = measure_energy_nj(_load(trial), inputs, settings.batch, counter)
+            model = ctx.spec.load(trial["dir"])
+            trial["energy_measured_nj"] = measure_energy_nj(model, inputs, settings.batch, counter)
             save()
 
 
@@ -197,7 +198,7 @@ def _confirm(ctx: TrialContext, settings: AutoConfig, state: dict[str, Any], sav
     is left, never below ``min_calls`` calls); the choice uses these figures."""
     names = [t["name"] for t in front]
     if state.get("confirmed", {}).get("names") != names:
-        models = {"baseline": ctx.model, **{t["name"]: _load(t) for t in front}}
+        models = {"baseline": ctx.model, **{t["name"]: ctx.spec.load(t["dir"]) for t in front}}
         seconds = min(settings.latency_seconds, left_s / len(models))
         timing = time_models(models, ctx.task.timing_inputs(ctx.model, settings.batch), settings.batch,
                              seconds, settings.min_calls)
@@ -223,12 +224,6 @@ def measure_energy_nj(model: Any, inputs: Any, batch: int, counter: Any) -> floa
         measured = measure_energy(bind(model, inputs), counter=counter, runs=3)
     joules = measured.median_j
     return None if joules is None else joules / batch * 1e9
-
-
-def _load(trial: dict[str, Any]) -> Any:
-    from nnopt.loading import load_model
-
-    return load_model(trial["dir"])
 
 
 def plan_of(trial: dict[str, Any]) -> Plan:

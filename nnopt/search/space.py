@@ -99,8 +99,9 @@ class SearchSpace:
 
 
 def _layers(model: nn.Module, _: Any) -> tuple[Unit, ...]:
-    """Every Linear and Conv2d, in model order (the classifier too: its sensitivity decides)."""
-    return tuple(Unit(name, (name,)) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    """Every Linear, Conv1d and Conv2d, in model order (the classifier too: its sensitivity decides)."""
+    return tuple(Unit(name, (name,)) for name, m in model.named_modules()
+                 if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)))
 
 
 _BLOCK = re.compile(r"^(.*\.layer\.\d+)\.")

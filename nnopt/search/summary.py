@@ -53,7 +53,8 @@ def rebuild(ctx: TrialContext, outcome: SearchOutcome, work: Path) -> Final | No
     recipe = plan_recipe(plan_of(outcome.chosen), ctx.space, ctx.spec.options)
     model = apply_recipe(ctx.model, recipe, data=ctx.task.final_data(), progress=False)
     test = _quality(ctx, model, "test")
-    saved = save_model(model, work / FINAL_DIR, weights_format=recipe.weights_format, overwrite=True)
+    saved = save_model(model, work / FINAL_DIR, weights_format=recipe.weights_format, overwrite=True,
+                       factory=ctx.spec.factory)
     return Final(recipe, model, saved.file_bytes, saved.compression_ratio, test)
 
 
@@ -69,7 +70,6 @@ def build_report(ctx: TrialContext, settings: AutoConfig, outcome: SearchOutcome
     """The report document of an auto run (see nnopt.report for the renderers)."""
     from nnopt.envinfo import environment
     from nnopt.io.model_dir import dense_fp32_bytes
-    from nnopt.loading import load_model
     from nnopt.metrics import profile_model
     from nnopt.recipe import recipe_to_yaml
 
@@ -81,7 +81,7 @@ def build_report(ctx: TrialContext, settings: AutoConfig, outcome: SearchOutcome
     models: dict[str, nn.Module] = {"baseline": ctx.model}
     timed_front = settings.objective != "latency"
     if timed_front:
-        models.update({t["name"]: load_model(t["dir"]) for t in outcome.front})
+        models.update({t["name"]: ctx.spec.load(t["dir"]) for t in outcome.front})
     if final is not None:
         models["final"] = final.model
     # within what is left of the budget (each model still gets min_calls calls)

@@ -7,6 +7,7 @@ model at a time against the baseline, so that trials never compete for the cores
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -42,6 +43,26 @@ class ContextSpec:
     options: BuildOptions
     levels: dict[str, tuple[float, ...]] | None = None
     threads: int = 1
+    # A user's own module: what rebuilds its architecture when a trial model is loaded (see ModuleTemplate).
+    factory: Callable[[], nn.Module] | None = None
+    trust_import: bool | None = None
+
+    def load(self, path: str | Path) -> nn.Module:
+        """A model directory of this search (the input model's or a trial's)."""
+        from nnopt.loading import load_model
+
+        return load_model(path, factory=self.factory, trust_import=self.trust_import)
+
+
+class ModuleTemplate:
+    """Rebuilds a user's module by copying it as it was given: the architecture its record starts from,
+    without importing anything (the weights are replaced by the loaded ones). Picklable with the module."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = copy.deepcopy(module)
+
+    def __call__(self) -> nn.Module:
+        return copy.deepcopy(self.module)
 
 
 @dataclasses.dataclass
@@ -54,11 +75,10 @@ class TrialContext:
 
 def build_context(spec: ContextSpec, model: nn.Module | None = None, task: Any = None) -> TrialContext:
     """Load the input model and the task (unless given) and find the search space."""
-    from nnopt.loading import load_model
     from nnopt.search.tasks import make_task, prepare
 
     if model is None:
-        model = load_model(spec.model_path)
+        model = spec.load(spec.model_path)
     if task is None:
         task = make_task(spec.data)
         prepare(task, model)
@@ -94,7 +114,7 @@ def evaluate_plan(plan: Plan, ctx: TrialContext, out_dir: Path) -> dict[str, Any
         result: dict[str, Any] = {"name": plan.name, "quality": stats["cosine_mean"], "cosine_min": stats["cosine_min"]}
     else:
         result = {"name": plan.name, "quality": ctx.task.quality(model, "validation")}
-    saved = save_model(model, out_dir, weights_format=recipe.weights_format, overwrite=True)
+    saved = save_model(model, out_dir, weights_format=recipe.weights_format, overwrite=True, factory=ctx.spec.factory)
     profile = profile_model(model)
     result.update(bytes=saved.file_bytes, compression_ratio=saved.compression_ratio,
                   energy_nj=energy_nj(model, ctx.spec.batch), macs=profile.macs, params=profile.params,
@@ -263,7 +283,7 @@ def bind(model: nn.Module, inputs: Any) -> Callable[[], object]:
 
 def screen_latency(baseline: nn.Module, trials: Sequence[tuple[str, Path]], inputs: Any, batch: int,
                    seconds: float, on_result: Callable[[str, dict[str, float]], None],
-                   progress: bool | None = None) -> None:
+                   progress: bool | None = None, load: Callable[[Path], nn.Module] | None = None) -> None:
     """Time each trial model against the baseline, alternated in rounds, one trial at a time."""
     from nnopt.loading import load_model
     from nnopt.metrics.speed import compare_calls
@@ -271,7 +291,7 @@ def screen_latency(baseline: nn.Module, trials: Sequence[tuple[str, Path]], inpu
 
     with track("latency", total=len(trials), enabled=progress) as bar, torch.inference_mode():
         for name, path in trials:
-            model = load_model(path)
+            model = (load or load_model)(path)
             timing = compare_calls({"baseline": bind(baseline, inputs), "trial": bind(model, inputs)}, batch,
                                    warmup=3, min_calls=6, min_seconds=seconds, rounds=3)
             base, trial = timing["baseline"], timing["trial"]
