@@ -139,6 +139,7 @@ class ClusteredEmbedding(_ClusteredWeight):
     """An Embedding table as codebook indices; a lookup gathers only the rows it reads."""
 
     keras_layer = None
+    reads_indices = True  # its input is integer ids (profiles and energy probes feed it zeros of int64)
 
     def __init__(self, source: nn.Embedding, bits: int, zero_centroid: bool = False) -> None:
         super().__init__()

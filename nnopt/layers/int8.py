@@ -197,6 +197,8 @@ class Int8DynamicLinear(_Int8Weight):
 class Int8Embedding(_Int8Weight):
     """Embedding table as int8 codes with one scale per row; a lookup gathers codes, then scales."""
 
+    reads_indices = True  # its input is integer ids (profiles and energy probes feed it zeros of int64)
+
     def __init__(self, source: nn.Embedding) -> None:
         super().__init__()
         if source.max_norm is not None or source.sparse:

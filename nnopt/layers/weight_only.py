@@ -349,6 +349,7 @@ class QuantizedEmbedding(_QuantizedWeight):
     (``per_channel``) or per-group scales along the embedding dimension)."""
 
     keras_layer = None
+    reads_indices = True  # its input is integer ids (profiles and energy probes feed it zeros of int64)
     weight_q: torch.Tensor
     weight_packed: torch.Tensor
     weight_zero_point: torch.Tensor

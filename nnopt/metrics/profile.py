@@ -158,8 +158,9 @@ def probe_input(model: nn.Module, batch: int, shape: Sequence[int], dtype: torch
         dtype = named if isinstance(named, torch.dtype) else None
     if dtype is None:
         first = next((m for m in model.modules() if not any(True for _ in m.children())
-                      and any(True for _ in m.parameters(recurse=False))), None)
-        dtype = torch.int64 if isinstance(first, nn.Embedding) else next(
+                      and any(True for _ in (*m.parameters(recurse=False), *m.buffers(recurse=False)))), None)
+        lookup = isinstance(first, nn.Embedding) or getattr(first, "reads_indices", False)
+        dtype = torch.int64 if lookup else next(
             (p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     return torch.zeros(batch, *shape, dtype=dtype)
 
@@ -221,10 +222,11 @@ def layer_macs(module: nn.Module, output: Any, args: Sequence[Any] = ()) -> int:
         return _attention_macs(module, output, args)
     if isinstance(module, nn.RNNBase):
         return _recurrent_macs(module, output)
+    if isinstance(module, CompressedLayer):  # a recurrent one returns (outputs, state): its cost follows the outputs
+        main = output[0] if isinstance(output, tuple) and output else output
+        return module.macs(main) if isinstance(main, torch.Tensor) else 0
     if not isinstance(output, torch.Tensor):
         return 0
-    if isinstance(module, CompressedLayer):
-        return module.macs(output)
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return 0

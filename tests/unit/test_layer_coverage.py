@@ -121,3 +121,11 @@ def test_batchnorm_folds_into_transposed_convolutions_exactly():
     torch.testing.assert_close(folded(x), net(x), atol=1e-5, rtol=1e-5)
     grouped = nn.Sequential(nn.ConvTranspose1d(4, 6, 3, groups=2), nn.BatchNorm1d(6)).eval()
     assert isinstance(nnopt.simplify(grouped, nnopt.FoldBatchNormConfig())[1], nn.BatchNorm1d)  # left, with its reason
+
+
+def test_profile_and_energy_of_a_quantized_recurrent_model_count_its_lookups_and_steps():
+    model = user_models.LSTMClassifier(vocab=50, embed=8, hidden=8)
+    quantized = nnopt.quantize(model, nnopt.DynamicQuantConfig())  # int8 table and int8 recurrent weights
+    assert type(quantized.lstm) is not nn.LSTM and type(quantized.embedding) is not nn.Embedding
+    assert nnopt.profile_model(quantized, (9,)).macs == nnopt.profile_model(model, (9,)).macs > 0
+    assert estimate_energy(quantized, batch=2, input_shape=(9,)).macs_per_inference > 0
