@@ -15,10 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import nnopt  # noqa: E402
 from generated_data import token_ids  # noqa: E402
 from user_model_report import summarize, train_briefly  # noqa: E402
 from user_models import LSTMClassifier  # noqa: E402
+
+import nnopt  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
