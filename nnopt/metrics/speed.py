@@ -65,7 +65,7 @@ def example_batch(model: nn.Module, batch: int, generator: torch.Generator | Non
     """What ``model`` is called with for timing, export and energy runs: its own ``example_inputs``
     (token ids and mask for a sentence encoder), else standard-normal rows of its ``input_shape``.
     Seeded (0) unless ``generator`` is given, so every run sees the same data."""
-    from nnopt.metrics.profile import model_input_shape
+    from nnopt.metrics.profile import model_input_shape, random_input
 
     generator = torch.Generator().manual_seed(0) if generator is None else generator
     own = getattr(model, "example_inputs", None)
@@ -73,9 +73,9 @@ def example_batch(model: nn.Module, batch: int, generator: torch.Generator | Non
         return own(batch, generator=generator)
     try:
         shape = model_input_shape(model)
-    except ValueError as exc:
+    except (ValueError, ConfigError) as exc:
         raise UnsupportedModelError(f"cannot build inputs: {exc}") from None
-    return torch.randn(batch, *shape, generator=generator)
+    return random_input(model, batch, shape, generator)
 
 
 def bind_call(fn: Callable[..., object], inputs: Any) -> Callable[[], object]:
@@ -109,6 +109,8 @@ def compare_latency(
 ) -> dict[str, LatencyStats]:
     """Time several models side by side, alternating them in ``rounds`` so that drift in the
     machine's speed (other load, frequency changes) falls on all of them alike."""
+    from nnopt.metrics.profile import random_input
+
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise ConfigError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
     for model in models.values():
@@ -117,7 +119,7 @@ def compare_latency(
     timings: dict[str, list[Timing]] = {name: [] for name in models}
     with torch.inference_mode():
         for batch in batch_sizes:
-            x = torch.randn(batch, *input_shape, generator=generator).to(device)
+            x = random_input(next(iter(models.values())), batch, input_shape, generator).to(device)
             calls = {name: functools.partial(model, x) for name, model in models.items()}
             for name, timing in compare_calls(calls, batch, warmup, min_calls, min_seconds, rounds, device).items():
                 timings[name].append(timing)

@@ -186,6 +186,8 @@ def save_record(
     else:
         target = type(model)  # unimportable: verified here, and loading will need factory=
     config = {"class": cls, "factory": recorded, "kwargs": kwargs}
+    # the sample shape and dtype noted from the data it was optimized with (see nnopt.lineage.note_input)
+    config.update({key: lineage.config[key] for key in ("input_shape", "input_dtype") if key in lineage.config})
     saved = Lineage(USER_MODULE, config, list(lineage.applied))
     where = recorded or _describe(target)
     return saved, lambda: call_factory(target, kwargs, where)

@@ -58,6 +58,7 @@ def run_auto(path: str | Path, data: Dataset | str, config: AutoConfig, out: str
     ``data``: a bundled task's name or a Dataset (the user's file read by :func:`nnopt.datafiles.load_data`:
     ``data_source`` is its path, named in the recipe's reproduce line with ``data_options``)."""
     from nnopt.io.atomic import atomic_directory, check_replaceable, refuse_input_overlap
+    from nnopt.lineage import note_input
     from nnopt.loading import load_model
     from nnopt.search import auto, checkpoint_dir
 
@@ -65,6 +66,8 @@ def run_auto(path: str | Path, data: Dataset | str, config: AutoConfig, out: str
     refuse_input_overlap(out, [path])
     check_replaceable(out, AUTO_FILES if overwrite else None)
     model = load_model(path)
+    if not isinstance(data, str):
+        note_input(model, data.train.x)  # a user module's sample shape, for its profile and timing
     checkpoint = checkpoint_dir(out)
     result = auto(model, data, config, checkpoint_dir=checkpoint, resume=resume, keep_checkpoint=True, source=path,
                   progress=progress)

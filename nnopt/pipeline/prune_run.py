@@ -14,6 +14,7 @@ from nnopt.errors import ConfigError
 from nnopt.io.model_dir import save_model
 from nnopt.lineage import get_lineage
 from nnopt.metrics import profile_model
+from nnopt.metrics.profile import model_input_shape
 from nnopt.pipeline.runs import (
     DATA_HINT,
     QUALITY_NOTE,
@@ -151,7 +152,8 @@ def run_structured_prune(
     if encoder:
         timing = _encoder_latency(model, pruned)
     else:
-        stats = compare_latency({"before": model, "after": pruned}, model.input_shape, (1, 32), min_seconds=1.0)
+        stats = compare_latency({"before": model, "after": pruned}, model_input_shape(model), (1, 32),
+                                min_seconds=1.0)
         timing = {b: (stats["before"].at(b).median_ms, stats["after"].at(b).median_ms) for b in (1, 32)}
     for batch, (old, new) in timing.items():
         rows.append((f"latency batch {batch}, ms (measured)", round(old, 3), round(new, 3)))

@@ -22,6 +22,7 @@ from nnopt.errors import ConfigError, IntegrityError, OutputError
 from nnopt.io.atomic import check_replaceable, commit_guard, refuse_input_overlap
 from nnopt.io.manifest import list_files
 from nnopt.io.model_dir import META_FILE, WEIGHT_FILES, SavedModel, read_meta, weights_file
+from nnopt.lineage import note_input
 from nnopt.loading import load_model
 from nnopt.metrics.table import render_table
 
@@ -82,6 +83,7 @@ def open_run(
     model = load_model(path)
     dataset = load_data(data_name, **(data_options or {})) if data_name else None
     if dataset is not None:
+        note_input(model, dataset.train.x)  # a user module's sample shape, for its profile and timing
         _check_fits(model, dataset)
     return RunInput(meta, model, dataset, Path(path), files)
 

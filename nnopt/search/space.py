@@ -128,7 +128,9 @@ def _channel_groups(model: nn.Module, task: Any) -> tuple[Unit, ...]:
 
     from nnopt.pruning.structured import channel_groups
 
-    example = torch.zeros(2, *model.input_shape)  # type: ignore[union-attr]
+    from nnopt.metrics.profile import model_input_shape, probe_input
+
+    example = probe_input(model, 2, model_input_shape(model))
     return tuple(Unit(g.name, (g.name,)) for g in channel_groups(model, example) if g.prunable)
 
 
