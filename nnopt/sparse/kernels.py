@@ -70,6 +70,11 @@ def choose_kernels(model: nn.Module, config: SparseKernelConfig, **_: Any) -> di
     from nnopt.metrics.speed import compare_latency
 
     targets = select_layers(model, config.layers, default_types=(nn.Linear,))
+    skipped = {}
+    if not config.layers:  # by default, Linear subclasses (an attention's out_proj, read directly) stay dense
+        skipped = {name: f"a {type(module).__name__}, whose owner may read its weight directly: sparse kernels "
+                   "replace nn.Linear layers only" for name, module in targets if type(module) is not nn.Linear}
+        targets = [(name, module) for name, module in targets if name not in skipped]
     for name, module in targets:
         if type(module) is not nn.Linear:
             raise UnsupportedModelError(
@@ -103,6 +108,7 @@ def choose_kernels(model: nn.Module, config: SparseKernelConfig, **_: Any) -> di
         "min_speedup": config.min_speedup,
         "method": METHOD,
         "layers": layers,
+        **({"skipped": skipped} if skipped else {}),
     }
 
 
