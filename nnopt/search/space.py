@@ -124,11 +124,9 @@ def _int8_units(model: nn.Module, task: Any) -> tuple[Unit, ...]:
 
 def _channel_groups(model: nn.Module, task: Any) -> tuple[Unit, ...]:
     """Prunable coupled channel groups, named by the layer that produces them."""
-    import torch
-
-    from nnopt.pruning.structured import channel_groups
 
     from nnopt.metrics.profile import model_input_shape, probe_input
+    from nnopt.pruning.structured import channel_groups
 
     example = probe_input(model, 2, model_input_shape(model))
     return tuple(Unit(g.name, (g.name,)) for g in channel_groups(model, example) if g.prunable)
