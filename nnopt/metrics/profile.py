@@ -169,7 +169,9 @@ def random_input(model: nn.Module, batch: int, shape: Sequence[int], generator: 
     """Timing inputs of ``(batch, *shape)``: standard-normal values, or id 0 for a model that reads token ids
     (an embedding costs the same for every id)."""
     zeros = probe_input(model, batch, shape)
-    return zeros if not zeros.is_floating_point() else torch.randn(batch, *shape, generator=generator, dtype=zeros.dtype)
+    if not zeros.is_floating_point():
+        return zeros
+    return torch.randn(batch, *shape, generator=generator, dtype=zeros.dtype)
 
 
 # Layers that compute with their children's weights without calling them (their MACs are their own).
