@@ -9,12 +9,14 @@ Children are named after the source's parameters: ``in_proj_weight`` (or ``q_pro
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nnopt.layers.protocol import attention_macs
 
 OUT_PROJ = "out_proj_weight"
 
@@ -46,6 +48,12 @@ class MultiheadAttentionParts(nn.Module):
             self.register_parameter(name, None if value is None else nn.Parameter(value.detach().clone()))
         bias = source.out_proj.bias
         self.out_proj_bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    def composite_macs(self, output: Any, args: Sequence[Any]) -> int:
+        """MACs of one call, as the dense ``nn.MultiheadAttention`` it stands for."""
+        names = ("k_proj_weight", "v_proj_weight") if self.separate_qkv else ("in_proj_weight", "in_proj_weight")
+        kdim, vdim = (int(getattr(self, n).dense_weight().shape[-1]) for n in names)
+        return attention_macs(self.embed_dim, kdim, vdim, self.batch_first, output, args)
 
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: torch.Tensor | None = None,

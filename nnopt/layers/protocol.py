@@ -102,6 +102,32 @@ def conv_macs(weight_shape: Sequence[int], output: torch.Tensor) -> int:
     return output.numel() * per_output
 
 
+def recurrent_macs(weight_elements: int, output: Any) -> int:
+    """A recurrent layer (LSTM/GRU/RNN): every time step of every sequence multiplies each of its weight
+    matrices once, so ``weight_elements`` (their total size) MACs per step. ``output`` is what it returned
+    (``(outputs, state)``; outputs a tensor or a PackedSequence)."""
+    out = output[0] if isinstance(output, tuple) else output
+    data = getattr(out, "data", out)  # a PackedSequence holds the steps of all sequences in .data
+    if not isinstance(data, torch.Tensor) or data.ndim < 2:
+        return 0
+    return data.numel() // data.shape[-1] * weight_elements
+
+
+def attention_macs(embed_dim: int, kdim: int, vdim: int, batch_first: bool, output: Any, args: Sequence[Any]) -> int:
+    """Multi-head attention called on ``args`` (query, key, value first): the q/k/v and output projections,
+    plus the scores (q·kᵀ) and the weighted sum of values, summed over heads."""
+    out = output[0] if isinstance(output, tuple) else output
+    tensors = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    if not isinstance(out, torch.Tensor) or len(tensors) < 3:
+        return 0
+    query, key, value = tensors[:3]
+    e = embed_dim
+    batch = (out.shape[0] if batch_first else out.shape[1]) if out.ndim == 3 else 1
+    q_tokens, k_tokens, v_tokens = query.numel() // e, key.numel() // kdim, value.numel() // vdim
+    projections = q_tokens * e * e + k_tokens * kdim * e + v_tokens * vdim * e + q_tokens * e * e
+    return projections + 2 * q_tokens * (k_tokens // batch) * e
+
+
 def copy_conv_geometry(layer: Any, source: nn.Conv2d) -> None:  # Any: plain attributes, not submodules
     """Give ``layer`` the channels, kernel size, stride, padding, dilation and groups of ``source``."""
     layer.in_channels, layer.out_channels = source.in_channels, source.out_channels

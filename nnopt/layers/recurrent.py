@@ -31,7 +31,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from nnopt.errors import ModelFormatError, UnsupportedModelError
 from nnopt.layers import primitives as P
-from nnopt.layers.protocol import KernelCost, own_bytes
+from nnopt.layers.protocol import KernelCost, own_bytes, recurrent_macs
 
 RNN_TYPES: dict[type[nn.Module], str] = {nn.LSTM: "LSTM", nn.GRU: "GRU"}
 GATES = {"LSTM": 4, "GRU": 3}
@@ -170,6 +170,11 @@ class RecurrentParts(nn.Module):
         flat = [getattr(self, n).dense_weight() if n.startswith("weight") else getattr(self, n)
                 for n in self.shape.flat_names()]
         return run_rnn(self.shape, x, hx, flat, self.training)
+
+    def composite_macs(self, output: Any, args: Sequence[Any]) -> int:
+        """MACs of one call, as the dense LSTM/GRU it stands for (see :func:`recurrent_macs`)."""
+        weights = sum(getattr(self, n).dense_weight().numel() for n in self.shape.weight_names())
+        return recurrent_macs(weights, output)
 
     def extra_repr(self) -> str:
         return self.shape.describe()

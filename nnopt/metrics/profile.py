@@ -174,8 +174,9 @@ def random_input(model: nn.Module, batch: int, shape: Sequence[int], generator: 
     return torch.randn(batch, *shape, generator=generator, dtype=zeros.dtype)
 
 
-# Layers that compute with their children's weights without calling them (their MACs are their own).
-_COMPOSITE = (nn.MultiheadAttention,)
+def _is_composite(module: nn.Module) -> bool:
+    """A layer that computes with its children's weights without calling them (its MACs are its own)."""
+    return isinstance(module, nn.MultiheadAttention) or callable(getattr(module, "composite_macs", None))
 
 
 def hooked_forward(
@@ -195,7 +196,7 @@ def hooked_forward(
         for name, module in model.named_modules():
             leaf = not any(True for _ in module.children())
             inside_composite = any(name.startswith(f"{outer}.") for outer in _composites(model))
-            if name and (leaf or isinstance(module, _COMPOSITE)) and not inside_composite:
+            if name and (leaf or _is_composite(module)) and not inside_composite:
                 handles.append(module.register_forward_hook(hook(name), with_kwargs=True))
         model.eval()
         with torch.inference_mode():
@@ -207,7 +208,7 @@ def hooked_forward(
 
 
 def _composites(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if name and isinstance(m, _COMPOSITE)]
+    return [name for name, m in model.named_modules() if name and _is_composite(m)]
 
 
 def count_macs(model: nn.Module, input_shape: Sequence[int], input_dtype: torch.dtype | None = None) -> dict[str, int]:
@@ -225,12 +226,16 @@ def layer_macs(module: nn.Module, output: Any, args: Sequence[Any] = ()) -> int:
     """Multiply-accumulates of one call of a Linear-, Conv-, recurrent or attention layer that returned
     ``output`` for the positional ``args`` (for a compressed layer: of the dense layer it stands for);
     0 for anything else."""
-    from nnopt.layers.protocol import CompressedLayer, conv_macs, linear_macs
+    from nnopt.layers.protocol import CompressedLayer, attention_macs, conv_macs, linear_macs, recurrent_macs
 
+    own = getattr(module, "composite_macs", None)
+    if callable(own):  # a compressed recurrent or attention layer computing with its parts' weights
+        return int(own(output, args))
     if isinstance(module, nn.MultiheadAttention):
-        return _attention_macs(module, output, args)
+        return attention_macs(module.embed_dim, module.kdim, module.vdim, module.batch_first, output, args)
     if isinstance(module, nn.RNNBase):
-        return _recurrent_macs(module, output)
+        weights = sum(getattr(module, n).numel() for n in module._flat_weights_names if n.startswith("weight_"))
+        return recurrent_macs(weights, output)
     if isinstance(module, CompressedLayer):  # a recurrent one returns (outputs, state): its cost follows the outputs
         main = output[0] if isinstance(output, tuple) and output else output
         return module.macs(main) if isinstance(main, torch.Tensor) else 0
@@ -247,32 +252,6 @@ def layer_macs(module: nn.Module, output: Any, args: Sequence[Any] = ()) -> int:
     if hasattr(module, "in_channels") and weight.ndim >= 3:  # Conv-like: per output element
         return conv_macs(weight.shape, output)
     return 0
-
-
-def _recurrent_macs(module: nn.RNNBase, output: Any) -> int:
-    # Every time step of every sequence multiplies each weight matrix (input and hidden) once.
-    out = output[0] if isinstance(output, tuple) else output
-    data = getattr(out, "data", out)  # a PackedSequence holds the steps of all sequences in .data
-    if not isinstance(data, torch.Tensor) or data.ndim < 2:
-        return 0
-    width = data.shape[-1]
-    steps = data.numel() // width
-    weights = sum(getattr(module, n).numel() for n in module._flat_weights_names if n.startswith("weight_"))
-    return steps * weights
-
-
-def _attention_macs(module: nn.MultiheadAttention, output: Any, args: Sequence[Any]) -> int:
-    out = output[0] if isinstance(output, tuple) else output
-    tensors = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
-    if not isinstance(out, torch.Tensor) or len(tensors) < 3:
-        return 0
-    query, key, value = tensors[:3]
-    e = module.embed_dim
-    batch = (out.shape[0] if module.batch_first else out.shape[1]) if out.ndim == 3 else 1
-    q_tokens, k_tokens, v_tokens = query.numel() // e, key.numel() // module.kdim, value.numel() // module.vdim
-    projections = q_tokens * e * e + k_tokens * module.kdim * e + v_tokens * module.vdim * e + q_tokens * e * e
-    scores = 2 * q_tokens * (k_tokens // batch) * e  # q·kᵀ and the weighted sum of values, per head summed
-    return projections + scores
 
 
 def _weight_tensors(module: nn.Module) -> list[torch.Tensor]:

@@ -129,3 +129,11 @@ def test_profile_and_energy_of_a_quantized_recurrent_model_count_its_lookups_and
     assert type(quantized.lstm) is not nn.LSTM and type(quantized.embedding) is not nn.Embedding
     assert nnopt.profile_model(quantized, (9,)).macs == nnopt.profile_model(model, (9,)).macs > 0
     assert estimate_energy(quantized, batch=2, input_shape=(9,)).macs_per_inference > 0
+
+
+@pytest.mark.parametrize("config", [nnopt.WeightQuantConfig(bits=4), nnopt.ClusterConfig(bits=4)])
+def test_compressed_recurrent_and_attention_layers_count_the_macs_of_the_layers_they_stand_for(config):
+    for model, shape in ((user_models.LSTMClassifier(vocab=50, embed=8, hidden=8), (9,)),
+                         (user_models.TinyViT(image=16, patch=4, dim=16, depth=1, heads=2, mlp=32), (3, 16, 16))):
+        compressed = nnopt.quantize(model, config)
+        assert nnopt.profile_model(compressed, shape).macs == nnopt.profile_model(model, shape).macs
