@@ -10,12 +10,14 @@ import torch
 
 
 def signals(n: int, seed: int, length: int = 1024, classes: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, 3, length) noisy sines whose frequency is the class."""
+    """(n, 3, length) noisy sines whose frequency is the class (periods of 25 down to about 5 samples, so that
+    a few small convolutions can tell them apart)."""
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, classes, (n,), generator=g)
-    t = torch.linspace(0, 1, length)
+    t = torch.arange(length, dtype=torch.float32)
     phase = torch.rand(n, 3, 1, generator=g) * 6.28
-    x = torch.sin(2 * torch.pi * (4 + 3 * y[:, None, None]) * t + phase) + 0.5 * torch.randn(n, 3, length, generator=g)
+    cycles_per_sample = 0.04 + 0.15 * y[:, None, None] / max(classes - 1, 1)
+    x = torch.sin(2 * torch.pi * cycles_per_sample * t + phase) + 0.5 * torch.randn(n, 3, length, generator=g)
     return x, y
 
 
