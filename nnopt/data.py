@@ -383,49 +383,40 @@ def _item_parts(item: Any) -> tuple[Any, Any]:
 
 
 def _stack(parts: list[tuple[Any, Any]], what: str) -> tuple[Inputs, Any]:
-    xs = [x for x, _ in parts]
-    ys = [y for _, y in parts]
+    """Stack single items (``x`` or ``(x, y)`` parts) into rows."""
+    x, y = _join([x for x, _ in parts], [y for _, y in parts], what, torch.stack,
+                 "cannot be stacked into one tensor")
+    return x, None if y is None else torch.as_tensor(np.asarray([int(torch.as_tensor(v)) for v in y]))
+
+
+def _from_batches(batches: Any, what: str) -> tuple[Inputs, Any]:
+    """Concatenate a DataLoader's batches (tensors, ``(x, y)`` or dicts) along the rows."""
+    parts = [_item_parts(batch) for batch in batches]
+    if not parts:
+        raise ConfigError(f"the {what} yields no batches")
+    x, y = _join([x for x, _ in parts], [y for _, y in parts], f"batches of the {what}", torch.cat,
+                 "cannot be joined")
+    return x, None if y is None else torch.cat([torch.as_tensor(v).reshape(-1) for v in y])
+
+
+def _join(xs: list[Any], ys: list[Any], what: str, combine: Callable[[list[torch.Tensor]], torch.Tensor],
+          failure: str) -> tuple[Inputs, list[Any] | None]:
+    """``combine`` (stack or cat) the inputs, keeping their structure (tensors, tuples, dicts); the labels
+    as given, or None when there are none (all or nothing)."""
     if any(y is None for y in ys) and not all(y is None for y in ys):
         raise ConfigError(f"some {what} have a label and some do not")
     first = xs[0]
     try:
         if isinstance(first, Mapping):
-            x: Inputs = {k: torch.stack([torch.as_tensor(item[k]) for item in xs]) for k in first}
+            x: Inputs = {k: combine([torch.as_tensor(item[k]) for item in xs]) for k in first}
         elif isinstance(first, tuple | list) and not _is_array(first):
-            x = tuple(torch.stack([torch.as_tensor(item[i]) for item in xs]) for i in range(len(first)))
+            x = tuple(combine([torch.as_tensor(item[i]) for item in xs]) for i in range(len(first)))
         else:
-            x = torch.stack([torch.as_tensor(item) for item in xs])
+            x = combine([torch.as_tensor(item) for item in xs])
     except (RuntimeError, KeyError, IndexError, TypeError) as exc:
-        raise ConfigError(f"the {what} cannot be stacked into one tensor (pad sequences to one length): "
+        raise ConfigError(f"the {what} {failure} (pad sequences to one length): "
                           f"{str(exc).splitlines()[0]}") from None
-    y = None if ys[0] is None else torch.as_tensor(np.asarray([int(torch.as_tensor(v)) for v in ys]))
-    return x, y
-
-
-def _from_batches(batches: Any, what: str) -> tuple[Inputs, Any]:
-    """Concatenate a DataLoader's batches (tensors, ``(x, y)`` or dicts) along the rows."""
-    xs, ys = [], []
-    for batch in batches:
-        part, label = _item_parts(batch)
-        xs.append(part)
-        ys.append(label)
-    if not xs:
-        raise ConfigError(f"the {what} yields no batches")
-    if any(y is None for y in ys) and not all(y is None for y in ys):
-        raise ConfigError(f"some batches of the {what} have labels and some do not")
-    first = xs[0]
-    try:
-        if isinstance(first, Mapping):
-            x: Inputs = {k: torch.cat([torch.as_tensor(b[k]) for b in xs]) for k in first}
-        elif isinstance(first, tuple | list) and not _is_array(first):
-            x = tuple(torch.cat([torch.as_tensor(b[i]) for b in xs]) for i in range(len(first)))
-        else:
-            x = torch.cat([torch.as_tensor(b) for b in xs])
-    except (RuntimeError, KeyError, IndexError, TypeError) as exc:
-        raise ConfigError(f"the {what}'s batches cannot be joined (pad sequences to one length): "
-                          f"{str(exc).splitlines()[0]}") from None
-    y = None if ys[0] is None else torch.cat([torch.as_tensor(v).reshape(-1) for v in ys])
-    return x, y
+    return x, None if ys[0] is None else ys
 
 
 def training_data(data: Any) -> Any:
