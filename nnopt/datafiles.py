@@ -219,7 +219,7 @@ def _text(path: Path, tokenizer: Callable[[list[str]], Any] | None, test_fractio
 
 def _open_text(path: Path) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel's "CSV UTF-8") is not a header
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     import io

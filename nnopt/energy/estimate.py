@@ -316,12 +316,16 @@ def _record(module: nn.Module, args: tuple, output: Any) -> _Record | None:
         return _Record("lookup", float_dtype_name(outputs[0].dtype), 0, [],
                        outputs[0].numel() * module.weight.element_size(), act_bytes)
     macs = layer_macs(module, output, args)
+    if not macs:
+        return None
+    # A composite layer (nn.MultiheadAttention, compressed recurrent/attention parts) reads its children's
+    # weights too; its arithmetic runs in its float weights' dtype, or its output's when all are codes.
     weights = [p for p in module.parameters() if p.is_floating_point()]
-    if macs and weights:
-        # A composite layer (nn.MultiheadAttention) reads its children's weights too.
-        weight_bytes = own_bytes(module) + sum(own_bytes(child) for child in module.modules() if child is not module)
-        return _Record("dense", float_dtype_name(weights[0].dtype), macs, [], weight_bytes, act_bytes)
-    return None
+    weight_bytes = own_bytes(module) + sum(own_bytes(child) for child in module.modules() if child is not module)
+    if callable(getattr(module, "own_macs", None)):  # its layers report their own weights
+        weight_bytes = own_bytes(module)
+    dtype = weights[0].dtype if weights else outputs[0].dtype
+    return _Record("dense", float_dtype_name(dtype), macs, [], weight_bytes, act_bytes)
 
 
 def _cost(name: str, module: nn.Module, rec: _Record, table: EnergyTable, caches: Sequence[Cache]) -> LayerEnergy:

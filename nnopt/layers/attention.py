@@ -18,11 +18,15 @@ with equal outputs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nnopt.errors import ConfigError, UnsupportedModelError
+from nnopt.layers.protocol import attention_score_macs
 
 
 class SplitMultiheadAttention(nn.Module):
@@ -48,6 +52,10 @@ class SplitMultiheadAttention(nn.Module):
         self.k_proj = nn.Linear(kdim or embed_dim, inner, bias=bias)
         self.v_proj = nn.Linear(vdim or embed_dim, inner, bias=bias)
         self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
+
+    def own_macs(self, output: Any, args: Sequence[Any]) -> int:
+        """MACs of its own beside its projection layers' (counted as theirs): scores and the mix of values."""
+        return attention_score_macs(self.heads * self.head_dim, self.batch_first, output, args)
 
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

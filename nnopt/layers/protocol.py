@@ -128,6 +128,22 @@ def attention_macs(embed_dim: int, kdim: int, vdim: int, batch_first: bool, outp
     return projections + 2 * q_tokens * (k_tokens // batch) * e
 
 
+def attention_score_macs(inner: int, batch_first: bool, output: Any, args: Sequence[Any]) -> int:
+    """The products attention computes between activations, beside its projections: q·kᵀ and the weighted
+    sum of values, ``2 · query tokens · key length · inner`` (inner = heads · head size)."""
+    out = output[0] if isinstance(output, tuple) else output
+    tensors = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    if not isinstance(out, torch.Tensor) or len(tensors) < 2:
+        return 0
+    query, key = tensors[:2]
+    if query.ndim == 3:
+        batch, q_len, k_len = (query.shape[0], query.shape[1], key.shape[1]) if batch_first else (
+            query.shape[1], query.shape[0], key.shape[0])
+    else:
+        batch, q_len, k_len = 1, query.shape[0], key.shape[0]
+    return 2 * batch * q_len * k_len * inner
+
+
 def copy_conv_geometry(layer: Any, source: nn.Conv2d) -> None:  # Any: plain attributes, not submodules
     """Give ``layer`` the channels, kernel size, stride, padding, dilation and groups of ``source``."""
     layer.in_channels, layer.out_channels = source.in_channels, source.out_channels

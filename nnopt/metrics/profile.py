@@ -196,7 +196,8 @@ def hooked_forward(
         for name, module in model.named_modules():
             leaf = not any(True for _ in module.children())
             inside_composite = any(name.startswith(f"{outer}.") for outer in _composites(model))
-            if name and (leaf or _is_composite(module)) and not inside_composite:
+            adds_own = callable(getattr(module, "own_macs", None))  # its children are hooked too
+            if name and (leaf or _is_composite(module) or adds_own) and not inside_composite:
                 handles.append(module.register_forward_hook(hook(name), with_kwargs=True))
         model.eval()
         with torch.inference_mode():
@@ -231,6 +232,9 @@ def layer_macs(module: nn.Module, output: Any, args: Sequence[Any] = ()) -> int:
     own = getattr(module, "composite_macs", None)
     if callable(own):  # a compressed recurrent or attention layer computing with its parts' weights
         return int(own(output, args))
+    extra = getattr(module, "own_macs", None)
+    if callable(extra):  # a container whose layers are counted on their own, plus products of its own
+        return int(extra(output, args))
     if isinstance(module, nn.MultiheadAttention):
         return attention_macs(module.embed_dim, module.kdim, module.vdim, module.batch_first, output, args)
     if isinstance(module, nn.RNNBase):

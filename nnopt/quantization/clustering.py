@@ -215,11 +215,16 @@ def cluster_weights(model: nn.Module, config: ClusterConfig, **context: Any) -> 
     the reconstruction mean squared error (after k-means, and after fine-tuning when it ran).
     """
     data = context.get("data")
+    from nnopt.training.distill import recovery_teacher
+
+    # taken before any layer is clustered: without labels, fine-tuning distils from the unclustered model
+    teacher = recovery_teacher(model, data, context) if config.finetune_epochs > 0 else None
     if config.finetune_epochs > 0 and data is None:
-        raise ConfigError("ClusterConfig.finetune_epochs > 0 needs data=... (a Split with labels)")
+        raise ConfigError("ClusterConfig.finetune_epochs > 0 needs data=... (inputs; labels optional)")
     if config.finetune_epochs > 0 and not isinstance(data, Split):
         raise ConfigError(
-            f"ClusterConfig.finetune_epochs > 0 needs data= a Split with labels, got {type(data).__name__}"
+            f"ClusterConfig.finetune_epochs > 0 needs data= inputs (a tensor, Split, Dataset...), "
+            f"got {type(data).__name__}"
         )
     already = ((_ClusteredWeight, "clustered"), (_QuantizedWeight, "quantized"))
     targets, skipped = choose_targets(model, config.layers, SUPPORTED_TYPES, "weight clustering", already=already,
@@ -252,7 +257,7 @@ def cluster_weights(model: nn.Module, config: ClusterConfig, **context: Any) -> 
             eval_data=eval_data if isinstance(eval_data, Split) else None,
             # MaskKeeper: layers left unclustered keep their pruned zeros too.
             callbacks=[ZeroCentroidKeeper(), MaskKeeper.from_zeros(model)],
-            progress=context.get("progress"), data_parallel=context.get("data_parallel", 1),
+            progress=context.get("progress"), data_parallel=context.get("data_parallel", 1), teacher=teacher,
         )
         for name, weight in originals.items():
             owner, _, key = name.rpartition(".")

@@ -42,6 +42,7 @@ from nnopt.quantization.ptq import STATIC_TYPES, _targets, calibration_inputs, o
 from nnopt.select import replace_layer, validate_patterns
 from nnopt.techniques import Technique, always, register_technique, train_split
 from nnopt.training import TrainConfig, TrainHistory, train
+from nnopt.training.distill import recovery_teacher
 
 if TYPE_CHECKING:
     from nnopt.checkpoint import CheckpointSpec
@@ -310,9 +311,10 @@ def prepare_qat(model: nn.Module, config: QATConfig, data: Any, skipped: dict[st
 def finetune_qat(
     model: nn.Module, config: QATConfig, data: Split, eval_data: Split | None = None, progress: bool | None = None,
     extra_callbacks: Sequence[Any] = (), checkpoint: CheckpointSpec | None = None, resume: bool = False,
-    data_parallel: int = 1,
+    data_parallel: int = 1, teacher: nn.Module | None = None,
 ) -> TrainHistory:
-    """Train a prepared model (in place) with pruned zeros kept and ranges frozen as configured.
+    """Train a prepared model (in place) with pruned zeros kept and ranges frozen as configured; without
+    labels it distils from ``teacher`` (the model before it was prepared).
 
     ``checkpoint``/``resume`` as in :func:`nnopt.train`; the observed ranges and whether they are
     frozen yet are part of the checkpoint."""
@@ -327,7 +329,7 @@ def finetune_qat(
         checkpoint = checkpoint.with_identity({"qat config": config.to_dict()})
     try:
         return train(model, data, config.train_config(), eval_data=eval_data, callbacks=callbacks, progress=progress,
-                     checkpoint=checkpoint, resume=resume, data_parallel=data_parallel)
+                     checkpoint=checkpoint, resume=resume, data_parallel=data_parallel, teacher=teacher)
     finally:
         set_observing(model, True)
 
@@ -367,13 +369,14 @@ def quantize_qat(model: nn.Module, config: QATConfig, **context: Any) -> dict[st
     if len(data) == 0:
         raise ConfigError("QATConfig: the training data is empty")
     skipped: dict[str, str] = {}
+    teacher = recovery_teacher(model, data, context)  # before the fake-quant twins replace any layer
     prepare_qat(model, config, data, skipped)
     train_rows, held_out = _split_validation(data, config)
     keeper = _BestOnValidation(model, held_out) if held_out is not None else None
     history = finetune_qat(model, config, train_rows, eval_data=context.get("eval_data"),
                            progress=context.get("progress"), extra_callbacks=[keeper] if keeper else [],
                            checkpoint=context.get("checkpoint"), resume=bool(context.get("resume")),
-                           data_parallel=context.get("data_parallel", 1))
+                           data_parallel=context.get("data_parallel", 1), teacher=teacher)
     if keeper is not None:
         keeper.restore(model)
     layers = convert_qat(model)

@@ -63,3 +63,16 @@ class DistillationLoss:
         soft = F.softmax(target / t, dim=-1)
         rows = outputs.numel() // outputs.shape[-1]  # (batch, classes) or (batch, ..., classes)
         return F.kl_div(log_p, soft, reduction="sum") / rows * t**2
+
+
+def recovery_teacher(model: nn.Module, data: Any, context: dict[str, Any]) -> nn.Module | None:
+    """What a pass that compresses ``model`` and then fine-tunes it on ``data`` distils from: the caller's
+    ``context["teacher"]`` (a recipe's original model), else, when the data has no labels, a frozen copy
+    of ``model`` taken now, before the pass changes any layer (None with labels: cross-entropy needs none)."""
+    import copy
+
+    teacher = context.get("teacher")
+    if teacher is not None:
+        return teacher
+    unlabelled = getattr(data, "y", 0) is None
+    return copy.deepcopy(model).eval() if unlabelled else None

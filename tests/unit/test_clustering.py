@@ -99,8 +99,10 @@ def test_finetuning_needs_data_and_distils_without_labels(trained_simplenet, dig
     # inputs only: the centroids learn to follow the unclustered model's outputs
     clustered = nnopt.quantize(trained_simplenet, ClusterConfig(bits=2))
     tuned = nnopt.quantize(trained_simplenet, ClusterConfig(bits=2, finetune_epochs=2), data=[digits.train.x])
-    before = nnopt.fidelity(clustered, trained_simplenet, digits.test.x).agreement
-    assert nnopt.fidelity(tuned, trained_simplenet, digits.test.x).agreement >= before
+    before = nnopt.fidelity(clustered, trained_simplenet, digits.test.x)
+    after = nnopt.fidelity(tuned, trained_simplenet, digits.test.x)
+    # the teacher is the unclustered model (a clustered one would teach nothing: outputs would not move)
+    assert after.agreement > before.agreement
 
 
 def test_save_load_round_trip_is_exact_and_smaller(trained_simplenet, digits, tmp_path):

@@ -137,3 +137,35 @@ def test_compressed_recurrent_and_attention_layers_count_the_macs_of_the_layers_
                          (user_models.TinyViT(image=16, patch=4, dim=16, depth=1, heads=2, mlp=32), (3, 16, 16))):
         compressed = nnopt.quantize(model, config)
         assert nnopt.profile_model(compressed, shape).macs == nnopt.profile_model(model, shape).macs
+
+
+def test_energy_counts_compressed_recurrent_and_attention_layers_without_float_parameters():
+    class Bare(nn.Module):  # no biases: once compressed, every weight of these layers is an integer code
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(6, 8, bias=False, batch_first=True)
+            self.attn = nn.MultiheadAttention(8, 2, bias=False, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.rnn(x)[0]
+            return self.head(self.attn(h, h, h, need_weights=False)[0][:, -1])
+
+    model = Bare()
+    before = {layer.name: layer.macs for layer in estimate_energy(model, input_shape=(5, 6)).layers}
+    after = {layer.name: layer.macs for layer in estimate_energy(
+        nnopt.quantize(model, nnopt.WeightQuantConfig(bits=4)), input_shape=(5, 6)).layers}
+    assert before == after and before["rnn"] > 0 and before["attn"] > 0
+
+
+def test_split_attention_counts_the_same_macs_as_the_attention_it_replaces():
+    import copy
+
+    from nnopt.pruning.structured.transformer_blocks import prepare_transformer
+
+    vit = user_models.TinyViT(image=8, patch=4, dim=16, depth=1, heads=2, mlp=32).eval()
+    split = copy.deepcopy(vit)
+    prepare_transformer(split)  # nn.MultiheadAttention -> SplitMultiheadAttention, equal outputs
+    assert sum(count_macs(split, (3, 8, 8)).values()) == sum(count_macs(vit, (3, 8, 8)).values())
+    assert estimate_energy(split, input_shape=(3, 8, 8)).macs_per_inference == pytest.approx(
+        estimate_energy(vit, input_shape=(3, 8, 8)).macs_per_inference)

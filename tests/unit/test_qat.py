@@ -258,3 +258,20 @@ def test_config_round_trips_through_a_dict():
     assert config.to_dict()["kind"] == "qat"
     with pytest.raises(ConfigError, match="unknown key"):
         QATConfig.from_dict({"kind": "qat", "epoch": 2})
+
+
+def test_without_labels_qat_distils_from_the_float_model(trained_simplenet, digits, monkeypatch):
+    import nnopt.quantization.qat as qat_module
+
+    seen = {}
+    real_train = qat_module.train
+
+    def spy(*args, **kwargs):
+        seen["teacher"] = kwargs.get("teacher")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(qat_module, "train", spy)
+    nnopt.quantize(trained_simplenet, QATConfig(epochs=1), data=digits.train.x[:256])  # inputs only
+    teacher = seen["teacher"]
+    assert teacher is not None and type(teacher.features[0]) is torch.nn.Linear  # not a fake-quant twin
+    assert torch.equal(teacher.features[0].weight, trained_simplenet.features[0].weight)

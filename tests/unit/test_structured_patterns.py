@@ -501,3 +501,25 @@ def test_operations_on_other_dims_keep_channels_and_softmax_across_them_freezes(
     assert "normalizes across the channels" in _group(groups, "b").frozen and "softmax" in _group(groups, "b").frozen
     assert [m.inner for m in _group(groups, "c").members if m.module == "fc"] == [36]
     _masked_equals_physical(ShapeOps(), x)
+
+
+class CalledTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv1d(2, 6, 3, padding=1)
+        self.mid = nn.Conv1d(6, 6, 3, padding=1)
+        self.b = nn.Conv1d(6, 6, 1)
+        self.head = nn.Conv1d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.mid(torch.relu(self.mid(torch.relu(self.a(x))))))  # one weight, two places
+        return self.head(torch.relu(self.b(h)))
+
+
+def test_a_layer_called_twice_is_frozen_and_the_rest_still_prunes():
+    groups = channel_groups(CalledTwice().eval(), torch.randn(2, 2, 8))
+    assert "called more than once" in _group(groups, "a").frozen
+    assert not any(m.module == "mid" for g in groups if g.prunable for m in g.members)
+    pruned = nnopt.prune(CalledTwice().eval(), StructuredPruneConfig(ratio=0.5, importance="l1"),
+                         data=torch.randn(4, 2, 8))
+    assert (pruned.a.out_channels, pruned.mid.out_channels, pruned.b.out_channels) == (6, 6, 3)

@@ -128,6 +128,11 @@ def test_csv_label_column_default_and_chosen(tmp_path):
     assert chosen.feature_shape == (2,) and chosen.num_classes == 10
     (tmp_path / "u.csv").write_text("a,b\n" + "".join(f"{i},{i}\n" for i in range(10)))
     assert load_data(tmp_path / "u.csv").train.y is None
+    # Excel's "CSV UTF-8" starts with a byte-order mark: the first header is still "label", not a feature
+    rows = "".join(f"{i % 2},{i},{i * 2}\n" for i in range(10))
+    (tmp_path / "bom.csv").write_bytes(("\ufeff" + "label,f1,f2\n" + rows).encode())
+    bom = load_data(tmp_path / "bom.csv")
+    assert bom.feature_shape == (2,) and bom.num_classes == 2
 
 
 def _images(root, classes=("cat", "dog"), per_class=3, size=(6, 5)):

@@ -179,29 +179,50 @@ _CHILD = """
 import hashlib, sys, torch
 torch.set_num_threads(1)
 from nnopt.loading import load_model
-model = load_model(sys.argv[1], trust_import=True)
-x = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(1))
-with torch.inference_mode():
-    print(hashlib.sha256(model(x).contiguous().numpy().tobytes()).hexdigest())
+for path in sys.argv[1:]:
+    model = load_model(path, trust_import=True)
+    x = torch.load(path + ".input.pt", weights_only=True)
+    with torch.inference_mode():
+        print(hashlib.sha256(model(x).contiguous().numpy().tobytes()).hexdigest())
 """
 
+# One optimization per model kind, as the examples apply them.
+_OPTIMIZED = {
+    "TimeSeriesCNN": [nnopt.StructuredPruneConfig(ratio=0.5, importance="l1"), nnopt.FoldBatchNormConfig()],
+    "MobileNetSE": [nnopt.StructuredPruneConfig(ratio=0.5, importance="l1"), nnopt.StaticQuantConfig()],
+    "TinyViT": [nnopt.StructuredPruneConfig(ratio=0.5, head_ratio=0.5, importance="l1"),
+                nnopt.WeightQuantConfig(bits=8)],
+    "LSTMClassifier": [nnopt.MagnitudePruneConfig(sparsity=0.5), nnopt.DynamicQuantConfig()],
+}
 
-def test_a_new_process_reloads_an_optimized_user_model_with_equal_outputs(user_models, tmp_path):
-    model, kwargs, x = _model(user_models, "TimeSeriesCNN")
-    optimized = nnopt.quantize(nnopt.prune(model, nnopt.MagnitudePruneConfig(sparsity=0.5)),
-                               nnopt.WeightQuantConfig(bits=8))
-    nnopt.save_model(optimized, tmp_path / "m", factory_kwargs=kwargs)
+
+def _optimize(model: nn.Module, steps: list, x: torch.Tensor) -> nn.Module:
+    for config in steps:
+        verb = {"prune-structured": nnopt.prune, "prune-magnitude": nnopt.prune, "fold-batchnorm": nnopt.simplify}
+        model = verb.get(config.kind, nnopt.quantize)(model, config, data=x)
+    return model
+
+
+def test_a_new_process_reloads_each_optimized_user_model_with_equal_outputs(user_models, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    expected, paths = [], []
     try:
-        expected = hashlib.sha256(_out(optimized, x).contiguous().numpy().tobytes()).hexdigest()
+        for name, steps in _OPTIMIZED.items():
+            model, kwargs, x = _model(user_models, name)
+            optimized = _optimize(model, steps, x)
+            path = tmp_path / name
+            nnopt.save_model(optimized, path, factory_kwargs=kwargs)
+            torch.save(x, f"{path}.input.pt")
+            expected.append(hashlib.sha256(_out(optimized, x).contiguous().numpy().tobytes()).hexdigest())
+            paths.append(str(path))
     finally:
         torch.set_num_threads(threads)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(EXAMPLES), str(ROOT)])}
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "m")], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", _CHILD, *paths], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == expected
+    assert done.stdout.split() == expected
 
 
 # --- hostile and broken records -----------------------------------------------------------------

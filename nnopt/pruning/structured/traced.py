@@ -12,6 +12,7 @@ touches with its reason. Never silently wrong: an operation is understood or it 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import operator
@@ -181,7 +182,8 @@ def traced_groups(model: nn.Module, example: torch.Tensor) -> list[ChannelGroup]
         ) from None
     finally:
         model.train(was_training)
-    analysis = _Analysis(dict(graph_module.named_modules()))
+    calls = collections.Counter(str(n.target) for n in graph_module.graph.nodes if n.op == "call_module")
+    analysis = _Analysis(dict(graph_module.named_modules()), dict(calls))
     for node in graph_module.graph.nodes:
         analysis.layouts[node] = analysis.visit(node)
     return analysis.spaces.groups()
@@ -201,8 +203,9 @@ def _arg(node: Any, index: int, name: str, default: Any = None) -> Any:
 class _Analysis:
     """One pass over the graph in order: the layout of every node, and the spaces they use."""
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
+    def __init__(self, modules: dict[str, nn.Module], calls: dict[str, int] | None = None) -> None:
         self.modules = modules
+        self.calls = calls or {}  # call_module nodes per module: a layer called twice shares its weights
         self.spaces = _Spaces()
         self.layouts: dict[Any, _Layout | None] = {}
 
@@ -261,6 +264,9 @@ class _Analysis:
     def module(self, node: Any, module: nn.Module) -> _Layout | None:
         x = self.layout(node.args[0]) if node.args else None
         name, kind = node.target, type(module).__name__
+        if self.calls.get(name, 1) > 1 and (type(module) in PRUNABLE_LAYERS or type(module) in NORM_LAYERS):
+            # one weight serves several places: its channels would have to match in all of them
+            return self.unknown(node, f"{kind} {name} is called more than once (shared weights)", "")
         if type(module) in PRUNABLE_LAYERS:
             return self.layer(node, module, x)
         if type(module) in NORM_LAYERS:
