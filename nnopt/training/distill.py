@@ -72,7 +72,7 @@ def recovery_teacher(model: nn.Module, data: Any, context: dict[str, Any]) -> nn
     import copy
 
     teacher = context.get("teacher")
-    if teacher is not None:
+    if isinstance(teacher, nn.Module):
         return teacher
     unlabelled = getattr(data, "y", 0) is None
     return copy.deepcopy(model).eval() if unlabelled else None
