@@ -65,7 +65,7 @@ _EXPORTS = {
     "accuracy": "nnopt.metrics",
     "profile_model": "nnopt.metrics",
     "measure_latency": "nnopt.metrics",
-    "save_model": "nnopt.io",
+    "save_model": "nnopt.saving",
     "load_model": "nnopt.loading",
     "NnoptError": "nnopt.errors",
     "tune_allocator": "nnopt.runtime",
@@ -104,7 +104,6 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs only
     from nnopt.data import load_dataset, load_digits
     from nnopt.errors import NnoptError
-    from nnopt.io import save_model
     from nnopt.loading import load_model
     from nnopt.metrics import accuracy, measure, measure_latency, profile_model
     from nnopt.models import architectures, create_model, from_keras
@@ -117,6 +116,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs only
         prune,
     )
     from nnopt.quantization import WeightQuantConfig, quantize
+    from nnopt.saving import save_model
     from nnopt.search import AutoConfig, AutoResult, auto
     from nnopt.sparse import SparseKernelConfig, sparsify
     from nnopt.training import TrainConfig, train

@@ -27,7 +27,7 @@ from nnopt.errors import ConfigError, ModelFormatError
 from nnopt.io.atomic import atomic_directory, refuse_input_overlap, write_bytes_durable
 from nnopt.io.json_file import read_json_document
 from nnopt.io.safety import refuse_unsafe
-from nnopt.lineage import USER_MODULE, Lineage, get_lineage, has_lineage, user_module_lineage
+from nnopt.lineage import USER_MODULE, AppliedPass, Lineage, get_lineage, has_lineage, user_module_lineage
 
 WEIGHTS_FILE = "model.safetensors"
 PACKED_FILE = "model.nnpk"
@@ -64,8 +64,11 @@ def save_model(
     weights_format: str = "safetensors",
     factory: str | Callable[..., Any] | None = None,
     factory_kwargs: Mapping[str, Any] | None = None,
+    *,
+    replay: Callable[[nn.Module, AppliedPass], None] | None = None,
 ) -> SavedModel:
-    """Write ``model`` as an nnopt model directory, atomically.
+    """Write ``model`` as an nnopt model directory, atomically (:func:`nnopt.save_model` is this with
+    ``replay``, the technique registry's, which a user module's recorded passes need: see below).
 
     ``weights_format="packed"`` stores sparse positions, bit-packed integer codes and entropy
     coded streams (``model.nnpk``); the default is a standard ``model.safetensors``.
@@ -87,7 +90,7 @@ def save_model(
         raise ConfigError(f"weights_format must be one of {', '.join(WEIGHT_FILES)}, got {weights_format!r}")
     path = Path(path)
     refuse_input_overlap(path, inputs)
-    lineage, dense_bytes = _record_and_dense_bytes(model, factory, factory_kwargs)
+    lineage, dense_bytes = _record_and_dense_bytes(model, factory, factory_kwargs, replay)
     # Clone so tensors that share storage (views, tied weights) serialize independently.
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     payload, packing = _serialize(model, tensors, weights_format, lineage.architecture)
@@ -117,7 +120,8 @@ def save_model(
 
 
 def _record_and_dense_bytes(
-    model: nn.Module, factory: str | Callable[..., Any] | None, factory_kwargs: Mapping[str, Any] | None
+    model: nn.Module, factory: str | Callable[..., Any] | None, factory_kwargs: Mapping[str, Any] | None,
+    replay: Callable[[nn.Module, AppliedPass], None] | None,
 ) -> tuple[Lineage, int]:
     """The lineage to write and the dense fp32 size of its architecture; a user module's record is
     checked to rebuild ``model`` exactly (see :func:`nnopt.models.user_module.check_rebuild`)."""
@@ -132,8 +136,15 @@ def _record_and_dense_bytes(
     from nnopt.models.user_module import check_rebuild, save_record
 
     lineage, builder = save_record(model, lineage, factory, factory_kwargs)
-    check_rebuild(model, lineage, builder)
+    if replay is None and lineage.applied:
+        raise ConfigError(f"{type(model).__name__} is a user module with recorded passes: save it with "
+                          "nnopt.save_model, which replays them to check that its record rebuilds it")
+    check_rebuild(model, lineage, builder, replay or _no_passes)
     return lineage, _dense_bytes_of(builder)
+
+
+def _no_passes(model: nn.Module, applied: AppliedPass) -> None:
+    raise AssertionError("unreachable: a record with passes needs a replay")  # guarded by the caller
 
 
 def _dense_bytes_of(builder: Callable[[], nn.Module]) -> int:

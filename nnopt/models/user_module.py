@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from nnopt.errors import ConfigError, ModelFormatError, NnoptError, UnsafeFileError
-from nnopt.lineage import USER_MODULE, Lineage, class_path, unimportable_reason
+from nnopt.lineage import USER_MODULE, AppliedPass, Lineage, class_path, unimportable_reason
 
 Builder = Callable[[], nn.Module]
 TRUST_HINT = "trust_import=True (CLI: --trust-import)"
@@ -193,11 +193,11 @@ def save_record(
     return saved, lambda: call_factory(target, kwargs, where)
 
 
-def check_rebuild(model: nn.Module, lineage: Lineage, builder: Builder) -> nn.Module:
-    """Refuse to save unless ``builder`` + the recorded passes give exactly ``model``'s tensor names, shapes
-    and dtypes. Built on the meta device (no memory), on the CPU when that fails. Returns the untrained build."""
-    from nnopt.techniques import replay_structure
-
+def check_rebuild(model: nn.Module, lineage: Lineage, builder: Builder,
+                  replay: Callable[[nn.Module, AppliedPass], None]) -> nn.Module:
+    """Refuse to save unless ``builder`` + the recorded passes (each re-created by ``replay``, the technique
+    registry's) give exactly ``model``'s tensor names, shapes and dtypes. Built on the meta device (no
+    memory), on the CPU when that fails. Returns the untrained build."""
     cls = lineage.config.get("class")
     how = f"{lineage.config.get('factory') or cls}{_call_text(lineage.config.get('kwargs', {}))}"
     passes = f" and its {len(lineage.applied)} recorded passes" if lineage.applied else ""
@@ -209,7 +209,7 @@ def check_rebuild(model: nn.Module, lineage: Lineage, builder: Builder) -> nn.Mo
             with device if device is not None else contextlib.nullcontext():
                 rebuilt = builder()
                 for applied in lineage.applied:
-                    replay_structure(rebuilt, applied)
+                    replay(rebuilt, applied)
         except Exception as exc:  # meta-unsupported ops, then the real failure on the CPU
             last = exc
             continue

@@ -83,9 +83,9 @@ def run_auto(path: str | Path, data: Dataset | str, config: AutoConfig, out: str
 def _write(result: AutoResult, config: AutoConfig, data: Dataset | str, path: str | Path, tmp: Path,
            data_options: dict[str, Any]) -> None:
     from nnopt.io.atomic import write_bytes_durable
-    from nnopt.io.model_dir import save_model
     from nnopt.recipe import recipe_to_dict, recipe_to_yaml
     from nnopt.report import write_reports
+    from nnopt.saving import save_model
 
     report = result.report
     if result.model is not None and result.recipe is not None:

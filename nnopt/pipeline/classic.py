@@ -21,7 +21,6 @@ from nnopt.config import Config
 from nnopt.data import load_digits
 from nnopt.errors import ConfigError
 from nnopt.io.atomic import atomic_directory, check_replaceable, write_bytes_durable
-from nnopt.io.model_dir import save_model
 from nnopt.layers.primitives import QUANT_MAX_BITS, QUANT_MIN_BITS
 from nnopt.lineage import get_lineage
 from nnopt.metrics import Measurement, compare_latency, measure, measurement_rows
@@ -30,6 +29,7 @@ from nnopt.models import create_model
 from nnopt.pruning import GradualPruneConfig, StructuredPruneConfig, ThresholdPruneConfig, prune
 from nnopt.quantization import ClusterConfig, QATConfig, StaticQuantConfig, WeightQuantConfig, quantize
 from nnopt.report.document import REPORT_HTML, REPORT_JSON, REPORT_MD
+from nnopt.saving import save_model
 from nnopt.sparse import SparseKernelConfig, kernel_summary, sparsify
 from nnopt.training import TrainConfig, TrainHistory, train
 

@@ -74,7 +74,7 @@ def _check_nnopt_dir(out: Path, inputs: list[Path], overwrite: bool) -> None:
 
 
 def _write_nnopt_dir(model: Any, out: Path, inputs: list[Path], overwrite: bool) -> int:
-    from nnopt.io.model_dir import save_model
+    from nnopt.saving import save_model
 
     saved = save_model(model, out, inputs=inputs, overwrite=overwrite)
     return sum(f.stat().st_size for f in saved.path.iterdir() if f.is_file())

@@ -11,7 +11,6 @@ from torch import nn
 from nnopt.checkpoint import CheckpointSpec
 from nnopt.config import Config
 from nnopt.errors import ConfigError
-from nnopt.io.model_dir import save_model
 from nnopt.lineage import get_lineage
 from nnopt.metrics import profile_model
 from nnopt.metrics.profile import model_input_shape
@@ -28,6 +27,7 @@ from nnopt.pipeline.runs import (
     size_rows,
 )
 from nnopt.pruning import GradualPruneConfig, finetune, prune
+from nnopt.saving import save_model
 from nnopt.sparse import SparseKernelConfig, kernel_summary, sparsify
 from nnopt.training import TrainConfig
 

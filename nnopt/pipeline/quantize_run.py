@@ -12,7 +12,6 @@ import torch
 from nnopt.checkpoint import CheckpointSpec
 from nnopt.config import Config
 from nnopt.errors import ConfigError
-from nnopt.io.model_dir import save_model
 from nnopt.lineage import get_lineage
 from nnopt.metrics.speed import bind_call, compare_calls, example_batch
 from nnopt.pipeline.runs import (
@@ -28,6 +27,7 @@ from nnopt.pipeline.runs import (
     size_rows,
 )
 from nnopt.quantization import quantize
+from nnopt.saving import save_model
 from nnopt.techniques import config_named, technique_for, technique_named
 
 # The CLI's names for the quantization techniques: kinds or presets in the technique registry.

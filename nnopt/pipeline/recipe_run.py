@@ -55,10 +55,10 @@ def _optimize(run: Any, recipe: Recipe, path: str | Path, out: Path, overwrite: 
               progress: bool | None, data_parallel: int = 1) -> RunResult:
     import torch
 
-    from nnopt.io.model_dir import save_model
     from nnopt.metrics import profile_model
     from nnopt.pipeline.runs import QUALITY_NOTE, RunResult, commit_output, quality_rows, size_rows
     from nnopt.recipe import apply_recipe, recipe_to_dict
+    from nnopt.saving import save_model
 
     model, dataset = run.model, run.dataset
     optimized = apply_recipe(model, recipe, data=dataset, progress=progress, data_parallel=data_parallel)

@@ -228,7 +228,7 @@ def _loaded_from(model: nn.Module, source: str | Path) -> tuple[Path, InputModel
 
 def _saved_copy(model: nn.Module, work: Path, factory: ModuleTemplate | None) -> tuple[Path, InputModel]:
     """The input model written to the work directory: its bytes are the baseline's, and workers load it."""
-    from nnopt.io.model_dir import save_model
+    from nnopt.saving import save_model
 
     work.mkdir(parents=True, exist_ok=True)
     saved = save_model(model, work / INPUT_DIR, overwrite=True, factory=factory)

@@ -45,8 +45,8 @@ class Final:
 def rebuild(ctx: TrialContext, outcome: SearchOutcome, work: Path) -> Final | None:
     """Apply the chosen plan's recipe to the input model with the data `nnopt optimize` would read, and
     write it to ``work/final`` (its bytes are measured from the file); None when nothing was chosen."""
-    from nnopt.io.model_dir import save_model
     from nnopt.recipe import apply_recipe
+    from nnopt.saving import save_model
 
     if outcome.chosen is None:
         return None

@@ -101,9 +101,9 @@ def energy_method(batch: int) -> str:
 
 def evaluate_plan(plan: Plan, ctx: TrialContext, out_dir: Path) -> dict[str, Any]:
     """Build ``plan`` on the fit split, score it on the validation split, write it to ``out_dir``."""
-    from nnopt.io.model_dir import save_model
     from nnopt.metrics import profile_model
     from nnopt.recipe import apply_recipe
+    from nnopt.saving import save_model
 
     started = time.perf_counter()
     recipe = plan_recipe(plan, ctx.space, ctx.spec.options)
