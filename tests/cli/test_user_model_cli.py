@@ -54,3 +54,18 @@ def test_quantizing_a_user_model_with_a_labelled_file_reports_accuracy(saved_use
     assert code == 0 and "accuracy" in capsys.readouterr().out
     reloaded = nnopt.load_model(saved_user_model / "q", trust_import=True)
     assert reloaded(torch.randn(2, 3, 64)).shape == (2, 5)
+
+
+def test_optimize_a_user_model_with_a_recipe_and_an_unlabelled_file(saved_user_model, capsys):
+    recipe = saved_user_model / "recipe.yaml"
+    recipe.write_text("name: small\nsteps:\n  - kind: prune-structured\n    ratio: 0.5\n    importance: l1\n"
+                      "    finetune_epochs: 1\n  - kind: fold-batchnorm\n")
+    out = saved_user_model / "optimized"
+    code = main(["optimize", str(saved_user_model / "model"), "--trust-import", "--recipe", str(recipe),
+                 "--data", str(saved_user_model / "inputs.npy"), "-o", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "top-1 agreement with the input" in printed  # no labels: fidelity to the input
+    reloaded = nnopt.load_model(out, trust_import=True)
+    assert [p.name for p in reloaded._nnopt_lineage.applied] == ["prune-structured", "fold-batchnorm"]
+    assert reloaded.features[0].out_channels == 4
+

