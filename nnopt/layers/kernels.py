@@ -147,18 +147,23 @@ def faster_exact_gemm() -> str:
 
 
 def _time_exact_gemms(rounds: int = 3) -> str:
-    import time
 
     rows, inputs, outputs = _TIMING_SHAPE
     generator = torch.Generator().manual_seed(0)
     x = torch.randint(-128, 128, (rows, inputs), dtype=torch.int8, generator=generator)
     w = torch.randint(-127, 128, (outputs, inputs), dtype=torch.int8, generator=generator)
     w_float = w.to(torch.float32)
-    calls = {"torch-int-mm": lambda: torch._int_mm(x, w.t()),
-             "fp32-exact": lambda: fp32_exact_int8_matmul(x, w, w_float)}
+    return fastest({"torch-int-mm": lambda: torch._int_mm(x, w.t()),
+                    "fp32-exact": lambda: fp32_exact_int8_matmul(x, w, w_float)}, rounds)
+
+
+def fastest(calls: dict[str, Callable[[], object]], rounds: int) -> str:
+    """The name of the call with the best time over ``rounds`` alternated rounds (after one warm-up round)."""
+    import time
+
     best = dict.fromkeys(calls, float("inf"))
     with torch.inference_mode():
-        for _ in range(rounds + 1):  # alternated; the first round warms up
+        for _ in range(rounds + 1):
             for name, call in calls.items():
                 start = time.perf_counter()
                 call()
@@ -193,7 +198,6 @@ def _faster_conv() -> str:
 
 
 def _time_conv_paths(rounds: int = 3) -> str:
-    import time
 
     generator = torch.Generator().manual_seed(0)
     codes = torch.randint(-128, 128, (4, 32, 32, 32), generator=generator).to(torch.float32)
@@ -205,15 +209,7 @@ def _time_conv_paths(rounds: int = 3) -> str:
         patches = cols.transpose(1, 2).reshape(-1, cols.shape[1]).to(torch.int8)
         return torch._int_mm(patches, w_flat.t())
 
-    calls = {"im2col": im2col, "fp32-exact": lambda: F.conv2d(codes, w_float, None, 1, 1)}
-    best = dict.fromkeys(calls, float("inf"))
-    with torch.inference_mode():
-        for _ in range(rounds + 1):  # alternated; the first round warms up
-            for name, call in calls.items():
-                start = time.perf_counter()
-                call()
-                best[name] = min(best[name], time.perf_counter() - start)
-    return min(best, key=lambda name: best[name])
+    return fastest({"im2col": im2col, "fp32-exact": lambda: F.conv2d(codes, w_float, None, 1, 1)}, rounds)
 
 
 _CONV_EXACT: list[bool] = []
