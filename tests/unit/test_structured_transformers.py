@@ -220,3 +220,18 @@ def test_split_attention_refuses_stale_per_head_masks() -> None:
 def test_replay_prepare_names_a_mismatched_record() -> None:
     with pytest.raises(ModelFormatError, match="Conv1D layer 'lm_head'"):
         replay_prepare(_gpt2(), {"linear_from_conv1d": ["lm_head"]})
+
+
+@pytest.mark.parametrize("build", [_vit, _gpt2, _llama], ids=["vit", "gpt2", "llama"])
+def test_the_prune_verb_cuts_transformers_models_and_they_save_and_reload(build, tmp_path) -> None:
+    import nnopt
+
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(2, 3, 32, 32) if build is _vit else torch.randint(0, 100, (2, 8))
+    pruned = nnopt.prune(model, nnopt.StructuredPruneConfig(ratio=0.5, head_ratio=0.5, importance="l1"))
+    assert sum(p.numel() for p in pruned.parameters()) < 0.75 * sum(p.numel() for p in model.parameters())
+    nnopt.save_model(pruned, tmp_path / "m", factory=build)  # a transformers model needs its config: a factory
+    again = nnopt.load_model(tmp_path / "m", factory=build)
+    with torch.inference_mode():
+        assert torch.equal(again(x).logits, pruned(x).logits)
