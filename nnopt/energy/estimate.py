@@ -322,8 +322,8 @@ def _record(module: nn.Module, args: tuple, output: Any) -> _Record | None:
     # weights too; its arithmetic runs in its float weights' dtype, or its output's when all are codes.
     weights = [p for p in module.parameters() if p.is_floating_point()]
     weight_bytes = own_bytes(module) + sum(own_bytes(child) for child in module.modules() if child is not module)
-    if callable(getattr(module, "own_macs", None)):  # its layers report their own weights
-        weight_bytes = own_bytes(module)
+    if callable(getattr(module, "own_macs", None)):  # its layers report their own weights and activations
+        weight_bytes, act_bytes = own_bytes(module), 0
     dtype = weights[0].dtype if weights else outputs[0].dtype
     return _Record("dense", float_dtype_name(dtype), macs, [], weight_bytes, act_bytes)
 

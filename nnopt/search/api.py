@@ -10,6 +10,7 @@ asks to keep the work there so that an interrupted search can be resumed. ``nnop
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import os
@@ -108,7 +109,8 @@ def _fmt(value: Any, unit: str = "") -> str:
 
 def auto(model: nn.Module, data: Dataset | str | Any, config: AutoConfig | None = None, *,
          checkpoint_dir: str | Path | None = None, resume: bool = False, keep_checkpoint: bool = False,
-         source: str | Path | None = None, progress: bool | None = None) -> AutoResult:
+         source: str | Path | None = None, progress: bool | None = None,
+         trust_import: bool | None = None) -> AutoResult:
     """Search for the plan (a recipe) that best serves ``config.objective`` within ``config.max_drop``.
 
     Measures each unit's sensitivity on a validation split held out of ``data``'s training split,
@@ -130,7 +132,9 @@ def auto(model: nn.Module, data: Dataset | str | Any, config: AutoConfig | None 
     ``keep_checkpoint`` (a caller that still writes the result removes it once that is done, as
     ``nnopt auto`` does, so that an interruption while writing loses no trial).
     ``source`` is the model directory ``model`` was loaded from: its weights file then gives the
-    baseline's size and identity, and worker processes load it from there.
+    baseline's size and identity, and worker processes load it from there. ``trust_import=True``: worker
+    processes may import the package a loaded user module's record names, as
+    ``load_model(..., trust_import=True)`` did (default: as :func:`nnopt.loading.trusting_imports` says).
 
     >>> import nnopt
     >>> data = nnopt.load_dataset("digits")
@@ -152,15 +156,26 @@ def auto(model: nn.Module, data: Dataset | str | Any, config: AutoConfig | None 
         except ConfigError as exc:
             raise ConfigError(f"data must be an nnopt.data.Dataset, a bundled name ('digits', 'sentences') or what "
                               f"nnopt.as_dataset takes (tensors, arrays, (x, y), torch Datasets): {exc}") from None
-    from nnopt.lineage import has_lineage, note_input, set_lineage, user_module_lineage
+    from nnopt.lineage import (
+        USER_MODULE,
+        get_lineage,
+        has_lineage,
+        note_input,
+        recorded_input,
+        set_lineage,
+        user_module_lineage,
+    )
     from nnopt.loading import trusted_imports
 
     factory = None
+    sample = data.train.x if isinstance(data, Dataset) else None
     if not has_lineage(model):  # the user's own module: a copy gets its record, and rebuilds trial models
         template = ModuleTemplate(model)
         model, factory = template(), template
         set_lineage(model, user_module_lineage(model))
-        note_input(model, getattr(data.train, "x", None) if isinstance(data, Dataset) else None)
+    elif recorded_input(model) is None and get_lineage(model).architecture == USER_MODULE:
+        model = copy.deepcopy(model)  # a loaded user module learns its sample shape: on a copy, not the caller's
+    note_input(model, sample)
     with _modes_kept(model):  # the search runs the model in eval mode; the caller's mode comes back
         model.eval()  # also before the first check's forward pass: BatchNorm must not update its statistics
         task = make_task(data)
@@ -177,7 +192,7 @@ def auto(model: nn.Module, data: Dataset | str | Any, config: AutoConfig | None 
                                batch=config.batch, levels=config.levels,
                                options=BuildOptions(finetune_epochs=config.finetune_epochs, stages=config.stages),
                                threads=_threads_per_worker(config.workers), factory=factory,
-                               trust_import=trusted_imports())
+                               trust_import=trusted_imports() if trust_import is None else trust_import)
             prepare(task, model)
             ctx = build_context(spec, model=model, task=task)  # finds the search space: an error if there is none
             outcome = search(ctx, config, checkpoint, task.quality(model, "validation"), progress)

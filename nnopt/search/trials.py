@@ -25,6 +25,7 @@ from torch import nn
 
 from nnopt.data import Dataset
 from nnopt.errors import NnoptError, brief
+from nnopt.lineage import note_input
 from nnopt.search.plans import Plan, plan_recipe
 from nnopt.search.space import BuildOptions, SearchSpace, build_space
 
@@ -79,6 +80,8 @@ def build_context(spec: ContextSpec, model: nn.Module | None = None, task: Any =
 
     if model is None:
         model = spec.load(spec.model_path)
+        if isinstance(spec.data, Dataset):
+            note_input(model, spec.data.train.x)  # a user module's sample shape, as the main process noted it
     if task is None:
         task = make_task(spec.data)
         prepare(task, model)

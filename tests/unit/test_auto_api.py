@@ -144,3 +144,21 @@ def test_a_checkpoint_directory_left_before_the_first_trial_can_be_resumed(tmp_p
     assert not fresh.resumed and fresh.state["trials"] == {}
     with pytest.raises(nnopt.NnoptError, match="no checkpoint at"):
         Checkpoint.at(tmp_path / "none", {"model": "x"}, resume=True)
+
+
+def test_auto_on_a_loaded_user_module_and_unlabelled_tensors(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from nnopt.lineage import recorded_input
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "examples"))
+    import user_models
+
+    torch.manual_seed(0)
+    nnopt.save_model(user_models.TimeSeriesCNN(width=8), tmp_path / "m", factory_kwargs={"width": 8})
+    model = nnopt.load_model(tmp_path / "m", trust_import=True)
+    x = torch.randn(160, 3, 32)  # inputs only: the metric is top-1 agreement with the input model
+    with one_thread():
+        result = nnopt.auto(model, x, TINY, trust_import=True)  # trial models are loaded: they import it too
+    assert result.report["metric"] == "agreement" and result.front
+    assert recorded_input(model) is None  # the sample shape went on a copy, not on the caller's model
