@@ -120,15 +120,11 @@ def profile_model(model: nn.Module, input_shape: Sequence[int] | None = None,
             dtype=module.weight_storage if isinstance(module, CompressedLayer) else (
                 str(main.dtype).removeprefix("torch.") if main is not None else "-"
             ),
-            bytes=sum(t.numel() * t.element_size() for t in module.state_dict(keep_vars=True).values()
-                      if not _in_child(module, t)),
+            # its own saved tensors: a composite's children (an attention's out_proj) have rows of their own
+            bytes=sum(t.numel() * t.element_size() for key, t in module.state_dict(keep_vars=True).items()
+                      if "." not in key),
         ))
     return ModelProfile(layers=tuple(layers), file_bytes=file_bytes)
-
-
-def _in_child(module: nn.Module, tensor: torch.Tensor) -> bool:
-    # A composite layer (nn.MultiheadAttention) is profiled on its own tensors; its children have rows of their own.
-    return any(tensor is t for child in module.children() for t in child.state_dict(keep_vars=True).values())
 
 
 def model_input_shape(model: nn.Module) -> tuple[int, ...]:
