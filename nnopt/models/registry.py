@@ -113,4 +113,4 @@ def _lookup(name: str) -> Architecture:
 
 def _ensure_builtin() -> None:
     # Importing the modules registers the built-in architectures exactly once.
-    from nnopt.models import hf_encoder, mlp, resnet, sequential  # noqa: F401
+    from nnopt.models import hf_encoder, imagenet_cnns, mlp, resnet, sequential  # noqa: F401
