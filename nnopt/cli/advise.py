@@ -15,7 +15,8 @@ def register(commands: Any) -> None:
     advise = commands.add_parser(
         "advise", help="which data-free techniques make a saved model faster on this machine, measured",
         description="Build the variants nnopt can make without data (fp32 baseline, bf16 autocast, int8 dynamic, "
-        "BatchNorm folding, CSR sparse kernels for already sparse Linears, torch.compile with --compile), time "
+        "BatchNorm folding, CSR sparse kernels for already sparse Linears, torch.compile with --compile, ONNX "
+        "Runtime and OpenVINO running the exported model with --runtimes), time "
         "them side by side at --batch on this machine, check their outputs against the baseline on random "
         "inputs, and say for each whether it is faster here and, if not, why.",
     )
@@ -28,6 +29,9 @@ def register(commands: Any) -> None:
     advise.add_argument("--device", default="cpu", metavar="{cpu,cuda}", help="where to run (default: cpu)")
     advise.add_argument("--compile", action="store_true",
                         help="also try torch.compile (takes seconds; compile time reported apart)")
+    advise.add_argument("--runtimes", action="store_true",
+                        help="also run the model exported to ONNX in ONNX Runtime and OpenVINO (where installed; "
+                        "export and conversion time reported apart)")
     advise.add_argument("--json", action="store_true", help='print {"advice": [...], "env": ...} instead of a table')
     advise.set_defaults(handler=cmd_advise)
 
@@ -37,7 +41,8 @@ def cmd_advise(args: argparse.Namespace) -> int:
 
     options = AdviseOptions(batch=parse_count(args.batch, "--batch"),
                             threads=None if args.threads is None else parse_count(args.threads, "--threads"),
-                            seconds=args.seconds, device=args.device, compile=args.compile)
+                            seconds=args.seconds, device=args.device, compile=args.compile,
+                            runtimes=args.runtimes)
     result = run_advise(args.path, options)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result)
     return 0

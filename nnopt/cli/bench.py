@@ -16,7 +16,9 @@ def register(commands: Any) -> None:
         description="Time a saved nnopt model on this machine (BENCHMARKS.md protocol: warm-up, then at least "
         "20 timed calls and --seconds of timing per row under torch.inference_mode; median and p10-p90), for "
         "every --threads × --batch, with one backend: torch (eager), compiled (torch.compile; compile time "
-        "reported apart) or onnxruntime (exported with nnopt.export_onnx). Peak memory is the process's "
+        "reported apart), onnxruntime (exported with nnopt.export_onnx) or openvino (that export converted to "
+        "OpenVINO, CPU), or all of those available here side by side (--backend all: one row per backend, each "
+        "checked against torch eager's outputs). Peak memory is the process's "
         "measured resident set (the table says how). With --compare OLD.json, rows are matched by backend, "
         "batch and threads, and the exit status is 1 when any median is slower than the old one by more than "
         "--tolerance; 0 otherwise; 2 on bad input.",
@@ -25,11 +27,12 @@ def register(commands: Any) -> None:
     bench.add_argument("--batch", default="1,8,32", metavar="B[,B...]",
                        help="comma-separated batch sizes (default: 1,8,32)")
     bench.add_argument("--threads", default=None, metavar="T[,T...]",
-                       help="comma-separated torch/ONNX Runtime intra-op thread counts (default: the current "
+                       help="comma-separated torch/ONNX Runtime/OpenVINO intra-op thread counts (default: the current "
                        "torch.get_num_threads())")
     bench.add_argument("--device", default="cpu", metavar="{cpu,cuda}", help="where to run (default: cpu)")
-    bench.add_argument("--backend", default="torch", metavar="{torch,onnxruntime,compiled}",
-                       help="torch eager, ONNX Runtime (needs nnopt[onnx]) or torch.compile (default: torch)")
+    bench.add_argument("--backend", default="torch", metavar="{torch,onnxruntime,compiled,openvino,all}",
+                       help="torch eager, ONNX Runtime (needs nnopt[onnx]), torch.compile, OpenVINO (needs "
+                       "nnopt[openvino]), or all available side by side (default: torch)")
     bench.add_argument("--seconds", type=float, default=2.0, metavar="S",
                        help="minimum timing per row, on top of at least 20 calls (default: 2.0)")
     bench.add_argument("--dtype", default="fp32", metavar="{fp32,bf16}",

@@ -3,8 +3,9 @@
 For the saved model and this device, the candidate variants that need no data are built: the fp32
 baseline, bf16 autocast (float models), int8 dynamic (models with Linear layers), BatchNorm folding
 (models with BatchNorm), CSR sparse kernels via ``sparsify`` (a Linear with >= 50 % zeros) and,
-on request, ``torch.compile``. All are timed side by side with
-:func:`nnopt.metrics.speed.compare_calls` (alternated rounds, so drift in the machine's speed falls
+on request, ``torch.compile`` and other runtimes (``runtimes=True``: the same model exported to ONNX
+and run by ONNX Runtime and by OpenVINO, where installed; :mod:`nnopt.metrics.runtimes`). All are timed
+side by side with :func:`nnopt.metrics.speed.compare_calls` (alternated rounds, so drift in the machine's speed falls
 on all alike) at one batch size, and their outputs are checked against the baseline on the same
 seeded random inputs (max abs difference and argmax agreement; cosine similarity for models that
 bring their own ``example_inputs``, such as the MiniLM encoder). A technique is "faster here" when
@@ -49,6 +50,7 @@ class AdviseOptions:
     seconds: float = 1.0
     device: str = "cpu"
     compile: bool = False
+    runtimes: bool = False
     min_calls: int = 20
     warmup: int = 5
     rounds: int = 5
@@ -112,7 +114,10 @@ class AdviceResult:
             lines += ["why:", *reasons]
         if self.skipped:
             lines += ["not tried:", *(f"  {s['technique']}: {s['reason']}" for s in self.skipped)]
-        return render_table(columns, rows, title=f"nnopt advise: {self.workload}", caption="\n".join(lines))
+        from rich.markup import escape
+
+        # plain text, not rich markup: a reason such as "pip install 'nnopt[openvino]'" must print as written
+        return render_table(columns, rows, title=f"nnopt advise: {self.workload}", caption=escape("\n".join(lines)))
 
 
 @dataclasses.dataclass
@@ -156,6 +161,8 @@ def run_advise(path: str | Path, options: AdviseOptions) -> AdviceResult:
                     skipped.append({"technique": "torch.compile", "reason": why})
                 else:
                     candidates.append(_Candidate("compiled", "torch.compile (fp32)", compiled))
+            if options.runtimes:
+                _add_runtimes(model, inputs, threads, options, candidates, skipped)
             outputs = {c.key: _output(c.call()) for c in candidates}
             timings = compare_calls({c.key: c.call for c in candidates}, options.batch, warmup=options.warmup,
                                     min_calls=options.min_calls, min_seconds=options.seconds,
@@ -202,6 +209,11 @@ def run_advise(path: str | Path, options: AdviseOptions) -> AdviceResult:
             f"standard-normal inputs (ok: argmax agreement >= {MIN_ARGMAX_AGREEMENT:.0%})"),
         "load_average": [load_before, _load_average()],
     }
+    runtime_setup = {c.key: c.facts["setup_seconds"] for c in candidates if "setup_seconds" in c.facts}
+    if runtime_setup:
+        env["runtime_setup_seconds"] = runtime_setup
+        env["runtime_setup_method"] = ("measured: ONNX export, then session creation (ONNX Runtime) or conversion and "
+                                       "compilation for the CPU (OpenVINO), not in the timings")
     if compile_seconds is not None:
         env["compile_seconds"] = round(compile_seconds, 3)
         env["compile_method"] = "measured: torch.compile plus its first call (tracing and code generation)"
@@ -284,6 +296,58 @@ def _candidates(model: nn.Module, inputs: Any, options: AdviseOptions,
             f"no Linear has >= {SPARSE_MIN_ZEROS:.0%} zeros (highest {max_zeros:.0%}); prune first "
             "(nnopt prune --sparsity)" if facts["linear_layers"] else "the model has no Linear layer")})
     return candidates, skipped
+
+
+RUNTIME_TECHNIQUES = {"onnxruntime": "ONNX Runtime (exported model)", "openvino": "OpenVINO (exported model, CPU)"}
+
+
+def _add_runtimes(model: nn.Module, inputs: Any, threads: int, options: AdviseOptions, candidates: list[_Candidate],
+                  skipped: list[dict[str, str]]) -> None:
+    """ONNX Runtime and OpenVINO running the model exported to ONNX (the same weights: fp32 for a float model),
+    at the same threads; each one that cannot run here is listed with why."""
+    import importlib.util
+
+    from nnopt.io.openvino_export import OPENVINO_FIX, openvino_available
+    from nnopt.metrics.runtimes import build_runtime
+
+    wanted = {}
+    for key, technique in RUNTIME_TECHNIQUES.items():
+        if options.device != "cpu":
+            skipped.append({"technique": technique, "reason": "compared on the CPU only (use --device cpu)"})
+        elif key == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
+            skipped.append({"technique": technique,
+                            "reason": "onnxruntime is not installed; pip install 'nnopt[onnx]'"})
+        elif key == "openvino" and not openvino_available():
+            skipped.append({"technique": technique, "reason": f"openvino is not installed; {OPENVINO_FIX}"})
+        else:
+            wanted[key] = technique
+    if not wanted:
+        return
+    started = time.perf_counter()
+    try:
+        from nnopt.io.onnx_export import export_onnx
+
+        # int8 layers (if any) in the fastest form ONNX Runtime computes exactly on this CPU: a file timed here
+        onnx = export_onnx(model, inputs, int8_weights="auto")
+    except (NnoptError, ImportError) as exc:
+        for technique in wanted.values():
+            skipped.append({"technique": technique, "reason": f"ONNX export failed: {_first_line(exc)}"})
+        return
+    export_seconds = time.perf_counter() - started
+    for key, technique in wanted.items():
+        try:
+            built = build_runtime(key, inputs, onnx=onnx, threads=threads)
+            built.call()
+        except Exception as exc:  # noqa: BLE001 - the runtimes raise many types; name the cause
+            skipped.append({"technique": technique, "reason": f"could not run here: {_first_line(exc)}"})
+            continue
+        candidates.append(_Candidate(key, technique, built.call, {
+            **built.details, "setup_seconds": round(export_seconds + built.setup_seconds, 3), "onnx_bytes": len(onnx)}))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def _try(build: Callable[[], nn.Module], technique: str, skipped: list[dict[str, str]]) -> nn.Module | None:
@@ -410,6 +474,9 @@ def _reason(candidate: _Candidate, speedup: float, agreement: Mapping[str, Any],
                 f"less than the timing noise at batch {options.batch}")
     if candidate.key == "compiled":
         return f"{measured}: eager kernels already dominate; fusion saves too little at batch {options.batch}"
+    if candidate.key in RUNTIME_TECHNIQUES:
+        return (f"{measured} at batch {options.batch}: this runtime's kernels and graph fusions run this model no "
+                "faster than torch eager here")
     return f"{measured} (< {MIN_SPEEDUP}x)"
 
 

@@ -3,8 +3,13 @@
 Protocol (BENCHMARKS.md): warm-up calls, then at least ``min_calls`` timed calls and at least
 ``seconds`` of timing per row with ``time.perf_counter`` under ``torch.inference_mode``; median
 and 10th–90th percentiles. Backends: torch eager, ``torch.compile`` (compiled once; its compile
-time is reported apart from the timings) and ONNX Runtime (the model exported with
-``nnopt.export_onnx``). Results are a BENCHMARKS.md document (benchmark ``"bench"``), and
+time is reported apart from the timings), ONNX Runtime (the model exported with
+``nnopt.export_onnx``) and OpenVINO (that export converted by ``nnopt.io.openvino_export``; CPU,
+float32 inference precision, latency hint). ``backend="all"`` times every backend available here,
+one row per backend at each (threads, batch), adjacent in time, and checks each backend's outputs
+against torch eager's on the same inputs (``max_abs_diff_vs_torch``, ``top1_agreement_vs_torch``);
+backends that cannot run here are listed in ``env["skipped_backends"]`` with the reason. Results are
+a BENCHMARKS.md document (benchmark ``"bench"``), and
 ``compare_runs`` checks a run against an earlier one for regressions. ``dtype="bf16"`` runs the
 torch and compiled backends under ``torch.autocast(device, torch.bfloat16)``; a CPU without
 AVX-512 BF16 or AMX-BF16 would emulate bf16 (minutes per call on large models), so the run is refused
@@ -13,6 +18,8 @@ there, and a CPU whose features cannot be read gets a warning in its env (``warn
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -35,11 +42,13 @@ from nnopt.io.json_file import read_json_document
 from nnopt.metrics.speed import bind_call, example_batch
 
 BENCHMARK = "bench"
-BACKENDS = ("torch", "onnxruntime", "compiled")
+BACKENDS = ("torch", "onnxruntime", "compiled", "openvino")
+ALL = "all"  # every backend available here, side by side
 DTYPES = ("fp32", "bf16")
 DEVICES = ("cpu", "cuda")
 DEFAULT_TOLERANCE = 0.1
 ONNX_FIX = "pip install 'nnopt[onnx]'"
+OPENVINO_FIX = "pip install 'nnopt[openvino]'"
 # Every row field that BENCHMARKS.md lists, in its order; bench adds its own after these.
 ROW_FIELDS = (
     "workload", "tool", "variant", "batch", "latency_ms_median", "latency_ms_p10", "latency_ms_p90",
@@ -66,13 +75,14 @@ class BenchOptions:
     def validate(self) -> None:
         if self.device not in DEVICES:
             raise ConfigError(f"unknown device {self.device!r}; choose {' or '.join(DEVICES)}")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"unknown backend {self.backend!r}; choose torch, onnxruntime or compiled")
+        if self.backend not in (*BACKENDS, ALL):
+            raise ConfigError(f"unknown backend {self.backend!r}; choose torch, onnxruntime, compiled, openvino or all")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; choose fp32 or bf16")
-        if self.dtype == "bf16" and self.backend == "onnxruntime":
+        if self.dtype == "bf16" and self.backend in ("onnxruntime", "openvino", ALL):
             raise ConfigError("--dtype bf16 runs the torch and compiled backends under torch.autocast; the "
-                              "onnxruntime backend runs the exported fp32 graph: use --backend torch or compiled")
+                              f"{self.backend} backend{'s' if self.backend == ALL else ''} run the exported fp32 "
+                              "graph: use --backend torch or compiled")
         if not self.batches or any(b < 1 for b in self.batches):
             raise ConfigError("--batch takes comma-separated integers >= 1, e.g. 1,8,32")
         if self.threads is not None and (not self.threads or any(t < 1 for t in self.threads)):
@@ -88,11 +98,31 @@ class BenchOptions:
     @property
     def variant(self) -> str:
         """The rows' variant: the backend, plus the dtype when it is not fp32 (``"torch bf16"``)."""
-        return self.backend if self.dtype == "fp32" else f"{self.backend} {self.dtype}"
+        return self.variant_of(self.backend)
+
+    def variant_of(self, backend: str) -> str:
+        return backend if self.dtype == "fp32" else f"{backend} {self.dtype}"
+
+    def backends(self) -> tuple[str, ...]:
+        """The backends a run times: the one asked for, or for ``"all"`` those available here."""
+        return tuple(b for b in BACKENDS if b not in skipped_backends(self)) if self.backend == ALL else (self.backend,)
 
     def grid(self) -> list[tuple[str, int, int]]:
         """The (variant, batch, threads) keys of the rows a run produces."""
-        return [(self.variant, b, t) for t in self.thread_counts() for b in self.batches]
+        return [(self.variant_of(k), b, t) for t in self.thread_counts() for b in self.batches for k in self.backends()]
+
+
+def skipped_backends(options: BenchOptions) -> dict[str, str]:
+    """For ``backend="all"``: each backend that cannot run here, with why (empty for one named backend)."""
+    if options.backend != ALL:
+        return {}
+    out = {}
+    for backend in BACKENDS:
+        try:
+            _check_backend(backend, options.device)
+        except ConfigError as exc:
+            out[backend] = str(exc)
+    return out
 
 
 def bf16_warning(device: str = "cpu") -> str | None:
@@ -117,16 +147,25 @@ def check_available(options: BenchOptions) -> None:
     options.validate()
     if options.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("CUDA is not available on this machine; use --device cpu")
-    if options.backend == "onnxruntime":
-        missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
-        if missing:
-            raise ConfigError(f"the onnxruntime backend needs {' and '.join(missing)}; {ONNX_FIX}")
-        if options.device == "cuda":
-            import onnxruntime as ort
+    if options.backend != ALL:
+        _check_backend(options.backend, options.device)
 
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise ConfigError("this onnxruntime has no CUDAExecutionProvider; install onnxruntime-gpu "
-                                  "or use --device cpu")
+
+def _check_backend(backend: str, device: str) -> None:
+    if backend in ("onnxruntime", "openvino"):
+        missing = [name for name in ("onnx", backend) if importlib.util.find_spec(name) is None]
+        if missing:
+            fix = OPENVINO_FIX if missing[-1] == "openvino" else ONNX_FIX
+            raise ConfigError(f"the {backend} backend needs {' and '.join(missing)}; {fix}")
+    if backend == "onnxruntime" and device == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ConfigError("this onnxruntime has no CUDAExecutionProvider; install onnxruntime-gpu "
+                              "or use --device cpu")
+    if backend == "openvino" and device != "cpu":
+        raise ConfigError("the openvino backend runs on the CPU (nnopt compiles for OpenVINO's CPU plugin); "
+                          "use --device cpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,14 +180,21 @@ class BenchResult:
         return {"benchmark": BENCHMARK, "env": self.env, "rows": [dict(r) for r in self.rows]}
 
     def __str__(self) -> str:
+        from rich.markup import escape
+
         from nnopt.metrics.table import render_table
 
-        columns = ("variant", "threads", "batch", "median ms", "p10 ms", "p90 ms", "calls", "examples/s",
-                   "peak RSS MiB", "+RSS MiB")
+        columns: tuple[str, ...] = ("variant", "threads", "batch", "median ms", "p10 ms", "p90 ms", "calls",
+                                    "examples/s", "peak RSS MiB", "+RSS MiB")
         rows = [(r["variant"], r["threads"], r["batch"], r["latency_ms_median"], r["latency_ms_p10"],
                  r["latency_ms_p90"], r["calls"], r["throughput_per_s"], r["peak_rss_mib"], r["peak_rss_delta_mib"])
                 for r in self.rows]
         env = self.env
+        several = env.get("backend") == ALL
+        if several:
+            columns += ("vs torch: top-1", "max |diff|")
+            rows = [(*row, r.get("top1_agreement_vs_torch"), r.get("max_abs_diff_vs_torch"))
+                    for row, r in zip(rows, self.rows)]
         lines = [
             f"{self.workload} on {env['device']} ({env['cpu']}), backend {env['backend']}"
             + (f" ({env['onnxruntime_provider']})" if env.get("onnxruntime_provider") else "")
@@ -163,6 +209,12 @@ class BenchResult:
                          f"{env['logical_cores']} logical cores; other work inflates and spreads timings")
         if env.get("compile_seconds") is not None:
             lines.append(f"compile: {env['compile_seconds']:.2f} s ({env['compile_method']}), not in the timings")
+        if env.get("openvino"):
+            lines.append(f"OpenVINO {env['openvino']}: {env.get('openvino_method', '')}")
+        if several:
+            lines.append(f"backends: {', '.join(env['backends'])}; agreement: {env['agreement_method']}")
+            # escaped: rich would read "nnopt[openvino]" as markup and drop it
+            lines += [escape(f"not timed: {name}: {why}") for name, why in env.get("skipped_backends", {}).items()]
         return render_table(columns, rows, title=f"nnopt bench: {self.workload}", caption="\n".join(lines))
 
 
@@ -196,32 +248,68 @@ def run_bench(path: str | Path, options: BenchOptions) -> BenchResult:
         env["dtype_method"] = f"torch.autocast(device_type={options.device!r}, dtype=torch.bfloat16)"
         warning = bf16_warning(options.device)
         env["warnings"] = [warning] if warning else []
-    if options.backend == "onnxruntime":
+    backends = options.backends()
+    if options.backend == ALL:
+        env["backends"] = list(backends)
+        env["skipped_backends"] = skipped_backends(options)
+        env["agreement_method"] = ("measured: each backend's outputs against torch eager's on the same inputs, "
+                                   "per (threads, batch): max |difference| and share of rows with the same top-1")
+    if {"onnxruntime", "openvino"} & set(backends):
         from nnopt.io.onnx_export import resolve_int8_weights
 
         # how int8 layers were exported for this run (U8S8 is faster with VNNI; U8U8 is exact everywhere)
         env["onnx_int8_weights"] = resolve_int8_weights("auto")
-    runner = _make_backend(model, options)
+    runners = {backend: _make_backend(model, options, backend) for backend in backends}
     load_before = _load_average()
     rows: list[dict[str, Any]] = []
     previous_threads = torch.get_num_threads()
     try:
-        with runner, torch.inference_mode():
+        with contextlib.ExitStack() as stack, torch.inference_mode():
+            for runner in runners.values():
+                stack.enter_context(runner)
             for threads in options.thread_counts():
                 torch.set_num_threads(threads)
                 for batch in options.batches:
                     inputs = _inputs(model, batch, options.device)
-                    call = runner.call(threads, inputs)
-                    rows.append(_time_row(call, batch, threads, options, memory, inputs) | {
-                        "workload": workload, "file_bytes": file_bytes, **sizes,
-                    })
-            env.update(runner.env())
+                    reference = _first_output(runners["torch"].call(threads, inputs)()) if "torch" in runners \
+                        and len(runners) > 1 else None
+                    for backend, runner in runners.items():
+                        call = runner.call(threads, inputs)
+                        row = _time_row(call, batch, threads, options, memory, inputs) | {
+                            "workload": workload, "file_bytes": file_bytes, "variant": options.variant_of(backend),
+                            "backend": backend, **sizes,
+                        }
+                        if reference is not None:
+                            row.update(_agreement_vs_torch(_first_output(call()), reference))
+                        rows.append(row)
+            for runner in runners.values():
+                env.update(runner.env())
     finally:
         torch.set_num_threads(previous_threads)
     env["threads"] = list(options.thread_counts())
     env["load_average"] = [load_before, _load_average()]
     env["logical_cores"] = os.cpu_count()
-    return BenchResult(workload, env, tuple(_ordered(row, options.variant) for row in rows))
+    return BenchResult(workload, env, tuple(_ordered(row, row["variant"]) for row in rows))
+
+
+def _first_output(value: object) -> torch.Tensor | None:
+    """The first tensor of an output (tuple, list, mapping), as float32 on the CPU; None if there is none."""
+    if isinstance(value, Mapping):
+        value = next(iter(value.values()), None)
+    elif isinstance(value, (tuple, list)):
+        value = value[0] if value else None
+    if not isinstance(value, torch.Tensor):
+        return None
+    return (value.dequantize() if value.is_quantized else value).detach().float().cpu()
+
+
+def _agreement_vs_torch(output: torch.Tensor | None, reference: torch.Tensor | None) -> dict[str, Any]:
+    if output is None or reference is None or output.shape != reference.shape or output.ndim == 0:
+        return {"max_abs_diff_vs_torch": None, "top1_agreement_vs_torch": None}
+    rows, ref = output.reshape(output.shape[0], -1), reference.reshape(reference.shape[0], -1)
+    top1 = float((rows.argmax(1) == ref.argmax(1)).float().mean()) if rows.shape[1] > 1 else None
+    return {"max_abs_diff_vs_torch": _sig(float((rows - ref).abs().max())) if rows.numel() else 0.0,
+            "top1_agreement_vs_torch": None if top1 is None else round(top1, 4)}
 
 
 def _ordered(row: dict[str, Any], variant: str) -> dict[str, Any]:
@@ -360,7 +448,8 @@ class _OnnxBackend(_Backend):
     ONNX Runtime session per thread count."""
 
     def __init__(self, model: nn.Module, options: BenchOptions) -> None:
-        self.model = model.cpu()  # exported on the CPU; the session picks its provider
+        # exported on the CPU (a copy when the other backends run it on a GPU); the session picks its provider
+        self.model = model if options.device == "cpu" else copy.deepcopy(model).cpu()
         self.options = options
         self._tmp = tempfile.TemporaryDirectory(prefix="nnopt-bench-")
         self.path = Path(self._tmp.name) / "model.onnx"
@@ -402,11 +491,37 @@ class _OnnxBackend(_Backend):
                 if self.path.exists() else None}
 
 
-_BACKENDS: dict[str, type[_Backend]] = {"torch": _Backend, "compiled": _CompiledBackend, "onnxruntime": _OnnxBackend}
+class _OpenVinoBackend(_OnnxBackend):
+    """The same export as the ONNX Runtime backend, converted to OpenVINO and compiled for the CPU once per
+    thread count (``INFERENCE_NUM_THREADS``, latency hint, float32 inference precision)."""
+
+    def call(self, threads: int, inputs: Any) -> Callable[[], object]:
+        from nnopt.io.openvino_export import OpenVinoRunner
+
+        if threads not in self.runners:
+            self.runners[threads] = OpenVinoRunner(self.path, threads=threads, hint="latency")
+        if isinstance(inputs, Mapping):
+            inputs = {k: v.cpu() for k, v in inputs.items()}
+        else:
+            inputs = inputs.cpu()
+        return bind_call(self.runners[threads], inputs)
+
+    def env(self) -> dict[str, Any]:
+        from nnopt.io.openvino_export import openvino_version
+
+        settings = next(iter(self.runners.values())).settings() if self.runners else {}
+        return {"openvino": openvino_version(), "openvino_settings": settings,
+                "openvino_method": "the ONNX export converted with openvino.convert_model, compiled for the CPU "
+                "per thread count (INFERENCE_NUM_THREADS, PERFORMANCE_HINT LATENCY, INFERENCE_PRECISION_HINT f32)",
+                "onnx_bytes": self.path.stat().st_size if self.path.exists() else None}
 
 
-def _make_backend(model: nn.Module, options: BenchOptions) -> _Backend:
-    return _BACKENDS[options.backend](model, options)
+_BACKENDS: dict[str, type[_Backend]] = {"torch": _Backend, "compiled": _CompiledBackend, "onnxruntime": _OnnxBackend,
+                                        "openvino": _OpenVinoBackend}
+
+
+def _make_backend(model: nn.Module, options: BenchOptions, backend: str | None = None) -> _Backend:
+    return _BACKENDS[backend or options.backend](model, options)
 
 
 class _MemoryProbe:
@@ -573,7 +688,8 @@ def write_json(path: str | Path, doc: Mapping[str, Any]) -> None:
 
 
 __all__ = [
-    "BACKENDS", "DEVICES", "DTYPES", "BenchOptions", "BenchResult", "Comparison", "check_available", "check_comparable",
+    "ALL", "BACKENDS", "DEVICES", "DTYPES", "skipped_backends",
+    "BenchOptions", "BenchResult", "Comparison", "check_available", "check_comparable",
     "check_output", "check_tolerance", "compare_runs", "load_bench_json", "run_bench",
     "write_json", "autocast_call", "bf16_warning",
 ]

@@ -1,0 +1,109 @@
+"""Accuracy-aware static int8 of CNNs: equalization, bias correction, ONNX Runtime QDQ with float fallback."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from nnopt.errors import ConfigError
+from nnopt.models.registry import create_model
+from nnopt.quantization.equalize import correct_bias, equalization_pairs, equalize, input_means, weight_grid
+
+pytest.importorskip("onnxruntime")
+
+
+def _relu_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+        nn.Conv2d(8, 16, 1), nn.ReLU6(), nn.Conv2d(16, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5),
+    )
+    with torch.no_grad():  # uneven channel ranges, as BatchNorm folding leaves them
+        model[0].weight.mul_(torch.logspace(-2, 1, 8).view(-1, 1, 1, 1))
+    return model.eval()
+
+
+def test_equalization_keeps_the_function_and_evens_out_channel_ranges() -> None:
+    model = _relu_cnn()
+    x = torch.randn(4, 3, 16, 16)
+    before = model(x)
+    spread = lambda w: float(w.detach().abs().flatten(1).amax(1).max() / w.detach().abs().flatten(1).amax(1).min())  # noqa: E731
+    spread_before = spread(model[0].weight)
+    info = equalize(model)
+    assert ["0", "2"] in info["pairs"] and ["2", "4"] in info["pairs"]
+    assert any("ReLU6" in reason for reason in info["skipped"].values())  # 4 -> ReLU6 -> 6 is not rescaled
+    torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
+    assert spread(model[0].weight) < spread_before / 3
+
+
+def test_equalization_pairs_skip_grouped_second_layers() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2))
+    pairs, skipped = equalization_pairs(model)
+    assert pairs == [] and "grouped" in next(iter(skipped.values()))
+
+
+def test_weight_grid_matches_onnxruntime_symmetric_steps() -> None:
+    w = torch.tensor([[1.0, -0.5, 0.25], [0.0, 0.0, 0.0]])
+    grid = weight_grid(w, "int8")
+    assert torch.equal(grid[1], torch.zeros(3)) and float(grid[0, 0]) == pytest.approx(1.0)
+    step = float((weight_grid(w, "uint8")[0] - w[0]).abs().max())
+    assert step <= 2 * 1.0 / 255 / 2 + 1e-7
+    with pytest.raises(ConfigError):
+        weight_grid(w, "int4")
+
+
+def test_bias_correction_removes_the_mean_shift_of_weight_rounding() -> None:
+    torch.manual_seed(1)
+    layer = nn.Conv2d(4, 6, 3, bias=True)
+    x = torch.rand(64, 4, 8, 8) + 1.0  # inputs with a large mean: rounding errors shift outputs
+    exact = layer(x)
+    rounded = copy.deepcopy(layer)
+    means = input_means(rounded, [""], [x], lambda m, b: m(b))
+    def shift(conv: nn.Conv2d) -> torch.Tensor:
+        return (nn.functional.conv2d(x, weight_grid(conv.weight, "uint8"), conv.bias) - exact).mean(dim=(0, 2, 3))
+
+    shift_before = shift(layer)
+    correct_bias(rounded, means, "uint8")
+    shift_after = shift(rounded)
+    assert float(shift_after.abs().max()) < float(shift_before.abs().max()) / 10
+
+
+def test_int8_onnx_keeps_sensitive_layers_in_float_until_the_target_is_met() -> None:
+    from nnopt.pipeline.int8_onnx import Int8OnnxOptions, int8_onnx
+    from nnopt.quantization.onnx_static import run_onnx
+
+    model = create_model("mobilenet_v2", image_size=32, width=0.25, num_classes=10, seed=0).eval()
+    torch.manual_seed(0)
+    data = torch.randn(48, 3, 32, 32)
+    full = int8_onnx(model, data, Int8OnnxOptions(calibration_samples=32, target_agreement=0.0))
+    assert full.float_layers == () and len(full.steps) == 1 and full.met_target
+    result = int8_onnx(model, data, Int8OnnxOptions(calibration_samples=32, target_agreement=1.0,
+                                                     max_float_layers=2))
+    # steps stop at the first that meets the target, else every step up to max_float_layers is tried
+    counts = [s["float_layers"] for s in result.steps]
+    assert counts == [0, 1, 2][:len(counts)]
+    assert result.met_target == (result.steps[-1]["agreement"] >= 1.0)
+    assert result.met_target or counts == [0, 1, 2]
+    assert len(result.float_layers) == counts[-1] if result.met_target else len(result.float_layers) <= 2
+    assert set(result.float_layers) <= set(result.sensitivity) and result.preparation["folded"] > 0
+    with torch.no_grad():
+        reference = model(data[32:]).numpy()
+    out = run_onnx(result.onnx, data[32:].numpy())
+    assert out.shape == reference.shape
+    assert float(abs(out - reference).max()) < 0.5 * float(abs(reference).max())
+    assert "validation" in str(result) and result.to_dict()["file_bytes"] == len(result.onnx)
+
+
+def test_int8_onnx_refuses_bad_input_with_a_clear_error() -> None:
+    from nnopt.pipeline.int8_onnx import Int8OnnxOptions, int8_onnx
+
+    model = create_model("mobilenet_v2", image_size=32, width=0.25, num_classes=10, seed=0)
+    with pytest.raises(ConfigError, match="more than calibration_samples"):
+        int8_onnx(model, torch.randn(8, 3, 32, 32), Int8OnnxOptions(calibration_samples=8))
+    with pytest.raises(ConfigError, match="calibration must be one of"):
+        Int8OnnxOptions(calibration="mse2").validate()
+    with pytest.raises(ConfigError, match="float tensor"):
+        int8_onnx(model, torch.zeros(8, 3, 32, 32, dtype=torch.long))
