@@ -30,7 +30,8 @@ def register(commands: Any) -> None:
     how.add_argument("--threshold", type=float, metavar="T", help="zero weights with |w| < T")
     how.add_argument("--nm", metavar="N:M", help="keep N of every M consecutive input weights, e.g. 2:4")
     how.add_argument("--structured", action="store_true",
-                     help="remove whole channels/neurons (and heads with --head-ratio); needs --ratio")
+                     help="remove whole channels/neurons (and heads with --head-ratio); needs --ratio or "
+                     "--target-mac-reduction")
     prune.add_argument("--ratio", type=float, metavar="R",
                        help="--structured: share of channels (FFN neurons) removed, in [0, 1)")
     prune.add_argument("--head-ratio", type=float, default=0.0, metavar="H",
@@ -45,6 +46,12 @@ def register(commands: Any) -> None:
     prune.add_argument("--distill", type=float, default=0.0, metavar="W",
                        help="--structured: weight in [0, 1] of distillation from the unpruned model during "
                        "recovery (default 0; sentence encoders recover by distillation only)")
+    prune.add_argument("--channel-multiple", default="1", metavar="M",
+                       help="--structured: round kept channel counts to multiples of M (e.g. 8 or 16), or 'auto' "
+                       "to pick 1, 8 or 16 by timing a convolution of the model on this CPU (default 1)")
+    prune.add_argument("--target-mac-reduction", type=float, default=None, metavar="X",
+                       help="--structured: solve the ratio for X times fewer MACs per sample (e.g. 2.0), "
+                       "instead of --ratio")
     prune.add_argument("--global", dest="allocation", action="store_const", const="global",
                        help="one magnitude threshold across layers (same as --allocation global)")
     prune.add_argument("--allocation", choices=("uniform", "global", "lamp", "energy"), default=None,
@@ -80,6 +87,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return _structured_prune(args, layers, allocation)
     if args.ratio is not None:
         raise ConfigError("--ratio applies to --structured pruning; use --sparsity for weight sparsity")
+    if args.target_mac_reduction is not None or args.channel_multiple != "1":
+        raise ConfigError("--target-mac-reduction and --channel-multiple apply to --structured pruning")
     if args.epochs < 0:
         raise ConfigError(f"--epochs must be >= 0, got {args.epochs}")
     if args.schedule == "gradual":
@@ -111,13 +120,23 @@ def _structured_prune(args: argparse.Namespace, layers: tuple[str, ...], allocat
     from nnopt.pipeline.prune_run import run_structured_prune
     from nnopt.pruning import StructuredPruneConfig
 
-    if args.ratio is None:
-        raise ConfigError("--structured needs --ratio R (share of channels to remove, in [0, 1))")
+    if args.ratio is None and args.target_mac_reduction is None:
+        raise ConfigError("--structured needs --ratio R (share of channels to remove, in [0, 1)) or "
+                          "--target-mac-reduction X (X times fewer MACs)")
+    if args.ratio is not None and args.target_mac_reduction is not None:
+        raise ConfigError("--structured takes --ratio or --target-mac-reduction, not both")
+    multiple: int | str = args.channel_multiple
+    if multiple != "auto":
+        try:
+            multiple = int(multiple)
+        except ValueError:
+            raise ConfigError(f"--channel-multiple must be an integer >= 1 or 'auto', got {multiple!r}") from None
     if allocation == "lamp" or args.schedule != "oneshot":
         raise ConfigError("--structured takes --allocation uniform, global or energy, and no --schedule")
     config = StructuredPruneConfig(
-        ratio=args.ratio, head_ratio=args.head_ratio, importance=args.importance, allocation=allocation,
-        rounds=args.rounds, finetune_epochs=args.finetune_epochs, distill=args.distill, layers=layers,
+        ratio=0.5 if args.ratio is None else args.ratio, head_ratio=args.head_ratio, importance=args.importance,
+        allocation=allocation, rounds=args.rounds, finetune_epochs=args.finetune_epochs, distill=args.distill,
+        layers=layers, channel_multiple=multiple, target_mac_reduction=args.target_mac_reduction,
     )
     weights_format = "safetensors" if args.format == "packed" else args.format  # dense result: nothing to pack
     result = run_structured_prune(args.path, config, args.out, data_name=args.data,

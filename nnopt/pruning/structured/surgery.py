@@ -30,7 +30,9 @@ from nnopt.pruning.structured.groups import (
 from nnopt.select import replace_layer
 
 
-def _positions(groups: list[ChannelGroup], removed: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+def removed_positions(
+    groups: list[ChannelGroup], removed: dict[str, torch.Tensor]
+) -> dict[str, dict[str, torch.Tensor]]:
     """Per module, per member role: the indices that go (along that role's dimension)."""
     found: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
     for group in groups:
@@ -58,7 +60,7 @@ def remove_channels(
     Returns the new shape of every layer it changed, for the saved record.
     """
     shapes: dict[str, dict[str, Any]] = {}
-    for name, roles in _positions(groups, removed).items():
+    for name, roles in removed_positions(groups, removed).items():
         module = model.get_submodule(name)
         if isinstance(module, NORM_LAYERS):
             keep = _keep(module.num_features, roles.get("norm"))
@@ -110,7 +112,7 @@ def _kept_channels(name: str, module: nn.Module, roles: dict[str, torch.Tensor])
 def mask_channels(model: nn.Module, groups: list[ChannelGroup], removed: dict[str, torch.Tensor]) -> None:
     """Zero the same channels in place (rows, biases, norm entries and input columns)."""
     with torch.no_grad():
-        for name, roles in _positions(groups, removed).items():
+        for name, roles in removed_positions(groups, removed).items():
             module = model.get_submodule(name)
             for role, gone in roles.items():
                 if isinstance(module, NORM_LAYERS):
@@ -166,9 +168,12 @@ def _sliced_norm(module: nn.Module, keep: torch.Tensor) -> nn.Module:
 
 
 def _resized_norm(module: nn.Module, features: int) -> nn.Module:
+    # on the old norm's device and dtype (a weightless "meta" copy stays on "meta": MAC-target trials)
+    like = module.weight if module.affine else module.running_mean
+    kwargs = {} if like is None else {"device": like.device, "dtype": like.dtype}
     return type(module)(
         features, eps=module.eps, momentum=module.momentum, affine=module.affine,
-        track_running_stats=module.track_running_stats,
+        track_running_stats=module.track_running_stats, **kwargs,
     )
 
 
