@@ -121,6 +121,14 @@ def random_crops(photos: Sequence[Photo], count: int, size: int = 224, seed: int
     return out
 
 
+def _scene(name: str) -> str:
+    stem = Path(name).stem
+    for side in ("_left", "_right"):
+        if stem.endswith(side):
+            return stem[: -len(side)]
+    return stem
+
+
 @dataclasses.dataclass(frozen=True)
 class PhotoSplits:
     """Crops for fitting (calibration, recovery) and held-out crops from other photographs."""
@@ -137,11 +145,20 @@ class PhotoSplits:
 
 def photo_splits(fit: int = 256, held_out: int = 500, size: int = 224, seed: int = 0,
                  folder: str | Path | None = None) -> PhotoSplits:
-    """Whole photographs alternate between the fitting and held-out sides; crops are cut from each side."""
+    """Whole scenes alternate between the fitting and held-out sides; crops are cut from each side.
+
+    Photographs of one scene (scikit-image's ``motorcycle_left``/``motorcycle_right`` stereo pair) stay on
+    one side, so no held-out crop shows a scene the optimizer saw.
+    """
     photos = offline_photos(folder)
-    if len(photos) < 2:
-        raise ConfigError(f"photo_splits needs two or more photographs to hold some out, found {len(photos)}")
-    fitting, holding = photos[0::2], photos[1::2]
+    scenes: dict[str, list[Photo]] = {}
+    for photo in photos:
+        scenes.setdefault(_scene(photo.name), []).append(photo)
+    groups = list(scenes.values())
+    if len(groups) < 2:
+        raise ConfigError(f"photo_splits needs photographs of two or more scenes to hold some out, found {len(groups)}")
+    fitting = [p for group in groups[0::2] for p in group]
+    holding = [p for group in groups[1::2] for p in group]
     return PhotoSplits(
         random_crops(fitting, fit, size, seed), random_crops(holding, held_out, size, seed + 1),
         tuple(p.name for p in fitting), tuple(p.name for p in holding),

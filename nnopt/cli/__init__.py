@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "nnopt.cli.env",
     "nnopt.cli.verify",
     "nnopt.cli.convert",
+    "nnopt.cli.int8_onnx",
     "nnopt.cli.optimize",
     "nnopt.cli.report",
     "nnopt.cli.auto",

@@ -21,7 +21,8 @@ def register(commands: Any) -> None:
     convert.add_argument("source", metavar="SRC",
                          help="model directory, .keras file, HF directory, or pkg.mod:factory (on PYTHONPATH)")
     convert.add_argument("-o", "--out", required=True, metavar="OUT",
-                         help="output: NAME.keras, NAME.onnx, or a directory for an nnopt model")
+                         help="output: NAME.keras, NAME.onnx, NAME.xml (OpenVINO IR + NAME.bin; nnopt[openvino]), "
+                         "or a directory for an nnopt model")
     convert.add_argument("--weights", default=None, metavar="W",
                          help="weights for a pkg.mod:factory source (.safetensors; .pt/.pth/.bin need --allow-pickle)")
     convert.add_argument("--allow-pickle", action="store_true",

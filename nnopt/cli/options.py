@@ -170,7 +170,8 @@ def print_written(result: Any) -> int:
 
 
 # Commands that read a model directory: each takes --trust-import (see add_trust_import_argument).
-MODEL_LOADING_COMMANDS = ("profile", "prune", "quantize", "bench", "advise", "energy", "convert", "optimize", "auto")
+MODEL_LOADING_COMMANDS = ("profile", "prune", "quantize", "bench", "advise", "energy", "convert", "optimize", "auto",
+                          "int8-onnx")
 
 
 def add_trust_import_argument(parser: argparse.ArgumentParser) -> None:

@@ -311,6 +311,7 @@ class OnnxRunner:
     def __init__(self, model: bytes | str | Path, threads: int | None = None) -> None:
         ort = _require("onnxruntime")
         options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: ORT warns once per unused initializer of exported graphs
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
             if threads < 1:

@@ -98,6 +98,15 @@ def _write_onnx(model: Any, out: Path, inputs: list[Path], overwrite: bool, int8
     return out.stat().st_size
 
 
+def _write_openvino(model: Any, out: Path, inputs: list[Path], overwrite: bool) -> int:
+    from nnopt.io.onnx_export import export_onnx
+    from nnopt.io.openvino_export import write_openvino
+    from nnopt.metrics.speed import example_batch
+
+    xml, weights = write_openvino(export_onnx(model, example_batch(model, 2)), out)
+    return xml.stat().st_size + weights.stat().st_size
+
+
 def _write_keras(model: Any, out: Path, inputs: list[Path], overwrite: bool) -> int:
     import importlib
 
@@ -112,6 +121,7 @@ def _write_keras(model: Any, out: Path, inputs: list[Path], overwrite: bool) -> 
 OUTPUT_KINDS: dict[str, OutputKind] = {
     ".onnx": OutputKind("ONNX", _check_file, _write_onnx),
     ".keras": OutputKind("Keras 3 file", _check_file, _write_keras),
+    ".xml": OutputKind("OpenVINO IR (.xml + .bin)", _check_file, _write_openvino),
 }
 NNOPT_DIR = OutputKind("nnopt model directory", _check_nnopt_dir, _write_nnopt_dir)
 

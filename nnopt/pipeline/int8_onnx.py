@@ -76,13 +76,15 @@ class Int8OnnxResult:
     weights: str
     options: Int8OnnxOptions
     seconds: float
+    validation_rows: int = 0
     path: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": str(self.path) if self.path else None, "file_bytes": len(self.onnx),
             "float_layers": list(self.float_layers), "validation_agreement": self.validation_agreement,
-            "validation_kl": self.validation_kl, "met_target": self.met_target, "steps": self.steps,
+            "validation_kl": self.validation_kl, "validation_rows": self.validation_rows, "met_target": self.met_target,
+            "steps": self.steps,
             "preparation": self.preparation, "sensitivity_top": dict(list(self.sensitivity.items())[:10]),
             "weights": self.weights, "options": dataclasses.asdict(self.options), "seconds": round(self.seconds, 1),
             "method": "validation rows: inputs after the calibration rows, never used to calibrate (measured with "
@@ -94,7 +96,7 @@ class Int8OnnxResult:
         kept = ", ".join(self.float_layers) or "none"
         lines = [
             f"int8 (ONNX Runtime QDQ, per-channel {self.weights} weights, {self.options.calibration} calibration): "
-            f"top-1 agreement with float {self.validation_agreement:.1%} on {self.options.validation_samples} "
+            f"top-1 agreement with float {self.validation_agreement:.1%} on {self.validation_rows} "
             f"validation inputs (target {self.options.target_agreement:.1%}: {verdict}), softmax KL "
             f"{self.validation_kl:.4f}",
             f"layers kept in float: {kept}",
@@ -113,6 +115,7 @@ def int8_onnx(model: nn.Module, data: torch.Tensor, options: Int8OnnxOptions = I
     calibrate, the next ``validation_samples`` rows check fidelity. ``model`` is not modified.
     """
     from nnopt.io.onnx_export import export_onnx
+    from nnopt.quantization.equalize import correct_bias
     from nnopt.quantization.layer_sensitivity import int8_layer_sensitivity, softmax_kl
     from nnopt.quantization.onnx_static import QdqQuantizer, resolve_weight_type, run_onnx
 
@@ -128,24 +131,32 @@ def int8_onnx(model: nn.Module, data: torch.Tensor, options: Int8OnnxOptions = I
     calibration, validation = data[:n_cal], data[n_cal:n_cal + options.validation_samples]
     prepared, preparation = prepare_for_int8(model, calibration, options)
     weights = resolve_weight_type(options.weights)
-    preparation["bias_correction"] = _bias_correction(prepared, calibration, options, weights)
+    shifts = _bias_shifts(prepared, calibration, options, weights)
+    preparation["bias_correction"] = {name: float(s.abs().max()) for name, s in shifts.items() if s.numel()}
     say("exporting the prepared float model to ONNX")
-    fp32 = export_onnx(prepared, calibration[:1])
+    # the reference is the folded (and equalized) float model, which computes what the user's model computes
+    reference_t = torch.from_numpy(run_onnx(export_onnx(prepared, calibration[:1]), validation.numpy()))
+
+    def float_graph(kept: tuple[str, ...]) -> bytes:
+        """The float graph to quantize: bias-corrected except the layers that stay in float."""
+        corrected = copy.deepcopy(prepared)
+        correct_bias(corrected, {name: s for name, s in shifts.items() if name not in kept})
+        return export_onnx(corrected, calibration[:1])
+
     batches = [calibration[i:i + 16].numpy() for i in range(0, len(calibration), 16)]
-    reference_t = torch.from_numpy(run_onnx(fp32, validation.numpy()))
     steps: list[dict[str, Any]] = []
     sensitivity: dict[str, float] = {}
     say(f"calibrating ({options.calibration}) on {len(calibration)} inputs")
-    with QdqQuantizer(fp32, batches, options.calibration, weights, options.percentile) as quantizer:
+    with QdqQuantizer(float_graph(()), batches, options.calibration, weights, options.percentile) as quantizer:
         best: tuple[float, bytes, tuple[str, ...], float] | None = None
-        for count in [c for c in FLOAT_LAYER_STEPS if c <= options.max_float_layers]:
+        for count in float_layer_steps(options.max_float_layers):
             if count and not sensitivity:
                 say("ranking layers by int8 sensitivity")
                 sensitivity = int8_layer_sensitivity(prepared, calibration, validation[:64], weights)
             kept = tuple(n for n in sensitivity if n in quantizer.nodes)[:count]
             if count and len(kept) < count:
                 break
-            int8 = quantizer.quantize(exclude=kept)
+            int8 = quantizer.quantize(exclude=kept, fp32_onnx=float_graph(kept) if kept and shifts else None)
             out = torch.from_numpy(run_onnx(int8, validation.numpy()))
             agreement = float((out.argmax(-1) == reference_t.argmax(-1)).double().mean())
             kl = softmax_kl(reference_t, out)
@@ -168,7 +179,7 @@ def int8_onnx(model: nn.Module, data: torch.Tensor, options: Int8OnnxOptions = I
         onnx=int8, float_layers=kept, validation_agreement=agreement, validation_kl=kl,
         met_target=agreement >= options.target_agreement, steps=steps, preparation=preparation,
         sensitivity=sensitivity, weights=weights, options=options,
-        seconds=time.perf_counter() - start, path=written,
+        seconds=time.perf_counter() - start, validation_rows=len(validation), path=written,
     )
 
 
@@ -186,9 +197,9 @@ def prepare_for_int8(model: nn.Module, calibration: torch.Tensor,
     return prepared, preparation
 
 
-def _bias_correction(prepared: nn.Module, calibration: torch.Tensor, options: Int8OnnxOptions,
-                     weights: str) -> dict[str, float]:
-    from nnopt.quantization.equalize import correct_bias, input_means
+def _bias_shifts(prepared: nn.Module, calibration: torch.Tensor, options: Int8OnnxOptions,
+                 weights: str) -> dict[str, torch.Tensor]:
+    from nnopt.quantization.equalize import bias_shifts, input_means
     from nnopt.quantization.layer_sensitivity import SIMULATED_TYPES
 
     if not options.bias_correction:
@@ -196,7 +207,15 @@ def _bias_correction(prepared: nn.Module, calibration: torch.Tensor, options: In
     names = [n for n, m in prepared.named_modules() if isinstance(m, SIMULATED_TYPES)]
     batches = [calibration[i:i + 32] for i in range(0, len(calibration), 32)]
     means = input_means(prepared, names, batches, lambda m, x: m(x))
-    return correct_bias(prepared, means, weights)
+    return bias_shifts(prepared, means, weights)
+
+
+def float_layer_steps(max_float_layers: int) -> list[int]:
+    """How many layers each fallback step keeps in float: 0, 1, 2, 3, 4, 6, 8, 12, ... up to the maximum."""
+    steps = [c for c in FLOAT_LAYER_STEPS if c <= max_float_layers]
+    if max_float_layers > 32:
+        steps += list(range(48, max_float_layers, 16))
+    return steps if steps[-1] == max_float_layers else [*steps, max_float_layers]
 
 
 def agreement_and_kl(outputs: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
@@ -205,3 +224,99 @@ def agreement_and_kl(outputs: np.ndarray, reference: np.ndarray) -> tuple[float,
 
     out, ref = torch.from_numpy(outputs), torch.from_numpy(reference)
     return float((out.argmax(-1) == ref.argmax(-1)).double().mean()), softmax_kl(ref, out)
+
+
+# --------------------------------------------------------------------------- the deploy workflow
+
+
+@dataclasses.dataclass
+class Int8Deployment:
+    """What ``nnopt int8-onnx`` measured: held-out fidelity and every runtime × precision, side by side."""
+
+    result: Int8OnnxResult
+    held_out_agreement: float
+    held_out_kl: float
+    held_out_rows: int
+    data: str
+    timings: dict[str, dict[str, Any]]
+    fastest: str
+    env: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"int8": self.result.to_dict(), "held_out": {
+            "agreement": self.held_out_agreement, "softmax_kl": self.held_out_kl, "rows": self.held_out_rows,
+            "data": self.data, "method": "measured: ONNX Runtime outputs of the int8 file against the float model's "
+                                      "ONNX outputs on held-out inputs never used for calibration or validation"},
+            "latency_ms": self.timings, "fastest": self.fastest, "env": self.env}
+
+    def __str__(self) -> str:
+        lines = [str(self.result),
+                 f"held-out: top-1 agreement {self.held_out_agreement:.1%}, softmax KL {self.held_out_kl:.4f} on "
+                 f"{self.held_out_rows} inputs ({self.data})",
+                 f"latency, measured side by side ({self.env['cpu']}, {self.env['threads']} threads, median ms):"]
+        for name, row in self.timings.items():
+            lines.append(f"  {name:<24} batch {row['batch']:>3}: {row['median']:9.2f} ms"
+                         + ("   <- fastest" if name == self.fastest else ""))
+        return "\n".join(lines)
+
+
+def deploy_int8(model: nn.Module, fit: torch.Tensor, held_out: torch.Tensor, out: str | Path,
+                options: Int8OnnxOptions = Int8OnnxOptions(), batch: int = 32, threads: int | None = None,
+                seconds: float = 1.0, data_label: str = "", runtimes: tuple[str, ...] = ("onnxruntime", "openvino"),
+                progress: Callable[[str], None] | None = None) -> Int8Deployment:
+    """:func:`int8_onnx` on ``fit``, written to ``out``; then held-out fidelity, and the float and int8 files
+    timed in every installed runtime side by side at ``batch``. A runtime that fails is left out, with why."""
+    import importlib.util
+
+    from nnopt.cpu import cpu_model
+    from nnopt.io.onnx_export import export_onnx
+    from nnopt.metrics.runtimes import build_runtime
+    from nnopt.metrics.speed import compare_calls
+    from nnopt.quantization.onnx_static import run_onnx
+
+    if batch < 1:
+        raise ConfigError(f"batch must be >= 1, got {batch}")
+    if not isinstance(held_out, torch.Tensor) or len(held_out) < 1:
+        raise ConfigError("deploy_int8 needs held-out inputs (a non-empty tensor) to measure fidelity on")
+    unknown = [r for r in runtimes if r not in ("onnxruntime", "openvino")]
+    if unknown or not runtimes:
+        raise ConfigError(f"runtimes: choose onnxruntime and/or openvino, got {', '.join(runtimes) or 'none'}")
+    threads = threads or torch.get_num_threads()
+    result = int8_onnx(model, fit, options, path=out, progress=progress)
+    fp32 = export_onnx(copy.deepcopy(model).eval(), held_out[:1])
+    agreement, kl = agreement_and_kl(run_onnx(result.onnx, held_out.numpy()), run_onnx(fp32, held_out.numpy()))
+    inputs = held_out[:batch] if len(held_out) >= batch else held_out[:1].expand(batch, *held_out.shape[1:]).clone()
+    calls: dict[str, Callable[[], object]] = {}
+    skipped: dict[str, str] = {}
+    for runtime in runtimes:
+        if importlib.util.find_spec(runtime) is None:
+            skipped[runtime] = "not installed"
+            continue
+        for precision, graph in (("fp32", fp32), ("int8", result.onnx)):
+            try:
+                calls[f"{runtime} {precision}"] = build_runtime(runtime, inputs, onnx=graph, threads=threads).call
+            except Exception as exc:  # a runtime's own error types; the row is left out with the reason
+                skipped[f"{runtime} {precision}"] = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    if not calls:
+        raise ConfigError("no runtime could run the files: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    if progress:
+        progress(f"timing {', '.join(calls)} side by side at batch {batch}")
+    # each runtime's own answers on the timed batch, against the float model's ONNX Runtime outputs
+    reference = torch.from_numpy(run_onnx(fp32, inputs.numpy())).argmax(-1)
+    agreement_here = {name: float((_first_output(call()).argmax(-1) == reference).double().mean())
+                      for name, call in calls.items()}
+    timed = compare_calls(calls, batch, warmup=3, min_calls=5, min_seconds=seconds, rounds=3)
+    timings = {name: {"batch": batch, **t.to_dict(), "top1_agreement_on_timed_batch": agreement_here[name]}
+               for name, t in timed.items()}
+    fastest = min(timings, key=lambda name: timings[name]["median"])
+    env = {"cpu": cpu_model(), "threads": threads, "batch": batch,
+           "skipped_runtimes": skipped, "timing": "measured: medians of alternated rounds (compare_calls)"}
+    return Int8Deployment(result, agreement, kl, len(held_out), data_label, timings, fastest, env)
+
+
+def _first_output(value: object) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (list, tuple)) and value:
+        return _first_output(value[0])
+    return torch.as_tensor(np.asarray(value))

@@ -17,7 +17,6 @@ to the original, and both keep the float model's function:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -26,7 +25,8 @@ from torch import nn
 
 from nnopt.errors import ConfigError, UnsupportedModelError
 
-POSITIVE_HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity, nn.Dropout)
+POSITIVE_HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
+PASS_THROUGH = (nn.Identity, nn.Dropout)  # what BatchNorm folding leaves behind; Dropout is identity in eval
 EQUALIZED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
@@ -34,16 +34,20 @@ def weight_grid(w: torch.Tensor, weights: str = "int8") -> torch.Tensor:
     """The float values of per-output-channel symmetric 8-bit weights, as ONNX Runtime quantizes them.
 
     ``"int8"``: codes −127..127, step max|w|/127; ``"uint8"``: codes 0..255 around zero point 128,
-    step 2·max|w|/255 (ONNX Runtime's symmetric QUInt8 weights). An all-zero channel stays zero.
+    step 2·max|w|/255 (ONNX Runtime's symmetric QUInt8 weights). The step is rounded to float32 and the
+    division done in float32, as ONNX Runtime does, so that ties round the same way. An all-zero channel
+    stays zero.
     """
     if weights not in ("int8", "uint8"):
         raise ConfigError(f"weights must be 'int8' or 'uint8', got {weights!r}")
     dims = tuple(range(1, w.ndim))
-    absmax = w.detach().abs().amax(dim=dims, keepdim=True).to(torch.float64) if dims else w.abs().to(torch.float64)
-    step = absmax / 127 if weights == "int8" else 2 * absmax / 255
+    w32 = w.detach().to(torch.float32)
+    absmax = w32.abs().amax(dim=dims, keepdim=True) if dims else w32.abs()
+    span = 254 if weights == "int8" else 255
+    step = (2 * absmax.to(torch.float64) / span).to(torch.float32)
     step = torch.where(step > 0, step, torch.ones_like(step))
     lo, hi = (-127, 127) if weights == "int8" else (-128, 127)
-    return (torch.round(w.to(torch.float64) / step).clamp(lo, hi) * step).to(w.dtype)
+    return (torch.round(w32 / step).clamp(lo, hi) * step).to(w.dtype)
 
 
 # --------------------------------------------------------------------------- equalization
@@ -52,8 +56,9 @@ def weight_grid(w: torch.Tensor, weights: str = "int8") -> torch.Tensor:
 def equalization_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], dict[str, str]]:
     """(first, second) layer names that equalization may rescale, and the pairs left out with why.
 
-    A pair is a Conv/Linear whose output feeds only, through at most one activation module, a
-    Conv/Linear (a full convolution or a depthwise one); found by tracing the model with torch.fx.
+    A pair is a Conv/Linear whose output feeds only, through at most one activation module (and any
+    Identity or Dropout, e.g. folded BatchNorms), a Conv/Linear (a full convolution or a depthwise
+    one); found by tracing the model with torch.fx.
     """
     from torch import fx
 
@@ -85,9 +90,12 @@ def equalization_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], dict[st
                 else:
                     skipped[f"{node.target} -> {user.target}"] = reason
                 break
-            if layer is None or len(chain) >= 1:
+            if layer is None:
                 break
-            chain.append(layer)
+            if not isinstance(layer, PASS_THROUGH):
+                if chain:  # two activations in a row: not a pair this method handles
+                    break
+                chain.append(layer)
             current = user
     return pairs, skipped
 
@@ -185,11 +193,10 @@ def input_means(model: nn.Module, names: Iterable[str], batches: Iterable[Any],
     return {name: (sums[name] / counts[name]).to(torch.float32) for name in sums}
 
 
-def correct_bias(model: nn.Module, means: dict[str, torch.Tensor], weights: str = "int8") -> dict[str, float]:
-    """Subtract each layer's expected output shift from weight rounding, in place; returns the largest
-    correction per layer (0 where a layer's weights sit exactly on the grid)."""
+def bias_shifts(model: nn.Module, means: dict[str, torch.Tensor], weights: str = "int8") -> dict[str, torch.Tensor]:
+    """Each layer's expected output shift from weight rounding, (W_q − W)·E[x], per output channel."""
     modules = dict(model.named_modules())
-    done: dict[str, float] = {}
+    shifts: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, mean in means.items():
             layer: Any = modules[name]
@@ -202,8 +209,20 @@ def correct_bias(model: nn.Module, means: dict[str, torch.Tensor], weights: str 
             shift = (per_in.view(groups, out_per_group, -1) * mean_groups[:, None, :]).sum(dim=2).flatten()
             if not bool(torch.isfinite(shift).all()):
                 raise ConfigError(f"layer {name!r}: calibration inputs hold NaN or inf")
+            shifts[name] = shift
+    return shifts
+
+
+def correct_bias(model: nn.Module, shifts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Subtract :func:`bias_shifts` from the layers' biases, in place (a layer without a bias gets one);
+    returns the largest correction per layer."""
+    modules = dict(model.named_modules())
+    done: dict[str, float] = {}
+    with torch.no_grad():
+        for name, shift in shifts.items():
+            layer: Any = modules[name]
             if layer.bias is None:
-                layer.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype))
-            layer.bias.sub_(shift)
+                layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype))
+            layer.bias.sub_(shift.to(layer.bias.dtype))
             done[name] = float(shift.abs().max()) if shift.numel() else 0.0
-    return {name: value for name, value in done.items() if math.isfinite(value)}
+    return done

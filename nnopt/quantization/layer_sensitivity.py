@@ -50,7 +50,7 @@ def softmax_kl(reference: torch.Tensor, outputs: torch.Tensor) -> float:
     """Mean KL(softmax(reference) ‖ softmax(outputs)) over rows."""
     p = reference.double().log_softmax(-1)
     q = outputs.double().log_softmax(-1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
+    return max(0.0, float((p.exp() * (p - q)).sum(-1).mean()))  # >= 0; rounding can print -0.0000
 
 
 def int8_layer_sensitivity(model: nn.Module, calibration: torch.Tensor, validation: torch.Tensor,
@@ -62,8 +62,17 @@ def int8_layer_sensitivity(model: nn.Module, calibration: torch.Tensor, validati
     """
     modules = dict(model.named_modules())
     names = [n for n in (layers or [n for n, m in modules.items() if isinstance(m, SIMULATED_TYPES)])]
+    was_training = model.training
+    model.eval()  # before any forward pass: BatchNorm statistics and Dropout must not move
+    try:
+        return _scores(model, modules, names, calibration, validation, weights, batch)
+    finally:
+        model.train(was_training)
+
+
+def _scores(model: nn.Module, modules: dict[str, nn.Module], names: list[str], calibration: torch.Tensor,
+            validation: torch.Tensor, weights: str, batch: int) -> dict[str, float]:
     ranges = input_ranges(model, names, calibration, batch)
-    model.eval()
 
     def outputs() -> torch.Tensor:
         with torch.inference_mode():
@@ -74,7 +83,7 @@ def int8_layer_sensitivity(model: nn.Module, calibration: torch.Tensor, validati
     for name in names:
         if name not in ranges:  # never called on the calibration inputs
             continue
-        layer = modules[name]
+        layer: Any = modules[name]
         lo, hi = ranges[name]
         scale, zero = qparams_from_range(lo, hi, bits=8, symmetric=False)
         original = layer.weight.detach().clone()

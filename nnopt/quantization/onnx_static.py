@@ -50,18 +50,40 @@ def resolve_weight_type(weights: str) -> str:
 def layer_nodes(onnx_bytes: bytes) -> dict[str, str]:
     """ONNX node name of each Conv/Gemm/MatMul by the torch module it came from.
 
-    The TorchScript exporter names a node by its module scope, e.g. ``/features/features.1/conv/conv.0/Conv``
-    for module ``features.1.conv.0``: the last scope segment is the module's full name.
+    The exporter keeps a parameter's state-dict name for the node's weight initializer
+    (``features.1.conv.0.0.weight``), so the module is that name less ``.weight``. Where the exporter
+    renamed the weight (a BatchNorm it folded in), the module comes from the node's scope path, whose
+    parts each name a child relative to its parent (``/features/features.1/conv/conv.0/Conv``). A module
+    that feeds several nodes (called twice) maps to none of them: excluding it would be ambiguous.
     """
     import onnx
 
     graph = onnx.load_from_string(onnx_bytes).graph
     names: dict[str, str] = {}
+    shared: set[str] = set()
     for node in graph.node:
-        if node.op_type in LAYER_OPS and node.name.count("/") >= 2:
-            module = node.name.rsplit("/", 2)[-2]
-            names.setdefault(module, node.name)
-    return names
+        if node.op_type not in LAYER_OPS:
+            continue
+        weight = node.input[1] if len(node.input) > 1 else ""
+        module = weight[: -len(".weight")] if weight.endswith(".weight") else _scope_module(node.name)
+        if not module:
+            continue
+        if module in names:
+            shared.add(module)
+        names[module] = node.name
+    return {module: node for module, node in names.items() if module not in shared}
+
+
+def _scope_module(node_name: str) -> str:
+    parts = [p for p in node_name.split("/") if p][:-1]  # the last part is the op's own name
+    full, previous = "", ""
+    for part in parts:
+        if previous and part.startswith(previous + "."):
+            full += part[len(previous):]  # "conv.0" after "conv": the child "0" of conv
+        else:
+            full = f"{full}.{part}" if full else part  # an attribute of the module so far
+        previous = part
+    return full
 
 
 class _Batches:
@@ -102,6 +124,7 @@ class QdqQuantizer:
         self.nodes = layer_nodes(fp32_onnx)
         self._dir = tempfile.TemporaryDirectory(prefix="nnopt-qdq-")
         self._fp32 = Path(self._dir.name) / "fp32.onnx"
+        self._original = fp32_onnx
         self._fp32.write_bytes(fp32_onnx)
         self._cache = Path(self._dir.name) / "calibration.json"
         self._input = _single_input(fp32_onnx)
@@ -117,11 +140,18 @@ class QdqQuantizer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def quantize(self, exclude: Sequence[str] = ()) -> bytes:
-        """The QDQ graph with the named layers (torch module names) left in float."""
+    def quantize(self, exclude: Sequence[str] = (), fp32_onnx: bytes | None = None) -> bytes:
+        """The QDQ graph with the named layers (torch module names) left in float.
+
+        ``fp32_onnx``: another float graph of the same structure (e.g. other bias values) to quantize
+        with the cached calibration, instead of the one given at construction.
+        """
         unknown = [name for name in exclude if name not in self.nodes]
         if unknown:
             raise ConfigError(f"no Conv/Gemm/MatMul node comes from layer(s) {', '.join(unknown)}")
+        if fp32_onnx is not None and set(layer_nodes(fp32_onnx).items()) != set(self.nodes.items()):
+            raise ConfigError("fp32_onnx must have the same layers and node names as the calibrated graph")
+        self._fp32.write_bytes(self._original if fp32_onnx is None else fp32_onnx)
         return self._quantize(exclude, reader=None)
 
     def _quantize(self, exclude: Sequence[str], reader: _Batches | None) -> bytes:
@@ -169,7 +199,7 @@ def _quiet_onnxruntime() -> Iterator[None]:
         yield
     finally:
         root.setLevel(level)
-        onnxruntime.set_default_logger_severity(2)
+        onnxruntime.set_default_logger_severity(2)  # ONNX Runtime's default (warnings); it has no getter
 
 
 def run_onnx(onnx_bytes: bytes, inputs: np.ndarray, threads: int | None = None, batch: int = 64) -> np.ndarray:

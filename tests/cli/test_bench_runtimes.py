@@ -118,3 +118,17 @@ def test_advise_runtimes_without_openvino_says_why(saved, capsys, monkeypatch):
     assert main(["advise", str(saved / "simplenet"), "--batch", "2", "--runtimes", *FAST]) == 0
     out = capsys.readouterr().out
     assert "OpenVINO (exported model, CPU): openvino is not installed; pip install 'nnopt[openvino]'" in out
+
+
+def test_convert_writes_an_openvino_ir_that_computes_what_the_model_does(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("openvino")
+    import torch
+
+    from nnopt.io.openvino_export import OpenVinoRunner
+
+    model = nnopt.create_model("simplenet", seed=0).eval()
+    nnopt.save_model(model, tmp_path / "m")
+    assert main(["convert", str(tmp_path / "m"), "-o", str(tmp_path / "m.xml")]) == 0
+    assert (tmp_path / "m.bin").stat().st_size > 0
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(OpenVinoRunner(tmp_path / "m.xml", threads=1)(x), model(x), atol=1e-4, rtol=1e-4)

@@ -10,7 +10,14 @@ from torch import nn
 
 from nnopt.errors import ConfigError
 from nnopt.models.registry import create_model
-from nnopt.quantization.equalize import correct_bias, equalization_pairs, equalize, input_means, weight_grid
+from nnopt.quantization.equalize import (
+    bias_shifts,
+    correct_bias,
+    equalization_pairs,
+    equalize,
+    input_means,
+    weight_grid,
+)
 
 pytest.importorskip("onnxruntime")
 
@@ -66,7 +73,7 @@ def test_bias_correction_removes_the_mean_shift_of_weight_rounding() -> None:
         return (nn.functional.conv2d(x, weight_grid(conv.weight, "uint8"), conv.bias) - exact).mean(dim=(0, 2, 3))
 
     shift_before = shift(layer)
-    correct_bias(rounded, means, "uint8")
+    correct_bias(rounded, bias_shifts(rounded, means, "uint8"))
     shift_after = shift(rounded)
     assert float(shift_after.abs().max()) < float(shift_before.abs().max()) / 10
 
@@ -107,3 +114,24 @@ def test_int8_onnx_refuses_bad_input_with_a_clear_error() -> None:
         Int8OnnxOptions(calibration="mse2").validate()
     with pytest.raises(ConfigError, match="float tensor"):
         int8_onnx(model, torch.zeros(8, 3, 32, 32, dtype=torch.long))
+
+
+def test_equalization_reaches_through_folded_batchnorms_and_names_relu6_pairs() -> None:
+    from nnopt.simplification.fold import FoldBatchNormConfig, fold_batchnorm
+
+    model = create_model("mobilenet_v2", image_size=32, width=0.25, num_classes=10, seed=0).eval()
+    folded = copy.deepcopy(model)
+    fold_batchnorm(folded, FoldBatchNormConfig(), data=torch.randn(2, 3, 32, 32))
+    pairs, skipped = equalization_pairs(folded)
+    assert ["features.17.conv.2", "features.18.0"] in [list(p) for p in pairs]  # through the folded BatchNorm
+    assert sum("ReLU6" in reason for reason in skipped.values()) >= 30  # expand -> dw -> project, every block
+
+
+def test_every_conv_and_linear_maps_to_its_onnx_node() -> None:
+    from nnopt.io.onnx_export import export_onnx
+    from nnopt.quantization.onnx_static import layer_nodes
+
+    for name in ("mobilenet_v2", "resnet18"):
+        model = create_model(name, image_size=32, width=0.25, num_classes=10, seed=0).eval()
+        layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+        assert set(layer_nodes(export_onnx(model, torch.randn(1, 3, 32, 32)))) == layers

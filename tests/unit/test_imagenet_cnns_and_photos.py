@@ -49,6 +49,9 @@ def test_photo_splits_hold_out_whole_photographs() -> None:
     splits = photo_splits(fit=6, held_out=5, size=32)
     assert splits.fit.shape == (6, 3, 32, 32) and splits.held_out.shape == (5, 3, 32, 32)
     assert not set(splits.fit_photos) & set(splits.held_out_photos)
+    scenes = [{name.replace("_left", "").replace("_right", "") for name in side}
+              for side in (splits.fit_photos, splits.held_out_photos)]
+    assert not scenes[0] & scenes[1]  # a stereo pair's two photographs stay on one side
     assert "held out" in splits.describe()
     with pytest.raises(ConfigError):
         random_crops([], 3)

@@ -72,9 +72,9 @@ class StructuredPruneConfig(Config):
     timed on this CPU (:mod:`.rounding`; what was measured is in the pass's details).
     ``target_mac_reduction``: ask for a MACs reduction (e.g. 2.0 = half the MACs per sample, counted by
     :func:`nnopt.metrics.profile.count_macs`) instead of a ratio: the ratio is solved by bisection
-    (:mod:`.mac_target`), never short of the target; ``ratio`` is then ignored. ``lr`` (recovery) defaults to
-    1e-3 for classifiers and 1e-4 for sentence encoders (1e-3 measured worse than no recovery on
-    MiniLM: cosine 0.821 → 0.715; 1e-4 lifts it to 0.860).
+    (:mod:`.mac_target`), never short of the target with ``rounds=1``; ``ratio`` is then ignored.
+    ``lr`` (recovery) defaults to 1e-3 for classifiers and 1e-4 for sentence encoders (1e-3 measured
+    worse than no recovery on MiniLM: cosine 0.821 → 0.715; 1e-4 lifts it to 0.860).
     """
 
     kind = "prune-structured"
