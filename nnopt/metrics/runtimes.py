@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nnopt.errors import ConfigError, NnoptError
+from nnopt.errors import ConfigError, NnoptError, UnsupportedModelError
 
 RUNTIMES = ("torch", "compiled", "onnxruntime", "openvino")
 LABELS = {"torch": "torch eager", "compiled": "torch.compile", "onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
@@ -194,7 +194,7 @@ def time_runtimes(
                 compiled_used |= name == "compiled"
                 try:
                     candidate = build_runtime(name, inputs, model=model, onnx=source, threads=threads, hint=hint)
-                    outputs[name] = _first_tensor(candidate.call())  # the first call also warms up
+                    outputs[name] = first_output(candidate.call())  # the first call also warms up
                 except (NnoptError, RuntimeError, ValueError, TypeError, NotImplementedError, ImportError) as exc:
                     reasons[name] = f"failed here: {_first_line(exc)}"
                     continue
@@ -209,7 +209,7 @@ def time_runtimes(
             elif "torch" in outputs:
                 ref, ref_label = outputs["torch"], "torch eager outputs"
             elif model is not None:
-                ref, ref_label = _first_tensor(_bind(model, inputs)()), "torch eager outputs"
+                ref, ref_label = first_output(_bind(model, inputs)()), "torch eager outputs"
             elif outputs:
                 first = next(iter(outputs))
                 ref, ref_label = outputs[first], f"{LABELS[first]} outputs (no torch model or reference given)"
@@ -360,14 +360,15 @@ def build_runtime(name: str, inputs: Any, *, model: nn.Module | None = None, onn
                   {"openvino": openvino_version(), **runner.settings()})
 
 
-def _first_tensor(value: object) -> torch.Tensor:
-    """The output to compare: the tensor itself, or the first of a tuple, list or mapping, as float32."""
+def first_output(value: object) -> torch.Tensor:
+    """The output to compare: the tensor itself, or the first of a tuple, list or mapping, as float32 on
+    the CPU (a quantized tensor dequantized)."""
     if isinstance(value, Mapping):
         value = next(iter(value.values()), None)
     elif isinstance(value, (tuple, list)):
         value = value[0] if value else None
     if not isinstance(value, torch.Tensor):
-        raise ConfigError(f"cannot compare outputs of type {type(value).__name__}")
+        raise UnsupportedModelError(f"cannot compare outputs of type {type(value).__name__}")
     if value.is_quantized:
         value = value.dequantize()
     return value.detach().float().cpu()

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nnopt.errors import ConfigError, NnoptError, UnsupportedModelError
+from nnopt.errors import ConfigError, NnoptError
 from nnopt.metrics.speed import MIN_SPEEDUP, bind_call
 
 MIN_ARGMAX_AGREEMENT = 0.9  # share of random inputs whose top class matches the baseline's
@@ -163,7 +163,9 @@ def run_advise(path: str | Path, options: AdviseOptions) -> AdviceResult:
                     candidates.append(_Candidate("compiled", "torch.compile (fp32)", compiled))
             if options.runtimes:
                 _add_runtimes(model, inputs, threads, options, candidates, skipped)
-            outputs = {c.key: _output(c.call()) for c in candidates}
+            from nnopt.metrics.runtimes import first_output
+
+            outputs = {c.key: first_output(c.call()) for c in candidates}
             timings = compare_calls({c.key: c.call for c in candidates}, options.batch, warmup=options.warmup,
                                     min_calls=options.min_calls, min_seconds=options.seconds,
                                     rounds=options.rounds, device=options.device)
@@ -390,19 +392,6 @@ def _compiled(model: nn.Module, inputs: Any) -> tuple[Callable[[], object] | Non
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return None, None, f"torch.compile failed: {first}"
     return call, time.perf_counter() - started, ""
-
-
-def _output(value: object) -> torch.Tensor:
-    """The tensor to compare: the output itself, or the first tensor of a tuple, list or mapping, as float32."""
-    if isinstance(value, Mapping):
-        value = next(iter(value.values()), None)
-    elif isinstance(value, (tuple, list)):
-        value = value[0] if value else None
-    if not isinstance(value, torch.Tensor):
-        raise UnsupportedModelError(f"cannot compare outputs of type {type(value).__name__}")
-    if value.is_quantized:
-        value = value.dequantize()
-    return value.detach().float().cpu()
 
 
 def _agreement(reference: torch.Tensor, output: torch.Tensor, encoder: bool) -> dict[str, Any]:

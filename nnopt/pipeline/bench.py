@@ -471,11 +471,14 @@ class _OnnxBackend(_Backend):
         self.runners.clear()
         self._tmp.cleanup()
 
-    def call(self, threads: int, inputs: Any) -> Callable[[], object]:
+    def runner(self, threads: int) -> Any:
         from nnopt.io.onnx_export import OnnxRunner
 
+        return OnnxRunner(self.path, threads=threads)
+
+    def call(self, threads: int, inputs: Any) -> Callable[[], object]:
         if threads not in self.runners:
-            self.runners[threads] = OnnxRunner(self.path, threads=threads)
+            self.runners[threads] = self.runner(threads)
         if isinstance(inputs, Mapping):
             inputs = {k: v.cpu() for k, v in inputs.items()}
         else:
@@ -495,16 +498,10 @@ class _OpenVinoBackend(_OnnxBackend):
     """The same export as the ONNX Runtime backend, converted to OpenVINO and compiled for the CPU once per
     thread count (``INFERENCE_NUM_THREADS``, latency hint, float32 inference precision)."""
 
-    def call(self, threads: int, inputs: Any) -> Callable[[], object]:
+    def runner(self, threads: int) -> Any:
         from nnopt.io.openvino_export import OpenVinoRunner
 
-        if threads not in self.runners:
-            self.runners[threads] = OpenVinoRunner(self.path, threads=threads, hint="latency")
-        if isinstance(inputs, Mapping):
-            inputs = {k: v.cpu() for k, v in inputs.items()}
-        else:
-            inputs = inputs.cpu()
-        return bind_call(self.runners[threads], inputs)
+        return OpenVinoRunner(self.path, threads=threads, hint="latency")
 
     def env(self) -> dict[str, Any]:
         from nnopt.io.openvino_export import openvino_version

@@ -117,7 +117,7 @@ def int8_onnx(model: nn.Module, data: torch.Tensor, options: Int8OnnxOptions = I
     """
     from nnopt.io.onnx_export import export_onnx
     from nnopt.quantization.equalize import correct_bias
-    from nnopt.quantization.layer_sensitivity import int8_layer_sensitivity, softmax_kl
+    from nnopt.quantization.layer_sensitivity import int8_layer_sensitivity
     from nnopt.quantization.onnx_static import QdqQuantizer, resolve_weight_type, run_onnx
 
     options.validate()
@@ -136,7 +136,7 @@ def int8_onnx(model: nn.Module, data: torch.Tensor, options: Int8OnnxOptions = I
     preparation["bias_correction"] = {name: float(s.abs().max()) for name, s in shifts.items() if s.numel()}
     say("exporting the prepared float model to ONNX")
     # the reference is the folded (and equalized) float model, which computes what the user's model computes
-    reference_t = torch.from_numpy(run_onnx(export_onnx(prepared, calibration[:1]), validation.numpy()))
+    reference = run_onnx(export_onnx(prepared, calibration[:1]), validation.numpy())
 
     def float_graph(kept: tuple[str, ...]) -> bytes:
         """The float graph to quantize: bias-corrected except the layers that stay in float."""
@@ -158,9 +158,7 @@ def int8_onnx(model: nn.Module, data: torch.Tensor, options: Int8OnnxOptions = I
             if count and len(kept) < count:
                 break
             int8 = quantizer.quantize(exclude=kept, fp32_onnx=float_graph(kept) if kept and shifts else None)
-            out = torch.from_numpy(run_onnx(int8, validation.numpy()))
-            agreement = float((out.argmax(-1) == reference_t.argmax(-1)).double().mean())
-            kl = softmax_kl(reference_t, out)
+            agreement, kl = agreement_and_kl(run_onnx(int8, validation.numpy()), reference)
             steps.append({"float_layers": count, "layers": list(kept), "agreement": agreement, "kl": kl})
             say(f"{count} layers in float: validation agreement {agreement:.1%}")
             if agreement >= options.target_agreement:
@@ -273,7 +271,7 @@ def deploy_int8(model: nn.Module, fit: torch.Tensor, held_out: torch.Tensor, out
 
     from nnopt.cpu import cpu_model
     from nnopt.io.onnx_export import export_onnx
-    from nnopt.metrics.runtimes import build_runtime
+    from nnopt.metrics.runtimes import build_runtime, first_output
     from nnopt.metrics.speed import compare_calls
     from nnopt.quantization.onnx_static import run_onnx
 
@@ -306,7 +304,7 @@ def deploy_int8(model: nn.Module, fit: torch.Tensor, held_out: torch.Tensor, out
         progress(f"timing {', '.join(calls)} side by side at batch {batch}")
     # each runtime's own answers on the timed batch, against the float model's ONNX Runtime outputs
     reference = torch.from_numpy(run_onnx(fp32, inputs.numpy())).argmax(-1)
-    agreement_here = {name: float((_first_output(call()).argmax(-1) == reference).double().mean())
+    agreement_here = {name: float((first_output(call()).argmax(-1) == reference).double().mean())
                       for name, call in calls.items()}
     timed = compare_calls(calls, batch, warmup=3, min_calls=5, min_seconds=seconds, rounds=3)
     timings = {name: {"batch": batch, **t.to_dict(), "top1_agreement_on_timed_batch": agreement_here[name]}
@@ -316,10 +314,3 @@ def deploy_int8(model: nn.Module, fit: torch.Tensor, held_out: torch.Tensor, out
            "skipped_runtimes": skipped, "timing": "measured: medians of alternated rounds (compare_calls)"}
     return Int8Deployment(result, agreement, kl, len(held_out), data_label, timings, fastest, env)
 
-
-def _first_output(value: object) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (list, tuple)) and value:
-        return _first_output(value[0])
-    return torch.as_tensor(np.asarray(value))
