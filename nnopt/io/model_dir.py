@@ -255,8 +255,8 @@ def check_tensors(
         raise ModelFormatError(
             f"{where} holds tensor {unexpected[0]!r} that the model does not have ({len(unexpected)} unexpected)"
         )
-    for name, tensor in found.items():
-        want = expected[name]
+    for name, want in expected.items():  # the model's order, not the file's: names the first layer
+        tensor = found[name]
         if tensor.dtype != want.dtype or tensor.shape != want.shape:
             raise ModelFormatError(
                 f"{where}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
