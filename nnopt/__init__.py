@@ -82,6 +82,8 @@ _EXPORTS = {
     "estimate_energy": "nnopt.energy",
     "measure_energy": "nnopt.energy",
     "latency_energy": "nnopt.energy",
+    "device_energy": "nnopt.energy",
+    "cpu_active_power": "nnopt.energy",
     "load_energy_table": "nnopt.energy",
 }
 

@@ -216,30 +216,40 @@ def latency_energy(
     >>> round(r.low_j, 6), round(r.high_j, 6)
     (0.05, 0.1)
     """
-    import os
-
     if not (latency_s >= 0):
         raise ConfigError(f"latency must be >= 0 seconds, got {latency_s}")
+    watts, _ = cpu_power_source(threads, tdp_w, cpu_model, logical_cores)
+    tdp, source, cores = _tdp(tdp_w, cpu_model, logical_cores)
+    return EnergyRange(latency_s * watts * LOW_SHARE, latency_s * watts * HIGH_SHARE, latency_s, threads, cores,
+                       tdp, source)
+
+
+def _tdp(tdp_w: float | None, cpu_model: str | None, logical_cores: int | None) -> tuple[float, str, int]:
+    """(TDP in W, where it came from, logical cores): given, looked up by CPU model, else a per-core guess."""
+    import os
+
     cores = logical_cores or os.cpu_count() or 1
-    if threads < 1:
-        raise ConfigError(f"threads must be >= 1, got {threads}")
     if tdp_w is not None:
         if not (tdp_w > 0 and tdp_w < float("inf")):
             raise ConfigError(f"--tdp must be a positive number of watts, got {tdp_w}")
-        tdp, source = float(tdp_w), "given by the user"
-    else:
-        if cpu_model is None:
-            from nnopt.envinfo import cpu_model as read_model
+        return float(tdp_w), "given by the user", cores
+    if cpu_model is None:
+        from nnopt.envinfo import cpu_model as read_model
 
-            cpu_model = read_model()
-        match = next((key for key in TDP_LOOKUP if key in cpu_model), None)
-        if match is not None:
-            tdp, source = TDP_LOOKUP[match], f"looked up for {cpu_model!r}"
-        else:
-            tdp = DEFAULT_WATTS_PER_CORE * cores
-            source = (f"a guess: {DEFAULT_WATTS_PER_CORE:g} W per logical core × {cores} "
-                      f"(CPU {cpu_model!r} not in the lookup; pass --tdp)")
-    share = min(threads, cores) / cores
-    watts = tdp * share
-    return EnergyRange(latency_s * watts * LOW_SHARE, latency_s * watts * HIGH_SHARE, latency_s, threads, cores,
-                       tdp, source)
+        cpu_model = read_model()
+    match = next((key for key in TDP_LOOKUP if key in cpu_model), None)
+    if match is not None:
+        return TDP_LOOKUP[match], f"looked up for {cpu_model!r}", cores
+    return (DEFAULT_WATTS_PER_CORE * cores,
+            f"a guess: {DEFAULT_WATTS_PER_CORE:g} W per logical core × {cores} (CPU {cpu_model!r} not in the "
+            "lookup; pass --tdp)", cores)
+
+
+def cpu_power_source(threads: int, tdp_w: float | None = None, cpu_model: str | None = None,
+                     logical_cores: int | None = None) -> tuple[float, str]:
+    """The TDP share of the cores ``threads`` use (W), and a sentence saying where the TDP came from."""
+    tdp, source, cores = _tdp(tdp_w, cpu_model, logical_cores)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads must be an integer >= 1, got {threads}")
+    used = min(threads, cores)
+    return tdp * used / cores, f"TDP {tdp:g} W ({source}) × {used}/{cores} cores"
