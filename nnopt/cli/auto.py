@@ -32,7 +32,7 @@ def register(commands: Any) -> None:
                        "model (cosine for embedding outputs) without", required=True)
     parser.add_argument("--objective", required=True, metavar="{size,latency,energy}",
                         help="size: bytes of the written file (measured); latency: median ms at --batch (measured); "
-                        "energy: nJ per inference (estimated, analytic; also measured where counters exist)")
+                        "energy: nJ per inference = active power × measured time (also measured where counters exist)")
     parser.add_argument("--max-drop", required=True, metavar="D",
                         help="allowed quality drop as a fraction in [0, 1] (0.005 = half a point of accuracy; for "
                         "encoders mean cosine >= 1 - D); '0.5%%' also works")

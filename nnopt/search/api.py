@@ -31,12 +31,13 @@ from nnopt.search.plans import plan_recipe
 from nnopt.search.space import BuildOptions
 from nnopt.search.summary import InputModel, build_report, rebuild
 from nnopt.search.tasks import Task, make_task, prepare
-from nnopt.search.trials import ContextSpec, ModuleTemplate, TrialContext, build_context, energy_nj
+from nnopt.search.trials import ContextSpec, ModuleTemplate, TrialContext, analytic_energy, build_context
 
 if TYPE_CHECKING:
     from nnopt.recipe import Recipe
 
-NOTHING_MEETS = 3  # exit status when no plan is chosen: none meets the accuracy budget (or, latency: none is faster)
+# Exit status when no plan is chosen: none meets the accuracy budget (or, latency and energy: none is faster).
+NOTHING_MEETS = 3
 INPUT_DIR = "input"  # in the work directory: the input model, when it was not loaded from a directory
 
 
@@ -51,7 +52,7 @@ class FrontPlan:
     recipe: Recipe
     quality: float  # top-1 accuracy, or mean cosine to the input model's embeddings
     drop: float  # baseline quality minus this plan's
-    objective_value: float  # bytes, median ms or nJ per inference: lower is better
+    objective_value: float  # bytes, median ms or nJ per inference (power × measured time): lower is better
     meets_budget: bool
     chosen: bool
     figures: dict[str, Any]
@@ -95,7 +96,7 @@ class AutoResult:
                          _fmt(v.get("speedup"), "x"), _fmt(v.get("energy_nj"))))
         columns = (f"plan ({report['objective']})", f"{metric} (validation)", f"{metric} (test)", "bytes",
                    "vs fp32", f"ms @{report['batch']}", "speed-up", "nJ (est.)")
-        caption = ("* chosen. Bytes, latency: measured; energy: estimated (analytic). "
+        caption = ("* chosen. Bytes, latency: measured; energy: estimated, active power × measured time. "
                    f"Validation: {report['dataset'].get('validation')} rows/sentences held out from every step.")
         table = render_table(columns, rows, title="nnopt auto", caption=caption)
         return f"{table}\nobjective {report['objective']}: {report['objective_method']}\n{report['message']}"
@@ -302,11 +303,11 @@ def _check_objective(model: nn.Module, task: Task, config: AutoConfig) -> None:
     except (RuntimeError, ValueError, TypeError) as exc:
         raise ConfigError(f"the model does not run on a batch of {config.batch}: {exc}") from None
     if config.objective == "energy":
-        try:
-            energy_nj(model, config.batch)
+        try:  # every trial notes the analytic split of its energy
+            analytic_energy(model, config.batch)
         except (NnoptError, RuntimeError, ValueError) as exc:
             raise ConfigError(f"AutoConfig.objective is energy, but nnopt cannot estimate this model's energy "
-                              f"({exc})") from None
+                              f"split ({exc})") from None
 
 
 def _threads_per_worker(workers: int) -> int:

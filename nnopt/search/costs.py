@@ -6,7 +6,9 @@
 - latency: MACs per sample, an int8 MAC counted as :data:`INT8_MAC_COST` of an fp32 one (the MAC
   reduction is what structured pruning's speed-up approaches, BENCHMARKS.md), saved per unit as its
   probe measured and added over units;
-- energy: nnopt's analytic energy estimate at batch 1, saved per unit as its probe measured.
+- energy: the latency proxy. Energy is active power × time, and plans of one model run at one power, so the
+  predicted energy is the predicted time (the analytic table's picojoules would call int8 cheap on a CPU
+  where it runs ten times slower).
 
 The trials then measure what each plan really costs.
 """
@@ -30,14 +32,8 @@ def mac_cost(model: nn.Module) -> float:
                      for layer in profile_model(model).layers))
 
 
-def energy_cost(model: nn.Module) -> float:
-    from nnopt.search.trials import energy_nj
-
-    return energy_nj(model, 1)
-
-
 PROBE_COSTS: dict[str, Callable[[nn.Module], float] | None] = {"size": None, "latency": mac_cost,
-                                                               "energy": energy_cost}
+                                                               "energy": mac_cost}
 
 
 def probe_cost(objective: str, model: nn.Module) -> float | None:

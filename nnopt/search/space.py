@@ -32,7 +32,7 @@ OBJECTIVE_KNOBS: dict[str, tuple[str, ...]] = {
 WIDE_FEATURES = 256
 DISTILL = 0.5  # weight of distillation in structured recovery (README: nnopt prune --structured --distill)
 RAMP_SHARE = 0.6  # of the fine-tuning epochs spent reaching the target sparsity (GradualPruneConfig's default)
-SPACE_VERSION = 1  # part of a checkpoint's fingerprint: plans change when the space does
+SPACE_VERSION = 2  # part of a checkpoint's fingerprint: plans change when the space does (2: energy is power × time)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Evaluating plans: build each through its recipe, score it on the validation split, write it (its
-bytes are measured from the file), estimate its energy; optionally in spawned worker processes.
+bytes are measured from the file), note the analytic split of its energy; optionally in spawned worker processes.
 
 Latency is never measured here: timing runs serially afterwards (:func:`screen_latency`), one
-model at a time against the baseline, so that trials never compete for the cores being timed.
+model at a time against the baseline, so that trials never compete for the cores being timed. A plan's
+energy is active power × that measured time (:func:`timed_energy`); the analytic table gives only its split.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import re
 import signal
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -28,6 +29,9 @@ from nnopt.errors import NnoptError, brief
 from nnopt.lineage import note_input
 from nnopt.search.plans import Plan, plan_recipe
 from nnopt.search.space import BuildOptions, SearchSpace, build_space
+
+if TYPE_CHECKING:
+    from nnopt.energy import ActivePower, DeviceEnergy
 
 _POLL_S = 0.5
 _START_TIMEOUT_S = 600.0
@@ -89,17 +93,57 @@ def build_context(spec: ContextSpec, model: nn.Module | None = None, task: Any =
     return TrialContext(spec, model.eval(), task, space)
 
 
-def energy_nj(model: nn.Module, batch: int) -> float:
-    """Estimated energy per inference (nJ) at ``batch``: analytic table, see nnopt.energy."""
+def analytic_energy(model: nn.Module, batch: int) -> dict[str, Any]:
+    """The analytic table's estimate per inference at ``batch`` (nJ) and its compute/memory split as shares.
+
+    Only the split is used, as shares of the measured-time figure (:func:`timed_energy`): the table counts
+    arithmetic and data movement alone and can call a slower plan cheaper, so it never ranks a plan."""
     from nnopt.energy import estimate_energy
 
-    return estimate_energy(model, batch=batch).total_mj * 1e6  # total_mj is already per inference
+    estimate = estimate_energy(model, batch=batch)
+    total = estimate.total_mj
+    shares = None if not total > 0 else {"compute": estimate.compute_mj / total, "memory": estimate.memory_mj / total,
+                                         "table": estimate.table.name}
+    return {"energy_analytic_nj": total * 1e6, "energy_shares": shares}  # total_mj is already per inference
 
 
-def energy_method(batch: int) -> str:
+def analytic_energy_method(batch: int) -> str:
     from nnopt.energy.estimate import DEFAULT_TABLE
 
-    return f"estimated (analytic table {DEFAULT_TABLE}, per inference at batch {batch}; nnopt.estimate_energy)"
+    return (f"estimated (analytic table {DEFAULT_TABLE}, MACs executed and bytes moved, per inference at batch "
+            f"{batch}; nnopt.estimate_energy): shown for its compute/memory split only, never ranked")
+
+
+def timed_energy(latency_ms: float, batch: int, power: ActivePower,
+                 shares: Mapping[str, Any] | None = None) -> DeviceEnergy:
+    """Energy per inference: ``power`` × the measured median ``latency_ms`` of a call at ``batch`` ÷ ``batch``;
+    ``shares`` (from :func:`analytic_energy`) split it into compute and memory."""
+    from nnopt.energy import device_energy
+
+    energy = device_energy(latency_ms / 1e3, batch, power)
+    if not shares:
+        return energy
+    return dataclasses.replace(energy, compute_share=shares["compute"], memory_share=shares["memory"],
+                               analytic_table=shares["table"])
+
+
+ENERGY_FIELDS = ("energy_nj", "energy_low_nj", "energy_high_nj", "energy_compute_nj", "energy_memory_nj")
+
+
+def energy_fields(energy: DeviceEnergy) -> dict[str, float | None]:
+    """A row's energy figures (nJ per inference): the total ranked and reported, its bounds and its split."""
+    parts = energy.to_nj_dict()
+    return dict(zip(ENERGY_FIELDS, (parts["total_nj"], parts["low_nj"], parts["high_nj"], parts["compute_nj"],
+                                    parts["memory_nj"])))
+
+
+def energy_method(batch: int, power: ActivePower) -> str:
+    """How :func:`timed_energy` figures are obtained: the power, its source and bounds, and the split."""
+    from nnopt.energy import device_energy
+    from nnopt.energy.estimate import DEFAULT_TABLE
+
+    return (f"{device_energy(0.0, batch, power).method}; compute/memory split as shares of that total from the "
+            f"analytic table {DEFAULT_TABLE} (never ranked)")
 
 
 def evaluate_plan(plan: Plan, ctx: TrialContext, out_dir: Path) -> dict[str, Any]:
@@ -120,7 +164,7 @@ def evaluate_plan(plan: Plan, ctx: TrialContext, out_dir: Path) -> dict[str, Any
     saved = save_model(model, out_dir, weights_format=recipe.weights_format, overwrite=True, factory=ctx.spec.factory)
     profile = profile_model(model)
     result.update(bytes=saved.file_bytes, compression_ratio=saved.compression_ratio,
-                  energy_nj=energy_nj(model, ctx.spec.batch), macs=profile.macs, params=profile.params,
+                  **analytic_energy(model, ctx.spec.batch), macs=profile.macs, params=profile.params,
                   nonzeros=profile.nonzeros, layers=layer_summary(ctx.model, model),
                   seconds=time.perf_counter() - started, dir=str(out_dir))
     return result
@@ -285,21 +329,26 @@ def bind(model: nn.Module, inputs: Any) -> Callable[[], object]:
 
 
 def screen_latency(baseline: nn.Module, trials: Sequence[tuple[str, Path]], inputs: Any, batch: int,
-                   seconds: float, on_result: Callable[[str, dict[str, float]], None],
+                   seconds: float, on_result: Callable[[str, dict[str, Any]], None],
                    progress: bool | None = None, load: Callable[[Path], nn.Module] | None = None) -> None:
-    """Time each trial model against the baseline, alternated in rounds, one trial at a time."""
+    """Time each trial model against the baseline, alternated in rounds, one trial at a time. A trial that
+    cannot be loaded or run gets ``{"error": why}`` instead: it is not ranked, and the others are still timed."""
     from nnopt.loading import load_model
     from nnopt.metrics.speed import compare_calls
     from nnopt.progress import track
 
     with track("latency", total=len(trials), enabled=progress) as bar, torch.inference_mode():
         for name, path in trials:
-            model = (load or load_model)(path)
-            timing = compare_calls({"baseline": bind(baseline, inputs), "trial": bind(model, inputs)}, batch,
-                                   warmup=3, min_calls=6, min_seconds=seconds, rounds=3)
-            base, trial = timing["baseline"], timing["trial"]
-            on_result(name, {"median": trial.median_ms, "p10": trial.p10_ms, "p90": trial.p90_ms,
-                             "baseline_median": base.median_ms, "speedup": base.median_ms / trial.median_ms})
+            try:
+                model = (load or load_model)(path)
+                timing = compare_calls({"baseline": bind(baseline, inputs), "trial": bind(model, inputs)}, batch,
+                                       warmup=3, min_calls=6, min_seconds=seconds, rounds=3)
+            except Exception as exc:  # noqa: BLE001 - one plan that does not run is not timed, the search goes on
+                on_result(name, {"error": f"not timed: {brief(exc)}"})
+            else:
+                base, trial = timing["baseline"], timing["trial"]
+                on_result(name, {"median": trial.median_ms, "p10": trial.p10_ms, "p90": trial.p90_ms,
+                                 "baseline_median": base.median_ms, "speedup": base.median_ms / trial.median_ms})
             bar.advance(status=name)
 
 

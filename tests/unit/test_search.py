@@ -291,14 +291,35 @@ def test_latency_objective_times_trials_serially_and_confirms_the_front(saved, t
         assert report["layers"] and any(row["structured_ratio"] > 0 for row in report["layers"])
 
 
-def test_energy_objective_is_estimated_and_says_so(saved, tmp_path):
+def test_energy_objective_ranks_power_times_measured_time_and_says_so(saved, tmp_path):
+    """Energy is ranked and reported as one active power × each plan's measured time per inference: the
+    chosen plan's energy is that power × its latency, and the energies are in the order of the latencies."""
+    from nnopt.energy import cpu_active_power
+
     settings = SearchSettings(objective="energy", max_drop=0.05,
                               **{**TINY, "levels": {"structured": (0.5,), "int8": (8,)}, "targets": (0.5,)})
     report = run_auto(saved, "digits", settings, tmp_path / "energy").report
-    assert report["objective_method"].startswith("estimated (analytic table")
+    assert report["objective_method"].startswith("estimated: active power × measured time per inference at batch")
+    assert "ranked at equal power" in report["objective_method"] and "never ranked" in report["objective_method"]
+    watts = cpu_active_power(torch.get_num_threads()).mid_w  # the power the search took, at the threads it timed on
+    assert report["energy_power"]["mid_w"] == pytest.approx(watts)
     front = report["front"]
+    rows = [report["baseline"], *front] + ([report["result"]] if report["result"] else [])
+    for row in rows:  # every figure: power × the row's own measured median ÷ batch (ms -> nJ: × 1e6)
+        assert row["energy_nj"] == pytest.approx(watts * row["latency_ms"]["median"] / settings.batch * 1e6)
+        assert row["energy_low_nj"] < row["energy_nj"] < row["energy_high_nj"]
+        assert row["energy_compute_nj"] + row["energy_memory_nj"] == pytest.approx(row["energy_nj"])
     assert front and all(f["objective_value"] == f["energy_nj"] for f in front)
-    assert min(f["energy_nj"] for f in front) < report["baseline"]["energy_nj"]  # int8 and smaller layers cost less
+    by_energy = sorted(front, key=lambda f: f["energy_nj"])
+    assert by_energy == sorted(front, key=lambda f: f["latency_ms"]["median"])
+    for f in front:  # a choice needs a measurable speed-up: at equal power, no more energy than the baseline
+        if f["chosen"]:
+            assert f["speedup"] >= 1.05 and f["energy_nj"] < report["baseline"]["energy_nj"]
+    timed = [t for t in report["trials"] if "error" not in t]
+    assert timed and all(t["objective_value"] == t["energy_nj"] and "latency_ms" in t for t in timed)
+    assert sorted(timed, key=lambda t: t["energy_nj"]) == sorted(timed, key=lambda t: t["latency_ms"]["median"])
+    assert all(t["energy_analytic_nj"] > 0 and "energy_analytic_nj" not in f for t in timed for f in rows)
+    assert report["methods"]["energy_analytic_nj"].startswith("estimated (analytic table")
 
 
 def test_trials_in_spawned_workers_give_the_same_front_as_in_process(saved, tmp_path, tiny_run):
@@ -310,13 +331,18 @@ def test_trials_in_spawned_workers_give_the_same_front_as_in_process(saved, tmp_
         [(f["name"], f["bytes"], f["accuracy"]) for f in tiny_run[0].report["front"]]
 
 
-def test_trial_energy_is_per_inference_like_the_estimator():
+def test_trial_analytic_energy_is_per_inference_like_the_estimator_with_its_split_as_shares():
     import nnopt
-    from nnopt.search.trials import energy_nj
+    from nnopt.search.trials import analytic_energy
 
     model = nnopt.create_model("simplenet", seed=0)
     for batch in (1, 32):
-        assert energy_nj(model, batch) == pytest.approx(nnopt.estimate_energy(model, batch=batch).total_mj * 1e6)
+        estimate = nnopt.estimate_energy(model, batch=batch)
+        analytic = analytic_energy(model, batch)
+        assert analytic["energy_analytic_nj"] == pytest.approx(estimate.total_mj * 1e6)
+        shares = analytic["energy_shares"]
+        assert shares["compute"] == pytest.approx(estimate.compute_mj / estimate.total_mj)
+        assert shares["compute"] + shares["memory"] == pytest.approx(1.0) and shares["table"] == "horowitz-45nm"
 
 
 def test_a_plan_that_crashes_is_a_failed_trial(monkeypatch, tmp_path):
