@@ -7,6 +7,7 @@ import torch
 
 import nnopt
 from nnopt.cli import main
+from nnopt.lineage import get_lineage
 
 
 @pytest.fixture(scope="module")
@@ -53,4 +54,8 @@ def test_energy_allocation_from_the_cli(saved, tmp_path, capsys):
             "-o", str(out)]
     assert main(argv) == 0
     assert "MACs per example" in capsys.readouterr().out
-    assert nnopt.load_model(out).classifier.weight.shape[0] == 10
+    reloaded = nnopt.load_model(out)
+    assert reloaded.classifier.weight.shape[0] == 10
+    details = get_lineage(reloaded).applied[-1].details  # what the ranking used travels with the model
+    assert details["energy_allocation"]["method"].startswith("estimated: active power × measured layer time")
+    assert set(details["rounds"][0]["layer_ms"]) >= {"features.0", "features.2"}

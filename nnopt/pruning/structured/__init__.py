@@ -21,9 +21,12 @@ from torch import nn
 
 from nnopt.config import Config
 from nnopt.data import Split, as_split, call_model
-from nnopt.errors import ConfigError, SelectionError
+from nnopt.energy.device_energy import cpu_active_power
+from nnopt.errors import ConfigError, SelectionError, UnsupportedModelError
 from nnopt.lineage import AppliedPass
-from nnopt.pruning.structured.groups import ChannelGroup, channel_groups, is_bert_encoder, weight_dim
+from nnopt.metrics.speed import example_batch
+from nnopt.pruning.structured.energy import channel_energy_j, energy_record, measured_channel_energy, per_joule
+from nnopt.pruning.structured.groups import ChannelGroup, channel_groups, is_bert_encoder
 from nnopt.pruning.structured.importance import (
     IMPORTANCE,
     NEEDS_GRADIENTS,
@@ -47,8 +50,8 @@ ALLOCATIONS = ("uniform", "global", "energy")
 
 __all__ = [
     "IMPORTANCE", "NEEDS_GRADIENTS", "STRUCTURED_PASS", "ChannelGroup", "DistillationLoss", "Gradients",
-    "StructuredPruneConfig", "channel_groups", "distillation_loss", "mask_channels", "prune_structured",
-    "register_importance", "remove_channels", "replay_structured", "structured_data_needs",
+    "StructuredPruneConfig", "channel_energy_j", "channel_groups", "distillation_loss", "mask_channels",
+    "prune_structured", "register_importance", "remove_channels", "replay_structured", "structured_data_needs",
 ]
 
 
@@ -59,8 +62,9 @@ class StructuredPruneConfig(Config):
     ``allocation``: ``uniform`` (the same ratio in every group), ``global`` (one ranking across
     groups, scores normalized by each group's mean, ``ratio`` of all channels overall; every group
     keeps at least ``min_channels``) or ``energy`` (the global ranking of importance lost per
-    estimated joule saved, after Yang, Chen & Sze, CVPR 2017: channels of energy-hungry layers go
-    first at equal importance; the estimate is :func:`nnopt.energy.estimate_energy`).
+    joule saved, after Yang, Chen & Sze, CVPR 2017: channels of energy-hungry layers go first at equal
+    importance; a layer's energy is estimated as this CPU's active power × its kernel's measured time on a
+    batch of ``data`` (:mod:`.energy`; the layer times are in the pass's details)).
     ``head_ratio``: share of attention heads removed per layer of a transformer encoder (its FFN
     neurons follow ``ratio``). ``batches``: mini-batches whose
     gradients the ``gradient`` and ``taylor`` criteria accumulate. ``rounds`` > 1 prunes
@@ -151,6 +155,10 @@ def prune_structured(model: nn.Module, config: StructuredPruneConfig, **context:
     shapes: dict[str, dict[str, Any]] = {}
     history = []
     extra: dict[str, Any] = {}
+    timing, power = None, None
+    if config.allocation == "energy":  # one batch to time the layers on, and the power that makes it joules
+        timing, power = _timing_batch(model, data, example, config), cpu_active_power(torch.get_num_threads())
+        extra["energy_allocation"] = energy_record(power, timing[1])
     for round_index in range(1, config.rounds + 1):
         if round_index > 1:  # the first round cuts the model as traced above
             groups = _selected(model, channel_groups(model, example), config.layers)
@@ -160,16 +168,22 @@ def prune_structured(model: nn.Module, config: StructuredPruneConfig, **context:
             taylor_groups = groups if config.importance == "taylor" else ()
             gradients = accumulate_gradients(model, _batches(data, config), _task_loss, config.batches, taylor_groups)
         scores = {g.name: score(config.importance, ImportanceInputs(model, g, gradients, config.seed)) for g in groups}
+        energy, layer_ms = None, None
+        if timing is not None:  # measured once per round, on the layers as this round finds them
+            energy, layer_ms = measured_channel_energy(model, groups, timing[0], power)
         solved = None
         if round_index == 1:  # rounding and the MAC target are settled once, on the first round's scores
-            config, extra, solved = _settle(model, groups, scores, original, config, example)
+            config, settled, solved = _settle(model, groups, scores, original, config, example, energy)
+            extra.update(settled)
         if solved is None or config.rounds > 1:  # several rounds: the solved ratio, spread over them
-            removed = _allocate(model, groups, scores, original, config, round_index / config.rounds)
+            removed = _allocate(model, groups, scores, original, config, round_index / config.rounds, energy)
         else:
             removed = solved
         shapes.update(remove_channels(model, groups, removed))
         sync_heads(model)
         entry: dict[str, Any] = {"round": round_index, "removed": sum(int(r.numel()) for r in removed.values())}
+        if layer_ms is not None:
+            entry["layer_ms"] = layer_ms
         if config.finetune_epochs > 0:
             entry["finetune_loss"] = _recover(model, teacher, data, config, context.get("data_parallel", 1))
         history.append(entry)
@@ -191,7 +205,7 @@ def prune_structured(model: nn.Module, config: StructuredPruneConfig, **context:
 
 def _settle(
     model: nn.Module, groups: list[ChannelGroup], scores: dict[str, torch.Tensor], original: dict[str, int],
-    config: StructuredPruneConfig, example: Any,
+    config: StructuredPruneConfig, example: Any, energy: dict[str, float] | None = None,
 ) -> tuple[StructuredPruneConfig, dict[str, Any], dict[str, torch.Tensor] | None]:
     """The config with a numeric ``channel_multiple`` and the ``ratio`` that meets ``target_mac_reduction``;
     the record of what was measured and solved; the channels that meet the target (None without one)."""
@@ -207,7 +221,7 @@ def _settle(
         extra["channel_multiple"] = {"value": config.channel_multiple}
     if target is not None:
         def allocate(ratio: float) -> dict[str, torch.Tensor]:
-            return _allocate(model, groups, scores, original, dataclasses.replace(config, ratio=ratio), 1.0)
+            return _allocate(model, groups, scores, original, dataclasses.replace(config, ratio=ratio), 1.0, energy)
 
         def cut(twin: nn.Module, twin_groups: list[ChannelGroup], removed: dict[str, torch.Tensor]) -> None:
             remove_channels(twin, twin_groups, removed)
@@ -253,6 +267,25 @@ def _example_input(model: nn.Module, data: Any) -> Any:
     return torch.zeros(2, *shape)
 
 
+def _timing_batch(model: nn.Module, data: Any, example: Any, config: StructuredPruneConfig) -> tuple[Any, str]:
+    """The batch the energy allocation times each layer on, and what it is: the first mini-batch of ``data``,
+    else ``batch_size`` standard-normal rows of the model's input (its own example inputs), else the traced
+    example."""
+    if data is not None:
+        batch = next(iter(_batches(data, config)), None)
+        if isinstance(batch, tuple) and len(batch) == 2:
+            batch = batch[0]  # (inputs, labels)
+        if batch is not None:
+            return batch, f"one mini-batch (up to {config.batch_size} rows) of the pruning data"
+    try:
+        return example_batch(model, config.batch_size), f"{config.batch_size} random rows of the model's input"
+    except (UnsupportedModelError, ConfigError):
+        if example is None:
+            raise ConfigError("the energy allocation times the layers on a batch: pass data=... "
+                              "or use a model with an input_shape") from None
+        return example, "the example input the model was traced with"
+
+
 def _selected(model: nn.Module, groups: list[ChannelGroup], patterns: tuple[str, ...]) -> list[ChannelGroup]:
     prunable = [g for g in groups if g.prunable]
     if patterns:
@@ -269,9 +302,10 @@ def _selected(model: nn.Module, groups: list[ChannelGroup], patterns: tuple[str,
 
 def _allocate(
     model: nn.Module, groups: list[ChannelGroup], scores: dict[str, torch.Tensor], original: dict[str, int],
-    config: StructuredPruneConfig, progress: float,
+    config: StructuredPruneConfig, progress: float, energy: dict[str, float] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Channels to remove per group this round, so that the cumulative share reaches the target."""
+    """Channels to remove per group this round, so that the cumulative share reaches the target
+    (``energy``: joules one channel of each group costs, for the energy allocation)."""
     removed: dict[str, torch.Tensor] = {}
     targets = {}
     for g in groups:
@@ -288,7 +322,9 @@ def _allocate(
         # one ranking across groups: importance relative to its group's mean (÷ energy per channel)
         ranking = {g.name: scores[g.name] / scores[g.name].mean().clamp(min=1e-30) for g in global_groups}
         if config.allocation == "energy":
-            ranking = _per_joule(model, global_groups, ranking)
+            if energy is None:
+                raise ConfigError("the energy allocation needs each group's energy per channel (none was measured)")
+            ranking = per_joule(global_groups, ranking, energy)
         # the cumulative target over all global groups, less what earlier rounds already removed
         total_original = sum(original[g.name] for g in global_groups)
         done = sum(original[g.name] - g.size for g in global_groups)
@@ -309,35 +345,6 @@ def _rounded_count(group: ChannelGroup, count: int, original: dict[str, int], co
         return count
     keep = rounded_keep(group.size - count, original[group.name], multiple, config.min_channels)
     return max(0, group.size - keep)
-
-
-def channel_energy_pj(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, float]:
-    """Estimated energy (pJ per inference) that removing one channel of each group saves: each
-    member layer's share, its energy divided by the size of the dimension the channel occupies."""
-    from nnopt.energy import estimate_energy
-
-    layers = {layer.name: layer.total_pj for layer in estimate_energy(model, batch=1).layers}
-    saved = {}
-    for g in groups:
-        total = 0.0
-        for member in g.members:
-            module = model.get_submodule(member.module)
-            weight = getattr(module, "weight", None)
-            if member.role == "norm" or weight is None or member.module not in layers:
-                continue
-            width = weight.shape[weight_dim(module, member.role)]
-            total += layers[member.module] * member.inner / width
-        saved[g.name] = total
-    return saved
-
-
-def _per_joule(
-    model: nn.Module, groups: list[ChannelGroup], ranking: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Relative importance divided by the (relative) energy one channel of its group costs."""
-    energy = channel_energy_pj(model, groups)
-    mean_energy = sum(energy.values()) / max(len(energy), 1) or 1.0
-    return {g.name: ranking[g.name] / max(energy[g.name] / mean_energy, 1e-6) for g in groups}
 
 
 def _allocate_global(
