@@ -11,21 +11,25 @@ from typing import Any
 def register(commands: Any) -> None:
     """Add the ``energy`` subcommand to the CLI's subparsers."""
     energy = commands.add_parser(
-        "energy", help="energy per inference: analytic per-layer estimate, latency-based range, measured if possible",
-        description="Estimate a saved model's energy per inference from a versioned table (MACs executed × pJ per "
-        "MAC + bytes moved × pJ per byte at the cache level its working set fits), give a range from measured "
-        "latency × a share of the CPU's power, and measure with RAPL where the machine exposes it. Every figure "
-        "says whether it is measured or estimated, how, and its bounds.",
+        "energy", help="energy per inference on this CPU: active power × measured time, measured where a counter is",
+        description="Energy per inference of a saved model on this CPU: the CPU's active power × the measured time "
+        "per inference (the power measured with RAPL where the machine exposes it, idle power subtracted; else the "
+        "TDP share of the threads with bounds). Where it goes, by layer and compute/memory, comes from a versioned "
+        "analytic table (MACs executed × pJ per MAC + bytes moved × pJ per byte), as shares of that total. Every "
+        "figure says whether it is measured or estimated, how, and its bounds.",
     )
     energy.add_argument("path", metavar="PATH", help="an nnopt model directory")
     energy.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
     energy.add_argument("--table", default="horowitz-45nm", metavar="NAME_OR_YAML",
                         help="energy table: a shipped name or a .yaml file (default: horowitz-45nm)")
     energy.add_argument("--tdp", type=float, default=None, metavar="W",
-                        help="the CPU's thermal design power in watts, for the latency-based range "
+                        help="the CPU's thermal design power in watts, for the active power where no counter is "
                         "(default: a lookup by CPU model, else 10 W per logical core, a guess)")
     energy.add_argument("--seconds", type=float, default=0.5, metavar="S",
-                        help="latency timing for the latency-based range (default: 0.5)")
+                        help="seconds of latency timing (default: 0.5)")
+    energy.add_argument("--measure", action="store_true",
+                        help="require a hardware counter (RAPL): fail, saying why, where this machine has none "
+                        "(without it: measured where a counter exists, else estimated)")
     energy.add_argument("--json", action="store_true", help="print JSON instead of a table")
     energy.set_defaults(handler=cmd_energy)
 
@@ -35,6 +39,6 @@ def cmd_energy(args: argparse.Namespace) -> int:
 
     options = EnergyOptions(batch=args.batch, table=args.table, tdp_w=args.tdp, seconds=args.seconds)
     options.validate()
-    result = run_energy(args.path, options)
+    result = run_energy(args.path, options, require_counter=args.measure)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result)
     return 0

@@ -130,5 +130,5 @@ def device_energy(latency_s_per_call: float, batch: int, power: ActivePower,
     table = None
     if estimate is not None and estimate.total_mj > 0:
         compute, memory = estimate.compute_mj / estimate.total_mj, estimate.memory_mj / estimate.total_mj
-        table = estimate.method
+        table = estimate.table.name
     return DeviceEnergy(latency_s_per_call / batch, batch, power, compute, memory, table)

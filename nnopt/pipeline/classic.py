@@ -24,6 +24,7 @@ from nnopt.io.atomic import atomic_directory, check_replaceable, write_bytes_dur
 from nnopt.layers.primitives import QUANT_MAX_BITS, QUANT_MIN_BITS
 from nnopt.lineage import get_lineage
 from nnopt.metrics import Measurement, compare_latency, measure, measurement_rows
+from nnopt.metrics.speed import LatencyStats
 from nnopt.metrics.table import render_table
 from nnopt.models import create_model
 from nnopt.pruning import GradualPruneConfig, StructuredPruneConfig, ThresholdPruneConfig, prune
@@ -69,12 +70,18 @@ class Variant:
     measurement: Measurement
     directory: str
     compute: str
-    energy: dict[str, Any] | None = None  # estimated nJ per inference at batch 1, with its method
+    energy: dict[str, Any] | None = None  # estimated nJ per inference at batch 1 (power × time), with its method
 
     def energy_cell(self) -> str:
         if not self.energy:
             return "-"
-        return f"{self.energy['total_nj']:.1f} ({self.energy['compute_nj']:.1f} + {self.energy['memory_nj']:.1f})"
+        e = self.energy
+        return f"{_micro(e['total_nj'])} ({_micro(e['low_nj'])}–{_micro(e['high_nj'])})"
+
+
+def _micro(nanojoules: float) -> str:
+    microjoules = nanojoules / 1e3
+    return f"{microjoules:,.0f}" if microjoules >= 100 else f"{microjoules:.3g}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,14 +117,15 @@ class ClassicResult:
 
     def __str__(self) -> str:
         columns, rows = measurement_rows([v.measurement for v in self.variants])
-        columns.append("nJ @1 est. (compute + memory)")
+        columns.append("µJ @1 est. (range)")
         for row, variant in zip(rows, self.variants):
             row.append(variant.energy_cell())
         env = self.environment
         caption = (
             f"{env['device']} ({env['cpu']}), {env['threads']} threads. Accuracy on the held-out "
             f"test split ({self.dataset['test']} rows); latency measured; MACs counted for a dense kernel; "
-            "energy estimated per inference from the executed MACs and bytes moved (Horowitz 45 nm table)."
+            "energy estimated per inference at batch 1 as the CPU's active power × the measured time, the same "
+            "power for every variant (the range is the power's bounds)."
         )
         return render_table(columns, rows, title="nnopt demo: the classic SimpleNet", caption=caption)
 
@@ -131,9 +139,11 @@ METHODS = {
     "compression_ratio": "measured: bytes of the same architecture as a dense fp32 safetensors file / file_bytes",
     "latency_ms": "measured: time.perf_counter per forward call after warm-up, variants alternated "
     "in rounds within one process; median, p10, p90 (ms)",
-    "energy_nj": "estimated: analytic table horowitz-45nm (Horowitz, ISSCC 2014): MACs the kernel executes × pJ "
-    "per MAC of its dtype + bytes moved × pJ per byte of the memory level the working set fits; per inference at "
-    "batch 1, with low/high bounds; not measured (this machine has no energy counter unless the report says so)",
+    "energy_nj": "estimated: active power × measured time per inference at batch 1 (the CPU's TDP share of the "
+    "threads used × 0.5–1.0, the same for every variant, so energy orders the variants as their latencies do); "
+    "compute_nj/memory_nj split that total by the shares of the analytic table horowitz-45nm (MACs executed × pJ "
+    "+ bytes moved × pJ), never used on their own; not measured (this machine has no energy counter unless the "
+    "report says so)",
 }
 
 VARIANT_NAMES = (
@@ -147,15 +157,18 @@ def _report_names() -> tuple[str, ...]:
     return (REPORT_JSON, REPORT_MD, REPORT_HTML, *(_directory(n) for n in VARIANT_NAMES))
 
 
-def _energy(model: nn.Module) -> dict[str, Any]:
-    from nnopt.energy import estimate_energy
+def _energy(model: nn.Module, latency: LatencyStats) -> dict[str, Any]:
+    """Energy per inference at the smallest batch timed (1 by default) on this CPU: active power × the variant's
+    measured time (the same power for every variant, so the column orders them as their latencies do); the
+    analytic table gives the split."""
+    import torch
 
-    estimate = estimate_energy(model, batch=1)
-    return {
-        "total_nj": estimate.total_mj * 1e6, "compute_nj": estimate.compute_mj * 1e6,
-        "memory_nj": estimate.memory_mj * 1e6, "low_nj": estimate.total_mj_low * 1e6,
-        "high_nj": estimate.total_mj_high * 1e6, "method": estimate.method,
-    }
+    from nnopt.energy import cpu_active_power, device_energy, estimate_energy
+
+    timing = min(latency.timings, key=lambda t: t.batch)  # batch 1 by default: the smallest batch timed
+    power = cpu_active_power(torch.get_num_threads())
+    return device_energy(timing.median_ms / 1e3, timing.batch, power,
+                         estimate=estimate_energy(model, batch=timing.batch)).to_nj_dict()
 
 
 def _directory(variant: str) -> str:
@@ -262,7 +275,7 @@ def run_classic(config: ClassicConfig, out_dir: str | Path, progress: bool | Non
             measured = dataclasses.replace(measured, file_bytes=saved.file_bytes,
                                            compression_ratio=saved.compression_ratio)
             variants.append(Variant(measured, directory, f"{compute}; {weights_format} file",
-                                    _energy(variant_model)))
+                                    _energy(variant_model, timings[name])))
         result = ClassicResult(
             config=config, environment=environment(), dataset=dataset.describe(),
             history=history, variants=tuple(variants),

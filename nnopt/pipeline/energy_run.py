@@ -1,6 +1,8 @@
-"""`nnopt energy`: analytic estimate per layer, the latency-based range and, where a counter exists, a measurement.
+"""`nnopt energy`: energy per inference on this CPU (active power × measured time; the power measured where a
+counter exists), split by layer and by compute/memory with the analytic table's shares.
 
-On a machine without energy counters (a VM: no /sys/class/powercap) every figure is an estimate and says so.
+On a machine without energy counters (a VM: no /sys/class/powercap) every figure is an estimate and says so;
+``--measure`` then fails with the reason instead.
 """
 
 from __future__ import annotations
@@ -13,15 +15,21 @@ from typing import Any
 import torch
 
 from nnopt.energy import (
+    CounterUnavailableError,
+    DeviceEnergy,
     EnergyEstimate,
     EnergyMeasurement,
     EnergyRange,
     available_counters,
+    cpu_active_power,
+    device_energy,
     estimate_energy,
     latency_energy,
     measure_energy,
+    measured_power,
 )
 from nnopt.energy.counters import describe_unavailable
+from nnopt.energy.estimate import NOT_COUNTED
 from nnopt.errors import ConfigError
 
 
@@ -47,12 +55,13 @@ class EnergyRunResult:
     architecture: str
     device: str
     threads: int
-    estimate: EnergyEstimate
+    estimate: EnergyEstimate  # the analytic table: where the energy goes (shares), never the headline
     latency_ms: float
     latency_method: str
     latency_energy: EnergyRange  # per call of the whole batch
     measured: EnergyMeasurement | None
     measured_note: str
+    on_device: DeviceEnergy  # the headline: active power (measured where a counter is) × measured time
 
     def to_dict(self) -> dict[str, Any]:
         b = self.estimate.batch
@@ -60,7 +69,10 @@ class EnergyRunResult:
         return {
             "path": self.path, "architecture": self.architecture, "device": self.device, "threads": self.threads,
             "batch": b,
-            "estimate": self.estimate.to_dict(),
+            "energy": {**self.on_device.to_nj_dict(), "mj_per_inference": self.on_device.joules * 1e3,
+                       "low_mj_per_inference": self.on_device.low_j * 1e3,
+                       "high_mj_per_inference": self.on_device.high_j * 1e3},
+            "estimate": {**self.estimate.to_dict(), "use": ANALYTIC_USE},
             "latency": {"median_ms": self.latency_ms, "method": self.latency_method},
             "latency_energy": {**latency.to_dict(), "low_mj_per_inference": latency.low_j * 1e3 / b,
                                "high_mj_per_inference": latency.high_j * 1e3 / b},
@@ -73,14 +85,10 @@ class EnergyRunResult:
 
     def __str__(self) -> str:
         b = self.estimate.batch
-        lat = self.latency_energy
         lines = [
-            f"{self.path}: {self.architecture}, batch {b}, {self.device}, {self.threads} threads",
-            str(self.estimate),
-            "",
-            f"analytic:  {self.estimate.summary()}",
-            f"latency:   {lat.low_j * 1e3 / b:.4g}–{lat.high_j * 1e3 / b:.4g} mJ per inference — {lat.method} "
-            f"(latency {self.latency_ms:.4g} ms per batch of {b}: {self.latency_method})",
+            f"{self.path}: {self.architecture}, batch {b}, {self.device}, {self.threads} threads "
+            f"(latency {self.latency_ms:.4g} ms per batch: {self.latency_method})",
+            f"energy:    {self.on_device.summary()}",
         ]
         if self.measured is not None:
             m = self.measured
@@ -91,18 +99,42 @@ class EnergyRunResult:
                              f"{m.min_j * 1e3 / b:.4g}–{m.max_j * 1e3 / b:.4g}) — {m.method}"  # type: ignore[operator]
                              + (f"; flags: {', '.join(m.flags)}" if m.flags else ""))
         else:
-            lines.append(f"measured:  none — {self.measured_note}; every figure above is estimated")
+            lines.append(f"measured:  none — {self.measured_note}; the energy above is estimated")
+        lines += ["", f"Where it goes: {ANALYTIC_USE}", _shares_table(self.estimate, self.on_device)]
         return "\n".join(lines)
 
 
+ANALYTIC_USE = ("shares of the total by the analytic table (MACs executed × pJ per MAC + bytes moved × pJ per "
+                "byte): arithmetic and data movement only, far below what the device draws, so it splits the "
+                "total and never ranks variants on its own")
 
-def run_energy(path: str | Path, options: EnergyOptions) -> EnergyRunResult:
+
+def _shares_table(estimate: EnergyEstimate, total: DeviceEnergy) -> str:
+    from nnopt.metrics.table import render_table
+
+    b, analytic = estimate.batch, sum(layer.total_pj for layer in estimate.layers) or 1.0
+    rows = [(lv.name, lv.kernel, lv.dtype, round(lv.macs / b), round(lv.bytes_moved / b), lv.level,
+             f"{lv.total_pj / analytic:.1%}", f"{lv.compute_pj / max(lv.total_pj, 1e-30):.0%}",
+             total.joules * 1e3 * lv.total_pj / analytic) for lv in estimate.layers]
+    columns = ("layer", "kernel", "MAC dtype", "MACs", "bytes moved", "memory level", "share", "of it compute",
+               "≈ mJ of the total")
+    return render_table(columns, rows, caption=f"{estimate.method}; per inference at batch {b}. Not counted: "
+                        f"{NOT_COUNTED}.")
+
+
+def run_energy(path: str | Path, options: EnergyOptions, require_counter: bool = False) -> EnergyRunResult:
+    """Energy per inference of the saved model at ``path``: active power × measured time, measured with a counter
+    where one exists (``require_counter``: an error, naming why, where none does)."""
     from nnopt.io.model_dir import read_meta
     from nnopt.loading import load_model
     from nnopt.metrics.profile import model_input_shape
     from nnopt.metrics.speed import bind_call, compare_calls, example_batch
 
     options.validate()
+    counters = available_counters("cpu")
+    if require_counter and not counters:
+        raise CounterUnavailableError(f"--measure: {describe_unavailable('cpu')}; "
+                                      "without --measure, nnopt energy estimates (active power × measured time)")
     meta = read_meta(path)
     model = load_model(path)
     model.eval()
@@ -116,12 +148,16 @@ def run_energy(path: str | Path, options: EnergyOptions) -> EnergyRunResult:
         latency_s = timing.median_ms / 1e3
         fallback = latency_energy(latency_s, threads, options.tdp_w)
         measured, note = None, ""
-        counters = available_counters("cpu")
         if counters:
             measured = measure_energy(call, counters[0], runs=5, window_s=max(0.05, 20 * counters[0].update_period_s))
             note = "measured with a hardware counter (includes the whole package: other load adds to it)"
         else:
             note = describe_unavailable("cpu")
+    if require_counter and (measured is None or measured.median_j is None):
+        reading = measured.summary() if measured else note
+        raise CounterUnavailableError(f"--measure: the counter gave no valid reading ({reading})")
+    power = (measured_power(measured, latency_s) if measured is not None and measured.median_j is not None
+             else cpu_active_power(threads, options.tdp_w))
     method = f"measured: time.perf_counter, median of {timing.calls} calls after warm-up"
     return EnergyRunResult(str(path), str(meta.get("architecture")), "cpu", threads, estimate, timing.median_ms,
-                           method, fallback, measured, note)
+                           method, fallback, measured, note, device_energy(latency_s, options.batch, power, estimate))

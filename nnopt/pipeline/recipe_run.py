@@ -76,14 +76,13 @@ def _optimize(run: Any, recipe: Recipe, path: str | Path, out: Path, overwrite: 
          round(1 - after.nonzeros / after.params, 4)),
         ("MACs per example", before.macs, after.macs),
     ]
-    energy = _energy_nj(model, optimized)
-    energy_note = "energy: not estimated (the analytic tracer needs the model's input_shape);"
-    if energy is not None:
-        rows.append(("energy per inference @1, nJ (estimated)", round(energy[0], 1), round(energy[1], 1)))
-        energy_note = f"energy: {energy[2]} (compute + memory);"
     timing = _latency(model, optimized, latency_seconds)
     for batch, (old, new) in timing.items():
         rows.append((f"latency batch {batch}, ms (measured)", round(old, 4), round(new, 4)))
+    smallest = min(timing)
+    energy = _energy_uj(timing[smallest], smallest)
+    rows.append((f"energy per inference @{smallest}, µJ (estimated)", *energy[:2]))
+    energy_note = f"energy: {energy[2]};"
     metrics.update(params=after.params, nonzeros=after.nonzeros, macs=after.macs,
                    latency_ms={str(b): new for b, (_, new) in timing.items()}, recipe=recipe_to_dict(recipe))
     saved = commit_output(run, lambda: save_model(optimized, out, metrics=metrics, inputs=[path],
@@ -131,14 +130,13 @@ def _latency(before: nn.Module, after: nn.Module, seconds: float) -> dict[int, t
     return timing
 
 
-def _energy_nj(before: nn.Module, after: nn.Module) -> tuple[float, float, str] | None:
-    """Estimated energy per inference at batch 1 in nJ, before and after, and how it was estimated;
-    None where the estimate does not apply."""
-    from nnopt.energy import estimate_energy
-    from nnopt.errors import NnoptError
+def _energy_uj(milliseconds: tuple[float, float], batch: int) -> tuple[float, float, str]:
+    """Energy per inference in µJ before and after, from their measured times at ``batch`` at equal power (so
+    the slower model never shows less), and how it was estimated."""
+    import torch
 
-    try:
-        old, new = estimate_energy(before), estimate_energy(after)
-        return old.total_mj * 1e6, new.total_mj * 1e6, new.method
-    except (NnoptError, ValueError):  # a model the analytic tracer cannot take (no input_shape): leave the row out
-        return None
+    from nnopt.energy import cpu_active_power, device_energy
+
+    power = cpu_active_power(torch.get_num_threads())
+    old, new = (device_energy(ms / 1e3, batch, power) for ms in milliseconds)
+    return round(old.joules * 1e6, 3), round(new.joules * 1e6, 3), new.method

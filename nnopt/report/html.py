@@ -276,7 +276,10 @@ def _energy(view: ReportView, plots: Any, styles: Mapping[str, tuple[str, str]])
 def _energy_parts(energies: list[Any]) -> str:
     """What the bars and whiskers of an energy figure stand for, as far as the figures have them."""
     text = ""
-    if any(e.compute_nj is not None for e in energies):
+    if any(e.compute_nj is not None and "active power × measured time" in (e.method or "") for e in energies):
+        text += ("Total: the device's active power × the measured time; compute and memory split it by the shares "
+                 "of the analytic table (MACs executed × pJ per MAC, bytes moved × pJ per byte). ")
+    elif any(e.compute_nj is not None for e in energies):
         text += ("Compute: the multiply-accumulates the kernel executes × energy per MAC of its dtype; memory: "
                  "bytes moved × energy per byte of the memory level they come from. ")
     if any(e.low_nj is not None for e in energies):

@@ -73,6 +73,8 @@ def energy_label(method: str | None) -> str:
     if not method:
         return "method not recorded"
     text = method.strip()
+    if "active power × measured time" in text:  # nnopt.energy.device_energy: the time-aware figure
+        return f"{'measured power' if text.lower().startswith('measured') else 'estimated'} × measured time"
     if text.lower().startswith("measured"):
         counters = [c for c in ("RAPL", "NVML") if c.lower() in text.lower()]
         return f"measured ({'/'.join(counters) or 'RAPL/NVML'})"

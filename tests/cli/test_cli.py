@@ -61,15 +61,16 @@ def test_demo_writes_report_and_variants(demo_dir):
     assert any(label in rows["int8-static"]["compute"] for label in ("int8 × int8 GEMM", "multiplied exactly in fp32"))
     md = (demo_dir / "report.md").read_text()
     assert "| pruned+quantized |" in md and "measured" in md
+    # energy: the CPU's active power × each variant's measured time at batch 1, so it orders the variants as their
+    # latencies do (a slower int8 kernel is never cheaper); the analytic table only splits each total
     energy = {name: row["energy_nj"] for name, row in rows.items()}  # estimated, per inference
-    assert all(e["method"].startswith("estimated") and e["low_nj"] <= e["total_nj"] <= e["high_nj"]
-               for e in energy.values())
-    assert energy["pruned"]["total_nj"] == energy["baseline"]["total_nj"]  # a dense kernel multiplies the zeros
-    if "int8 × int8 GEMM" in rows["int8-static"]["compute"]:
-        assert energy["int8-static"]["compute_nj"] < energy["baseline"]["compute_nj"] / 4  # int8 MACs
-    else:  # fp32 products of the codes are costed as fp32 MACs, plus the quantization: never cheaper
-        assert energy["int8-static"]["compute_nj"] > energy["baseline"]["compute_nj"]
-    assert energy["structured-50"]["total_nj"] < energy["baseline"]["total_nj"]  # a smaller dense model
+    assert all(e["method"].startswith("estimated: active power × measured time")
+               and e["low_nj"] < e["total_nj"] < e["high_nj"] for e in energy.values())
+    latency = {name: row["latency_ms"]["1"]["median"] for name, row in rows.items()}
+    assert sorted(rows, key=lambda n: energy[n]["total_nj"]) == sorted(rows, key=lambda n: latency[n])
+    watts = {e["total_nj"] / latency[n] for n, e in energy.items()}  # nJ per ms: the same power for every variant
+    assert max(watts) == pytest.approx(min(watts), rel=1e-9)
+    assert all(e["compute_nj"] + e["memory_nj"] == pytest.approx(e["total_nj"]) for e in energy.values())
     assert "Energy per inference (estimated)" in md
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -27,10 +28,44 @@ def saved(tmp_path_factory):
 def test_table_says_estimated_with_method_and_bounds(saved, capsys):
     assert main(["energy", str(saved / "simplenet"), *FAST]) == 0
     out = capsys.readouterr().out
-    assert "estimated: analytic table horowitz-45nm (M. Horowitz" in out
-    assert "bounds" in out and "compute" in out and "memory" in out
-    assert "estimated: proportional to latency (time × power share)" in out
-    assert "measured:" in out  # either a counter reading or "none — ..., every figure above is estimated"
+    energy_line = next(line for line in out.splitlines() if line.startswith("energy:"))
+    assert "active power × measured time per inference at batch 1" in energy_line
+    assert "compute" in energy_line and "memory" in energy_line  # the analytic split, as shares
+    assert "estimated: analytic table horowitz-45nm (M. Horowitz" in out and "share" in out
+    assert "measured:" in out  # either a counter reading or "none — ..., the energy above is estimated"
+
+
+def test_measure_needs_a_counter_and_says_so_plainly(saved, capsys, monkeypatch, expect_error):
+    import nnopt.pipeline.energy_run as energy_run
+
+    monkeypatch.setattr(energy_run, "available_counters", lambda device="cpu": [])
+    expect_error(["energy", str(saved / "simplenet"), "--measure", *FAST], "--measure: no energy counter")
+
+
+def test_measure_with_a_counter_reports_measured_power_times_time(saved, capsys, monkeypatch):
+    import nnopt.pipeline.energy_run as energy_run
+
+    class FakeRapl:  # 2 W over the idle window (its first two reads), 14 W after: 12 W above idle
+        name, max_range, update_period_s = "RAPL fake (package-0)", None, 0.001
+
+        def __init__(self):
+            self.reads, self.joules, self.last = 0, 0.0, time.perf_counter()
+
+        def read(self) -> float:
+            now = time.perf_counter()
+            self.joules += (2.0 if self.reads < 2 else 14.0) * (now - self.last)
+            self.reads, self.last = self.reads + 1, now
+            return self.joules
+
+    monkeypatch.setattr(energy_run, "available_counters", lambda device="cpu": [FakeRapl()])
+    assert main(["energy", str(saved / "simplenet"), "--measure", "--json", *FAST]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["measured"]["median_j"] > 0 and doc["energy"]["method"].startswith("measured power")
+    assert doc["energy"]["watts"]["measured"] is True
+    assert doc["measured"]["idle_watts"] == pytest.approx(2.0, rel=0.05)
+    # the headline is the measured power × the measured time per inference
+    per_inference_s = doc["latency"]["median_ms"] / 1e3 / doc["batch"]
+    assert doc["energy"]["total_nj"] == pytest.approx(doc["energy"]["watts"]["mid_w"] * per_inference_s * 1e9)
 
 
 def test_json_fields(saved, capsys):
@@ -48,6 +83,11 @@ def test_json_fields(saved, capsys):
     assert 0 < lat["low_mj_per_inference"] < lat["high_mj_per_inference"]
     assert doc["latency"]["method"].startswith("measured:")
     assert doc["measured"] is not None or doc["measured_note"]
+    energy = doc["energy"]  # the headline: active power × the measured time, bounded by the power's range
+    assert energy["low_mj_per_inference"] < energy["mj_per_inference"] < energy["high_mj_per_inference"]
+    assert energy["mj_per_inference"] == pytest.approx(
+        energy["watts"]["mid_w"] * doc["latency"]["median_ms"] / 1e3 / 4 * 1e3)
+    assert energy["compute_nj"] + energy["memory_nj"] == pytest.approx(energy["total_nj"])
 
 
 def test_csr_variant_estimates_less_than_dense(saved, capsys):

@@ -33,6 +33,13 @@ def test_classic_recipe_gives_what_its_steps_promise(saved, tmp_path, capsys, di
     for row in ("accuracy (test split)", "non-zero weights", "file bytes", "compression ratio",
                 "latency batch 1, ms", "latency batch 32, ms", "prune-threshold → quantize-weights"):
         assert row in printed, row
+    cells = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:4]]
+             for line in printed.splitlines() if line.startswith("│")}
+    (latency,) = [v for k, v in cells.items() if k.startswith("latency batch 1,")]
+    (energy,) = [v for k, v in cells.items() if k.startswith("energy per inference @1")]
+    # energy at equal power follows the measured time: the slower model never shows less energy
+    assert (float(energy[0]) < float(energy[1])) == (float(latency[0]) < float(latency[1]))
+    assert "active power × measured time" in printed
     assert (out / "model.nnpk").is_file() and not (out / "model.safetensors").exists()  # weights_format: packed
 
     source, result = nnopt.load_model(saved), nnopt.load_model(out)  # reloads from safetensors/packed + JSON
