@@ -49,7 +49,8 @@ def test_cpu_power_is_the_tdp_share_of_the_threads_with_bounds_and_its_source():
 
 
 def test_measured_power_comes_from_the_runs_and_refuses_an_invalid_measurement():
-    runs = (EnergyRun(0.010, 10, 0.1, 1.1, ()), EnergyRun(0.012, 10, 0.1, 1.3, ()), EnergyRun(None, 1, 0.1, None, ("x",)))
+    runs = (EnergyRun(0.010, 10, 0.1, 1.1, ()), EnergyRun(0.012, 10, 0.1, 1.3, ()),
+            EnergyRun(None, 1, 0.1, None, ("x",)))
     power = measured_power(EnergyMeasurement("RAPL test", 0.001, 3.0, runs), seconds_per_call=0.001)
     assert power.measured and (power.low_w, power.high_w) == pytest.approx((10.0, 12.0))
     assert device_energy(0.001, 1, power).method.startswith("measured power")
