@@ -138,3 +138,12 @@ def test_energy_allocation_times_once_per_round(monkeypatch, digits):
     assert len(calls) == 1  # the bisection over ratios reuses the one measurement
     record = pruned._nnopt_lineage.applied[-1].details["energy_allocation"]
     assert record["inputs"] == "32 random rows of the model's input" and record["watts"]["measured"] is False
+
+
+def test_energy_allocation_refuses_a_model_off_the_cpu():
+    """On a GPU power differs by kernel (recorded H200: 19-385 W), so time alone cannot rank its energy."""
+    from nnopt.errors import ConfigError
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).to("meta")
+    with pytest.raises(ConfigError, match='allocation="energy" ranks by CPU power'):
+        measured_channel_energy(model, [], torch.zeros(1, 4, device="meta"))

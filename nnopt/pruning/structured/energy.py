@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from nnopt.energy.device_energy import ActivePower, cpu_active_power
+from nnopt.errors import ConfigError
 from nnopt.metrics.layer_times import METHOD as TIMING_METHOD
 from nnopt.metrics.layer_times import layer_times
 from nnopt.pruning.structured.groups import ChannelGroup, weight_dim
@@ -56,6 +57,12 @@ def measured_channel_energy(
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Per-channel energy of each group (J per call on ``inputs``): active ``power`` (default: this CPU's at
     torch's threads, estimated) × each layer's measured time; and the record of the layer times (ms)."""
+    device = next((p.device.type for p in model.parameters()), "cpu")
+    if device != "cpu":
+        # measured on an H200, kernels of one model drew 19-385 W above idle: time alone does not rank GPU energy
+        raise ConfigError(f'allocation="energy" ranks by CPU power × measured time; this model is on {device}, '
+                          "where power differs by kernel (benchmarks/results/energy.md): prune it on the CPU, or "
+                          'use allocation="global"')
     power = power or cpu_active_power(torch.get_num_threads())
     seconds = layer_times(model, inputs, channel_layers(model, groups))
     costs = channel_energy_j(model, groups, {name: power.mid_w * s for name, s in seconds.items()})
