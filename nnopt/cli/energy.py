@@ -23,8 +23,9 @@ def register(commands: Any) -> None:
     energy.add_argument("--table", default="horowitz-45nm", metavar="NAME_OR_YAML",
                         help="energy table: a shipped name or a .yaml file (default: horowitz-45nm)")
     energy.add_argument("--tdp", type=float, default=None, metavar="W",
-                        help="the CPU's thermal design power in watts, for the active power where no counter is "
-                        "(default: a lookup by CPU model, else 10 W per logical core, a guess)")
+                        help="watts of the CPUs this machine shows (on a VM: its share of the package's TDP), for the "
+                        "active power where no counter is (default: a lookup of the package's TDP by CPU model, "
+                        "shared by its logical CPUs, else 10 W per logical CPU, a guess)")
     energy.add_argument("--seconds", type=float, default=0.5, metavar="S",
                         help="seconds of latency timing (default: 0.5)")
     energy.add_argument("--measure", action="store_true",

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from nnopt.energy.measure import EnergyMeasurement
 
 
+IDLE_NOISE = 0.01  # a workload drawing less than 1% of idle power above it is within the counter's noise
+
+
 @dataclasses.dataclass(frozen=True)
 class ActivePower:
     """Watts the device draws above idle while running the inference, as a range, with where it came from."""
@@ -43,10 +46,12 @@ class ActivePower:
     high_w: float
     source: str
     measured: bool = False
+    typical_w: float | None = None  # a measurement's median; None: the middle of the bounds
 
     @property
     def mid_w(self) -> float:
-        return (self.low_w + self.high_w) / 2
+        """The power the headline figure uses: a measurement's median, else the middle of the bounds."""
+        return self.typical_w if self.typical_w is not None else (self.low_w + self.high_w) / 2
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "mid_w": self.mid_w}
@@ -61,12 +66,20 @@ def cpu_active_power(threads: int, tdp_w: float | None = None, cpu_model: str | 
 
 
 def measured_power(measurement: EnergyMeasurement, seconds_per_call: float) -> ActivePower:
-    """Active power from a counter measurement of calls that each took ``seconds_per_call`` (idle subtracted)."""
-    if measurement.median_j is None or not seconds_per_call > 0:
+    """Active power from a counter measurement of calls that each took ``seconds_per_call`` (idle subtracted):
+    the median run's, with the runs' min–max as bounds. A run at or below idle power is no measurement."""
+    from nnopt.energy.measure import BELOW_IDLE
+
+    median = measurement.median_j
+    if median is None or median <= 0 or BELOW_IDLE in measurement.flags or not seconds_per_call > 0:
         raise ConfigError(f"no valid measurement to take the power from ({measurement.summary()})")
+    typical = median / seconds_per_call
+    if measurement.idle_watts and typical < IDLE_NOISE * measurement.idle_watts:
+        raise ConfigError(f"the counter's reading is indistinguishable from idle power ({typical:.3g} W above "
+                          f"{measurement.idle_watts:.3g} W idle): no valid measurement to take the power from")
     low, high = measurement.min_j / seconds_per_call, measurement.max_j / seconds_per_call  # type: ignore[operator]
-    return ActivePower(low, high, f"{measurement.method}; min–max of its runs ÷ the median call time",
-                       measured=True)
+    return ActivePower(low, high, f"{measurement.method}; median (min–max) of its runs ÷ the median call time",
+                       measured=True, typical_w=typical)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +135,8 @@ def device_energy(latency_s_per_call: float, batch: int, power: ActivePower,
                   estimate: EnergyEstimate | None = None) -> DeviceEnergy:
     """Energy per inference from one call's measured time at ``batch`` and the device's active ``power``;
     ``estimate`` (the analytic one, any batch) gives the compute/memory shares."""
-    if not (math.isfinite(latency_s_per_call) and latency_s_per_call >= 0):
-        raise ConfigError(f"latency must be a finite number of seconds >= 0, got {latency_s_per_call}")
+    if not (math.isfinite(latency_s_per_call) and latency_s_per_call > 0):
+        raise ConfigError(f"latency must be a finite number of seconds > 0, got {latency_s_per_call}")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ConfigError(f"batch must be an integer >= 1, got {batch}")
     compute = memory = None

@@ -165,15 +165,17 @@ def measure_energy(
 
 # -- fallback: latency × power share -------------------------------------------------------------------
 
-# Thermal design power by CPU model substring (W): a small, documented lookup. Add entries as needed.
-TDP_LOOKUP: dict[str, float] = {
-    "Xeon(R) Platinum 8480": 350.0,
-    "Xeon(R) Platinum 8380": 270.0,
-    "EPYC 7763": 280.0,
-    "EPYC 9654": 360.0,
-    "Core(TM) i9-13900K": 125.0,
-    "Core(TM) i7-12700": 65.0,
-    "Apple M1": 20.0,
+# Thermal design power of the whole package by CPU model substring (W), and the logical CPUs that package has:
+# a VM or a container sees only some of them, so a thread's share is TDP / the package's logical CPUs, not / the
+# CPUs this machine shows (2 vCPUs of a 280 W, 128-thread EPYC 7763 draw about 4.4 W, not 280 W).
+TDP_LOOKUP: dict[str, tuple[float, int]] = {
+    "Xeon(R) Platinum 8480": (350.0, 112),
+    "Xeon(R) Platinum 8380": (270.0, 80),
+    "EPYC 7763": (280.0, 128),
+    "EPYC 9654": (360.0, 192),
+    "Core(TM) i9-13900K": (125.0, 32),
+    "Core(TM) i7-12700": (65.0, 20),
+    "Apple M1": (20.0, 8),
 }
 DEFAULT_WATTS_PER_CORE = 10.0  # a guess: server CPUs run roughly 5–15 W per logical core under load
 LOW_SHARE, HIGH_SHARE = 0.5, 1.0  # of the TDP share: a loaded core draws between half and all of it
@@ -225,7 +227,8 @@ def latency_energy(
 
 
 def _tdp(tdp_w: float | None, cpu_model: str | None, logical_cores: int | None) -> tuple[float, str, int]:
-    """(TDP in W, where it came from, logical cores): given, looked up by CPU model, else a per-core guess."""
+    """(TDP in W, where it came from, the logical CPUs it is shared by): given (for the CPUs this machine shows),
+    looked up by CPU model (the whole package's), else a per-core guess."""
     import os
 
     cores = logical_cores or os.cpu_count() or 1
@@ -239,7 +242,8 @@ def _tdp(tdp_w: float | None, cpu_model: str | None, logical_cores: int | None) 
         cpu_model = read_model()
     match = next((key for key in TDP_LOOKUP if key in cpu_model), None)
     if match is not None:
-        return TDP_LOOKUP[match], f"looked up for {cpu_model!r}", cores
+        tdp, package = TDP_LOOKUP[match]
+        return tdp, f"looked up for {cpu_model!r}, a package of {package} logical CPUs", package
     return (DEFAULT_WATTS_PER_CORE * cores,
             f"a guess: {DEFAULT_WATTS_PER_CORE:g} W per logical core × {cores} (CPU {cpu_model!r} not in the "
             "lookup; pass --tdp)", cores)

@@ -117,15 +117,16 @@ class ClassicResult:
 
     def __str__(self) -> str:
         columns, rows = measurement_rows([v.measurement for v in self.variants])
-        columns.append("µJ @1 est. (range)")
+        energy_batch = next((v.energy["batch"] for v in self.variants if v.energy), 1)
+        columns.append(f"µJ @{energy_batch} est. (range)")
         for row, variant in zip(rows, self.variants):
             row.append(variant.energy_cell())
         env = self.environment
         caption = (
             f"{env['device']} ({env['cpu']}), {env['threads']} threads. Accuracy on the held-out "
             f"test split ({self.dataset['test']} rows); latency measured; MACs counted for a dense kernel; "
-            "energy estimated per inference at batch 1 as the CPU's active power × the measured time, the same "
-            "power for every variant (the range is the power's bounds)."
+            f"energy estimated per inference at batch {energy_batch} as the CPU's active power × the measured time, "
+            "the same power for every variant (the range is the power's bounds)."
         )
         return render_table(columns, rows, title="nnopt demo: the classic SimpleNet", caption=caption)
 
@@ -139,7 +140,8 @@ METHODS = {
     "compression_ratio": "measured: bytes of the same architecture as a dense fp32 safetensors file / file_bytes",
     "latency_ms": "measured: time.perf_counter per forward call after warm-up, variants alternated "
     "in rounds within one process; median, p10, p90 (ms)",
-    "energy_nj": "estimated: active power × measured time per inference at batch 1 (the CPU's TDP share of the "
+    "energy_nj": "estimated: active power × measured time per inference at the smallest batch timed (1 by default; "
+    "the CPU's TDP share of the "
     "threads used × 0.5–1.0, the same for every variant, so energy orders the variants as their latencies do); "
     "compute_nj/memory_nj split that total by the shares of the analytic table horowitz-45nm (MACs executed × pJ "
     "+ bytes moved × pJ), never used on their own; not measured (this machine has no energy counter unless the "

@@ -131,11 +131,11 @@ def run_energy(path: str | Path, options: EnergyOptions, require_counter: bool =
     from nnopt.metrics.speed import bind_call, compare_calls, example_batch
 
     options.validate()
+    meta = read_meta(path)  # a bad path is named before anything else
     counters = available_counters("cpu")
     if require_counter and not counters:
         raise CounterUnavailableError(f"--measure: {describe_unavailable('cpu')}; "
                                       "without --measure, nnopt energy estimates (active power × measured time)")
-    meta = read_meta(path)
     model = load_model(path)
     model.eval()
     shape = model_input_shape(model)
@@ -153,11 +153,14 @@ def run_energy(path: str | Path, options: EnergyOptions, require_counter: bool =
             note = "measured with a hardware counter (includes the whole package: other load adds to it)"
         else:
             note = describe_unavailable("cpu")
-    if require_counter and (measured is None or measured.median_j is None):
-        reading = measured.summary() if measured else note
-        raise CounterUnavailableError(f"--measure: the counter gave no valid reading ({reading})")
-    power = (measured_power(measured, latency_s) if measured is not None and measured.median_j is not None
-             else cpu_active_power(threads, options.tdp_w))
+    power = cpu_active_power(threads, options.tdp_w)
+    if measured is not None:
+        try:
+            power = measured_power(measured, latency_s)
+        except ConfigError:  # no valid reading (below idle, too short): estimated, and said so
+            note = f"the counter gave no valid reading ({measured.summary()})"
+            if require_counter:
+                raise CounterUnavailableError(f"--measure: {note}") from None
     method = f"measured: time.perf_counter, median of {timing.calls} calls after warm-up"
     return EnergyRunResult(str(path), str(meta.get("architecture")), "cpu", threads, estimate, timing.median_ms,
                            method, fallback, measured, note, device_energy(latency_s, options.batch, power, estimate))

@@ -139,4 +139,4 @@ def _energy_uj(milliseconds: tuple[float, float], batch: int) -> tuple[float, fl
 
     power = cpu_active_power(torch.get_num_threads())
     old, new = (device_energy(ms / 1e3, batch, power) for ms in milliseconds)
-    return round(old.joules * 1e6, 3), round(new.joules * 1e6, 3), new.method
+    return float(f"{old.joules * 1e6:.4g}"), float(f"{new.joules * 1e6:.4g}"), new.method  # readable at any power

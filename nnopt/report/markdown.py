@@ -93,20 +93,7 @@ def render_classic_markdown(result: ClassicResult | Mapping[str, Any]) -> str:
         "",
         "## Energy per inference (estimated)",
         "",
-        "No energy counter on this machine, so every figure here is estimated: the CPU's active power (its TDP",
-        "share for the threads used, × 0.5–1.0: the bounds) × the variant's measured time per inference. The",
-        "power is the same for every variant, so energy orders them as their latencies do: a slower kernel is",
-        "never cheaper, however few picojoules its multiplies take. Compute and memory split each total by",
-        "the shares of the analytic table (MACs executed × pJ per MAC + bytes moved × pJ per byte, Horowitz,",
-        "ISSCC 2014, 45 nm), which counts arithmetic and data movement only and so never ranks on its own.",
-        "",
-        markdown_table(
-            ["variant", "compute µJ", "memory µJ", "total µJ", "bounds µJ"],
-            [[v["name"], round(e["compute_nj"] / 1e3, 2), round(e["memory_nj"] / 1e3, 2),
-              round(e["total_nj"] / 1e3, 2), f"{e['low_nj'] / 1e3:.1f}–{e['high_nj'] / 1e3:.1f}"]
-             for v in variants if (e := v.get("energy_nj"))],
-        ),
-        "",
+        *_demo_energy(variants),
         "## How each figure was obtained",
         "",
     ]
@@ -219,3 +206,35 @@ def _signed(value: float | None) -> str:
 
 def _times(value: float | None) -> str:
     return f"{value:.2f}×" if value is not None else "n/a×"
+
+
+def _demo_energy(variants: list[dict[str, Any]]) -> list[str]:
+    """The demo's energy section: power × measured time (this version), or an older report's analytic figures,
+    each described as what it is."""
+    energies = [(v["name"], e) for v in variants if (e := v.get("energy_nj"))]
+    if any("active power × measured time" in str(e.get("method", "")) for _, e in energies):
+        text = [
+            "No energy counter on this machine, so every figure here is estimated: the CPU's active power (its TDP",
+            "share for the threads used, × 0.5–1.0: the bounds) × the variant's measured time per inference. The",
+            "power is the same for every variant, so energy orders them as their latencies do: a slower kernel is",
+            "never cheaper, however few picojoules its multiplies take. Compute and memory split each total by",
+            "the shares of the analytic table (MACs executed × pJ per MAC + bytes moved × pJ per byte, Horowitz,",
+            "ISSCC 2014, 45 nm), which counts arithmetic and data movement only and so never ranks on its own.",
+        ]
+        unit, scale = "µJ", 1e3
+    else:  # a report written by an earlier nnopt: the analytic table's own figures
+        text = [
+            "Figures from the analytic table alone (an older report): the MACs each variant's kernel executes ×",
+            "pJ per MAC of its dtype + bytes moved × pJ per byte (Horowitz, ISSCC 2014, 45 nm). They count",
+            "arithmetic and data movement only and ignore time, so a slower variant can show less energy here.",
+        ]
+        unit, scale = "nJ", 1.0
+    rows = [[name, _sig(e.get("compute_nj"), scale), _sig(e.get("memory_nj"), scale), _sig(e.get("total_nj"), scale),
+             f"{_sig(e.get('low_nj'), scale)}–{_sig(e.get('high_nj'), scale)}"] for name, e in energies]
+    return [*text, "", markdown_table(["variant", f"compute {unit}", f"memory {unit}", f"total {unit}",
+                                        f"bounds {unit}"], rows), ""]
+
+
+def _sig(value: Any, scale: float) -> str:
+    """``value`` ÷ ``scale`` to 4 significant figures ("-" where absent): readable at any power level."""
+    return "-" if value is None else f"{value / scale:.4g}"

@@ -74,7 +74,7 @@ def energy_label(method: str | None) -> str:
         return "method not recorded"
     text = method.strip()
     if "active power × measured time" in text:  # nnopt.energy.device_energy: the time-aware figure
-        return f"{'measured power' if text.lower().startswith('measured') else 'estimated'} × measured time"
+        return f"{'measured' if text.lower().startswith('measured') else 'estimated'} (power × measured time)"
     if text.lower().startswith("measured"):
         counters = [c for c in ("RAPL", "NVML") if c.lower() in text.lower()]
         return f"measured ({'/'.join(counters) or 'RAPL/NVML'})"

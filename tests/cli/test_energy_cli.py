@@ -107,3 +107,21 @@ def test_bad_input(saved, tmp_path, expect_error):
     bad = tmp_path / "t.yaml"
     bad.write_text("version: 1\nsource: x\n")
     expect_error(["energy", str(saved / "simplenet"), "--table", str(bad)], "process")
+
+
+def test_a_counter_reading_below_idle_is_never_a_silent_zero(saved, capsys, monkeypatch, tmp_path, expect_error):
+    import nnopt.pipeline.energy_run as energy_run
+
+    class FlatRapl:  # the same 5 W idle and loaded: every run is at or below idle
+        name, max_range, update_period_s = "RAPL flat (package-0)", None, 0.001
+
+        def read(self) -> float:
+            return 5.0 * time.perf_counter()
+
+    monkeypatch.setattr(energy_run, "available_counters", lambda device="cpu": [FlatRapl()])
+    assert main(["energy", str(saved / "simplenet"), "--json", *FAST]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["energy"]["method"].startswith("estimated") and doc["energy"]["total_nj"] > 0
+    assert "no valid reading" in doc["measured_note"]
+    expect_error(["energy", str(saved / "simplenet"), "--measure", *FAST], "--measure: the counter gave no valid")
+    expect_error(["energy", str(tmp_path / "missing"), "--measure"], "no such file or directory")

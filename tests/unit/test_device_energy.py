@@ -53,12 +53,18 @@ def test_measured_power_comes_from_the_runs_and_refuses_an_invalid_measurement()
             EnergyRun(None, 1, 0.1, None, ("x",)))
     power = measured_power(EnergyMeasurement("RAPL test", 0.001, 3.0, runs), seconds_per_call=0.001)
     assert power.measured and (power.low_w, power.high_w) == pytest.approx((10.0, 12.0))
+    assert power.mid_w == pytest.approx(11.0)  # the median run's, not the middle of min and max
+    skewed = (*runs[:2], *[EnergyRun(0.010, 10, 0.1, 1.1, ())] * 2, EnergyRun(0.030, 10, 0.1, 3.1, ()))
+    assert measured_power(EnergyMeasurement("RAPL test", 0.001, 3.0, skewed), 0.001).mid_w == pytest.approx(10.0)
     assert device_energy(0.001, 1, power).method.startswith("measured power")
     with pytest.raises(ConfigError, match="no valid measurement"):
         measured_power(EnergyMeasurement("RAPL test", 0.001, None, runs[2:]), seconds_per_call=0.001)
+    below = (EnergyRun(0.0, 10, 0.1, 0.2, ("below idle: workload energy not above the idle baseline",)),)
+    with pytest.raises(ConfigError, match="no valid measurement"):  # never a silent 0 mJ headline
+        measured_power(EnergyMeasurement("RAPL test", 0.001, 3.0, below), seconds_per_call=0.001)
 
 
-@pytest.mark.parametrize("latency, batch", [(-1.0, 1), (math.nan, 1), (math.inf, 1), (0.1, 0), (0.1, True)])
+@pytest.mark.parametrize("latency, batch", [(0.0, 1), (-1.0, 1), (math.nan, 1), (math.inf, 1), (0.1, 0), (0.1, True)])
 def test_bad_latency_or_batch_is_one_clear_error(latency, batch):
     with pytest.raises(ConfigError, match="latency|batch"):
         device_energy(latency, batch, POWER)

@@ -282,6 +282,9 @@ def test_latency_fallback_labelled_and_ranged():
     assert "a guess" in guess.tdp_source and guess.tdp_w == 40.0
     looked = latency_energy(0.002, threads=1, cpu_model="AMD EPYC 7763 64-Core Processor", logical_cores=128)
     assert looked.tdp_w == 280.0 and "looked up" in looked.tdp_source
+    # a 2-vCPU VM on that package: each thread's share is of the package's 128 logical CPUs, not of the 2 shown
+    vm = latency_energy(0.002, threads=2, cpu_model="AMD EPYC 7763 64-Core Processor", logical_cores=2)
+    assert vm.high_j == pytest.approx(0.002 * 280.0 * 2 / 128) and vm.logical_cores == 128
     assert latency_energy(0.001, threads=1, tdp_w=10, logical_cores=1).high_j < given.high_j
     with pytest.raises(ConfigError, match="tdp"):
         latency_energy(0.001, threads=1, tdp_w=-5)

@@ -143,6 +143,10 @@ def test_raw_samples_give_the_percentiles():
 def test_energy_labels_say_measured_or_estimated():
     assert energy_label(ANALYTIC) == "estimated (analytic, horowitz-45nm)"
     assert energy_label("measured: RAPL intel-rapl:0 (package-0), 5 runs") == "measured (RAPL)"
+    time_aware = "active power × measured time per inference at batch 1 (10–20 W; ...); compute/memory shares " \
+                 "from the analytic table horowitz-45nm"
+    assert energy_label("estimated: " + time_aware) == "estimated (power × measured time)"
+    assert energy_label("measured power: " + time_aware) == "measured (power × measured time)"
     assert energy_label("measured: NVML GPU 0 total energy") == "measured (NVML)"
     assert energy_label(None) == "method not recorded"
     measured = {k: v for k, v in copy.deepcopy(AUTO).items() if k not in ("layers", "front")}
