@@ -22,7 +22,8 @@ Workloads (BENCHMARKS.md):
 Accuracy: the held-out test split (digits); cosine: the 200 test sentences (0-199), never seen by the
 search. Bytes: the written file. Latency: every variant of a workload alternated in rounds in one
 process (nnopt.metrics.speed.compare_calls) at ``--threads``; the search itself trains in spawned
-workers (one thread each) and times serially. Energy: estimated (analytic table), per inference.
+workers (one thread each) and times serially. Energy: not recorded (the objectives here are size and
+latency; benchmarks/energy.py reports energy per inference as active power × measured time).
 
     python benchmarks/auto.py [--quick] [--threads 2] [--train-threads 1] [--only lenet300,cnn,minilm] [--out PATH]
 """

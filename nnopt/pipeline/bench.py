@@ -13,7 +13,9 @@ a BENCHMARKS.md document (benchmark ``"bench"``), and
 ``compare_runs`` checks a run against an earlier one for regressions. ``dtype="bf16"`` runs the
 torch and compiled backends under ``torch.autocast(device, torch.bfloat16)``; a CPU without
 AVX-512 BF16 or AMX-BF16 would emulate bf16 (minutes per call on large models), so the run is refused
-there, and a CPU whose features cannot be read gets a warning in its env (``warnings``).
+there, and a CPU whose features cannot be read gets a warning in its env (``warnings``). ``energy_mj``: energy per
+inference on the CPU, estimated as its active power at the row's threads × the row's measured time
+(``nnopt.device_energy``; the method in ``energy_method``); none on a GPU.
 """
 
 from __future__ import annotations
@@ -336,11 +338,23 @@ def _time_row(call: Callable[[], object], batch: int, threads: int, options: Ben
         "latency_ms_p90": _sig(timing.p90_ms), "threads": threads, "device": options.device,
         "calls": timing.calls, "throughput_per_s": _sig(batch / (timing.median_ms / 1e3)),
         "peak_rss_mib": peak, "peak_rss_delta_mib": delta, "input_shape": _shape_of(inputs),
-        "dtype": options.dtype,
+        "dtype": options.dtype, **_energy(timing.median_ms, batch, threads, options.device),
     }
     if options.device == "cuda":
         row["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 2)
     return row
+
+
+def _energy(latency_ms: float, batch: int, threads: int, device: str) -> dict[str, Any]:
+    """Energy per inference (mJ), estimated: the CPU's active power at ``threads`` × the row's measured time.
+    None on a GPU, where no one power fits (docs/energy.md): a figure there is measured or absent."""
+    if device != "cpu":
+        return {"energy_mj": None, "energy_method": "not estimated on a GPU: its power varies too much between "
+                "models for power × time to hold; measure it with NVML (nnopt.measure_energy(fn, device='cuda'))"}
+    from nnopt.energy import cpu_active_power, device_energy
+
+    energy = device_energy(latency_ms / 1e3, batch, cpu_active_power(threads))
+    return {"energy_mj": _sig(energy.joules * 1e3), "energy_method": energy.method}
 
 
 def _load_average() -> float | None:

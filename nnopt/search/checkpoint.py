@@ -24,6 +24,7 @@ from nnopt.io.json_file import JSONFileError, read_json
 
 STATE_FILE = "state.json"
 FORMAT = "nnopt-auto-checkpoint"
+VERSION_KEY = "space_version"  # the fingerprint's search-space version (nnopt.search.space.SPACE_VERSION)
 
 
 def checkpoint_dir(out: str | Path) -> Path:
@@ -68,6 +69,8 @@ class Checkpoint:
         if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("trials"), dict):
             raise ResumeError(f"{state_file} is not an nnopt auto checkpoint; delete {directory} to start over")
         old = state.get("fingerprint", {})
+        if old.get(VERSION_KEY) != fingerprint.get(VERSION_KEY):
+            raise ResumeError(_version_message(directory, old.get(VERSION_KEY), fingerprint.get(VERSION_KEY)))
         differ = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
         if differ:
             shown = "; ".join(f"{k}: checkpoint {old.get(k)!r}, now {fingerprint.get(k)!r}" for k in differ[:4])
@@ -86,6 +89,15 @@ class Checkpoint:
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _version_message(directory: Path, old: Any, new: Any) -> str:
+    """Why a checkpoint from another nnopt version cannot be resumed: rerunning the same command cannot help."""
+    older = old is None or (isinstance(old, int) and isinstance(new, int) and old < new)
+    which = "an older" if older else "a different"
+    return (f"resume=True: the checkpoint at {directory} was written by {which} nnopt whose search space or trial "
+            f"fields differ (search space version {old if old is not None else 'unrecorded'}, this nnopt's "
+            f"{new}), so its trials cannot be reused; delete {directory} to start fresh")
 
 
 def trials_kept(directory: str | Path) -> int:

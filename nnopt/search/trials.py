@@ -138,11 +138,12 @@ def energy_fields(energy: DeviceEnergy) -> dict[str, float | None]:
 
 
 def energy_method(batch: int, power: ActivePower) -> str:
-    """How :func:`timed_energy` figures are obtained: the power, its source and bounds, and the split."""
+    """How :func:`timed_energy` figures are obtained: the power, its source and bounds, and the split (the method
+    text does not depend on the time: any positive one gives it)."""
     from nnopt.energy import device_energy
     from nnopt.energy.estimate import DEFAULT_TABLE
 
-    return (f"{device_energy(0.0, batch, power).method}; compute/memory split as shares of that total from the "
+    return (f"{device_energy(1.0, batch, power).method}; compute/memory split as shares of that total from the "
             f"analytic table {DEFAULT_TABLE} (never ranked)")
 
 

@@ -66,8 +66,17 @@ def test_bench_json_follows_benchmarks_md_and_covers_the_grid(saved, tmp_path, c
         assert row["params"] == params and row["macs"] == macs
         assert row["file_bytes"] == (saved / "simplenet" / "model.safetensors").stat().st_size
         # nothing measured for these here: null, not invented
-        for key in ("accuracy", "cosine_mean", "cosine_min", "speedup_vs_baseline", "energy_mj", "energy_method"):
+        for key in ("accuracy", "cosine_mean", "cosine_min", "speedup_vs_baseline"):
             assert row[key] is None
+        # energy per inference: the CPU's active power at the row's threads × its measured time per inference
+        power = nnopt.cpu_active_power(row["threads"])
+        assert row["energy_mj"] == pytest.approx(power.mid_w * row["latency_ms_median"] / row["batch"], rel=1e-4)
+        assert row["energy_method"].startswith("estimated: active power × measured time")
+    by_key = {(r["threads"], r["batch"]): r for r in rows}
+    for threads in (1, 2):  # at one power, the row with the longer time per inference never shows less energy
+        one, four = by_key[threads, 1], by_key[threads, 4]
+        slower, faster = sorted((one, four), key=lambda r: r["latency_ms_median"] / r["batch"], reverse=True)
+        assert slower["energy_mj"] >= faster["energy_mj"]
 
 
 def test_bench_table_says_how_it_measured(saved, capsys):

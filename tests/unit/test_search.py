@@ -29,6 +29,7 @@ from nnopt.search import (
     plan_recipe,
     validation_split,
 )
+from nnopt.search.space import SPACE_VERSION
 
 # A tiny search: two tolerances, a few levels, two fine-tuning epochs; seconds per run.
 TINY = {"finetune_epochs": 2, "stages": 2, "targets": (0.25, 0.1), "latency_seconds": 0.02, "screen_seconds": 0.01,
@@ -183,6 +184,17 @@ def test_checkpoint_refuses_a_missing_stale_or_foreign_state(tmp_path):
     (checkpoint_dir(out) / "state.json").write_text("{ not json")
     with pytest.raises(ResumeError, match="corrupt"):
         Checkpoint.open(out, {"objective": "size", "batch": 32}, resume=True)
+
+
+def test_a_checkpoint_from_an_older_search_space_says_so_and_to_start_fresh(tmp_path):
+    out = tmp_path / "out"
+    current = {"objective": "size", "batch": 32, "space_version": SPACE_VERSION}
+    Checkpoint.open(out, {**current, "space_version": SPACE_VERSION - 1}, resume=False).save()
+    with pytest.raises(ResumeError) as caught:
+        Checkpoint.open(out, current, resume=True)
+    message = str(caught.value)
+    assert "older nnopt whose search space or trial fields differ" in message
+    assert f"delete {checkpoint_dir(out)} to start fresh" in message and "same model" not in message
 
 
 # ------------------------------------------------------------------------------------------ whole runs
