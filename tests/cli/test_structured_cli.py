@@ -48,7 +48,15 @@ def test_bad_structured_input_is_named_and_nothing_written(saved, tmp_path, expe
     assert not out.exists()
 
 
-def test_energy_allocation_from_the_cli(saved, tmp_path, capsys):
+def test_energy_allocation_from_the_cli(saved, tmp_path, capsys, monkeypatch):
+    import nnopt.metrics.speed as speed
+    import nnopt.pruning.structured.energy as energy
+    from nnopt.metrics.layer_times import LayerTime
+
+    # fixed layer times: the CLI's wiring is under test here, the timing in tests/unit/test_structured_energy.py
+    monkeypatch.setattr(energy, "layer_costs", lambda model, inputs, names: {n: LayerTime(1e-3, 0.0, 1) for n in names})
+    compare_latency = speed.compare_latency  # the before/after report: a short timing is enough to print it
+    monkeypatch.setattr(speed, "compare_latency", lambda *a, **k: compare_latency(*a, **{**k, "min_seconds": 0.05}))
     out = tmp_path / "energy"
     argv = ["prune", str(saved), "--structured", "--ratio", "0.5", "--importance", "l1", "--allocation", "energy",
             "-o", str(out)]

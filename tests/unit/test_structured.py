@@ -770,7 +770,11 @@ def test_energy_allocation_saves_more_time_based_energy_than_global(monkeypatch)
     def seconds(names):
         return {n: 4e-3 if n.startswith(("stem", "blocks.0")) else 1e-3 for n in names}
 
-    monkeypatch.setattr(energy, "layer_times", lambda model, inputs, names: seconds(names))
+    from nnopt.metrics.layer_times import LayerTime
+
+    # floors of 0 s: all of each layer's time shrinks with its width
+    monkeypatch.setattr(energy, "layer_costs",
+                        lambda model, inputs, names: {n: LayerTime(s, 0.0, 1) for n, s in seconds(names).items()})
     model = nnopt.create_model("resnet8", seed=0).eval()
     groups = [g for g in channel_groups(model, torch.zeros(2, *model.input_shape)) if g.prunable]
     layers = {m.module for g in groups for m in g.members}

@@ -25,7 +25,14 @@ from nnopt.energy.device_energy import cpu_active_power
 from nnopt.errors import ConfigError, SelectionError, UnsupportedModelError
 from nnopt.lineage import AppliedPass
 from nnopt.metrics.speed import example_batch
-from nnopt.pruning.structured.energy import channel_energy_j, energy_record, measured_channel_energy, per_joule
+from nnopt.pruning.structured.energy import (
+    channel_energy_j,
+    check_cpu,
+    energy_floors,
+    energy_record,
+    measured_channel_energy,
+    per_joule,
+)
 from nnopt.pruning.structured.groups import ChannelGroup, channel_groups, is_bert_encoder
 from nnopt.pruning.structured.importance import (
     IMPORTANCE,
@@ -63,8 +70,9 @@ class StructuredPruneConfig(Config):
     groups, scores normalized by each group's mean, ``ratio`` of all channels overall; every group
     keeps at least ``min_channels``) or ``energy`` (the global ranking of importance lost per
     joule saved, after Yang, Chen & Sze, CVPR 2017: channels of energy-hungry layers go first at equal
-    importance; a layer's energy is estimated as this CPU's active power × its kernel's measured time on a
-    batch of ``data`` (:mod:`.energy`; the layer times are in the pass's details)).
+    importance; a layer's energy is estimated as this CPU's active power × the part of its kernel's measured
+    time on a batch of ``data`` that shrinks with its width (:mod:`.energy`; the times are in the pass's
+    details); every group keeps at least ``min_channels`` and 1/8 of its original width).
     ``head_ratio``: share of attention heads removed per layer of a transformer encoder (its FFN
     neurons follow ``ratio``). ``batches``: mini-batches whose
     gradients the ``gradient`` and ``taylor`` criteria accumulate. ``rounds`` > 1 prunes
@@ -135,6 +143,8 @@ def structured_data_needs(config: StructuredPruneConfig) -> str | None:
 
 def prune_structured(model: nn.Module, config: StructuredPruneConfig, **context: Any) -> dict[str, Any]:
     """Prune ``model`` in place; returns the record (new layer shapes, group sizes, criterion)."""
+    if config.allocation == "energy":  # refused before any work: time ranks energy on the CPU only
+        check_cpu(model)
     data = context.get("data")
     example = context.get("example")
     if example is None:
@@ -168,9 +178,9 @@ def prune_structured(model: nn.Module, config: StructuredPruneConfig, **context:
             taylor_groups = groups if config.importance == "taylor" else ()
             gradients = accumulate_gradients(model, _batches(data, config), _task_loss, config.batches, taylor_groups)
         scores = {g.name: score(config.importance, ImportanceInputs(model, g, gradients, config.seed)) for g in groups}
-        energy, layer_ms = None, None
+        energy, timed = None, None
         if timing is not None:  # measured once per round, on the layers as this round finds them
-            energy, layer_ms = measured_channel_energy(model, groups, timing[0], power)
+            energy, timed = measured_channel_energy(model, groups, timing[0], power)
         solved = None
         if round_index == 1:  # rounding and the MAC target are settled once, on the first round's scores
             config, settled, solved = _settle(model, groups, scores, original, config, example, energy)
@@ -182,8 +192,8 @@ def prune_structured(model: nn.Module, config: StructuredPruneConfig, **context:
         shapes.update(remove_channels(model, groups, removed))
         sync_heads(model)
         entry: dict[str, Any] = {"round": round_index, "removed": sum(int(r.numel()) for r in removed.values())}
-        if layer_ms is not None:
-            entry["layer_ms"] = layer_ms
+        if timed is not None:
+            entry.update(timed)  # layer_ms, floor_ms, scalable_ms, fallback
         if config.finetune_epochs > 0:
             entry["finetune_loss"] = _recover(model, teacher, data, config, context.get("data_parallel", 1))
         history.append(entry)
@@ -329,7 +339,8 @@ def _allocate(
         total_original = sum(original[g.name] for g in global_groups)
         done = sum(original[g.name] - g.size for g in global_groups)
         total = max(0, round(config.ratio * progress * total_original) - done)
-        chosen = _allocate_global(global_groups, ranking, total, config)
+        floors = energy_floors(original, config.min_channels) if config.allocation == "energy" else {}
+        chosen = _allocate_global(global_groups, ranking, total, config, floors)
         for g in global_groups:  # the global counts, rounded; the group's lowest-ranked channels go
             count = _rounded_count(g, int(chosen[g.name].numel()), original, config)
             removed[g.name] = (chosen[g.name] if count == chosen[g.name].numel()
@@ -348,8 +359,12 @@ def _rounded_count(group: ChannelGroup, count: int, original: dict[str, int], co
 
 
 def _allocate_global(
-    groups: list[ChannelGroup], ranking: dict[str, torch.Tensor], total: int, config: StructuredPruneConfig
+    groups: list[ChannelGroup], ranking: dict[str, torch.Tensor], total: int, config: StructuredPruneConfig,
+    floors: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
+    """The ``total`` lowest-ranked channels across ``groups``, each group keeping at least its floor
+    (``floors``, else ``min_channels``)."""
+    floors = floors or {}
     entries = []
     for g in groups:
         entries += [(float(v), g.name, c) for c, v in enumerate(ranking[g.name])]
@@ -359,7 +374,7 @@ def _allocate_global(
     for _, name, channel in entries:
         if total <= 0:
             break
-        if left[name] > config.min_channels:
+        if left[name] > floors.get(name, config.min_channels):
             chosen[name].append(channel)
             left[name] -= 1
             total -= 1
