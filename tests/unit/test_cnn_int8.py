@@ -135,3 +135,41 @@ def test_every_conv_and_linear_maps_to_its_onnx_node() -> None:
         model = create_model(name, image_size=32, width=0.25, num_classes=10, seed=0).eval()
         layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
         assert set(layer_nodes(export_onnx(model, torch.randn(1, 3, 32, 32)))) == layers
+
+
+def test_entropy_calibration_clips_heavy_tails_where_quantize_static_alone_gives_min_max() -> None:
+    """ONNX Runtime's quantize_static builds its entropy calibrator with 128 bins for 128 levels: one candidate
+    threshold, the full range. nnopt calibrates with 2048 bins, so entropy chooses a narrower range."""
+    import json
+    from pathlib import Path
+
+    from nnopt.io.onnx_export import export_onnx
+    from nnopt.quantization.onnx_static import QdqQuantizer, run_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 12 * 12, 10)).eval()
+    x = torch.randn(64, 3, 16, 16) ** 3  # heavy-tailed inputs: a few values far out
+    graph = export_onnx(model, x[:1])
+    batches = [x[i:i + 16].numpy() for i in range(0, 64, 16)]
+    spans, files = {}, {}
+    for method in ("minmax", "entropy"):
+        with QdqQuantizer(graph, batches, method, "uint8") as quantizer:
+            files[method] = quantizer.quantize()
+            data = json.loads(Path(quantizer._cache).read_text())["data"]  # the ranges the file was quantized with
+        spans[method] = {name: _number(r["highest"]) - _number(r["lowest"]) for name, r in data.items()}
+    assert files["entropy"] != files["minmax"]
+    assert spans["entropy"].keys() == spans["minmax"].keys()
+    assert all(spans["entropy"][n] <= spans["minmax"][n] + 1e-6 for n in spans["minmax"])
+    assert any(spans["entropy"][n] < 0.9 * spans["minmax"][n] for n in spans["minmax"])  # a tail was clipped
+    reference = model(x).detach().numpy()
+    for method in ("minmax", "entropy"):  # both still compute the model
+        out = run_onnx(files[method], x.numpy())
+        assert float(((out - reference) ** 2).mean()) < float((reference ** 2).mean())
+
+
+def _number(value: object) -> float:
+    """A scalar from ONNX Runtime's calibration cache (a number, or an encoded array holding one)."""
+    import numpy as np
+
+    return float(np.asarray(value["data"] if isinstance(value, dict) else value).reshape(-1)[0])
