@@ -220,8 +220,7 @@ def latency_energy(
     """
     if not (latency_s >= 0):
         raise ConfigError(f"latency must be >= 0 seconds, got {latency_s}")
-    watts, _ = cpu_power_source(threads, tdp_w, cpu_model, logical_cores)
-    tdp, source, cores = _tdp(tdp_w, cpu_model, logical_cores)
+    watts, tdp, source, cores = _tdp_share(threads, tdp_w, cpu_model, logical_cores)
     return EnergyRange(latency_s * watts * LOW_SHARE, latency_s * watts * HIGH_SHARE, latency_s, threads, cores,
                        tdp, source)
 
@@ -252,8 +251,14 @@ def _tdp(tdp_w: float | None, cpu_model: str | None, logical_cores: int | None) 
 def cpu_power_source(threads: int, tdp_w: float | None = None, cpu_model: str | None = None,
                      logical_cores: int | None = None) -> tuple[float, str]:
     """The TDP share of the cores ``threads`` use (W), and a sentence saying where the TDP came from."""
+    watts, tdp, source, cores = _tdp_share(threads, tdp_w, cpu_model, logical_cores)
+    return watts, f"TDP {tdp:g} W ({source}) × {min(threads, cores)}/{cores} cores"
+
+
+def _tdp_share(threads: int, tdp_w: float | None, cpu_model: str | None,
+               logical_cores: int | None) -> tuple[float, float, str, int]:
+    """(watts of the threads' share, TDP, where it came from, logical CPUs it is shared by): one lookup."""
     tdp, source, cores = _tdp(tdp_w, cpu_model, logical_cores)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ConfigError(f"threads must be an integer >= 1, got {threads}")
-    used = min(threads, cores)
-    return tdp * used / cores, f"TDP {tdp:g} W ({source}) × {used}/{cores} cores"
+    return tdp * min(threads, cores) / cores, tdp, source, cores
