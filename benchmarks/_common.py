@@ -205,10 +205,11 @@ def timed_energy(estimate: Any, latency_s_per_call: float, batch: int) -> dict[s
     from nnopt.energy import cpu_active_power, device_energy
 
     energy = device_energy(latency_s_per_call, batch, cpu_active_power(torch.get_num_threads()), estimate)
-    return {"energy_mj": _sig(energy.joules * 1e3), "energy_method": energy.method,
-            "analytic_mj": _sig(estimate.total_mj),
+    return {"energy_mj": significant(energy.joules * 1e3), "energy_method": energy.method,
+            "analytic_mj": significant(estimate.total_mj),
             "analytic_method": f"{estimate.method}; arithmetic and data movement only, not the inference's energy"}
 
 
-def _sig(value: float, digits: int = 4) -> float:
+def significant(value: float, digits: int = 4) -> float:
+    """``value`` rounded to ``digits`` significant figures (readable at any scale)."""
     return float(f"{value:.{digits}g}")

@@ -58,6 +58,7 @@ from _common import (  # noqa: I001  (benchmarks/ is run as a script directory)
     parse_args,
     run_workloads,
     side_by_side_rows,
+    significant,
     threads,
     write_results,
 )
@@ -168,15 +169,16 @@ def energy_figures(model: nn.Module, call: Callable[[], object], latency_ms: flo
         peer = codecarbon_energy(call, batch, window_s)
         measured, measured_note = counter_energy(call, batch)
     figures = {
-        "energy_mj": _sig(device.joules * 1e3), "energy_method": device.method,
-        "energy_low_mj": _sig(device.low_j * 1e3), "energy_high_mj": _sig(device.high_j * 1e3),
-        "analytic_mj": _sig(estimate.total_mj), "analytic_method": estimate.method,
+        "energy_mj": significant(device.joules * 1e3), "energy_method": device.method,
+        "energy_low_mj": significant(device.low_j * 1e3), "energy_high_mj": significant(device.high_j * 1e3),
+        "analytic_mj": significant(estimate.total_mj), "analytic_method": estimate.method,
         **peer,
         "measured_mj": measured, "measured_note": measured_note,
     }
     for prefix, field in (("", "energy_mj"), ("analytic_", "analytic_mj"), ("codecarbon_", "codecarbon_mj")):
         value = figures[field]
-        figures[f"{prefix}error_vs_measured"] = None if not measured or value is None else _sig(value / measured - 1)
+        error = None if not measured or value is None else significant(value / measured - 1)
+        figures[f"{prefix}error_vs_measured"] = error
     return figures
 
 
@@ -214,8 +216,8 @@ def codecarbon_energy(call: Callable[[], object], batch: int, window_s: float) -
               + f", tracking_mode {data.tracking_mode!r}, mean CPU power {data.cpu_power:.3g} W over its "
               f"{data.duration:.2f} s (calls for {loop_s:.2f} s: {calls} calls × batch {batch}); "
               "CPU energy kWh × 3.6e6 J ÷ inferences")
-    return {"codecarbon_mj": _sig(data.cpu_energy * 3.6e9 / (calls * batch)),
-            "codecarbon_call_ms": _sig(loop_s * 1e3 / calls), "codecarbon_method": method}
+    return {"codecarbon_mj": significant(data.cpu_energy * 3.6e9 / (calls * batch)),
+            "codecarbon_call_ms": significant(loop_s * 1e3 / calls), "codecarbon_method": method}
 
 
 def counter_energy(call: Callable[[], object], batch: int) -> tuple[float | None, str]:
@@ -228,11 +230,8 @@ def counter_energy(call: Callable[[], object], batch: int) -> tuple[float | None
     measurement = measure_energy(call, counters[0], runs=5, window_s=max(0.05, 20 * counters[0].update_period_s))
     if measurement.median_j is None:
         return None, measurement.summary()
-    return _sig(measurement.median_j * 1e3 / batch), measurement.summary() + "; whole package: other load adds to it"
-
-
-def _sig(value: float, digits: int = 4) -> float:
-    return float(f"{value:.{digits}g}")
+    note = measurement.summary() + "; whole package: other load adds to it"
+    return significant(measurement.median_j * 1e3 / batch), note
 
 
 def _codecarbon_version() -> str | None:
@@ -334,7 +333,7 @@ def recorded_gpu_power(gpu_json: Path) -> tuple[str, list[list[Any]], dict[str, 
         if prior is not None:
             prior_errors.append(prior / r["energy_mj"] - 1)
         table.append([r["workload"], r["variant"], r["batch"], r["latency_ms_median"], r["energy_mj"], round(w, 1),
-                      _sig(estimate_mj), f"{errors[-1]:+.0%}", "-" if prior is None else _sig(prior),
+                      significant(estimate_mj), f"{errors[-1]:+.0%}", "-" if prior is None else significant(prior),
                       "-" if prior is None else f"{prior_errors[-1]:+.0%}"])
     within = sum(abs(e) <= 0.3 for e in errors)
     return device, table, {"best_single_w": best, "min_w": min(watts), "max_w": max(watts), "board_w": board,
