@@ -134,7 +134,8 @@ class QdqQuantizer:
         self._batches = [np.ascontiguousarray(b, dtype=np.float32) for b in batches]
         if method == "entropy":  # quantize_static cannot pass the histogram sizes entropy needs: calibrate here
             self._calibrate_entropy()
-        self._quantize(exclude=(), reader=_Batches(self._input, self._batches))  # calibrates, fills the cache
+        # calibrates and fills the cache; the all-int8 graph it writes is kept (quantize() with nothing excluded)
+        self._all_int8 = self._quantize(exclude=(), reader=_Batches(self._input, self._batches))
 
     def close(self) -> None:
         self._dir.cleanup()
@@ -175,6 +176,8 @@ class QdqQuantizer:
             raise ConfigError(f"no Conv/Gemm/MatMul node comes from layer(s) {', '.join(unknown)}")
         if fp32_onnx is not None and set(layer_nodes(fp32_onnx).items()) != set(self.nodes.items()):
             raise ConfigError("fp32_onnx must have the same layers and node names as the calibrated graph")
+        if not exclude and fp32_onnx is None:
+            return self._all_int8  # written while calibrating: the same graph, not quantized again
         self._fp32.write_bytes(self._original if fp32_onnx is None else fp32_onnx)
         return self._quantize(exclude, reader=None)
 
