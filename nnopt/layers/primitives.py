@@ -142,29 +142,47 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 # -- per-group: groups of ``group_size`` consecutive elements along the last dimension, per row --
+# When ``group_size`` does not divide the last dimension ``n``, the last group is partial: it holds the
+# ``n mod group_size`` remaining elements and has its own (S, z) from their range alone (576 inputs in
+# groups of 128: four full groups and one of 64). Scales are (…, ceil(n / group_size), 1).
+
+
+def group_count(n: int, group_size: int) -> int:
+    """Groups per row of ``n`` elements: ``ceil(n / group_size)`` (the last one partial when it does not divide)."""
+    return -(-n // group_size)
 
 
 def _check_group_size(shape: torch.Size, group_size: int) -> int:
-    """Number of groups per row; names the sizes when ``group_size`` does not fit ``shape``."""
+    """Number of groups per row (the last one may be partial); names the problem when ``group_size`` is invalid."""
     if len(shape) == 0:
         raise ValueError("per-group quantization needs a tensor with at least one dimension")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}")
-    if shape[-1] % group_size:
-        raise ValueError(
-            f"group_size {group_size} does not divide the last dimension {shape[-1]} of shape {tuple(shape)}"
-        )
-    return shape[-1] // group_size
+    return group_count(shape[-1], group_size)
+
+
+def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
+    """``t`` zero-padded along the last dimension to ``size`` (``t`` itself when it already has that size)."""
+    return t if t.shape[-1] == size else torch.nn.functional.pad(t, (0, size - t.shape[-1]))
 
 
 def _grouped(t: torch.Tensor, scale: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    """``t`` viewed as ``(*t.shape[:-1], n_groups, group_size)``; ``group_size`` defaults to what ``scale`` implies."""
+    """``t`` as ``(*t.shape[:-1], n_groups, group_size)``, zero-padded when the last group is partial;
+    ``group_size`` defaults to what ``scale`` implies (only where that is unambiguous: full groups)."""
     if group_size is None:
         if scale.ndim < 2 or scale.shape[-2] == 0 or (t.ndim and t.shape[-1] % scale.shape[-2]):
-            raise ValueError(f"cannot infer group_size from scale shape {tuple(scale.shape)} for {tuple(t.shape)}")
+            raise ValueError(f"cannot infer group_size from scale shape {tuple(scale.shape)} for {tuple(t.shape)}"
+                             " (pass group_size when the last group is partial)")
         group_size = t.shape[-1] // scale.shape[-2]
     n_groups = _check_group_size(t.shape, group_size)
-    return t.reshape(*t.shape[:-1], n_groups, group_size)
+    return _pad_last(t, n_groups * group_size).reshape(*t.shape[:-1], n_groups, group_size)
+
+
+def _ungrouped(grouped: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`_grouped`: back to ``shape``, dropping the partial group's padding."""
+    n_groups, group_size = grouped.shape[-2], grouped.shape[-1]
+    flat = grouped.reshape(*shape[:-1], n_groups * group_size)
+    return flat if flat.shape[-1] == shape[-1] else flat[..., : shape[-1]]
 
 
 def compute_group_qparams(
@@ -172,12 +190,14 @@ def compute_group_qparams(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(S, z)`` per group of ``group_size`` consecutive elements along the last dimension.
 
-    Shapes are ``(*w.shape[:-1], w.shape[-1] // group_size, 1)``, broadcasting against
-    ``w.reshape(*w.shape[:-1], -1, group_size)``.
+    Shapes are ``(*w.shape[:-1], ceil(w.shape[-1] / group_size), 1)``, broadcasting against the grouped
+    view ``w.reshape(*w.shape[:-1], -1, group_size)`` (zero-padded when the last group is partial).
     """
     n_groups = _check_group_size(w.shape, group_size)
-    # One row per group, so the per-channel min–max path does the work.
-    scale, zero = compute_qparams(w.reshape(-1, group_size), bits, symmetric, channel_axis=0)
+    # Zero padding leaves the partial group's (S, z) as its own elements give them: every range is widened
+    # to include 0 anyway (qparams_from_range). One row per group, so the per-channel path does the work.
+    padded = _pad_last(w.detach(), n_groups * group_size)
+    scale, zero = compute_qparams(padded.reshape(-1, group_size), bits, symmetric, channel_axis=0)
     shape = (*w.shape[:-1], n_groups, 1)
     return scale.reshape(shape), zero.reshape(shape)
 
@@ -187,14 +207,14 @@ def quantize_grouped(
     symmetric: bool = True, group_size: int | None = None,
 ) -> torch.Tensor:
     """Codes with ``w``'s shape, each group quantized with its own ``(S, z)`` from :func:`compute_group_qparams`."""
-    return quantize(_grouped(w, scale, group_size), scale, zero_point, bits, symmetric).reshape(w.shape)
+    return _ungrouped(quantize(_grouped(w, scale, group_size), scale, zero_point, bits, symmetric), w.shape)
 
 
 def dequantize_grouped(
     codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | int = 0, group_size: int | None = None
 ) -> torch.Tensor:
     """Float32 values with ``codes``' shape: the inverse of :func:`quantize_grouped`."""
-    return dequantize(_grouped(codes, scale, group_size), scale, zero_point).reshape(codes.shape)
+    return _ungrouped(dequantize(_grouped(codes, scale, group_size), scale, zero_point), codes.shape)
 
 
 # -- int4 storage: two codes per byte --

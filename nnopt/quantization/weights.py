@@ -33,7 +33,9 @@ class WeightQuantConfig(Config):
 
     ``per_channel`` gives each output channel its own ``S``; ``group_size=G`` gives each run of ``G``
     consecutive input elements of an output row its own ``S`` (Conv2d: over the flattened
-    in_channels·kh·kw), and must divide every selected layer's input dimension. ``symmetric=False``
+    in_channels·kh·kw), stored as (out, ceil(in / G)); where ``G`` does not divide a Linear's input
+    dimension the last group is partial (576 inputs in groups of 128: four of 128 and one of 64, each with
+    its own ``S``). ``G`` may not exceed a selected layer's input dimension. ``symmetric=False``
     adds a zero point. Symmetric codes of ≤ 4 bits are stored two per byte (``weight_packed``).
     ``compute="auto"`` runs Linear layers with torch's weight-only int4/int8 kernels (bf16 activations)
     where they support the shape (int8: layers of ≥ 131072 weights, where it measured faster);
@@ -84,11 +86,12 @@ class _LayerPlan:
 def _plan(name: str, shape: torch.Size, config: WeightQuantConfig) -> _LayerPlan:
     out_dim, flat_in = shape[0], math.prod(shape[1:])
     if config.group_size is not None:
-        if flat_in % config.group_size:
+        if config.group_size > flat_in:
             what = "input dimension" if len(shape) == 2 else "flattened input dimension (in_channels·kh·kw)"
-            raise ConfigError(f"WeightQuantConfig.group_size: {config.group_size} does not divide the {what} "
-                              f"{flat_in} of layer {name!r}")
-        qparam_shape: tuple[int, ...] = (out_dim, flat_in // config.group_size)
+            raise ConfigError(f"WeightQuantConfig.group_size: {config.group_size} exceeds the {what} "
+                              f"{flat_in} of layer {name!r} (per_channel=True gives one scale per row)")
+        # A group size that does not divide flat_in leaves a partial last group with its own scale.
+        qparam_shape: tuple[int, ...] = (out_dim, P.group_count(flat_in, config.group_size))
     elif config.per_channel:
         qparam_shape = (out_dim,) + (1,) * (len(shape) - 1)
     else:
@@ -132,9 +135,11 @@ def _refusal(module: nn.Module) -> str | None:
 
 def _group_refusal(module: nn.Module, config: WeightQuantConfig) -> str | None:
     """With the default selection, a convolution, table or recurrent/attention layer whose input size
-    ``group_size`` does not divide stays float (a 3-channel stem's 3·k·k, a depthwise 3×3's 9); a named one,
-    and any Linear (whose sizes the group size is chosen for), is refused by :func:`_plan`."""
-    if config.group_size is None or type(module) is nn.Linear or _refusal(module):
+    ``group_size`` does not divide stays float (a 3-channel stem's 3·k·k, a depthwise 3×3's 9), as before
+    partial groups existed; layers selected by ``layers``, and any Linear (whose sizes the group size is
+    chosen for), get a partial last group (or are refused by :func:`_plan` when the group is wider than
+    their input)."""
+    if config.group_size is None or config.layers or type(module) is nn.Linear or _refusal(module):
         return None
     weights = parts.matrices(module) if isinstance(module, parts.MULTI_MATRIX_TYPES) else {"": module.weight}
     for key, weight in weights.items():

@@ -217,14 +217,25 @@ def test_group_qparams_shapes_codes_and_error(wg, bits, symmetric, infer):
 
 
 @FAST
-@given(shape=SHAPES, group_size=st.integers(2, 9))
-def test_group_size_that_does_not_divide_is_a_value_error(shape, group_size):
-    w = torch.ones(shape)
-    if shape[-1] % group_size == 0:
-        assert P.compute_group_qparams(w, 4, True, group_size)[0].shape[-2] == shape[-1] // group_size
-    else:
-        with pytest.raises(ValueError, match="does not divide"):
-            P.compute_group_qparams(w, 4, True, group_size)
+@given(shape=SHAPES, group_size=st.integers(2, 9), bits=BITS, symmetric=st.booleans(), data=st.data())
+def test_group_size_that_does_not_divide_leaves_a_partial_last_group(shape, group_size, bits, symmetric, data):
+    w = data.draw(weights(shape))
+    n = shape[-1]
+    scale, zero = P.compute_group_qparams(w, bits, symmetric, group_size)
+    n_groups = -(-n // group_size)
+    assert tuple(scale.shape) == (*shape[:-1], n_groups, 1) == tuple(zero.shape)
+    codes = P.quantize_grouped(w, scale, zero, bits, symmetric, group_size)
+    restored = P.dequantize_grouped(codes, scale, zero, group_size)
+    assert codes.shape == restored.shape == w.shape
+    # Every group, the partial last one included, has the qparams of its own elements alone and an
+    # error of at most 1 / (2S) per element.
+    for g in range(n_groups):
+        part = w[..., g * group_size:(g + 1) * group_size].reshape(-1, min(group_size, n - g * group_size))
+        alone, alone_zero = P.compute_qparams(part, bits, symmetric, channel_axis=0)
+        assert torch.equal(scale[..., g, 0].reshape(-1), alone.reshape(-1))
+        assert torch.equal(zero[..., g, 0].reshape(-1), alone_zero.reshape(-1))
+        error = (part.double() - restored[..., g * group_size:(g + 1) * group_size].reshape(part.shape).double()).abs()
+        assert bool((error <= _error_bound(part, alone)).all())
 
 
 # -------------------------------------------------------------------------- int4 and b-bit packing

@@ -182,17 +182,25 @@ def test_grouped_qparams_broadcast_against_the_grouped_view():
     torch.testing.assert_close(P.dequantize_grouped(codes, scale, zero, 2), w, atol=0.5 / scale.min().item(), rtol=0)
 
 
-@pytest.mark.parametrize("group_size", [0, -2, 3, 5, 2.0])
-def test_group_size_must_divide_the_last_dimension(group_size):
+@pytest.mark.parametrize("group_size", [0, -2, 2.0, True])
+def test_group_size_must_be_a_positive_integer(group_size):
     with pytest.raises(ValueError, match="group_size"):
         P.compute_group_qparams(torch.ones(2, 8), 4, True, group_size)
     with pytest.raises(ValueError, match="group_size"):
         P.quantize_grouped(torch.ones(2, 8), torch.ones(2, 1, 1), 0, 4, True, group_size)
 
 
-def test_group_size_error_names_the_sizes():
-    with pytest.raises(ValueError, match=r"group_size 3 does not divide the last dimension 8"):
-        P.compute_group_qparams(torch.ones(2, 8), 4, True, 3)
+def test_partial_last_group_has_its_own_scale_and_group_size_cannot_be_inferred_for_it():
+    # 8 = 3 + 3 + 2: the last group's range is its own two values (7 and -8), not padding's zeros.
+    w = torch.tensor([[1.0, 2, 3, 0.5, 0.25, 0.125, 7, -8]])
+    scale, zero = P.compute_group_qparams(w, 4, True, 3)
+    assert scale.shape == (1, 3, 1)
+    torch.testing.assert_close(scale.reshape(-1), torch.tensor([7 / 3, 7 / 0.5, 7 / 8]))
+    codes = P.quantize_grouped(w, scale, zero, 4, True, 3)
+    assert codes.tolist() == [[2, 5, 7, 7, 4, 2, 6, -7]]
+    torch.testing.assert_close(P.dequantize_grouped(codes, scale, zero, 3)[0, -2:], torch.tensor([6 * 8 / 7, -8.0]))
+    with pytest.raises(ValueError, match="cannot infer group_size"):
+        P.quantize_grouped(w, scale, zero, 4, True)
 
 
 def test_qparams_from_range_is_the_formula_compute_qparams_uses():

@@ -122,8 +122,8 @@ def test_digits_accuracy_stays_close_to_fp32(trained_simplenet, digits, config, 
 def test_bad_group_size_is_refused_before_any_layer_changes(trained_simplenet):
     model = copy.deepcopy(trained_simplenet)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    # 64 divides the first two layers' inputs (64) but not the classifier's (32): nothing may be half-done.
-    message = r"group_size: 64 does not divide the input dimension 32 of layer 'classifier'"
+    # 64 fits the first two layers' inputs (64) but is wider than the classifier's (32): nothing may be half-done.
+    message = r"group_size: 64 exceeds the input dimension 32 of layer 'classifier'"
     with pytest.raises(ConfigError, match=message):
         nnopt.quantize(model, WeightQuantConfig(bits=4, group_size=64), inplace=True)
     assert all(type(m) in (nn.Linear, nn.ReLU, nn.Sequential) for m in model.modules() if m is not model)
