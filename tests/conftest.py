@@ -34,3 +34,12 @@ def trained_simplenet(digits):
     model = nnopt.create_model("simplenet", seed=0)
     nnopt.train(model, digits.train, nnopt.TrainConfig(epochs=15, seed=0), progress=False)
     return model
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models run faster on one thread, and far faster than on two threads of a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
