@@ -1,0 +1,490 @@
+"""Round-to-nearest weight quantization of a Hugging Face checkpoint, streamed one tensor at a time.
+
+:func:`quantize_checkpoint_rtn` never builds the model: it reads one decoder layer's tensors at a time
+with ``safetensors.safe_open``, quantizes the 2-D ``*.weight`` tensors of ``model.layers.*`` (the q/k/v/o
+and gate/up/down projections of Llama-family models) and writes output shards as it goes, so peak memory
+is about one output shard (``shard_bytes``, 256 MiB by default) plus one layer, whatever the model's size.
+
+Quantization follows :class:`~nnopt.quantization.weights.WeightQuantConfig`: ``(S, z)`` per tensor, per
+output row (``per_channel``) or per group of ``group_size`` inputs, with a partial last group where the
+group size does not divide the input dimension. The stored step is ``weight_scale = 1 / S`` (float32) and
+the codes are ``clamp(round(w / weight_scale) + z)``, so that ``w ≈ (q − z) · weight_scale`` is exactly
+what loaders compute.
+
+Output format: compressed-tensors ``pack-quantized`` (codes packed into int32 ``weight_packed``,
+``weight_scale``, ``weight_shape``, packed ``weight_zero_point`` when asymmetric) with a
+``quantization_config`` in config.json, which transformers loads (package ``compressed-tensors``; not
+needed to write). compressed-tensors requires the group size to divide the input dimension, so a layer
+with a partial last group is written with groups of ``gcd(group_size, in)`` that repeat its scales
+(576 inputs, groups of 128: 9 groups of 64, scales in pairs, the last one alone): the same weights.
+Asymmetric checkpoints load with ``CompressedTensorsConfig(dequantize=True)`` in transformers 5.25 (its
+default path mis-sizes packed zero points).
+
+Resumable: work goes to ``.NAME.nnopt-partial`` beside the output with a progress file; a run that was
+killed continues from its last finished shard (same source files and config), and the directory is renamed
+into place at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nnopt.errors import ConfigError, ModelFormatError, OutputError
+from nnopt.io.atomic import atomic_write_bytes, fsync_dir
+from nnopt.layers import primitives as P
+from nnopt.quantization.weights import WeightQuantConfig
+
+INDEX_FILE = "model.safetensors.index.json"
+PROGRESS_FILE = "nnopt-progress.json"
+FORMAT = "pack-quantized"
+DEFAULT_SHARD_BYTES = 256 << 20  # output shards; peak memory ≈ this + one layer
+_PROGRESS_VERSION = 1
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2, "U16": 2}
+# Other weight formats a Hugging Face directory may also hold; never copied into the output.
+_SKIPPED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx")
+# Rows quantized at once: bounds the float temporaries to a few tens of MB for any matrix.
+_CHUNK_ELEMENTS = 1 << 22
+# Smallest compressed-tensors group that may stand in for a partial last group (gcd(group_size, in)).
+_MIN_STORED_GROUP = 16
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    name: str
+    file: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' name: F32, BF16, ...
+
+
+def quantize_checkpoint_rtn(
+    src_dir: str | Path, out_dir: str | Path, config: WeightQuantConfig, progress: ProgressFn | None = None, *,
+    include_lm_head: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> dict[str, Any]:
+    """Quantize a Hugging Face safetensors checkpoint (sharded or not) to ``out_dir`` with RTN.
+
+    ``config`` chooses bits, symmetric, per_channel or group_size; its ``layers`` (names or ``re:``
+    patterns of module names, e.g. ``model.layers.0.mlp.down_proj``) narrow the default selection, the
+    projections of ``model.layers.*`` (plus ``lm_head`` with ``include_lm_head``). Every other tensor and
+    the tokenizer/config files are copied unchanged. ``progress(done, total, unit)`` is called after each
+    decoder layer (and each remaining tensor); an exception from it stops the run, which a later call
+    resumes. Returns seconds, peak RSS (``ru_maxrss`` of this process, bytes), bytes in and out and counts.
+    """
+    start = time.perf_counter()
+    src, out = Path(src_dir), Path(out_dir)
+    config.validate()
+    if shard_bytes < 1:
+        raise ConfigError(f"shard_bytes must be positive, got {shard_bytes}")
+    if any(p.startswith("type:") and p != "type:Linear" for p in config.layers):
+        raise ConfigError("a checkpoint has no module types but Linear weights: use names or re: patterns")
+    tensors = _read_source(src)
+    source_config = _read_json(src / "config.json")
+    if "quantization_config" in source_config:
+        raise ModelFormatError(f"{src} is already quantized (its config.json has a quantization_config)")
+    if out.exists():
+        raise OutputError(f"refusing to write {out}: it exists")
+    chosen = {t.name: _stored_group(t, config) for t in tensors if _selected(t, config, include_lm_head)}
+    units = _units(tensors)
+
+    partial = out.parent / f".{out.name}.nnopt-partial"
+    fingerprint = {
+        "version": _PROGRESS_VERSION, "source": str(src.resolve()), "files": _file_stamps(src, tensors),
+        "config": config.to_dict(), "include_lm_head": include_lm_head, "shard_bytes": shard_bytes,
+    }
+    state = _resume_state(partial, fingerprint)
+    done_units: set[str] = set(state["done_units"])
+    resumed = len(done_units)
+    buffer: dict[str, torch.Tensor] = {}
+    buffered_units: list[str] = []
+
+    def flush() -> None:
+        if not buffer:
+            return
+        from safetensors.torch import save_file
+
+        file_name = f"model-{len(state['shards']) + 1:05d}.safetensors"
+        tmp = partial / (file_name + ".tmp")
+        save_file(buffer, str(tmp), metadata={"format": "pt"})
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, partial / file_name)
+        state["shards"].append({"file": file_name, "tensors": sorted(buffer)})
+        state["done_units"] += buffered_units
+        atomic_write_bytes(partial / PROGRESS_FILE, json.dumps(state).encode())
+        buffer.clear()
+        buffered_units.clear()
+
+    for k, (unit, members) in enumerate(units):
+        if unit not in done_units:
+            # A shard ends before a unit that would take it past shard_bytes: the buffer stays ≤ one shard.
+            if buffer and _bytes(buffer) + _output_bytes(members, chosen, config) > shard_bytes:
+                flush()
+            for name, tensor in _read_unit(src, members):
+                if name in chosen:
+                    buffer.update(_quantized_tensors(name, tensor, config, chosen[name]))
+                else:
+                    # A private copy: get_tensor's tensor may share the file's memory map, and one such
+                    # tensor kept in the buffer would keep every page read from that file resident.
+                    buffer[name] = tensor.clone()
+                del tensor
+            buffered_units.append(unit)
+            if _bytes(buffer) >= shard_bytes:
+                flush()
+        if progress is not None:
+            progress(k + 1, len(units), unit)
+    flush()
+
+    weight_map = {name: shard["file"] for shard in state["shards"] for name in shard["tensors"]}
+    written = sum((partial / shard["file"]).stat().st_size for shard in state["shards"])
+    index = {"metadata": {"total_size": written}, "weight_map": weight_map}
+    (partial / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    out_config = dict(source_config)
+    out_config["quantization_config"] = _quantization_config(config, chosen, tensors, include_lm_head)
+    (partial / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
+    for item in sorted(src.iterdir()):
+        if item.is_file() and item.name not in ("config.json", INDEX_FILE) and not item.name.endswith(
+                _SKIPPED_SUFFIXES):
+            shutil.copyfile(item, partial / item.name)
+    (partial / PROGRESS_FILE).unlink()
+    fsync_dir(partial)
+    if out.exists():
+        raise OutputError(f"{out} appeared while this output was being written; it was left as it is")
+    os.rename(partial, out)
+    fsync_dir(out.parent)
+    return {
+        "format": f"compressed-tensors {FORMAT}",
+        "seconds": time.perf_counter() - start,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "source_bytes": sum((src / f).stat().st_size for f in {t.file for t in tensors}),
+        "output_bytes": written,
+        "quantized_tensors": len(chosen),
+        "copied_tensors": len(tensors) - len(chosen),
+        "shards": len(state["shards"]),
+        "resumed_units": resumed,
+        "units": len(units),
+    }
+
+
+def _bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _output_bytes(members: list[_Tensor], chosen: dict[str, int | None], config: WeightQuantConfig) -> int:
+    """About what a unit adds to the output: packed codes (plus ≤ 1/8 for scales) or the tensor as is."""
+    total = 0
+    for t in members:
+        numel = math.prod(t.shape)
+        total += numel * config.bits * 9 // 64 if t.name in chosen else numel * _ITEMSIZE.get(t.dtype, 4)
+    return total
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (``ru_maxrss``; kilobytes on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+# ------------------------------------------------------------------------------------------ source
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelFormatError(f"{path.parent} has no {path.name}: not a Hugging Face model directory") from None
+    except (OSError, ValueError) as exc:
+        raise ModelFormatError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"{path} must hold a JSON object")
+    return data
+
+
+def _read_source(src: Path) -> list[_Tensor]:
+    """Every tensor's name, file, shape and dtype, from the safetensors headers only."""
+    from safetensors import safe_open
+
+    if (src / INDEX_FILE).is_file():
+        weight_map = _read_json(src / INDEX_FILE).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelFormatError(f"{src / INDEX_FILE} has no weight_map")
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in src.glob("*.safetensors"))
+        if not files:
+            raise ModelFormatError(f"{src} holds no .safetensors file")
+    out: list[_Tensor] = []
+    for file_name in files:
+        path = src / file_name
+        if Path(file_name).name != file_name or not path.is_file():
+            raise ModelFormatError(f"{src}: shard {file_name!r} is missing or not a plain file name")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                for name in fh.keys():
+                    piece = fh.get_slice(name)
+                    out.append(_Tensor(name, file_name, tuple(piece.get_shape()), piece.get_dtype()))
+        except (OSError, ValueError, RuntimeError) as exc:  # safetensors' header errors
+            raise ModelFormatError(f"cannot read {path}: {exc}") from None
+    return out
+
+
+def _file_stamps(src: Path, tensors: list[_Tensor]) -> dict[str, list[int]]:
+    stamps = {}
+    for file_name in sorted({t.file for t in tensors} | {"config.json"}):
+        st = (src / file_name).stat()
+        stamps[file_name] = [st.st_size, st.st_mtime_ns]
+    return stamps
+
+
+def _units(tensors: list[_Tensor]) -> list[tuple[str, list[_Tensor]]]:
+    """Tensors grouped by decoder layer, in layer order, then each other tensor alone (embeddings, final
+    norm, head: a unit each, so that a 7B model's two 262 MB tables are never buffered together)."""
+    layers: dict[int, list[_Tensor]] = {}
+    rest: list[_Tensor] = []
+    for t in tensors:
+        match = _LAYER.match(t.name)
+        if match:
+            layers.setdefault(int(match.group(1)), []).append(t)
+        else:
+            rest.append(t)
+    units = [(f"model.layers.{n}", layers[n]) for n in sorted(layers)]
+    return units + [(t.name, [t]) for t in rest]
+
+
+def _read_unit(src: Path, members: list[_Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """One unit's tensors, each file opened (memory-mapped) only while its tensors are read."""
+    from safetensors import safe_open
+
+    by_file: dict[str, list[str]] = {}
+    for t in members:
+        by_file.setdefault(t.file, []).append(t.name)
+    for file_name, names in by_file.items():
+        with safe_open(str(src / file_name), framework="pt") as fh:
+            for name in names:
+                yield name, fh.get_tensor(name)
+
+
+# ------------------------------------------------------------------------------------------ selection
+
+
+def _module_of(name: str) -> str:
+    return name[: -len(".weight")]
+
+
+def _selected(t: _Tensor, config: WeightQuantConfig, include_lm_head: bool) -> bool:
+    if len(t.shape) != 2 or not t.name.endswith(".weight") or t.dtype not in _FLOAT_DTYPES:
+        return False
+    module = _module_of(t.name)
+    default = bool(_LAYER.match(t.name)) or (include_lm_head and module == "lm_head")
+    if not config.layers:
+        return default
+    for pattern in config.layers:
+        if pattern == "type:Linear":
+            return default or module == "lm_head"
+        if pattern.startswith("re:") and re.search(pattern[3:], module) or pattern == module:
+            return True
+    return False
+
+
+def _stored_group(t: _Tensor, config: WeightQuantConfig) -> int | None:
+    """The compressed-tensors group size for this weight: the config's, or gcd(group_size, in) standing in
+    for a partial last group; refuses a group wider than the input or one that would store tiny groups."""
+    if config.group_size is None:
+        return None
+    out_f, in_f = t.shape
+    if config.group_size > in_f:
+        raise ConfigError(f"WeightQuantConfig.group_size: {config.group_size} exceeds the input dimension {in_f} "
+                          f"of {_module_of(t.name)!r}")
+    if in_f % config.group_size == 0:
+        return config.group_size
+    stored = math.gcd(config.group_size, in_f)
+    if stored < min(_MIN_STORED_GROUP, config.group_size):
+        raise ConfigError(f"WeightQuantConfig.group_size: {config.group_size} leaves a partial last group in the "
+                          f"input dimension {in_f} of {_module_of(t.name)!r} that compressed-tensors can store "
+                          f"only as groups of {stored}; choose a group size sharing a factor of ≥ "
+                          f"{_MIN_STORED_GROUP} with {in_f}")
+    return stored
+
+
+# ------------------------------------------------------------------------------------------ quantization
+
+
+def rtn_codes(weight: torch.Tensor, config: WeightQuantConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RTN of one (out, in) matrix: int8 codes (out, in), step ``1/S`` float32 and zero point int8, each
+    (out, groups) for groups (the last one partial where ``group_size`` does not divide ``in``), (out, 1)
+    per channel or (1, 1) per tensor; ``w ≈ (codes − z) · step``. Row blocks bound the temporaries."""
+    out_f, in_f = weight.shape
+    bits, symmetric = config.bits, config.symmetric
+    qmin, qmax = P.qrange(bits, symmetric)
+    group = config.group_size
+    per_tensor = group is None and not config.per_channel
+    if per_tensor:
+        scale, zero = P.qparams_from_range(weight.min().float(), weight.max().float(), bits, symmetric)
+        step_all, zero_all = _step(scale).reshape(1, 1), zero.reshape(1, 1)
+    n_cols = 1 if group is None else P.group_count(in_f, group)
+    codes = torch.empty(out_f, in_f, dtype=torch.int8)
+    steps = torch.empty(out_f, n_cols, dtype=torch.float32)
+    zeros = torch.empty(out_f, n_cols, dtype=torch.int32)
+    rows = max(1, _CHUNK_ELEMENTS // max(in_f, 1))
+    for r0 in range(0, out_f, rows):
+        block = weight[r0:r0 + rows].float()
+        if per_tensor:
+            step, zero = step_all.expand(block.shape[0], 1), zero_all.expand(block.shape[0], 1)
+        elif group is None:
+            scale, zero = P.compute_qparams(block, bits, symmetric, channel_axis=0)  # (rows, 1)
+            step = _step(scale)
+        else:
+            scale, zero = P.compute_group_qparams(block, bits, symmetric, group)  # (rows, groups, 1)
+            step, zero = _step(scale).squeeze(-1), zero.squeeze(-1)
+        steps[r0:r0 + rows], zeros[r0:r0 + rows] = step, zero
+        width = in_f if group is None else group
+        step_full = step.repeat_interleave(width, dim=1)[:, :in_f]
+        zero_full = zero.repeat_interleave(width, dim=1)[:, :in_f]
+        q = torch.round(block / step_full).add_(zero_full).clamp_(qmin, qmax)
+        codes[r0:r0 + rows] = q.to(torch.int8)
+    if per_tensor:
+        return codes, step_all, zero_all.to(torch.int8)
+    return codes, steps, zeros.to(torch.int8)
+
+
+def _step(scale: torch.Tensor) -> torch.Tensor:
+    """The stored step ``1/S`` in float32 (computed in float64, rounded once)."""
+    return (1.0 / scale.double()).float()
+
+
+def dequantize_rtn(codes: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """Float32 ``(codes − z) · step`` for :func:`rtn_codes`' outputs."""
+    in_f = codes.shape[1]
+    width = in_f if group_size is None or step.shape[1] == 1 else group_size
+    step_full = step.repeat_interleave(width, dim=1)[:, :in_f] if step.shape[1] > 1 else step
+    zero_full = zero.repeat_interleave(width, dim=1)[:, :in_f] if zero.shape[1] > 1 else zero
+    return (codes.float() - zero_full.float()) * step_full
+
+
+def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """compressed-tensors' dense int32 packing of signed ``bits``-bit codes along the last dimension
+    (stored unsigned, code + 2^(bits−1); element i at bit ``bits·i``). 4 and 8 bits on little-endian hosts
+    are plain byte operations; other widths use compressed-tensors' own packer."""
+    rows, cols = codes.shape
+    if sys.byteorder == "little" and bits in (4, 8):
+        unsigned = (codes.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
+        per_word = 32 // bits
+        pad = -cols % per_word
+        if pad:
+            unsigned = torch.nn.functional.pad(unsigned, (0, pad))
+        if bits == 4:
+            unsigned = unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)
+        return unsigned.contiguous().view(torch.int32)
+    import importlib
+
+    helpers = importlib.import_module("compressed_tensors.compressors.pack_quantized.helpers")  # untyped package
+    packed: torch.Tensor = helpers.pack_to_int32(codes.to(torch.int8).contiguous(), bits)
+    return packed
+
+
+def _quantized_tensors(
+    name: str, weight: torch.Tensor, config: WeightQuantConfig, stored_group: int | None
+) -> dict[str, torch.Tensor]:
+    codes, step, zero = rtn_codes(weight, config)
+    if config.group_size is not None and stored_group != config.group_size:
+        # Partial last group: groups of stored_group, each carrying the scale of the group it lies in.
+        assert stored_group is not None
+        index = torch.arange(weight.shape[1] // stored_group) * stored_group // config.group_size
+        step, zero = step[:, index], zero[:, index]
+    base = _module_of(name)
+    out = {
+        f"{base}.weight_packed": pack_int32(codes, config.bits),
+        f"{base}.weight_scale": (step.reshape(1) if step.shape == (1, 1) else step).contiguous(),
+        f"{base}.weight_shape": torch.tensor(list(weight.shape), dtype=torch.int64),
+    }
+    if not config.symmetric:
+        if config.group_size is None and not config.per_channel:
+            out[f"{base}.weight_zero_point"] = zero.reshape(1).contiguous()
+        else:  # packed along the output dimension, as compressed-tensors does
+            out[f"{base}.weight_zero_point"] = pack_int32(zero.t().contiguous(), config.bits).t().contiguous()
+    return out
+
+
+def _quantization_config(
+    config: WeightQuantConfig, chosen: dict[str, int | None], tensors: list[_Tensor], include_lm_head: bool
+) -> dict[str, Any]:
+    """config.json's ``quantization_config``: one compressed-tensors group per stored group size."""
+    strategy = "group" if config.group_size is not None else "channel" if config.per_channel else "tensor"
+    by_group: dict[int | None, list[str]] = {}
+    for name, stored in chosen.items():
+        by_group.setdefault(stored, []).append(_module_of(name))
+    all_modules = {_module_of(t.name) for t in tensors if len(t.shape) == 2 and t.name.endswith(".weight")}
+    groups = {}
+    for k, (stored, modules) in enumerate(sorted(by_group.items(), key=lambda kv: -(kv[0] or 0))):
+        groups[f"group_{k}"] = {
+            "targets": _targets(modules, all_modules),
+            "weights": {"num_bits": config.bits, "type": "int", "symmetric": config.symmetric,
+                        "strategy": strategy, "group_size": stored, "dynamic": False, "observer": "minmax"},
+            "input_activations": None, "output_activations": None, "format": FORMAT,
+        }
+    ignored = sorted(m for m in all_modules if f"{m}.weight" not in chosen and m == "lm_head")
+    return {
+        "quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",
+        "config_groups": groups, "ignore": ignored, "kv_cache_scheme": None,
+        "version": "nnopt-rtn",
+    }
+
+
+def _targets(modules: list[str], all_modules: set[str]) -> list[str]:
+    """``re:`` targets for these modules: one per projection kind (layer index wildcarded) where that
+    pattern picks exactly these modules, else one per module."""
+    targets: list[str] = []
+    chosen = set(modules)
+    kinds: dict[str, list[str]] = {}
+    for m in sorted(chosen):
+        kinds.setdefault(_LAYER.sub("model.layers.#.", m), []).append(m)
+    for kind, members in sorted(kinds.items()):
+        pattern = "^" + re.escape(kind).replace("\\#", "#").replace("#", r"\d+") + "$"
+        hits = {m for m in all_modules if re.match(pattern, m)}
+        if hits == set(members):
+            targets.append("re:" + pattern)
+        else:
+            targets += ["re:^" + re.escape(m) + "$" for m in members]
+    return targets
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+def _resume_state(partial: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """Progress of an earlier, interrupted run with the same inputs, else a fresh partial directory."""
+    fresh = {"fingerprint": fingerprint, "done_units": [], "shards": []}
+    progress_file = partial / PROGRESS_FILE
+    if partial.is_dir() and progress_file.is_file():
+        try:
+            state = json.loads(progress_file.read_text())
+        except (OSError, ValueError):
+            state = None
+        if isinstance(state, dict) and state.get("fingerprint") == fingerprint and all(
+            (partial / shard["file"]).is_file() for shard in state.get("shards", [])
+        ):
+            recorded = {shard["file"] for shard in state["shards"]} | {PROGRESS_FILE}
+            for item in partial.iterdir():  # a shard that was being written when the run stopped
+                if item.name not in recorded:
+                    item.unlink()
+            return state
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    atomic_write_bytes(progress_file, json.dumps(fresh).encode())
+    return fresh
