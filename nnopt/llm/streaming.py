@@ -23,6 +23,9 @@ default path mis-sizes packed zero points).
 Resumable: work goes to ``.NAME.nnopt-partial`` beside the output with a progress file; a run that was
 killed continues from its last finished shard (same source files and config), and the directory is renamed
 into place at the end.
+
+The same writer takes codes from a calibrating algorithm instead of RTN (:class:`UnitHooks`,
+:func:`write_quantized_checkpoint`; GPTQ through :mod:`nnopt.llm.layerwise`): one format code path.
 """
 
 from __future__ import annotations
@@ -73,6 +76,34 @@ class _Tensor:
     dtype: str  # safetensors' name: F32, BF16, ...
 
 
+@dataclasses.dataclass
+class UnitHooks:
+    """How a calibrating algorithm (GPTQ, :mod:`nnopt.llm.layerwise`) plugs into the one writer.
+
+    ``codes(unit, tensors, chosen)`` gets a unit's tensors (one decoder layer's, by full name) and the names
+    chosen for quantization, and returns ``{name: (codes, step, zero)}`` in :func:`rtn_codes`' layout; chosen
+    names it leaves out are quantized with RTN. ``commit(done_units)`` runs each time finished units are
+    made durable, before the progress file records them, and returns the names of files it wrote into the
+    partial directory that a resumed run needs (the writer keeps them and deletes the previous ones).
+    ``fingerprint`` joins the resume fingerprint (the algorithm's settings and calibration data);
+    ``method`` is recorded as the quantization_config's ``version``; ``flush_each_unit`` ends an output
+    shard after every unit, so that a killed run resumes from its last finished layer.
+    """
+
+    codes: Callable[[str, dict[str, torch.Tensor], set[str]], dict[str, tuple[torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor]]] | None = None
+    commit: Callable[[list[str]], list[str]] | None = None
+    fingerprint: dict[str, Any] = dataclasses.field(default_factory=dict)
+    method: str = "nnopt-rtn"
+    flush_each_unit: bool = False
+
+
+def partial_dir(out_dir: str | Path) -> Path:
+    """Where a run writing ``out_dir`` keeps its unfinished work (``.NAME.nnopt-partial`` beside it)."""
+    out = Path(out_dir)
+    return out.parent / f".{out.name}.nnopt-partial"
+
+
 def quantize_checkpoint_rtn(
     src_dir: str | Path, out_dir: str | Path, config: WeightQuantConfig, progress: ProgressFn | None = None, *,
     include_lm_head: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -86,6 +117,16 @@ def quantize_checkpoint_rtn(
     decoder layer (and each remaining tensor); an exception from it stops the run, which a later call
     resumes. Returns seconds, peak RSS (``ru_maxrss`` of this process, bytes), bytes in and out and counts.
     """
+    return write_quantized_checkpoint(src_dir, out_dir, config, progress, include_lm_head=include_lm_head,
+                                      shard_bytes=shard_bytes)
+
+
+def write_quantized_checkpoint(
+    src_dir: str | Path, out_dir: str | Path, config: WeightQuantConfig, progress: ProgressFn | None = None, *,
+    include_lm_head: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES, hooks: UnitHooks | None = None,
+) -> dict[str, Any]:
+    """:func:`quantize_checkpoint_rtn` with the codes of each unit from ``hooks`` (RTN where it gives none)."""
+    hooks = hooks or UnitHooks()
     start = time.perf_counter()
     src, out = Path(src_dir), Path(out_dir)
     config.validate()
@@ -102,11 +143,13 @@ def quantize_checkpoint_rtn(
     chosen = {t.name: _stored_group(t, config) for t in tensors if _selected(t, config, include_lm_head)}
     units = _units(tensors)
 
-    partial = out.parent / f".{out.name}.nnopt-partial"
+    partial = partial_dir(out)
     fingerprint = {
         "version": _PROGRESS_VERSION, "source": str(src.resolve()), "files": _file_stamps(src, tensors),
         "config": config.to_dict(), "include_lm_head": include_lm_head, "shard_bytes": shard_bytes,
     }
+    if hooks.fingerprint or hooks.method != "nnopt-rtn":
+        fingerprint.update(method=hooks.method, algorithm=hooks.fingerprint)
     state = _resume_state(partial, fingerprint)
     done_units: set[str] = set(state["done_units"])
     resumed = len(done_units)
@@ -126,7 +169,12 @@ def quantize_checkpoint_rtn(
         os.replace(tmp, partial / file_name)
         state["shards"].append({"file": file_name, "tensors": sorted(buffer)})
         state["done_units"] += buffered_units
+        old_keep = set(state.get("keep", []))
+        if hooks.commit is not None:
+            state["keep"] = list(hooks.commit(list(state["done_units"])))
         atomic_write_bytes(partial / PROGRESS_FILE, json.dumps(state).encode())
+        for stale in old_keep - set(state.get("keep", [])):
+            (partial / stale).unlink(missing_ok=True)
         buffer.clear()
         buffered_units.clear()
 
@@ -135,16 +183,21 @@ def quantize_checkpoint_rtn(
             # A shard ends before a unit that would take it past shard_bytes: the buffer stays ≤ one shard.
             if buffer and _bytes(buffer) + _output_bytes(members, chosen, config) > shard_bytes:
                 flush()
+            given: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+            unit_chosen = {t.name for t in members if t.name in chosen}
+            if hooks.codes is not None and unit_chosen:
+                given = hooks.codes(unit, dict(_read_unit(src, members)), unit_chosen)
             for name, tensor in _read_unit(src, members):
                 if name in chosen:
-                    buffer.update(_quantized_tensors(name, tensor, config, chosen[name]))
+                    buffer.update(_quantized_tensors(name, tensor, config, chosen[name], given.pop(name, None)))
                 else:
                     # A private copy: get_tensor's tensor may share the file's memory map, and one such
                     # tensor kept in the buffer would keep every page read from that file resident.
                     buffer[name] = tensor.clone()
                 del tensor
+            del given
             buffered_units.append(unit)
-            if _bytes(buffer) >= shard_bytes:
+            if _bytes(buffer) >= shard_bytes or hooks.flush_each_unit:
                 flush()
         if progress is not None:
             progress(k + 1, len(units), unit)
@@ -156,11 +209,14 @@ def quantize_checkpoint_rtn(
     (partial / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     out_config = dict(source_config)
     out_config["quantization_config"] = _quantization_config(config, chosen, tensors, include_lm_head)
+    out_config["quantization_config"]["version"] = hooks.method
     (partial / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
     for item in sorted(src.iterdir()):
         if item.is_file() and item.name not in ("config.json", INDEX_FILE) and not item.name.endswith(
                 _SKIPPED_SUFFIXES):
             shutil.copyfile(item, partial / item.name)
+    for kept in _progress_state(partial).get("keep", []):
+        (partial / kept).unlink(missing_ok=True)
     (partial / PROGRESS_FILE).unlink()
     fsync_dir(partial)
     if out.exists():
@@ -398,9 +454,10 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _quantized_tensors(
-    name: str, weight: torch.Tensor, config: WeightQuantConfig, stored_group: int | None
+    name: str, weight: torch.Tensor, config: WeightQuantConfig, stored_group: int | None,
+    given: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    codes, step, zero = rtn_codes(weight, config)
+    codes, step, zero = rtn_codes(weight, config) if given is None else _checked_codes(name, weight, config, given)
     if config.group_size is not None and stored_group != config.group_size:
         # Partial last group: groups of stored_group, each carrying the scale of the group it lies in.
         assert stored_group is not None
@@ -418,6 +475,25 @@ def _quantized_tensors(
         else:  # packed along the output dimension, as compressed-tensors does
             out[f"{base}.weight_zero_point"] = pack_int32(zero.t().contiguous(), config.bits).t().contiguous()
     return out
+
+
+def _checked_codes(name: str, weight: torch.Tensor, config: WeightQuantConfig,
+                   given: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                    torch.Tensor]:
+    """An algorithm's codes, refused unless they have exactly :func:`rtn_codes`' layout for this weight."""
+    codes, step, zero = given
+    out_f, in_f = weight.shape
+    cols = 1 if config.group_size is None else P.group_count(in_f, config.group_size)
+    rows = 1 if config.group_size is None and not config.per_channel else out_f
+    qmin, qmax = P.qrange(config.bits, config.symmetric)
+    if (codes.shape != (out_f, in_f) or codes.dtype != torch.int8 or step.shape != (rows, cols)
+            or zero.shape != (rows, cols) or step.dtype != torch.float32 or zero.dtype != torch.int8):
+        raise ConfigError(f"codes for {name!r} do not have the stored layout: codes {tuple(codes.shape)} "
+                          f"{codes.dtype}, step {tuple(step.shape)} {step.dtype}, zero {tuple(zero.shape)} "
+                          f"{zero.dtype}; expected ({out_f}, {in_f}) int8 and ({rows}, {cols}) float32/int8")
+    if codes.numel() and (int(codes.min()) < qmin or int(codes.max()) > qmax):
+        raise ConfigError(f"codes for {name!r} leave the {config.bits}-bit range [{qmin}, {qmax}]")
+    return codes, step, zero
 
 
 def _quantization_config(
@@ -466,6 +542,14 @@ def _targets(modules: list[str], all_modules: set[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------ resume
 
 
+def _progress_state(partial: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((partial / PROGRESS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
 def _resume_state(partial: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
     """Progress of an earlier, interrupted run with the same inputs, else a fresh partial directory."""
     fresh = {"fingerprint": fingerprint, "done_units": [], "shards": []}
@@ -477,8 +561,8 @@ def _resume_state(partial: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
             state = None
         if isinstance(state, dict) and state.get("fingerprint") == fingerprint and all(
             (partial / shard["file"]).is_file() for shard in state.get("shards", [])
-        ):
-            recorded = {shard["file"] for shard in state["shards"]} | {PROGRESS_FILE}
+        ) and all((partial / name).is_file() for name in state.get("keep", [])):
+            recorded = {shard["file"] for shard in state["shards"]} | {PROGRESS_FILE} | set(state.get("keep", []))
             for item in partial.iterdir():  # a shard that was being written when the run stopped
                 if item.name not in recorded:
                     item.unlink()

@@ -1,0 +1,353 @@
+"""Layer-by-layer calibration of a Llama-family checkpoint that is never held whole (GPTQ on top of it).
+
+:func:`quantize_checkpoint_layerwise` embeds the calibration windows (token ids; by default the shipped
+calibration text, :func:`nnopt.llm.corpus.calibration_text`, never the evaluation text), then for each
+decoder layer ``i``, in order:
+
+1. builds that one layer (transformers' decoder-layer class for the config's ``model_type``, e.g.
+   ``LlamaDecoderLayer(config, i)``, on the meta device, then loaded from the safetensors shards),
+2. runs the carried hidden states through it with forward hooks on its Linear modules that accumulate each
+   input's Hessian ``H = 2 XᵀX / n`` over every calibration token (float64; modules fed the same tensor,
+   q/k/v and gate/up, share one),
+3. hands each selected weight and its ``H`` to the algorithm (GPTQ: :func:`nnopt.llm.gptq.gptq_codes`),
+   which returns codes in the writer's layout,
+4. puts the dequantized codes into the layer and runs the calibration inputs through the *quantized* layer:
+   its outputs are layer ``i + 1``'s inputs, as in GPTQ, so later layers correct for earlier layers' errors,
+5. frees the layer.
+
+The output goes through :func:`nnopt.llm.streaming.write_quantized_checkpoint` (the same compressed-tensors
+writer as RTN), one output shard per decoder layer. After each layer the carried hidden states are saved in
+the partial directory (``carried-<i>.safetensors``: the inputs of layer ``i``), so a killed run continues from
+its last finished layer. Peak memory is one layer (float32), the carried hidden states twice
+(``windows × window × hidden × 4`` bytes each) and one output shard, not the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nnopt.errors import ConfigError, UnsupportedModelError
+from nnopt.llm import streaming
+from nnopt.llm.gptq import GPTQConfig, gptq_codes
+from nnopt.quantization.weights import WeightQuantConfig
+
+CARRIED = "carried-{}.safetensors"
+# model types whose decoder layers take (hidden, attention_mask, position_embeddings) with rotary embeddings
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_EMBED = "model.embed_tokens.weight"
+
+Codes = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# (full weight name, float32 weight (out, in), float64 Hessian (in, in)) -> codes in rtn_codes' layout
+LayerAlgorithm = Callable[[str, torch.Tensor, torch.Tensor], Codes]
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig:
+    """Calibration windows: ``windows`` consecutive windows of ``window`` tokens of the calibration text,
+    run ``batch`` windows at a time."""
+
+    windows: int = 32
+    window: int = 512
+    batch: int = 4
+
+    def validate(self) -> None:
+        for field in ("windows", "window", "batch"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"CalibrationConfig.{field}: must be a positive integer, got {value!r}")
+        if self.window < 2:
+            raise ConfigError(f"CalibrationConfig.window: must be at least 2 tokens, got {self.window}")
+
+
+def quantize_checkpoint_gptq(
+    src_dir: str | Path, out_dir: str | Path, config: WeightQuantConfig, *, gptq: GPTQConfig | None = None,
+    calibration: CalibrationConfig | None = None, tokens: torch.Tensor | None = None,
+    progress: streaming.ProgressFn | None = None, include_lm_head: bool = False,
+    shard_bytes: int = streaming.DEFAULT_SHARD_BYTES,
+) -> dict[str, Any]:
+    """GPTQ-quantize a Hugging Face safetensors checkpoint to ``out_dir`` layer by layer (compressed-tensors,
+    as :func:`nnopt.llm.streaming.quantize_checkpoint_rtn` writes). ``tokens``: ``(k, window)`` calibration
+    token ids; by default the calibration text through the checkpoint's tokenizer, cut as ``calibration``
+    says. ``lm_head`` (with ``include_lm_head``) is quantized with RTN: its inputs are not carried. Returns the
+    writer's figures (seconds, peak RSS, ...) plus the calibration tokens and windows."""
+    gptq = gptq or GPTQConfig()
+    config.validate()
+    gptq.validate(config)
+
+    def algorithm(name: str, weight: torch.Tensor, h: torch.Tensor) -> Codes:
+        return gptq_codes(weight, h, config, gptq)
+
+    return quantize_checkpoint_layerwise(
+        src_dir, out_dir, config, algorithm, method="nnopt-gptq",
+        settings={"gptq": dataclasses.asdict(gptq)}, calibration=calibration, tokens=tokens, progress=progress,
+        include_lm_head=include_lm_head, shard_bytes=shard_bytes)
+
+
+def quantize_checkpoint_layerwise(
+    src_dir: str | Path, out_dir: str | Path, config: WeightQuantConfig, algorithm: LayerAlgorithm, *,
+    method: str, settings: dict[str, Any], calibration: CalibrationConfig | None = None,
+    tokens: torch.Tensor | None = None, progress: streaming.ProgressFn | None = None,
+    include_lm_head: bool = False, shard_bytes: int = streaming.DEFAULT_SHARD_BYTES,
+) -> dict[str, Any]:
+    """The calibration engine the module describes, with any per-matrix ``algorithm``; ``method`` names it
+    in the output's quantization_config and ``settings`` (JSON) join the resume fingerprint."""
+    src, out = Path(src_dir), Path(out_dir)
+    calibration = calibration or CalibrationConfig()
+    calibration.validate()
+    config.validate()
+    engine = _Engine(src, out, config, algorithm, calibration, tokens)
+    hooks = streaming.UnitHooks(
+        codes=engine.codes, commit=engine.commit, method=method, flush_each_unit=True,
+        fingerprint={"settings": settings, "calibration": dataclasses.asdict(calibration),
+                     "tokens_sha256": engine.tokens_digest, "tokens_shape": list(engine.tokens.shape)})
+    result = streaming.write_quantized_checkpoint(src, out, config, progress, include_lm_head=include_lm_head,
+                                                  shard_bytes=shard_bytes, hooks=hooks)
+    result.update(method=method, calibration_windows=int(engine.tokens.shape[0]),
+                  calibration_tokens=int(engine.tokens.numel()), calibrated_layers=engine.calibrated)
+    return result
+
+
+class _Engine:
+    """Carries the calibration hidden states through the decoder layers as the writer asks for their codes."""
+
+    def __init__(self, src: Path, out: Path, config: WeightQuantConfig, algorithm: LayerAlgorithm,
+                 calibration: CalibrationConfig, tokens: torch.Tensor | None) -> None:
+        self.src, self.partial = src, streaming.partial_dir(out)
+        self.config, self.algorithm, self.batch = config, algorithm, calibration.batch
+        self.model_config = _model_config(src)
+        self.layer_class, self.rotary_class = _layer_classes(self.model_config)
+        self.tokens = _calibration_tokens(src, calibration, tokens, self.model_config)
+        self.tokens_digest = hashlib.sha256(self.tokens.numpy().tobytes()).hexdigest()
+        self.hidden: torch.Tensor | None = None
+        self.next_layer = -1  # the layer whose inputs self.hidden holds
+        self.calibrated = 0
+        self._rotary: Any = None
+
+    # ------------------------------------------------------------------------------ writer hooks
+
+    def codes(self, unit: str, tensors: dict[str, torch.Tensor], chosen: set[str]) -> dict[str, Codes]:
+        match = re.fullmatch(r"model\.layers\.(\d+)", unit)
+        if match is None:
+            return {}  # lm_head and other tensors outside the decoder layers: RTN
+        index = int(match.group(1))
+        hidden = self._inputs_of(index)
+        layer = self._build_layer(index, tensors)
+        prefix = f"{unit}."
+        linears: dict[str, torch.nn.Linear] = {
+            prefix + name + ".weight": module for name, module in layer.named_modules()
+            if isinstance(module, torch.nn.Linear) and prefix + name + ".weight" in chosen}
+        missing = chosen - set(linears)
+        if missing:
+            raise UnsupportedModelError(f"{sorted(missing)[0]} is not a Linear weight of {unit} as transformers "
+                                        f"builds it; layer-by-layer calibration quantizes Linear weights only")
+        hessians = self._hessians(layer, linears, hidden)
+        result: dict[str, Codes] = {}
+        for name, module in linears.items():
+            codes, step, zero = self.algorithm(name, module.weight.detach().float(), hessians[name])
+            result[name] = (codes, step, zero)
+            group = self.config.group_size
+            with torch.no_grad():
+                module.weight.copy_(streaming.dequantize_rtn(codes, step, zero, group))
+        del hessians
+        self._forward(layer, hidden)  # in place: the quantized layer's outputs are the next layer's inputs
+        self.next_layer = index + 1
+        self.calibrated += 1
+        del layer
+        return result
+
+    def commit(self, done_units: list[str]) -> list[str]:
+        done_layers = sum(1 for unit in done_units if re.fullmatch(r"model\.layers\.\d+", unit))
+        if self.hidden is None or self.next_layer != done_layers or done_layers == self._layer_count():
+            return []
+        from safetensors.torch import save_file
+
+        name = CARRIED.format(done_layers)
+        tmp = self.partial / (name + ".tmp")
+        save_file({"hidden": self.hidden}, str(tmp), metadata={"layer": str(done_layers)})
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.partial / name)
+        return [name]
+
+    # ------------------------------------------------------------------------------ the work
+
+    def _layer_count(self) -> int:
+        return int(self.model_config.num_hidden_layers)
+
+    def _inputs_of(self, index: int) -> torch.Tensor:
+        if self.hidden is not None and self.next_layer == index:
+            return self.hidden
+        if index == 0:
+            self.hidden = _embed(self.src, self.tokens, bool(getattr(self.model_config, "tie_word_embeddings",
+                                                                        False)))
+        else:  # a resumed run: the inputs the interrupted one saved after layer index - 1
+            from safetensors import safe_open
+
+            path = self.partial / CARRIED.format(index)
+            if not path.is_file():
+                raise ConfigError(f"cannot resume at layer {index}: {path} is missing; delete {self.partial} "
+                                  "and start again")
+            with safe_open(str(path), framework="pt") as fh:
+                self.hidden = fh.get_tensor("hidden").clone()
+        if self.hidden.shape[:2] != self.tokens.shape:
+            raise ConfigError(f"carried hidden states {tuple(self.hidden.shape)} do not match the calibration "
+                              f"tokens {tuple(self.tokens.shape)}")
+        self.next_layer = index
+        return self.hidden
+
+    def _build_layer(self, index: int, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+        prefix = f"model.layers.{index}."
+        state = {name[len(prefix):]: t.float() for name, t in tensors.items() if name.startswith(prefix)}
+        with torch.device("meta"):
+            layer: torch.nn.Module = self.layer_class(self.model_config, index)
+        layer.to_empty(device="cpu")
+        try:
+            layer.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise UnsupportedModelError(f"layer {index}'s tensors do not match transformers' "
+                                        f"{self.layer_class.__name__}: {str(exc).splitlines()[0]}") from None
+        layer.eval()
+        return layer
+
+    def _position_embeddings(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rotary is None:
+            self._rotary = self.rotary_class(config=self.model_config)
+        positions = torch.arange(hidden.shape[1]).unsqueeze(0)
+        cos, sin = self._rotary(hidden[:1], positions)
+        return cos, sin
+
+    def _forward(self, layer: torch.nn.Module, hidden: torch.Tensor) -> None:
+        """Every calibration window through ``layer``, its outputs written over its inputs."""
+        window = hidden.shape[1]
+        mask = torch.full((window, window), float("-inf")).triu(1)[None, None]  # causal, additive
+        position = self._position_embeddings(hidden)
+        positions = torch.arange(window).unsqueeze(0)
+        with torch.no_grad():
+            for b0 in range(0, hidden.shape[0], self.batch):
+                out = layer(hidden[b0:b0 + self.batch], attention_mask=mask, position_ids=positions,
+                            position_embeddings=position)
+                hidden[b0:b0 + self.batch] = out[0] if isinstance(out, tuple) else out
+
+    def _hessians(self, layer: torch.nn.Module, linears: dict[str, torch.nn.Linear],
+                  hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``2 XᵀX / n`` of each Linear's inputs over every calibration token, from one pass of the unquantized
+        layer (its outputs thrown away); Linears fed the same tensor share one matrix."""
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        shared: dict[str, str] = {}
+        # Inputs seen in this batch, held so that no later tensor can reuse their memory (an address alone
+        # would let post_attention_layernorm's output pass for input_layernorm's freed one).
+        seen: list[tuple[torch.Tensor, str]] = []
+
+        def hook(name: str) -> Callable[..., None]:
+            def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+                x = inputs[0]
+                owner = next((n for t, n in seen if t is x), None)
+                if owner is not None and owner != name:
+                    shared[name] = owner
+                    return
+                if owner is None:
+                    seen.append((x, name))
+                flat = x.reshape(-1, x.shape[-1]).float()
+                product = (flat.t() @ flat).double()
+                if name in sums:
+                    sums[name] += product
+                else:
+                    sums[name] = product
+                counts[name] = counts.get(name, 0) + flat.shape[0]
+            return record
+
+        handles = [module.register_forward_hook(hook(name)) for name, module in linears.items()]
+        window = hidden.shape[1]
+        mask = torch.full((window, window), float("-inf")).triu(1)[None, None]
+        position = self._position_embeddings(hidden)
+        positions = torch.arange(window).unsqueeze(0)
+        try:
+            with torch.no_grad():
+                for b0 in range(0, hidden.shape[0], self.batch):
+                    seen.clear()
+                    layer(hidden[b0:b0 + self.batch], attention_mask=mask, position_ids=positions,
+                          position_embeddings=position)
+        finally:
+            for handle in handles:
+                handle.remove()
+        hessians = {name: total.mul_(2.0 / counts[name]) for name, total in sums.items()}
+        for name, owner in shared.items():
+            if name not in hessians:
+                hessians[name] = hessians[owner]
+        return hessians
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _model_config(src: Path) -> Any:
+    config_json = streaming._read_json(src / "config.json")
+    model_type = config_json.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(f"{src}: layer-by-layer calibration supports model types "
+                                    f"{', '.join(SUPPORTED_MODEL_TYPES)}; this is {model_type!r}")
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError("layer-by-layer calibration needs transformers: pip install 'nnopt[llm]'") from None
+    config = transformers.AutoConfig.from_pretrained(src, local_files_only=True, trust_remote_code=False)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def _layer_classes(model_config: Any) -> tuple[type, type]:
+    """transformers' decoder-layer and rotary-embedding classes for this config (e.g. LlamaDecoderLayer)."""
+    model_type = model_config.model_type
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    stem = type(model_config).__name__.removesuffix("Config")
+    layer, rotary = getattr(module, f"{stem}DecoderLayer", None), getattr(module, f"{stem}RotaryEmbedding", None)
+    if layer is None or rotary is None:
+        raise UnsupportedModelError(f"transformers has no {stem}DecoderLayer/{stem}RotaryEmbedding for "
+                                    f"model type {model_type!r}")
+    return layer, rotary
+
+
+def _calibration_tokens(src: Path, calibration: CalibrationConfig, tokens: torch.Tensor | None,
+                        model_config: Any) -> torch.Tensor:
+    if tokens is None:
+        from nnopt.llm import corpus
+        from nnopt.llm.source import _tokenizer, _transformers
+
+        if not any((src / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            raise ConfigError(f"{src} has no tokenizer files: pass the calibration token ids (tokens=...)")
+        tokenizer = _tokenizer(_transformers(), src, {})
+        tokens = corpus.token_windows(tokenizer, corpus.calibration_text(), calibration.window, calibration.windows)
+    tokens = torch.as_tensor(tokens)
+    if tokens.ndim != 2 or tokens.shape[1] < 2 or tokens.shape[0] < 1 or tokens.dtype not in (torch.int64,
+                                                                                              torch.int32):
+        raise ConfigError(f"calibration tokens must be (windows, window) integer ids with window >= 2, got "
+                          f"{tuple(tokens.shape)} {tokens.dtype}")
+    vocab = int(model_config.vocab_size)
+    if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
+        raise ConfigError(f"calibration token ids must lie in [0, {vocab}), got [{int(tokens.min())}, "
+                          f"{int(tokens.max())}]")
+    return tokens.long().contiguous()
+
+
+def _embed(src: Path, tokens: torch.Tensor, tied: bool) -> torch.Tensor:
+    """The calibration windows' input embeddings (float32), read from the one tensor that holds them (with
+    tied embeddings, ``lm_head.weight`` where a writer kept only that copy, as safetensors' save_model does)."""
+    from safetensors import safe_open
+
+    entries = {t.name: t for t in streaming._read_source(src)}
+    name = _EMBED if _EMBED in entries or not tied else "lm_head.weight"
+    if name not in entries:
+        raise UnsupportedModelError(f"{src} has no {_EMBED}")
+    with safe_open(str(src / entries[name].file), framework="pt") as fh:
+        table: torch.Tensor = fh.get_tensor(name)
+        return table[tokens].float()
