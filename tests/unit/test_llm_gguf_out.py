@@ -1,0 +1,228 @@
+"""GGUF output (Q8_0/Q4_0) of tiny random Llamas: the files open in gguf's reader and in transformers, whose
+logits equal those of a model holding the dequantized weights (so names and the q/k row order are right)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nnopt.errors import ConfigError, OutputError, UnsupportedModelError
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("accelerate")
+
+from nnopt.llm.gguf_out import permute_rotary_rows, write_gguf  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
+
+SENTENCE = "It is a truth universally acknowledged, that a single man in possession of a good fortune."
+
+
+def _tiny_llama(path, *, tied: bool):
+    """A random 2-layer Llama (4 heads, 2 KV heads) with a byte-level BPE tokenizer trained here, sharded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from nnopt.llm.corpus import calibration_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([calibration_text()[:40_000]], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    torch.manual_seed(1 + tied)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                                      max_position_embeddings=128, rope_theta=50_000.0, rms_norm_eps=1e-5,
+                                      tie_word_embeddings=tied)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():  # norms away from 1 so that a misplaced norm would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path, max_shard_size="100KB")
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory):
+    return _tiny_llama(tmp_path_factory.mktemp("llm") / "untied", tied=False)
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    return _tiny_llama(tmp_path_factory.mktemp("llm") / "tied", tied=True)
+
+
+def _roundtrip(values: np.ndarray, quant: str) -> np.ndarray:
+    qtype = gguf.GGMLQuantizationType[quant]
+    return gguf.quants.dequantize(gguf.quants.quantize(values.astype(np.float32), qtype), qtype)
+
+
+def _load_gguf(file):
+    model = transformers.AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name,
+                                                              dtype=torch.float32)
+    return model.eval()
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("which", ["untied", "tied"])
+def test_transformers_loads_exactly_the_dequantized_weights(quant, which, request, tmp_path):
+    src = request.getfixturevalue(which)
+    out = tmp_path / f"tiny-{quant}.gguf"
+    seen = []
+    result = write_gguf(src, out, quant, progress=lambda done, total, name: seen.append((done, total, name)))
+    source = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    n_matrices = 7 * 2 + 1 + (which == "untied")  # q k v o gate up down per layer, embeddings, lm_head
+    assert result["tensors"] == {quant: n_matrices, "F32": 2 * 2 + 1}
+    assert result["output_bytes"] == out.stat().st_size and result["peak_rss_bytes"] > 0
+    assert [s[0] for s in seen] == list(range(1, n_matrices + 6)) and seen[-1][1] == n_matrices + 5
+    assert not list(tmp_path.glob(".*tmp*"))  # the temporary sibling was renamed away
+
+    # The expected model: the source with every matrix replaced by its dequantized blocks.
+    expected = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in expected.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.from_numpy(_roundtrip(p.numpy(), quant)))
+    loaded = _load_gguf(out)
+    assert loaded.config.tie_word_embeddings == (which == "tied")
+    assert loaded.config.rope_parameters["rope_theta"] == 50_000.0 and loaded.config.num_key_value_heads == 2
+    ids = torch.tensor([[5, 77, 130, 9, 201, 44, 12, 260, 3, 99, 150, 31]])
+    got, want, original = _logits(loaded, ids), _logits(expected, ids), _logits(source, ids)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # same weights, same places
+    error = float((got - original).abs().max() / original.abs().max())
+    assert error < (0.03 if quant == "Q8_0" else 0.3), error  # measured: ≈ 0.01 and 0.15–0.2
+    assert error > 0  # it really is quantized
+
+
+def test_reader_sees_llama_cpp_names_types_shapes_and_metadata(untied, tmp_path):
+    out = tmp_path / "tiny.gguf"
+    write_gguf(untied, out, "Q4_0")
+    reader = gguf.GGUFReader(out)
+    tensors = {t.name: t for t in reader.tensors}
+    assert set(tensors) == {"token_embd.weight", "output_norm.weight", "output.weight"} | {
+        f"blk.{i}.{n}.weight" for i in range(2) for n in (
+            "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_norm", "ffn_norm")}
+    q4, f32 = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.F32
+    assert tensors["blk.1.attn_k.weight"].tensor_type == q4 and list(tensors["blk.1.attn_k.weight"].shape) == [64, 32]
+    assert tensors["blk.0.ffn_down.weight"].tensor_type == q4 and list(tensors["blk.0.ffn_down.weight"].shape) == [
+        128, 64]
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == f32
+    assert list(tensors["token_embd.weight"].shape) == [64, 300]
+
+    def field(name):
+        return reader.fields[name].contents()
+
+    assert field("general.architecture") == "llama" and field("general.file_type") == 2  # MOSTLY_Q4_0
+    assert (field("llama.block_count"), field("llama.embedding_length"), field("llama.feed_forward_length")) == (
+        2, 64, 128)
+    assert (field("llama.attention.head_count"), field("llama.attention.head_count_kv")) == (4, 2)
+    assert (field("llama.context_length"), field("llama.vocab_size"), field("llama.rope.dimension_count")) == (
+        128, 300, 16)
+    assert field("llama.rope.freq_base") == 50_000.0
+    assert field("llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-5)
+    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt2"
+    tokens = field("tokenizer.ggml.tokens")
+    assert len(tokens) == 300 and tokens[field("tokenizer.ggml.eos_token_id")] == "<|endoftext|>"
+    assert field("tokenizer.ggml.token_type")[tokens.index("<|endoftext|>")] == 3  # control
+
+    # The stored q rows are the source's, reordered per head (llama.cpp's rotary pairing).
+    from safetensors import safe_open
+
+    index = json.loads((untied / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.1.self_attn.q_proj.weight"
+    with safe_open(str(untied / index[name]), framework="numpy") as fh:
+        w = fh.get_tensor(name)
+    stored = gguf.quants.dequantize(tensors["blk.1.attn_q.weight"].data, q4)
+    np.testing.assert_array_equal(stored, permute_rotary_rows(_roundtrip(w, "Q4_0"), 4))
+    assert not np.array_equal(permute_rotary_rows(w, 4), w)
+
+
+def test_permutation_interleaves_the_halves_of_each_head():
+    w = np.arange(8, dtype=np.float32).reshape(8, 1)  # 2 heads of 4 rows: (0 1 | 2 3), (4 5 | 6 7)
+    assert permute_rotary_rows(w, 2).ravel().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    with pytest.raises(ConfigError, match="heads of even size"):
+        permute_rotary_rows(np.zeros((6, 4), np.float32), 2)
+
+
+def test_tokenizer_round_trip(untied, tmp_path):
+    out = tmp_path / "tiny.gguf"
+    write_gguf(untied, out, "Q8_0")
+    original = transformers.AutoTokenizer.from_pretrained(untied)
+    from_gguf = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    for text in (SENTENCE, "Anne Elliot, 1814: 'no!'\n\nCaptain Wentworth<|endoftext|>"):
+        ids = original(text)["input_ids"]
+        assert from_gguf(text)["input_ids"] == ids and len(ids) > 10
+        assert from_gguf.decode(ids) == text
+    assert from_gguf.eos_token == "<|endoftext|>"
+
+
+def test_gguf_source_is_requantized_with_its_metadata(tied, tmp_path):
+    first = tmp_path / "q8.gguf"
+    write_gguf(tied, first, "Q8_0")
+    second = tmp_path / "q4.gguf"
+    result = write_gguf(first, second, "Q4_0")
+    assert result["source"] == f"gguf: {first}" and result["tokenizer"] == "gpt2"
+    a, b = gguf.GGUFReader(first), gguf.GGUFReader(second)
+    q8, q4 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0
+    for ta, tb in zip(a.tensors, b.tensors, strict=True):
+        assert ta.name == tb.name and list(ta.shape) == list(tb.shape)
+        if ta.tensor_type == q8:
+            assert tb.tensor_type == q4
+            np.testing.assert_array_equal(gguf.quants.dequantize(tb.data, q4),
+                                          _roundtrip(gguf.quants.dequantize(ta.data, q8), "Q4_0"))
+        else:
+            np.testing.assert_array_equal(np.asarray(ta.data), np.asarray(tb.data))
+    same = [k for k in a.fields if not k.startswith("GGUF.") and k != "general.file_type"]
+    assert all(a.fields[k].contents() == b.fields[k].contents() for k in same)
+    assert b.fields["general.file_type"].contents() == 2
+    ids = torch.tensor([transformers.AutoTokenizer.from_pretrained(tied)(SENTENCE)["input_ids"]])
+    assert torch.isfinite(_logits(_load_gguf(second), ids)).all()
+
+
+def test_bad_input_is_refused_clearly(untied, tmp_path):
+    with pytest.raises(ConfigError, match="no such model directory"):
+        write_gguf(tmp_path / "missing", tmp_path / "x.gguf")
+    with pytest.raises(ConfigError, match="quant must be one of Q8_0, Q4_0"):
+        write_gguf(untied, tmp_path / "x.gguf", "Q5_K")
+    existing = tmp_path / "there.gguf"
+    existing.write_bytes(b"keep")
+    with pytest.raises(OutputError, match="it exists"):
+        write_gguf(untied, existing)
+    assert existing.read_bytes() == b"keep"
+
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(UnsupportedModelError, match="model_type 'gpt2'"):
+        write_gguf(gpt2, tmp_path / "x.gguf")
+
+    # A tokenizer llama.cpp's gpt2 model cannot express: refused before anything is written.
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(untied, other)
+    doc = json.loads((other / "tokenizer.json").read_text())
+    doc["pre_tokenizer"] = {"type": "Whitespace"}
+    (other / "tokenizer.json").write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match="pre-tokenizer"):
+        write_gguf(other, tmp_path / "x.gguf")
+    (other / "tokenizer.json").unlink()
+    with pytest.raises(ConfigError, match="no tokenizer.json"):
+        write_gguf(other, tmp_path / "x.gguf")
+    not_gguf = tmp_path / "model.txt"
+    not_gguf.write_text("hello")
+    with pytest.raises(ConfigError, match="not a model directory or a .gguf file"):
+        write_gguf(not_gguf, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".x.gguf*"))
