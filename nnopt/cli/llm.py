@@ -26,6 +26,7 @@ def register(commands: Any) -> None:
     actions = llm.add_subparsers(title="actions", metavar="ACTION", required=True)
     _register_eval(actions)
     _register_quantize(actions)
+    _register_gguf(actions)
 
 
 def _register_eval(actions: Any) -> None:
@@ -61,20 +62,35 @@ def _register_eval(actions: Any) -> None:
 
 def _register_quantize(actions: Any) -> None:
     quantize = actions.add_parser(
-        "quantize", help="round-to-nearest int8/int4 weights, streamed layer by layer (models bigger than memory)",
+        "quantize", help="int8/int4 weights (round-to-nearest or GPTQ), streamed layer by layer",
         description="Quantize the decoder layers' projection weights of a Hugging Face safetensors checkpoint "
-        "(sharded or not) with round-to-nearest, reading one decoder layer at a time and writing output shards as "
-        "it goes, so peak memory is about one output shard plus one layer whatever the model's size. The output "
+        "(sharded or not) with round-to-nearest (--method rtn) or GPTQ (--method gptq: calibrated on the calibration "
+        "text, one decoder layer at a time, each layer's inputs carried from the quantized layer before it), "
+        "reading one decoder layer at a time and writing output shards as it goes, so peak memory is a few layers "
+        "whatever the model's size. The output "
         "is a compressed-tensors checkpoint that transformers loads (pip install compressed-tensors). A killed "
         "run continues from its last finished layer when the same command is run again. Peak RSS is measured.")
     quantize.add_argument("source", metavar="SRC", help="a Hugging Face directory (config.json + safetensors)")
     quantize.add_argument("-o", "--out", required=True, metavar="OUT", help="the output directory (must not exist)")
+    quantize.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
+                          help="rtn: round to nearest, no data (default); gptq: GPTQ on the calibration text")
     quantize.add_argument("--bits", type=int, choices=(4, 8), default=4, help="bits per weight (default 4)")
     quantize.add_argument("--group-size", default="128", metavar="N|channel",
                           help="inputs per scale, or channel for one scale per output row (default 128; a size "
                           "that does not divide a layer's inputs leaves a partial last group)")
     quantize.add_argument("--asymmetric", action="store_true", help="a zero point per group (default symmetric)")
-    quantize.add_argument("--include-lm-head", action="store_true", help="quantize lm_head too (default: float)")
+    quantize.add_argument("--include-lm-head", action="store_true",
+                          help="quantize lm_head too, with round-to-nearest (default: float)")
+    quantize.add_argument("--calibration-windows", default="32", metavar="N",
+                          help="gptq: windows of the calibration text (default 32)")
+    quantize.add_argument("--calibration-window", default="512", metavar="N",
+                          help="gptq: tokens per calibration window (default 512)")
+    quantize.add_argument("--calibration-batch", default="4", metavar="N",
+                          help="gptq: windows per forward pass (default 4)")
+    quantize.add_argument("--damp", type=float, default=0.01,
+                          help="gptq: dampening, a fraction of the Hessian's mean diagonal (default 0.01)")
+    quantize.add_argument("--act-order", action="store_true",
+                          help="gptq: quantize columns by decreasing Hessian diagonal (per channel only)")
     quantize.add_argument("--json", default=None, metavar="OUT.json", help="also write what was measured as JSON")
     quantize.set_defaults(handler=cmd_llm_quantize)
 
@@ -97,11 +113,25 @@ def cmd_llm_quantize(args: argparse.Namespace) -> int:
                 bars.append(stack.enter_context(track("quantizing", total=total)))
             bars[0].advance(1, status=unit)
 
-        result = quantize_checkpoint_rtn(args.source, args.out, config, progress, include_lm_head=args.include_lm_head)
+        if args.method == "gptq":
+            from nnopt.llm.gptq import GPTQConfig
+            from nnopt.llm.layerwise import CalibrationConfig, quantize_checkpoint_gptq
+
+            calibration = CalibrationConfig(
+                windows=parse_count(args.calibration_windows, "--calibration-windows"),
+                window=parse_count(args.calibration_window, "--calibration-window"),
+                batch=parse_count(args.calibration_batch, "--calibration-batch"))
+            result = quantize_checkpoint_gptq(
+                args.source, args.out, config, gptq=GPTQConfig(damp=args.damp, act_order=args.act_order),
+                calibration=calibration, progress=progress, include_lm_head=args.include_lm_head)
+        else:
+            result = quantize_checkpoint_rtn(args.source, args.out, config, progress,
+                                             include_lm_head=args.include_lm_head)
     scheme = f"int{args.bits} {'per channel' if channel else f'groups of {group}'}, " \
              f"{'asymmetric' if args.asymmetric else 'symmetric'}"
     resumed = f", resumed after {result['resumed_units']} finished units" if result["resumed_units"] else ""
-    print(f"quantized  {result['quantized_tensors']} weight matrices ({scheme}) in {result['seconds']:.1f} s{resumed}")
+    print(f"quantized  {result['quantized_tensors']} weight matrices ({args.method}, {scheme}) in "
+          f"{result['seconds']:.1f} s{resumed}")
     print(f"size       {result['source_bytes']:,} -> {result['output_bytes']:,} bytes "
           f"({result['source_bytes'] / max(1, result['output_bytes']):.2f}x smaller)")
     print(f"peak RSS   {result['peak_rss_bytes'] / 2**20:,.0f} MiB (measured: ru_maxrss of this process)")
@@ -109,8 +139,51 @@ def cmd_llm_quantize(args: argparse.Namespace) -> int:
     if args.json:
         from nnopt.io.atomic import atomic_write_bytes
 
-        document = {"source": args.source, "out": args.out, "config": config.to_dict(), **result}
+        document = {"source": args.source, "out": args.out, "config": config.to_dict(),
+                    **result}
         atomic_write_bytes(Path(args.json), (json.dumps(document, indent=2) + "\n").encode())
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _register_gguf(actions: Any) -> None:
+    gguf = actions.add_parser(
+        "gguf", help="write a Llama-family model as a GGUF file (Q8_0 or Q4_0) for llama.cpp and transformers",
+        description="Write a Llama-family causal LM as one GGUF file, tensor by tensor (never the whole model): "
+        "matrices whose rows are whole blocks of 32 in Q8_0 or Q4_0, norms in float32, q/k rows in llama.cpp's "
+        "rotary layout, the byte-level BPE tokenizer as GGUF metadata. SRC: a Hugging Face directory, a GGUF "
+        "file (dequantized and quantized again, its metadata copied) or smollm2. Written atomically.")
+    gguf.add_argument("model", metavar="SRC", help="a Hugging Face directory, a .gguf file, or smollm2")
+    gguf.add_argument("-o", "--out", required=True, metavar="OUT.gguf", help="the GGUF file (must not exist)")
+    gguf.add_argument("--quant", choices=("Q8_0", "Q4_0"), default="Q8_0", help="weight format (default Q8_0)")
+    gguf.add_argument("--json", default=None, metavar="OUT.json", help="also write what was measured as JSON")
+    gguf.set_defaults(handler=cmd_llm_gguf)
+
+
+def cmd_llm_gguf(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from nnopt.llm import source
+    from nnopt.llm.gguf_out import write_gguf
+    from nnopt.progress import track
+
+    src = source.smollm2_gguf() if args.model == "smollm2" and not Path(args.model).exists() else Path(args.model)
+    with contextlib.ExitStack() as stack:
+        bars: list[Any] = []
+
+        def progress(done: int, total: int, name: str) -> None:
+            if not bars:
+                bars.append(stack.enter_context(track("writing GGUF", total=total)))
+            bars[0].advance(1, status=name)
+
+        result = write_gguf(src, args.out, args.quant, progress=progress)
+    print(f"wrote      {args.out}: {result['output_bytes']:,} bytes ({args.quant}) in {result['seconds']:.1f} s")
+    print(f"peak RSS   {result['peak_rss_bytes'] / 2**20:,.0f} MiB (measured: ru_maxrss of this process)")
+    if args.json:
+        from nnopt.io.atomic import atomic_write_bytes
+
+        document = {"source": str(src), "out": args.out, "quant": args.quant, **result}
+        atomic_write_bytes(Path(args.json), (json.dumps(document, indent=2, default=str) + "\n").encode())
         print(f"wrote {args.json}")
     return 0
 

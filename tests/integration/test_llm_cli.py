@@ -119,3 +119,28 @@ def test_quantize_streams_a_checkpoint_that_eval_reads_back_close_to_the_origina
     # the output exists now: a second run refuses to overwrite it, in one line
     assert main(["llm", "quantize", str(tiny_lm), "-o", str(out)]) != 0
     assert "exists" in capsys.readouterr().err
+
+
+def test_quantize_with_gptq_calibrates_layer_by_layer_and_says_so(tiny_lm, tmp_path, capsys):
+    pytest.importorskip("compressed_tensors")
+    out, report = tmp_path / "gptq", tmp_path / "gptq.json"
+    assert main(["llm", "quantize", str(tiny_lm), "-o", str(out), "--method", "gptq", "--bits", "4",
+                 "--group-size", "32", "--calibration-windows", "2", "--calibration-window", "64",
+                 "--json", str(report)]) == 0
+    assert "(gptq, int4 groups of 32, symmetric)" in capsys.readouterr().out
+    measured = json.loads(report.read_text())
+    assert measured["method"] == "nnopt-gptq" and measured["calibration_tokens"] == 2 * 64
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["version"] == "nnopt-gptq"
+    assert main(["llm", "eval", str(out), "--reference", str(tiny_lm), "--window", "64", "--max-windows", "2"]) == 0
+    assert "kl_mean" in capsys.readouterr().out
+
+
+def test_gguf_writes_a_file_transformers_reads_back(tiny_lm, tmp_path, capsys):
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    out = tmp_path / "tiny.Q8_0.gguf"
+    assert main(["llm", "gguf", str(tiny_lm), "-o", str(out), "--quant", "Q8_0"]) == 0
+    assert "peak RSS" in capsys.readouterr().out and out.stat().st_size > 0
+    assert main(["llm", "eval", str(out), "--reference", str(tiny_lm), "--window", "64", "--max-windows", "2"]) == 0
+    assert main(["llm", "gguf", str(tiny_lm), "-o", str(out)]) != 0  # an existing output is refused
+    assert "exists" in capsys.readouterr().err
