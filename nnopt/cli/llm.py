@@ -27,6 +27,7 @@ def register(commands: Any) -> None:
     _register_eval(actions)
     _register_quantize(actions)
     _register_gguf(actions)
+    _register_bench(actions)
 
 
 def _register_eval(actions: Any) -> None:
@@ -184,6 +185,84 @@ def cmd_llm_gguf(args: argparse.Namespace) -> int:
 
         document = {"source": str(src), "out": args.out, "quant": args.quant, **result}
         atomic_write_bytes(Path(args.json), (json.dumps(document, indent=2, default=str) + "\n").encode())
+        print(f"wrote {args.json}")
+    return 0
+
+
+BENCH_VARIANTS = ("fp32", "int8", "int4-g32", "int4-g64", "int4-g128")
+
+
+def _register_bench(actions: Any) -> None:
+    bench = actions.add_parser(
+        "bench", help="batch-1 decode and prefill tokens/s per precision, with the memory-bandwidth fraction",
+        description="Time batch-1 decode (greedy steps with a KV cache after a short prompt) and prefill of a "
+        "causal LM in fp32 and with nnopt's int8/int4 weight-only layers on every Linear (each layer shape's "
+        "kernel chosen by measurement on this CPU), the variants alternated in rounds; and a STREAM-style copy "
+        "bandwidth, to report the fraction of it that decode's weight reads reach. Every figure is measured.")
+    bench.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    bench.add_argument("--gguf", default=None, metavar="FILE", help="MODEL is a directory and FILE a GGUF in it")
+    bench.add_argument("--variants", default="fp32,int8,int4-g128",
+                       help=f"comma-separated, from {', '.join(BENCH_VARIANTS)} (default fp32,int8,int4-g128)")
+    bench.add_argument("--new-tokens", default="32", metavar="N", help="timed decode steps per round (default 32)")
+    bench.add_argument("--prefill", default="512", metavar="N", help="prefill tokens (default 512)")
+    bench.add_argument("--rounds", default="3", metavar="N", help="rounds, variants alternated (default 3)")
+    bench.add_argument("--json", default=None, metavar="OUT.json", help="also write the measurements as JSON")
+    bench.set_defaults(handler=cmd_llm_bench)
+
+
+def cmd_llm_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from nnopt.cpu import cpu_model
+    from nnopt.llm import speed
+    from nnopt.quantization.weights import WeightQuantConfig
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in BENCH_VARIANTS]
+    if unknown or not variants:
+        raise ConfigError(f"--variants: choose from {', '.join(BENCH_VARIANTS)}, got {args.variants!r}")
+    new_tokens, prefill = parse_count(args.new_tokens, "--new-tokens"), parse_count(args.prefill, "--prefill")
+    rounds = parse_count(args.rounds, "--rounds")
+    loaded = _load(args.model, args.gguf, torch.float32)
+    if loaded.max_positions is not None and max(prefill, 16 + new_tokens) > loaded.max_positions:
+        raise ConfigError(f"--prefill/--new-tokens exceed the model's {loaded.max_positions} positions")
+    models: dict[str, Any] = {}
+    kernels: dict[str, list[dict[str, Any]]] = {}
+    for variant in variants:
+        if variant == "fp32":
+            models[variant] = loaded.model
+            continue
+        bits, group = (8, None) if variant == "int8" else (4, int(variant.split("-g")[1]))
+        config = WeightQuantConfig(bits=bits, per_channel=group is None, group_size=group)
+        print(f"... {variant}: quantizing and choosing each layer shape's kernel by measurement", flush=True)
+        models[variant] = speed.quantized_copy(loaded.model, config)
+        kernels[variant] = [{"shape": list(c.shape), "layers": c.layers, "ms": c.ms, "chosen": c.kernel_name,
+                             "slower_than_fp32": c.slower_than_fp32}
+                            for c in speed.choose_kernels(loaded.model, models[variant])]
+    print(f"... timing decode ({new_tokens} tokens) and prefill ({prefill} tokens), {rounds} rounds", flush=True)
+    decode = speed.compare_decode(models, new_tokens=new_tokens, rounds=rounds)
+    prefilled = speed.compare_prefill(models, tokens=prefill, rounds=rounds)
+    bandwidth = speed.copy_bandwidth()
+    threads = torch.get_num_threads()
+    print(f"{loaded.source}: {cpu_model()}, {threads} threads, batch 1; copy bandwidth "
+          f"{bandwidth.median / 1e9:.1f} GB/s (measured, medians)")
+    rows = []
+    for name, model in models.items():
+        weight_bytes = speed.weight_bytes_per_token(model)
+        fraction = speed.bandwidth_fraction(weight_bytes, decode[name].median, bandwidth.median)
+        rows.append({"variant": name, "decode_tokens_per_s": decode[name].median,
+                     "prefill_tokens_per_s": prefilled[name].median, "weight_bytes_per_token": weight_bytes,
+                     "bandwidth_fraction": fraction, "kernels": kernels.get(name, [])})
+        print(f"  {name:<10} decode {decode[name].median:8.2f} tok/s   prefill {prefilled[name].median:8.1f} tok/s"
+              f"   {weight_bytes / 1e6:8.1f} MB/token   {fraction:5.2f} of copy bandwidth")
+    if args.json:
+        from nnopt.io.atomic import atomic_write_bytes
+
+        document = {"model": loaded.source, "cpu": cpu_model(), "threads": threads, "batch": 1,
+                    "new_tokens": new_tokens, "prefill_tokens": prefill, "rounds": rounds,
+                    "copy_bandwidth_bytes_per_s": bandwidth.median, "rows": rows,
+                    "method": "measured: medians of rounds, variants alternated (nnopt.llm.speed)"}
+        atomic_write_bytes(Path(args.json), (json.dumps(document, indent=2) + "\n").encode())
         print(f"wrote {args.json}")
     return 0
 

@@ -144,3 +144,17 @@ def test_gguf_writes_a_file_transformers_reads_back(tiny_lm, tmp_path, capsys):
     assert main(["llm", "eval", str(out), "--reference", str(tiny_lm), "--window", "64", "--max-windows", "2"]) == 0
     assert main(["llm", "gguf", str(tiny_lm), "-o", str(out)]) != 0  # an existing output is refused
     assert "exists" in capsys.readouterr().err
+
+
+def test_bench_times_each_precision_and_reports_the_bandwidth_fraction(tiny_lm, tmp_path, capsys):
+    report = tmp_path / "bench.json"
+    assert main(["llm", "bench", str(tiny_lm), "--variants", "fp32,int8", "--new-tokens", "4", "--prefill", "32",
+                 "--rounds", "1", "--json", str(report)]) == 0
+    measured = json.loads(report.read_text())
+    rows = {r["variant"]: r for r in measured["rows"]}
+    assert set(rows) == {"fp32", "int8"} and measured["copy_bandwidth_bytes_per_s"] > 0
+    assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in rows.values())
+    assert rows["int8"]["weight_bytes_per_token"] < rows["fp32"]["weight_bytes_per_token"]
+    assert rows["int8"]["kernels"] and "of copy bandwidth" in capsys.readouterr().out
+    assert main(["llm", "bench", str(tiny_lm), "--variants", "fp16"]) != 0
+    assert "--variants" in capsys.readouterr().err
