@@ -254,8 +254,11 @@ class _HFSource(_Job):
             raise ConfigError(f"{where}: head_dim {head_dim} × {heads} heads ≠ hidden_size {c['hidden_size']}")
         if not isinstance(kv_heads, int) or heads % kv_heads:
             raise ConfigError(f"{where}: num_key_value_heads {kv_heads!r} does not divide {heads} heads")
-        if c.get("rope_scaling") not in (None, {}) and (c.get("rope_scaling") or {}).get("rope_type") != "default":
-            raise ConfigError(f"{where}: rope_scaling {c['rope_scaling']!r} is not written to GGUF by nnopt yet")
+        # transformers 4 writes rope_scaling, transformers 5 rope_parameters: either may carry a scaling type
+        for key in ("rope_scaling", "rope_parameters"):
+            rope = c.get(key) or {}
+            if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default":
+                raise ConfigError(f"{where}: {key} {rope!r} is not written to GGUF by nnopt yet")
         if c.get("attention_bias") or c.get("mlp_bias"):
             raise ConfigError(f"{where}: attention/MLP biases are not written to GGUF by nnopt yet")
         if c.get("hidden_act", "silu") != "silu":
@@ -389,7 +392,8 @@ class _GGUFSource(_Job):
         import gguf
 
         for key, field in self.reader.fields.items():
-            if key.startswith("GGUF.") or key in _OWN_KEYS:
+            # general.alignment: GGUFWriter pads to its own alignment, which a copied field would contradict
+            if key.startswith("GGUF.") or key in _OWN_KEYS or key == "general.alignment":
                 continue
             vtype = field.types[0]
             if vtype == gguf.GGUFValueType.ARRAY:

@@ -257,8 +257,8 @@ class _Engine:
                     return
                 if owner is None:
                     seen.append((x, name))
-                flat = x.reshape(-1, x.shape[-1]).float()
-                product = (flat.t() @ flat).double()
+                flat = x.reshape(-1, x.shape[-1]).double()  # float64 sums: H is a sum over every token
+                product = flat.t() @ flat
                 if name in sums:
                     sums[name] += product
                 else:
@@ -300,7 +300,10 @@ def _model_config(src: Path) -> Any:
         import transformers
     except ImportError:
         raise ConfigError("layer-by-layer calibration needs transformers: pip install 'nnopt[llm]'") from None
-    config = transformers.AutoConfig.from_pretrained(src, local_files_only=True, trust_remote_code=False)
+    try:
+        config = transformers.AutoConfig.from_pretrained(src, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # transformers' and huggingface_hub's own validation errors, of many types
+        raise ConfigError(f"{src}/config.json: transformers refused it: {str(exc).splitlines()[0][:300]}") from None
     config._attn_implementation = "sdpa"
     return config
 

@@ -147,11 +147,13 @@ def _load_hf_directory(root: Path, dtype: torch.dtype, with_tokenizer: bool) -> 
     model_type = _check_model_type(raw.get("model_type") if isinstance(raw, dict) else None, str(config_path))
     source = _weights_source(root)
     transformers = _transformers()
+    from safetensors import SafetensorError  # a truncated or corrupt shard
+
     start = time.perf_counter()
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             root, local_files_only=True, trust_remote_code=False, use_safetensors=True, dtype=dtype)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise ConfigError(f"{root}: transformers could not load the model: {brief(exc)}") from None
     tokenizer = None
     if with_tokenizer and any((root / name).is_file() for name in TOKENIZER_FILES):

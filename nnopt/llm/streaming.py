@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from nnopt.errors import ConfigError, ModelFormatError, OutputError
+from nnopt.errors import ConfigError, ModelFormatError, OutputError, UnsupportedModelError
 from nnopt.io.atomic import atomic_write_bytes, fsync_dir
 from nnopt.layers import primitives as P
 from nnopt.quantization.weights import WeightQuantConfig
@@ -141,6 +141,10 @@ def write_quantized_checkpoint(
     if out.exists():
         raise OutputError(f"refusing to write {out}: it exists")
     chosen = {t.name: _stored_group(t, config) for t in tensors if _selected(t, config, include_lm_head)}
+    if not chosen:  # e.g. GPT-2, whose blocks are transformer.h.N (Conv1D, transposed): nothing to do is an error
+        raise UnsupportedModelError(f"{src}: no weight to quantize: nnopt quantizes the 2-D projection weights of "
+                                    "model.layers.N (Llama, Mistral, Qwen2/3 checkpoints) and those the layers "
+                                    "selection names")
     units = _units(tensors)
 
     partial = partial_dir(out)
@@ -185,7 +189,9 @@ def write_quantized_checkpoint(
                 flush()
             given: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
             unit_chosen = {t.name for t in members if t.name in chosen}
-            if hooks.codes is not None and unit_chosen:
+            # a decoder layer with nothing chosen still goes to the hooks: a layer-by-layer algorithm carries
+            # its calibration inputs through every layer
+            if hooks.codes is not None and (unit_chosen or _LAYER.match(unit + ".")):
                 given = hooks.codes(unit, dict(_read_unit(src, members)), unit_chosen)
             for name, tensor in _read_unit(src, members):
                 if name in chosen:
@@ -273,17 +279,17 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _read_source(src: Path) -> list[_Tensor]:
     """Every tensor's name, file, shape and dtype, from the safetensors headers only."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     if (src / INDEX_FILE).is_file():
         weight_map = _read_json(src / INDEX_FILE).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelFormatError(f"{src / INDEX_FILE} has no weight_map")
-        files = sorted(set(weight_map.values()))
+        files = sorted({str(name) for name in weight_map.values()})
     else:
-        files = sorted(p.name for p in src.glob("*.safetensors"))
-        if not files:
-            raise ModelFormatError(f"{src} holds no .safetensors file")
+        if not (src / "model.safetensors").is_file():  # as transformers reads it: other files are not the model
+            raise ModelFormatError(f"{src} holds no model.safetensors or {INDEX_FILE}")
+        files = ["model.safetensors"]
     out: list[_Tensor] = []
     for file_name in files:
         path = src / file_name
@@ -294,7 +300,7 @@ def _read_source(src: Path) -> list[_Tensor]:
                 for name in fh.keys():
                     piece = fh.get_slice(name)
                     out.append(_Tensor(name, file_name, tuple(piece.get_shape()), piece.get_dtype()))
-        except (OSError, ValueError, RuntimeError) as exc:  # safetensors' header errors
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # safetensors' header errors
             raise ModelFormatError(f"cannot read {path}: {exc}") from None
     return out
 

@@ -211,3 +211,12 @@ def test_layerwise_refusals(tiny_dir, tmp_path):
                                       lambda name, w, h: (torch.full(w.shape, 9, dtype=torch.int8),
                                                           *rtn_codes(w, config)[1:]),
                                       method="broken", settings={}, tokens=TOKENS)
+
+
+def test_a_layers_selection_that_skips_a_decoder_layer_still_carries_the_inputs_through_it(tiny_dir, tmp_path):
+    """Layer 0 left float: its calibration inputs must still pass through it to reach layer 1."""
+    config = WeightQuantConfig(bits=4, group_size=64, layers=(r"re:^model\.layers\.1\.",))
+    result = quantize_checkpoint_gptq(tiny_dir, tmp_path / "q", config, tokens=TOKENS)
+    assert result["quantized_tensors"] == 7 and result["calibrated_layers"] == 2
+    written = _tensors(tmp_path / "q")
+    assert "model.layers.0.mlp.up_proj.weight" in written and "model.layers.1.mlp.up_proj.weight_packed" in written

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from nnopt.errors import ConfigError, ModelFormatError, OutputError
+from nnopt.errors import ConfigError, ModelFormatError, OutputError, UnsupportedModelError
 from nnopt.layers import primitives as P
 from nnopt.llm.streaming import dequantize_rtn, pack_int32, quantize_checkpoint_rtn, rtn_codes
 from nnopt.llm.synthetic import INDEX_FILE, PRESETS, LlamaShape, plan_shards, write_synthetic_llama
@@ -161,7 +161,7 @@ def test_refusals(tiny_dir, tmp_path):
         quantize_checkpoint_rtn(tiny_dir, tiny_dir, WeightQuantConfig(bits=4))
     with pytest.raises(ConfigError, match="exceeds the input dimension 96"):
         quantize_checkpoint_rtn(tiny_dir, tmp_path / "q", WeightQuantConfig(bits=4, group_size=128))
-    with pytest.raises(ModelFormatError, match="holds no .safetensors file"):
+    with pytest.raises(ModelFormatError, match="holds no model.safetensors"):
         quantize_checkpoint_rtn(tmp_path, tmp_path / "q", WeightQuantConfig(bits=4))
     done = tmp_path / "done"
     quantize_checkpoint_rtn(tiny_dir, done, WeightQuantConfig(bits=8), shard_bytes=1 << 30)
@@ -177,3 +177,14 @@ def test_layers_patterns_narrow_the_selection(tiny_dir, tmp_path):
     assert "model.layers.0.mlp.down_proj.weight_packed" in names and "model.layers.0.mlp.up_proj.weight" in names
     groups = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["config_groups"]
     assert [g["targets"] for g in groups.values()] == [[r"re:^model\.layers\.\d+\.mlp\.down_proj$"]]
+
+
+def test_a_checkpoint_with_nothing_to_quantize_is_refused(tmp_path):
+    """GPT-2's blocks are transformer.h.N: the writer names what it quantizes instead of copying everything."""
+    transformers = pytest.importorskip("transformers")
+    src = tmp_path / "gpt2"
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16)
+    transformers.GPT2LMHeadModel(config).save_pretrained(src, safe_serialization=True)
+    with pytest.raises(UnsupportedModelError, match="no weight to quantize"):
+        quantize_checkpoint_rtn(src, tmp_path / "out", WeightQuantConfig(bits=4, group_size=16))
+    assert not (tmp_path / "out").exists()
