@@ -202,13 +202,19 @@ def _learn_layer(name: str, layer: Any, float_inputs: torch.Tensor, quantized_in
     # each channel's largest |w| stays as it is: ONNX Runtime derives the channel's step from it
     absmax = original.abs().amax(dim=tuple(range(1, original.ndim)), keepdim=True)
     pinned = original.abs() == absmax
+    # what ONNX Runtime makes of a pinned weight: uint8's ±127.5 steps round to code 128 or −128, clipped to 127
+    pinned_value = (torch.round(scaled).clamp(-128 if weights == "uint8" else -MAX_CODE, MAX_CODE)
+                    * step).to(original.dtype)
     low, high = STRETCH
     start = ((scaled - floor).clamp(0, 1) - low) / (high - low)  # h(v) equals the rest: nearest's soft twin
     v = torch.logit(start).requires_grad_(True)
 
-    def on_grid(codes: torch.Tensor) -> torch.Tensor:
+    def on_grid(codes: torch.Tensor, deployed: bool = False) -> torch.Tensor:
+        """The weights as ONNX Runtime computes with them, or (``deployed``) as written for it to quantize:
+        the pinned weights as they were, so that it derives the same step."""
         # code ±127 × step can exceed max|w| by an ulp (int8), which would move ONNX Runtime's step
-        return torch.where(pinned, original, torch.clamp((codes * step).to(original.dtype), -absmax, absmax))
+        grid = torch.clamp((codes * step).to(original.dtype), -absmax, absmax)
+        return torch.where(pinned, original if deployed else pinned_value, grid)
 
     def output(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = functional_call(layer, {"weight": w}, (x,))
@@ -231,7 +237,7 @@ def _learn_layer(name: str, layer: Any, float_inputs: torch.Tensor, quantized_in
     for t in range(config.steps):
         idx = torch.randint(rows, (min(config.batch, rows),), generator=generator)
         h = _rectified_sigmoid(v)
-        soft = torch.where(pinned, original, ((floor + h) * step).to(original.dtype))
+        soft = torch.where(pinned, pinned_value, ((floor + h) * step).to(original.dtype))
         loss = (output(soft, quantized_inputs[idx]) - target[idx]).pow(2).mean() / (power * max(nearest_error, 1e-12))
         if t >= warm and config.regularization:
             beta = config.beta[0] + (config.beta[1] - config.beta[0]) * (t - warm) / max(1, config.steps - warm)
@@ -245,7 +251,7 @@ def _learn_layer(name: str, layer: Any, float_inputs: torch.Tensor, quantized_in
     if not math.isfinite(learned_error) or learned_error >= nearest_error:  # never worse than nearest
         learned, learned_error = nearest, nearest_error
     with torch.no_grad():
-        layer.weight.copy_(on_grid(learned))
+        layer.weight.copy_(on_grid(learned, deployed=True))
     moved = ~pinned
     flipped = float((learned != nearest)[moved].double().mean()) if bool(moved.any()) else 0.0
     return LayerRounding(name, nearest_error, learned_error, flipped)

@@ -13,6 +13,7 @@ from nnopt.errors import ConfigError
 from nnopt.quantization.learned_rounding import LearnedRoundingConfig, grid_step, learn_rounding
 
 pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models: one thread is fastest
 
 
 def _cnn() -> nn.Module:
@@ -99,11 +100,20 @@ def test_learned_rounding_refuses_bad_input() -> None:
         learn_rounding(model, torch.randn(0, 3, 8, 8))
 
 
-def test_int8_onnx_with_learned_rounding_keeps_float_layers_at_their_float_weights() -> None:
+def test_int8_onnx_with_learned_rounding_keeps_float_layers_at_their_float_weights(monkeypatch) -> None:
     import onnx
     from onnx import numpy_helper
 
+    import nnopt.pipeline.int8_onnx as pipeline
     from nnopt.pipeline.int8_onnx import Int8OnnxOptions, int8_onnx, prepare_for_int8
+
+    calls: list[int] = []
+
+    def never_agreeing(outputs: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+        calls.append(1)  # each step closer than the last: the fallback keeps its last step, one float layer
+        return 0.0, 1.0 / len(calls)
+
+    monkeypatch.setattr(pipeline, "agreement_and_kl", never_agreeing)
 
     model = _cnn()
     data = torch.randn(40, 3, 10, 10)
@@ -113,12 +123,11 @@ def test_int8_onnx_with_learned_rounding_keeps_float_layers_at_their_float_weigh
     learned = result.preparation["learned_rounding"]
     assert set(learned["layers"]) == {"0", "2", "4", "8"} and "bias_correction" not in result.preparation
     assert all(layer["learned_error"] <= layer["nearest_error"] for layer in learned["layers"].values())
-    if result.float_layers:  # a layer kept in float carries its float weight, not the learned grid's
-        (kept,) = result.float_layers
-        graph = onnx.load_from_string(result.onnx).graph
-        stored = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-        prepared, _ = prepare_for_int8(model, data[:24], options)  # folded and equalized, as int8_onnx does
-        folded = dict(prepared.named_modules())[kept].weight.detach().numpy()
-        assert any(v.shape == folded.shape and np.array_equal(v, folded) for v in stored.values())
+    (kept,) = result.float_layers  # a layer kept in float carries its float weight, not the learned grid's
+    graph = onnx.load_from_string(result.onnx).graph
+    stored = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    prepared, _ = prepare_for_int8(model, data[:24], options)  # folded and equalized, as int8_onnx does
+    folded = dict(prepared.named_modules())[kept].weight.detach().numpy()
+    assert any(v.shape == folded.shape and np.array_equal(v, folded) for v in stored.values())
     with pytest.raises(ConfigError, match="rounding must be one of"):
         Int8OnnxOptions(rounding="stochastic").validate()
