@@ -21,28 +21,10 @@ import dataclasses
 import time
 from typing import Any
 
-import torch
 from _common import log, parse_args, row, run_workloads, write_results
-from torch import nn
+from cnn_fidelity import _outputs, _weights_on_grid
 
 WORKLOADS = ("mobilenet_v2",)
-
-
-def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return torch.cat([model(x[i:i + 50]) for i in range(0, len(x), 50)])
-
-
-def _nearest(model: nn.Module) -> nn.Module:
-    import copy
-
-    from nnopt.quantization.equalize import weight_grid
-
-    rounded = copy.deepcopy(model)
-    for module in rounded.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            module.weight.data = weight_grid(module.weight.data, "uint8")
-    return rounded
 
 
 def rounding_rows(name: str, args: Any) -> list[dict[str, Any]]:
@@ -61,7 +43,7 @@ def rounding_rows(name: str, args: Any) -> list[dict[str, Any]]:
     scores: dict[str, tuple[float, float, float | None]] = {}
     folded, _ = prepare_for_int8(model, splits.fit[:128], Int8OnnxOptions(equalize=False))
     scores["weights only (uint8 per channel), nearest"] = (
-        *agreement_and_kl(_outputs(_nearest(folded), held_out).numpy(), reference), None)
+        *agreement_and_kl(_outputs(_weights_on_grid(folded, "uint8"), held_out).numpy(), reference), None)
     log("weights only, learned rounding")
     start = time.perf_counter()
     learned, _ = learn_rounding(folded, splits.fit[:32], "uint8",

@@ -31,7 +31,8 @@ def register(commands: Any) -> None:
     parser.add_argument("--calibration", choices=("minmax", "percentile", "entropy"), default="minmax")
     parser.add_argument("--rounding", choices=("nearest", "learned"), default="nearest",
                         help="nearest (default, with bias correction) or learned: AdaRound-style rounding of every "
-                        "weight fitted to the layer's float output (minutes for a 224x224 CNN on 2 cores)")
+                        "weight fitted to the layer's float output, in place of bias correction (minutes for a "
+                        "224x224 CNN on 2 cores)")
     parser.add_argument("--rounding-steps", type=int, default=300, help="learned rounding: Adam steps per layer")
     parser.add_argument("--rounding-samples", type=int, default=64,
                         help="learned rounding: calibration inputs it fits on (default 64)")

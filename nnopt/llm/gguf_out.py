@@ -265,24 +265,9 @@ class _HFSource(_Job):
             raise ConfigError(f"{where}: hidden_act {c.get('hidden_act')!r}: llama.cpp's Llama uses silu")
 
     def _shard_files(self) -> list[str]:
-        index_path = self.root / INDEX_FILE
-        if index_path.is_file():
-            index = read_json_document(index_path, ConfigError, f"{index_path}: missing", f"{index_path}: not JSON")
-            weight_map = index.get("weight_map") if isinstance(index, dict) else None
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise ConfigError(f"{index_path}: no weight_map naming the shards")
-            names = sorted({str(v) for v in weight_map.values()})
-            bad = [n for n in names if Path(n).name != n or not n.endswith(".safetensors")]
-            if bad:
-                raise ConfigError(f"{index_path}: shard names must be .safetensors files in the directory, "
-                                  f"got {bad[0]!r}")
-            missing = [n for n in names if not (self.root / n).is_file()]
-            if missing:
-                raise ConfigError(f"{self.root}: shard {missing[0]} listed in {INDEX_FILE} is missing")
-            return names
-        if (self.root / SINGLE_FILE).is_file():
-            return [SINGLE_FILE]
-        raise ConfigError(f"{self.root}: no {SINGLE_FILE} or {INDEX_FILE}")
+        from nnopt.llm.source import safetensors_files
+
+        return safetensors_files(self.root)
 
     def _plan(self, files: list[str], qtype: Any) -> list[_Planned]:
         import gguf

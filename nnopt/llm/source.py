@@ -112,8 +112,10 @@ def _check_model_type(model_type: object, where: str) -> str:
     return model_type
 
 
-def _weights_source(root: Path) -> str:
-    """Where a directory's weights are, as a description; refuses pickle-only checkpoints and missing shards."""
+def safetensors_files(root: Path) -> list[str]:
+    """The checkpoint's safetensors file names: the shards ``model.safetensors.index.json`` lists (checked to
+    be plain ``.safetensors`` names inside ``root``, all present) or ``model.safetensors``. A folder holding
+    only pickle checkpoints → UnsafeFileError; neither file → ConfigError."""
     index_path = root / INDEX_FILE
     if index_path.is_file():
         index = read_json_document(index_path, ConfigError, f"{index_path}: missing", f"{index_path}: not JSON")
@@ -129,15 +131,21 @@ def _weights_source(root: Path) -> str:
         if missing:
             raise ConfigError(f"{root}: {len(missing)} of {len(names)} shards listed in {INDEX_FILE} are missing, "
                               f"e.g. {missing[0]}")
-        return f"safetensors: {root} ({len(names)} shards)"
+        return names
     if (root / SINGLE_FILE).is_file():
-        return f"safetensors: {root}"
+        return [SINGLE_FILE]
     pickles = sorted(p.name for p in root.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise UnsafeFileError(f"{root}: holds only pickle checkpoints ({', '.join(pickles[:3])}); nnopt loads "
                               "safetensors only, since unpickling can run code. Convert it where you trust it, e.g. "
                               "model.save_pretrained(DIR, safe_serialization=True)")
     raise ConfigError(f"{root}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def _weights_source(root: Path) -> str:
+    """Where a directory's weights are, as a description (see :func:`safetensors_files`)."""
+    files = safetensors_files(root)
+    return f"safetensors: {root}" if files == [SINGLE_FILE] else f"safetensors: {root} ({len(files)} shards)"
 
 
 def _load_hf_directory(root: Path, dtype: torch.dtype, with_tokenizer: bool) -> LoadedLM:
