@@ -3,7 +3,8 @@
 For each workload a Llama-shaped model with random weights (nnopt.llm.synthetic: TinyLlama-1.1B's shape
 in fp32, Llama-2-7B's in bf16) is written as sharded safetensors into a work directory, then
 ``nnopt.llm.streaming.quantize_checkpoint_rtn`` quantizes it to int4 in groups of 128 in a fresh
-subprocess, so that the peak resident set (``ru_maxrss`` = VmHWM) is that run's alone. The output is
+subprocess, so that the peak resident set (VmHWM, ``nnopt.llm.streaming.peak_rss_bytes``) is that run's
+alone. The output is
 spot-checked (a quantized matrix read back within half a step of the source). The baseline row (1.1B
 only) is the peak RSS of loading the same checkpoint with transformers' ``from_pretrained`` and running one
 forward pass (which makes every weight resident), the usual first step of non-streaming tools. Models
@@ -56,7 +57,8 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
     write_results("llm_memory", rows, args.out, extra_columns=EXTRA, extra_env={
-        **env, "quick": args.quick, "method": "peak RSS = ru_maxrss (VmHWM) of a fresh subprocess per run; "
+        **env, "quick": args.quick, "method": "peak RSS = VmHWM of a fresh subprocess per run "
+                  "(ru_maxrss would keep the parent's peak); "
         "seconds = wall clock of quantize_checkpoint_rtn; sizes = bytes of the files; the subprocesses run "
         "with glibc malloc's defaults (the allocator line is this parent process's)", "disk": _disk(base)})
     log(f"wrote {args.out} and {args.out.with_suffix('.md')} in {time.perf_counter() - started:.0f} s")

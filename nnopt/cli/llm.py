@@ -135,7 +135,7 @@ def cmd_llm_quantize(args: argparse.Namespace) -> int:
           f"{result['seconds']:.1f} s{resumed}")
     print(f"size       {result['source_bytes']:,} -> {result['output_bytes']:,} bytes "
           f"({result['source_bytes'] / max(1, result['output_bytes']):.2f}x smaller)")
-    print(f"peak RSS   {result['peak_rss_bytes'] / 2**20:,.0f} MiB (measured: ru_maxrss of this process)")
+    print(f"peak RSS   {result['peak_rss_bytes'] / 2**20:,.0f} MiB (measured: this process's high-water mark)")
     print(f"wrote {args.out} ({result['format']})")
     if args.json:
         from nnopt.io.atomic import atomic_write_bytes
@@ -179,7 +179,7 @@ def cmd_llm_gguf(args: argparse.Namespace) -> int:
 
         result = write_gguf(src, args.out, args.quant, progress=progress)
     print(f"wrote      {args.out}: {result['output_bytes']:,} bytes ({args.quant}) in {result['seconds']:.1f} s")
-    print(f"peak RSS   {result['peak_rss_bytes'] / 2**20:,.0f} MiB (measured: ru_maxrss of this process)")
+    print(f"peak RSS   {result['peak_rss_bytes'] / 2**20:,.0f} MiB (measured: this process's high-water mark)")
     if args.json:
         from nnopt.io.atomic import atomic_write_bytes
 
@@ -268,11 +268,10 @@ def cmd_llm_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_llm_eval(args: argparse.Namespace) -> int:
-    import resource
-
     import torch
 
     from nnopt.llm import corpus, quality
+    from nnopt.llm.streaming import peak_rss_bytes
 
     window = parse_count(args.window, "--window")
     stride = None if args.stride is None else parse_count(args.stride, "--stride")
@@ -295,12 +294,12 @@ def cmd_llm_eval(args: argparse.Namespace) -> int:
     print(f"text       {text_name}: {len(text):,} characters, {ids.numel():,} tokens")
     result = quality.evaluate(loaded.model, ids, reference=reference.model if reference else None, window=window,
                               stride=stride, batch=batch, max_windows=max_windows, progress=None)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
+    peak = peak_rss_bytes()
     print(f"perplexity {result.perplexity:.4f} over {result.tokens:,} tokens in {result.windows} windows of "
           f"{result.window} ({result.seconds:.1f} s)")
     if result.kl_mean is not None:
         print(f"kl_mean    {result.kl_mean:.6f} nats per position")
-    print(f"peak RSS   {peak / 2**20:,.0f} MiB (measured: ru_maxrss of this process)")
+    print(f"peak RSS   {peak / 2**20:,.0f} MiB (measured: this process's high-water mark)")
     print(f"method     {result.method}")
     if args.json:
         from nnopt.io.atomic import atomic_write_bytes

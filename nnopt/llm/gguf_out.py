@@ -41,6 +41,7 @@ import numpy as np
 from nnopt.errors import ConfigError, ModelFormatError, OutputError, UnsupportedModelError, brief
 from nnopt.io.atomic import fsync_dir, sibling_name
 from nnopt.io.json_file import read_json_document
+from nnopt.llm.streaming import peak_rss_bytes
 
 QUANT_TYPES = ("Q8_0", "Q4_0")
 BLOCK = 32  # weights per Q8_0/Q4_0 block
@@ -74,8 +75,8 @@ def write_gguf(src: str | Path, out_file: str | Path, quant: str = "Q8_0",
     ``out_file`` as GGUF with ``quant`` (``"Q8_0"`` or ``"Q4_0"``) weights.
 
     ``progress(done, total, name)`` is called after each tensor. Returns what was measured and written:
-    seconds, peak RSS (``ru_maxrss``, bytes), source and output bytes, tensor counts per type, parameters
-    and the tokenizer model. Bad input raises ConfigError (missing source, unknown quant, unsupported
+    seconds, peak RSS (``nnopt.llm.streaming.peak_rss_bytes``), source and output bytes, tensor counts per
+    type, parameters and the tokenizer model. Bad input raises ConfigError (missing source, unknown quant, unsupported
     tokenizer or config), UnsupportedModelError (not a Llama) or OutputError (``out_file`` exists)."""
     gguf = _gguf()
     start = time.perf_counter()
@@ -137,7 +138,7 @@ def write_gguf(src: str | Path, out_file: str | Path, quant: str = "Q8_0",
         "architecture": job.architecture,
         "source": job.description,
         "seconds": time.perf_counter() - start,
-        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "source_bytes": job.source_bytes,
         "output_bytes": out.stat().st_size,
         "tensors": counts,
@@ -477,15 +478,6 @@ def _pre_tokenizer_name(pre: Any, path: Path) -> str:
             return "smollm"  # SmolLM/SmolLM2: digits one by one, then GPT-2's split
     raise ConfigError(f"{path}: pre-tokenizer {json.dumps(pre)[:200]} has no llama.cpp name known to nnopt "
                       "(supported: GPT-2's byte-level split, with or without single digits first)")
-
-
-def _peak_rss_bytes() -> int:
-    """This process's peak resident set size so far (``ru_maxrss``: kilobytes on Linux, bytes on macOS)."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def _gguf() -> Any:
