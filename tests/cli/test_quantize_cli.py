@@ -44,7 +44,7 @@ def test_schemes_save_reload_and_report(saved, tmp_path, capsys, digits, args, b
 
 def test_bad_input_is_named_and_nothing_written(saved, tmp_path, expect_error):
     out = tmp_path / "out"
-    expect_error(["quantize", str(saved), "--scheme", "int4-weight", "--group", "7", "-o", str(out)], "7")
+    expect_error(["quantize", str(saved), "--scheme", "int4-weight", "--group", "1000", "-o", str(out)], "1000")
     expect_error(["quantize", str(saved), "--scheme", "int8-static", "-o", str(out)], "--data")
     expect_error(["quantize", str(saved), "--scheme", "int8-static", "--data", "digits", "--calib", "0",
                   "-o", str(out)], "--calib")
