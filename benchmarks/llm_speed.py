@@ -53,10 +53,9 @@ EXTRA = ("threads", "decode_tokens_per_s", "decode_p10", "decode_p90", "prefill_
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set so far (VmHWM; ``ru_maxrss`` is in KiB on Linux)."""
-    import resource
+    from nnopt.llm.streaming import peak_rss_bytes as own_peak
 
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    return own_peak()
 
 
 def _rss() -> int:

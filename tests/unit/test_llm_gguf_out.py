@@ -22,18 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thr
 SENTENCE = "It is a truth universally acknowledged, that a single man in possession of a good fortune."
 
 
-def _tiny_llama(path, *, tied: bool):
+def _tiny_llama(path, tokenizer, *, tied: bool):
     """A random 2-layer Llama (4 heads, 2 KV heads) with a byte-level BPE tokenizer trained here, sharded."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from nnopt.llm.corpus import calibration_text
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([calibration_text()[:40_000]], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
     torch.manual_seed(1 + tied)
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
@@ -50,13 +40,13 @@ def _tiny_llama(path, *, tied: bool):
 
 
 @pytest.fixture(scope="module")
-def untied(tmp_path_factory):
-    return _tiny_llama(tmp_path_factory.mktemp("llm") / "untied", tied=False)
+def untied(tmp_path_factory, tiny_bpe_tokenizer):
+    return _tiny_llama(tmp_path_factory.mktemp("llm") / "untied", tiny_bpe_tokenizer, tied=False)
 
 
 @pytest.fixture(scope="module")
-def tied(tmp_path_factory):
-    return _tiny_llama(tmp_path_factory.mktemp("llm") / "tied", tied=True)
+def tied(tmp_path_factory, tiny_bpe_tokenizer):
+    return _tiny_llama(tmp_path_factory.mktemp("llm") / "tied", tiny_bpe_tokenizer, tied=True)
 
 
 def _roundtrip(values: np.ndarray, quant: str) -> np.ndarray:
