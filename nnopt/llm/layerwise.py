@@ -9,8 +9,10 @@ decoder layer ``i``, in order:
 2. runs the carried hidden states through it with forward hooks on its Linear modules that accumulate each
    input's Hessian ``H = 2 XᵀX / n`` over every calibration token (float64; modules fed the same tensor,
    q/k/v and gate/up, share one),
-3. hands each selected weight and its ``H`` to the algorithm (GPTQ: :func:`nnopt.llm.gptq.gptq_codes`),
-   which returns codes in the writer's layout,
+3. hands the layer, its selected Linears and their input statistics (``H`` and the per-channel ``max |x|``,
+   :class:`InputStats`) to the method, which returns codes in the writer's layout and may change the layer
+   (fold smoothing scales into norms, zero pruned weights); a per-matrix algorithm (GPTQ:
+   :func:`nnopt.llm.gptq.gptq_codes`) gets each weight and its ``H`` through :func:`per_matrix`,
 4. puts the dequantized codes into the layer and runs the calibration inputs through the *quantized* layer:
    its outputs are layer ``i + 1``'s inputs, as in GPTQ, so later layers correct for earlier layers' errors,
 5. frees the layer.
@@ -45,9 +47,56 @@ CARRIED = "carried-{}.safetensors"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _EMBED = "model.embed_tokens.weight"
 
-Codes = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Codes = streaming.Codes
 # (full weight name, float32 weight (out, in), float64 Hessian (in, in)) -> codes in rtn_codes' layout
 LayerAlgorithm = Callable[[str, torch.Tensor, torch.Tensor], Codes]
+
+
+@dataclasses.dataclass
+class InputStats:
+    """What calibration saw at one Linear's input over every calibration token: ``hessian`` ``2 XᵀX / n``
+    (float64, (in, in)), ``absmax`` ``max |x_j|`` per input channel (float32, (in,)) and ``tokens`` ``n``.
+    Linears fed the same tensor (q/k/v, gate/up) share one object."""
+
+    hessian: torch.Tensor
+    absmax: torch.Tensor
+    tokens: int
+
+
+@dataclasses.dataclass
+class LayerContext:
+    """One decoder layer as a :data:`LayerMethod` gets it: ``layer`` (float32, built alone, its parameters
+    the method may change in place, e.g. to fold a smoothing scale into a norm or zero pruned weights),
+    ``linears`` (the chosen ``*.weight`` names and their modules), ``stats`` (each one's :class:`InputStats`
+    from the unchanged layer), ``inputs`` (the carried hidden states, not to be changed) and ``forward``
+    (the layer as it is now on some hidden states, batched, returning its outputs)."""
+
+    unit: str
+    layer: torch.nn.Module
+    linears: dict[str, torch.nn.Linear]
+    stats: dict[str, InputStats]
+    config: WeightQuantConfig
+    inputs: torch.Tensor
+    forward: Callable[[torch.Tensor], torch.Tensor]
+
+
+# Returns codes for chosen weights (those it leaves out are RTN-quantized from their modules' weights as the
+# method left them, or written as they are when nothing is quantized); every tensor of the layer it changed
+# is written from the layer.
+LayerMethod = Callable[[LayerContext], dict[str, Codes]]
+# Sums (hessian = XᵀX, not yet scaled by 2/n), absmax and token counts of this process, reduced in place
+# across processes (nnopt.llm.distributed); called with the same names in the same order everywhere.
+StatsReducer = Callable[[dict[str, InputStats]], None]
+
+
+def per_matrix(algorithm: LayerAlgorithm) -> LayerMethod:
+    """A :data:`LayerMethod` that hands each chosen weight and its Hessian to ``algorithm`` (GPTQ)."""
+
+    def method(context: LayerContext) -> dict[str, Codes]:
+        return {name: algorithm(name, module.weight.detach().float(), context.stats[name].hessian)
+                for name, module in context.linears.items()}
+
+    return method
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,20 +142,31 @@ def quantize_checkpoint_gptq(
 
 
 def quantize_checkpoint_layerwise(
-    src_dir: str | Path, out_dir: str | Path, config: WeightQuantConfig, algorithm: LayerAlgorithm, *,
-    method: str, settings: dict[str, Any], calibration: CalibrationConfig | None = None,
-    tokens: torch.Tensor | None = None, progress: streaming.ProgressFn | None = None,
-    include_lm_head: bool = False, shard_bytes: int = streaming.DEFAULT_SHARD_BYTES,
+    src_dir: str | Path, out_dir: str | Path, config: WeightQuantConfig, algorithm: LayerAlgorithm | None = None,
+    *, layer_method: LayerMethod | None = None, method: str, settings: dict[str, Any],
+    calibration: CalibrationConfig | None = None, tokens: torch.Tensor | None = None,
+    progress: streaming.ProgressFn | None = None, include_lm_head: bool = False,
+    shard_bytes: int = streaming.DEFAULT_SHARD_BYTES, quantize: bool = True,
+    input_activations: dict[str, Any] | None = None, config_entries: dict[str, Any] | None = None,
+    reduce_stats: StatsReducer | None = None,
 ) -> dict[str, Any]:
-    """The calibration engine the module describes, with any per-matrix ``algorithm``; ``method`` names it
-    in the output's quantization_config and ``settings`` (JSON) join the resume fingerprint."""
+    """The calibration engine the module describes, with a per-matrix ``algorithm`` or a ``layer_method``
+    that sees the whole layer (exactly one). ``method`` names it in the output's quantization_config and
+    ``settings`` (JSON) join the resume fingerprint. ``quantize`` false writes float weights (pruning);
+    ``input_activations`` and ``config_entries`` go to the writer (:class:`nnopt.llm.streaming.UnitHooks`);
+    ``reduce_stats`` combines each layer's statistics across processes before they are used."""
+    if (algorithm is None) == (layer_method is None):
+        raise ConfigError("quantize_checkpoint_layerwise takes an algorithm or a layer_method, exactly one")
     src, out = Path(src_dir), Path(out_dir)
     calibration = calibration or CalibrationConfig()
     calibration.validate()
     config.validate()
-    engine = _Engine(src, out, config, algorithm, calibration, tokens)
+    chosen_method = layer_method if layer_method is not None else per_matrix(algorithm)  # type: ignore[arg-type]
+    engine = _Engine(src, out, config, chosen_method, calibration, tokens, quantize=quantize,
+                     reduce_stats=reduce_stats)
     hooks = streaming.UnitHooks(
-        codes=engine.codes, commit=engine.commit, method=method, flush_each_unit=True,
+        codes=engine.codes, commit=engine.commit, method=method, flush_each_unit=True, quantize=quantize,
+        input_activations=input_activations, config_entries=dict(config_entries or {}),
         fingerprint={"settings": settings, "calibration": dataclasses.asdict(calibration),
                      "tokens_sha256": engine.tokens_digest, "tokens_shape": list(engine.tokens.shape)})
     result = streaming.write_quantized_checkpoint(src, out, config, progress, include_lm_head=include_lm_head,
@@ -119,10 +179,12 @@ def quantize_checkpoint_layerwise(
 class _Engine:
     """Carries the calibration hidden states through the decoder layers as the writer asks for their codes."""
 
-    def __init__(self, src: Path, out: Path, config: WeightQuantConfig, algorithm: LayerAlgorithm,
-                 calibration: CalibrationConfig, tokens: torch.Tensor | None) -> None:
+    def __init__(self, src: Path, out: Path, config: WeightQuantConfig, method: LayerMethod,
+                 calibration: CalibrationConfig, tokens: torch.Tensor | None, *, quantize: bool = True,
+                 reduce_stats: StatsReducer | None = None) -> None:
         self.src, self.partial = src, streaming.partial_dir(out)
-        self.config, self.algorithm, self.batch = config, algorithm, calibration.batch
+        self.config, self.method, self.batch = config, method, calibration.batch
+        self.quantize, self.reduce_stats = quantize, reduce_stats
         self.model_config = _model_config(src)
         self.layer_class, self.rotary_class = _layer_classes(self.model_config)
         self.tokens = _calibration_tokens(src, calibration, tokens, self.model_config)
@@ -134,7 +196,7 @@ class _Engine:
 
     # ------------------------------------------------------------------------------ writer hooks
 
-    def codes(self, unit: str, tensors: dict[str, torch.Tensor], chosen: set[str]) -> dict[str, Codes]:
+    def codes(self, unit: str, tensors: dict[str, torch.Tensor], chosen: set[str]) -> dict[str, Codes | torch.Tensor]:
         match = re.fullmatch(r"model\.layers\.(\d+)", unit)
         if match is None:
             return {}  # lm_head and other tensors outside the decoder layers: RTN
@@ -149,15 +211,34 @@ class _Engine:
         if missing:
             raise UnsupportedModelError(f"{sorted(missing)[0]} is not a Linear weight of {unit} as transformers "
                                         f"builds it; layer-by-layer calibration quantizes Linear weights only")
-        hessians = self._hessians(layer, linears, hidden)
-        result: dict[str, Codes] = {}
+        stats = self._statistics(layer, linears, hidden)
+
+        def forward(states: torch.Tensor, layer: torch.nn.Module = layer) -> torch.Tensor:
+            states = states.clone()
+            self._forward(layer, states)
+            return states
+
+        context = LayerContext(unit, layer, linears, stats, self.config, hidden, forward)
+        given = self.method(context)
+        unknown = set(given) - set(linears)
+        if unknown:
+            raise ConfigError(f"the layer method returned codes for {sorted(unknown)[0]!r}, not a chosen weight")
+        result: dict[str, Codes | torch.Tensor] = {}
+        group = self.config.group_size
         for name, module in linears.items():
-            codes, step, zero = self.algorithm(name, module.weight.detach().float(), hessians[name])
+            if not self.quantize:
+                result[name] = module.weight.detach().float().clone()
+                continue
+            codes, step, zero = given[name] if name in given else streaming.rtn_codes(module.weight.detach(),
+                                                                                    self.config)
             result[name] = (codes, step, zero)
-            group = self.config.group_size
             with torch.no_grad():
                 module.weight.copy_(streaming.dequantize_rtn(codes, step, zero, group))
-        del hessians
+        del stats, given, context
+        for key, value in layer.state_dict().items():  # what the method changed besides the chosen weights
+            name = prefix + key
+            if name not in linears and name in tensors and not torch.equal(value, tensors[name].float()):
+                result[name] = value.detach().clone()
         self._forward(layer, hidden)  # in place: the quantized layer's outputs are the next layer's inputs
         self.next_layer = index + 1
         self.calibrated += 1
@@ -237,11 +318,12 @@ class _Engine:
                             position_embeddings=position)
                 hidden[b0:b0 + self.batch] = out[0] if isinstance(out, tuple) else out
 
-    def _hessians(self, layer: torch.nn.Module, linears: dict[str, torch.nn.Linear],
-                  hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``2 XᵀX / n`` of each Linear's inputs over every calibration token, from one pass of the unquantized
-        layer (its outputs thrown away); Linears fed the same tensor share one matrix."""
+    def _statistics(self, layer: torch.nn.Module, linears: dict[str, torch.nn.Linear],
+                    hidden: torch.Tensor) -> dict[str, InputStats]:
+        """Each Linear's :class:`InputStats` over every calibration token, from one pass of the unquantized
+        layer (its outputs thrown away); Linears fed the same tensor share one."""
         sums: dict[str, torch.Tensor] = {}
+        absmax: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         shared: dict[str, str] = {}
         # Inputs seen in this batch, held so that no later tensor can reuse their memory (an address alone
@@ -257,12 +339,14 @@ class _Engine:
                     return
                 if owner is None:
                     seen.append((x, name))
+                peak = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
                 flat = x.reshape(-1, x.shape[-1]).double()  # float64 sums: H is a sum over every token
                 product = flat.t() @ flat
                 if name in sums:
                     sums[name] += product
+                    torch.maximum(absmax[name], peak, out=absmax[name])
                 else:
-                    sums[name] = product
+                    sums[name], absmax[name] = product, peak
                 counts[name] = counts.get(name, 0) + flat.shape[0]
             return record
 
@@ -280,11 +364,15 @@ class _Engine:
         finally:
             for handle in handles:
                 handle.remove()
-        hessians = {name: total.mul_(2.0 / counts[name]) for name, total in sums.items()}
+        stats = {name: InputStats(total, absmax[name], counts[name]) for name, total in sorted(sums.items())}
+        if self.reduce_stats is not None:
+            self.reduce_stats(stats)
+        for entry in stats.values():
+            entry.hessian.mul_(2.0 / entry.tokens)
         for name, owner in shared.items():
-            if name not in hessians:
-                hessians[name] = hessians[owner]
-        return hessians
+            if name not in stats:
+                stats[name] = stats[owner]
+        return stats
 
 
 # ------------------------------------------------------------------------------------------ helpers

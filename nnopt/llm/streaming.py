@@ -66,6 +66,8 @@ _CHUNK_ELEMENTS = 1 << 22
 _MIN_STORED_GROUP = 16
 
 ProgressFn = Callable[[int, int, str], None]
+# int8 codes (out, in), step 1/S (float32) and zero point (int8), each (out, groups), (out, 1) or (1, 1)
+Codes = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,20 +84,30 @@ class UnitHooks:
 
     ``codes(unit, tensors, chosen)`` gets a unit's tensors (one decoder layer's, by full name) and the names
     chosen for quantization, and returns ``{name: (codes, step, zero)}`` in :func:`rtn_codes`' layout; chosen
-    names it leaves out are quantized with RTN. ``commit(done_units)`` runs each time finished units are
+    names it leaves out are quantized with RTN. A value that is a tensor instead replaces the source tensor
+    of that name: a chosen weight is then quantized (RTN) or, with ``quantize`` false, written from it; any
+    other tensor (a norm weight that absorbed a smoothing scale) is written from it in the source's dtype.
+    ``commit(done_units)`` runs each time finished units are
     made durable, before the progress file records them, and returns the names of files it wrote into the
     partial directory that a resumed run needs (the writer keeps them and deletes the previous ones).
     ``fingerprint`` joins the resume fingerprint (the algorithm's settings and calibration data);
     ``method`` is recorded as the quantization_config's ``version``; ``flush_each_unit`` ends an output
     shard after every unit, so that a killed run resumes from its last finished layer.
+
+    ``quantize`` false writes the chosen weights in float (their source dtype, e.g. pruned weights) and no
+    quantization_config; ``input_activations`` is the compressed-tensors activation scheme recorded beside
+    the weights' (W8A8: ``{"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True, ...}``);
+    ``config_entries`` are added to the output's config.json (e.g. a record of the sparsity).
     """
 
-    codes: Callable[[str, dict[str, torch.Tensor], set[str]], dict[str, tuple[torch.Tensor, torch.Tensor,
-                                                                             torch.Tensor]]] | None = None
+    codes: Callable[[str, dict[str, torch.Tensor], set[str]], dict[str, Codes | torch.Tensor]] | None = None
     commit: Callable[[list[str]], list[str]] | None = None
     fingerprint: dict[str, Any] = dataclasses.field(default_factory=dict)
     method: str = "nnopt-rtn"
     flush_each_unit: bool = False
+    quantize: bool = True
+    input_activations: dict[str, Any] | None = None
+    config_entries: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def partial_dir(out_dir: str | Path) -> Path:
@@ -152,8 +164,8 @@ def write_quantized_checkpoint(
         "version": _PROGRESS_VERSION, "source": str(src.resolve()), "files": _file_stamps(src, tensors),
         "config": config.to_dict(), "include_lm_head": include_lm_head, "shard_bytes": shard_bytes,
     }
-    if hooks.fingerprint or hooks.method != "nnopt-rtn":
-        fingerprint.update(method=hooks.method, algorithm=hooks.fingerprint)
+    if hooks.fingerprint or hooks.method != "nnopt-rtn" or not hooks.quantize:
+        fingerprint.update(method=hooks.method, algorithm=hooks.fingerprint, quantize=hooks.quantize)
     state = _resume_state(partial, fingerprint)
     done_units: set[str] = set(state["done_units"])
     resumed = len(done_units)
@@ -185,17 +197,30 @@ def write_quantized_checkpoint(
     for k, (unit, members) in enumerate(units):
         if unit not in done_units:
             # A shard ends before a unit that would take it past shard_bytes: the buffer stays ≤ one shard.
-            if buffer and _bytes(buffer) + _output_bytes(members, chosen, config) > shard_bytes:
+            if buffer and _bytes(buffer) + _output_bytes(members, chosen if hooks.quantize else {},
+                                                         config) > shard_bytes:
                 flush()
-            given: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+            given: dict[str, Codes | torch.Tensor] = {}
             unit_chosen = {t.name for t in members if t.name in chosen}
             # a decoder layer with nothing chosen still goes to the hooks: a layer-by-layer algorithm carries
             # its calibration inputs through every layer
             if hooks.codes is not None and (unit_chosen or _LAYER.match(unit + ".")):
                 given = hooks.codes(unit, dict(_read_unit(src, members)), unit_chosen)
             for name, tensor in _read_unit(src, members):
-                if name in chosen:
-                    buffer.update(_quantized_tensors(name, tensor, config, chosen[name], given.pop(name, None)))
+                replacement = given.pop(name, None)
+                if isinstance(replacement, torch.Tensor):
+                    if tuple(replacement.shape) != tuple(tensor.shape):
+                        raise ConfigError(f"the tensor given for {name!r} is {tuple(replacement.shape)}; the "
+                                          f"source's is {tuple(tensor.shape)}")
+                    if name in chosen and hooks.quantize:
+                        tensor = replacement  # quantized as it is (float32), not rounded to the source dtype
+                    else:
+                        tensor = replacement.to(tensor.dtype).contiguous()
+                    replacement = None
+                if name in chosen and hooks.quantize:
+                    buffer.update(_quantized_tensors(name, tensor, config, chosen[name], replacement))
+                elif replacement is not None:
+                    raise ConfigError(f"codes were given for {name!r}, which is not quantized")
                 else:
                     # A private copy: get_tensor's tensor may share the file's memory map, and one such
                     # tensor kept in the buffer would keep every page read from that file resident.
@@ -214,8 +239,11 @@ def write_quantized_checkpoint(
     index = {"metadata": {"total_size": written}, "weight_map": weight_map}
     (partial / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     out_config = dict(source_config)
-    out_config["quantization_config"] = _quantization_config(config, chosen, tensors, include_lm_head)
-    out_config["quantization_config"]["version"] = hooks.method
+    if hooks.quantize:
+        out_config["quantization_config"] = _quantization_config(config, chosen, tensors, include_lm_head,
+                                                                 hooks.input_activations)
+        out_config["quantization_config"]["version"] = hooks.method
+    out_config.update(hooks.config_entries)
     (partial / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
     for item in sorted(src.iterdir()):
         if item.is_file() and item.name not in ("config.json", INDEX_FILE) and not item.name.endswith(
@@ -230,7 +258,7 @@ def write_quantized_checkpoint(
     os.rename(partial, out)
     fsync_dir(out.parent)
     return {
-        "format": f"compressed-tensors {FORMAT}",
+        "format": f"compressed-tensors {FORMAT}" if hooks.quantize else "safetensors",
         "seconds": time.perf_counter() - start,
         "peak_rss_bytes": peak_rss_bytes(),
         "source_bytes": sum((src / f).stat().st_size for f in {t.file for t in tensors}),
@@ -472,7 +500,7 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _quantized_tensors(
     name: str, weight: torch.Tensor, config: WeightQuantConfig, stored_group: int | None,
-    given: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    given: Codes | None = None,
 ) -> dict[str, torch.Tensor]:
     codes, step, zero = rtn_codes(weight, config) if given is None else _checked_codes(name, weight, config, given)
     if config.group_size is not None and stored_group != config.group_size:
@@ -514,7 +542,8 @@ def _checked_codes(name: str, weight: torch.Tensor, config: WeightQuantConfig,
 
 
 def _quantization_config(
-    config: WeightQuantConfig, chosen: dict[str, int | None], tensors: list[_Tensor], include_lm_head: bool
+    config: WeightQuantConfig, chosen: dict[str, int | None], tensors: list[_Tensor], include_lm_head: bool,
+    input_activations: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """config.json's ``quantization_config``: one compressed-tensors group per stored group size."""
     strategy = "group" if config.group_size is not None else "channel" if config.per_channel else "tensor"
@@ -528,7 +557,7 @@ def _quantization_config(
             "targets": _targets(modules, all_modules),
             "weights": {"num_bits": config.bits, "type": "int", "symmetric": config.symmetric,
                         "strategy": strategy, "group_size": stored, "dynamic": False, "observer": "minmax"},
-            "input_activations": None, "output_activations": None, "format": FORMAT,
+            "input_activations": input_activations, "output_activations": None, "format": FORMAT,
         }
     ignored = sorted(m for m in all_modules if f"{m}.weight" not in chosen and m == "lm_head")
     return {
