@@ -1,4 +1,5 @@
-"""Learned rounding (AdaRound) on ONNX Runtime's grid: better layer outputs, and the codes reach the int8 file."""
+"""Learned rounding (AdaRound) on ONNX Runtime's grid: better layer outputs, the codes reach the int8 file, and the
+layer inputs gathered in one pass over the traced model equal those of running the model again for each layer."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import nnopt.quantization.learned_rounding as learned_rounding
 from nnopt.errors import ConfigError
 from nnopt.quantization.learned_rounding import LearnedRoundingConfig, grid_step, learn_rounding
 
@@ -23,6 +25,34 @@ def _cnn() -> nn.Module:
         nn.Conv2d(12, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
     )
     return model.eval()
+
+
+class _Residual(nn.Module):
+    """A skip connection (MobileNetV2's inverted residual), an in-place ReLU, functional calls and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.block = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU6(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                                   nn.ReLU6(), nn.Conv2d(16, 8, 1))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.stem(x))
+        x = x + self.block(x)
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class _Branching(_Residual):
+    """Control flow on values: torch.fx cannot trace it, so the inputs are gathered the slow way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.stem(x))
+        if float(x.mean()) > 0:
+            x = x + self.block(x)
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
 def _onnx_weight_codes(onnx_bytes: bytes, layer: str, weights: str) -> np.ndarray:
@@ -131,3 +161,46 @@ def test_int8_onnx_with_learned_rounding_keeps_float_layers_at_their_float_weigh
     assert any(v.shape == folded.shape and np.array_equal(v, folded) for v in stored.values())
     with pytest.raises(ConfigError, match="rounding must be one of"):
         Int8OnnxOptions(rounding="stochastic").validate()
+
+
+@pytest.mark.parametrize("quantize_inputs", [True, False])
+def test_one_pass_gathering_gives_the_inputs_of_running_the_model_again(quantize_inputs: bool) -> None:
+    model = _Residual().eval()
+    data = torch.randn(40, 3, 8, 8)  # two chunks of GATHER_BATCH rows: each keeps its own paused values
+    order = learned_rounding._call_order(model, data[:1], None)
+    assert order == ["stem", "block.0", "block.2", "block.4", "head"]
+    ranges = learned_rounding._input_ranges(model, order, data) if quantize_inputs else {}
+    traced = learned_rounding._trace(model, data[:1], order)
+    assert traced is not None
+    stream = learned_rounding._InputStream(model, traced, data, ranges)
+    modules = dict(model.named_modules())
+    for name in order:
+        streamed = stream.inputs(name)
+        assert torch.equal(streamed, learned_rounding._layer_inputs(model, name, data, ranges)), name
+        with torch.no_grad():  # as learning the layer does: what follows must see the new weights
+            modules[name].weight.mul_(0.8).add_(0.01)
+
+
+def test_learned_rounding_is_the_same_with_one_pass_gathering(monkeypatch) -> None:
+    model = _Residual().eval()
+    data = torch.randn(40, 3, 8, 8)
+    config = LearnedRoundingConfig(steps=20)
+    fast, fast_layers = learn_rounding(model, data, "uint8", config)
+    monkeypatch.setattr(learned_rounding, "_trace", lambda *_: None)  # every layer's inputs by a new pass
+    slow, slow_layers = learn_rounding(model, data, "uint8", config)
+    assert fast_layers == slow_layers
+    assert all(torch.equal(v, slow.state_dict()[k]) for k, v in fast.state_dict().items())
+
+
+def test_gathering_takes_the_slow_way_where_the_model_does_not_trace() -> None:
+    from nnopt.models.registry import create_model
+
+    branching = _Branching().eval()
+    data = torch.randn(8, 3, 8, 8)
+    order = learned_rounding._call_order(branching, data[:1], None)
+    assert learned_rounding._trace(branching, data[:1], order) is None
+    _, layers = learn_rounding(branching, data, "int8", LearnedRoundingConfig(steps=5))
+    assert list(layers) == order
+    mobilenet = create_model("mobilenet_v2").eval()  # the model this is for traces: the fast way
+    example = torch.randn(1, 3, 32, 32)
+    assert learned_rounding._trace(mobilenet, example, learned_rounding._call_order(mobilenet, example, None))
