@@ -13,7 +13,9 @@ on every Linear, lm_head included (``nnopt.llm.speed.quantized_copy``). For each
 every Linear shape (torch's int8/int4pack kernel with bf16 activations, or dequantize + fp32 GEMM) is chosen by
 measurement on this CPU at these threads (``choose_kernels``; the per-shape times are in the JSON, fp32's
 beside them). A variant whose decode is slower than fp32 says so (``slower_than_fp32``). ONNX Runtime's
-MatMulNBits is not tried. The peer: llama.cpp (``llama-cpp-python``) on the same GGUF, when it imports.
+MatMulNBits is not tried. The peer: llama.cpp's own ``llama-bench`` (built binaries given with ``--llama-cpp
+DIR`` or ``NNOPT_LLAMA_CPP``; see ``_llamacpp.py``) on the shipped Q4_1 GGUF and on nnopt's Q8_0 and Q4_0 GGUF
+of the same model, run first, alone; without binaries, ``llama-cpp-python`` on the shipped GGUF when it imports.
 
 Measured per row: ``decode_tokens_per_s`` (16-token random prompt prefilled untimed, then ``--new-tokens``
 greedy single-token steps with a KV cache), ``prefill_tokens_per_s`` (512 tokens, one forward pass),
@@ -116,6 +118,54 @@ def _llama_cpp_decode(gguf: Path, n_threads: int, new_tokens: int, rounds: int) 
             "note": f"llama-cpp-python {llama_cpp.__version__}, the GGUF as shipped (Q4_1)"}
 
 
+def _llama_cpp_peers(args: Any, gguf: Path, workdir: Path, new_tokens: int) -> dict[str, Any] | None:
+    """llama.cpp's llama-bench on the shipped GGUF and on nnopt's Q8_0 and Q4_0 GGUF of the same model, at
+    every thread count, when built binaries are given (``--llama-cpp``/``NNOPT_LLAMA_CPP``); None without
+    them (then llama-cpp-python is tried). Run before nnopt's timings, alone on the machine."""
+    import _llamacpp
+
+    directory, why = _llamacpp.binaries_dir(args.llama_cpp)
+    if directory is None:
+        log(f"  llama.cpp binaries: {why}")
+        return None
+    from nnopt.llm.gguf_out import write_gguf
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    files = {"gguf-q4_1 (as shipped)": gguf}
+    for quant in ("Q8_0", "Q4_0"):
+        out = workdir / f"nnopt.{quant}.gguf"
+        if not out.exists():
+            write_gguf(gguf, out, quant)
+        files[f"nnopt gguf {quant}"] = out
+    peers: dict[str, Any] = {}
+    for variant, path in files.items():
+        measured, why = _llamacpp.bench(path, directory, threads=args.thread_list, prompt_tokens=512,
+                                        gen_tokens=new_tokens, repetitions=2 if args.quick else args.rounds)
+        peers[variant] = measured if measured is not None else {"why": why}
+        log(f"  llama.cpp {variant}: " + (why or ", ".join(
+            f"{t} threads decode {v.get('decode_tokens_per_s', 0):.1f} tok/s"
+            for t, v in measured["by_threads"].items())))  # type: ignore[index]
+    return peers
+
+
+def _llama_cpp_row(workload: str, variant: str, measured: dict[str, Any], threads_now: int, base: float,
+                   params: int) -> dict[str, Any]:
+    r = row(workload=workload, tool="llama.cpp", variant=variant, batch=1, params=params)
+    r["threads"] = threads_now
+    if "why" in measured:
+        r["note"] = measured["why"]
+        return r
+    at = measured["by_threads"].get(threads_now, {})
+    decode = at.get("decode_tokens_per_s")
+    r |= {"decode_tokens_per_s": significant(decode) if decode else None,
+          "prefill_tokens_per_s": significant(at["prefill_tokens_per_s"]) if at.get("prefill_tokens_per_s") else None,
+          "latency_ms_median": round(1e3 / decode, 3) if decode else None,
+          "speedup_vs_baseline": round(decode / base, 3) if decode else None,
+          "file_bytes": measured.get("model_size"), "note": f"llama-bench build {measured['build']} (avg_ts of "
+          f"its repetitions; decode = its tg test from an empty cache, prefill = pp512)"}
+    return r
+
+
 # Filled in from this machine's attempt (see the module's result notes); overridable by --llama-cpp-note.
 LLAMA_CPP_BUILD = "no prebuilt wheel or Debian package on this machine's indexes; see env.llama_cpp"
 
@@ -128,6 +178,7 @@ def _rows_for(args: Any, workload: str) -> list[dict[str, Any]]:
     started = time.perf_counter()
     if workload == "smollm2":
         gguf = smollm2_gguf()
+        workdir = Path(tempfile.mkdtemp(prefix="nnopt-llm-speed-"))  # nnopt's GGUF files for llama.cpp
         lm = load_causal_lm(gguf, tokenizer=False, progress=False)
     else:
         from nnopt.llm.synthetic import write_synthetic_llama
@@ -142,6 +193,7 @@ def _rows_for(args: Any, workload: str) -> list[dict[str, Any]]:
         models, info = _variants(lm.model, groups)
         new_tokens = args.new_tokens or (8 if big else 32)
         rounds = 2 if args.quick else args.rounds
+        peers = _llama_cpp_peers(args, gguf, workdir, new_tokens) if gguf is not None and workdir else None
         rows = []
         for n in args.thread_list:
             with threads(n):
@@ -193,7 +245,7 @@ def _rows_for(args: Any, workload: str) -> list[dict[str, Any]]:
                     if r["slower_than_fp32"]:
                         r["note"] = "slower than fp32 at batch-1 decode on this CPU (measured)"
                     rows.append(r)
-                if gguf is not None:
+                if gguf is not None and peers is None:
                     peer = _llama_cpp_decode(gguf, n, new_tokens, rounds)
                     r = row(workload=workload, tool="llama.cpp", variant="gguf-q4_1", batch=1)
                     r |= {"threads": n, "note": peer["note"]}
@@ -204,6 +256,8 @@ def _rows_for(args: Any, workload: str) -> list[dict[str, Any]]:
                               "decode_tokens_per_s": significant(rate.median),
                               "prefill_tokens_per_s": significant(peer["prefill"].median)}
                     rows.append(r)
+                for variant, measured in (peers or {}).items():
+                    rows.append(_llama_cpp_row(workload, variant, measured, n, base, lm.parameters))
         return rows
     finally:
         if workdir is not None:
@@ -218,6 +272,8 @@ def main() -> None:
         (("--big-groups",), {"default": "32,128", "help": "int4 group sizes for llama-1.1b"}),
         (("--big-prefill-tokens",), {"type": int, "default": 512, "help": "prefill length for llama-1.1b"}),
         (("--llama-cpp-note",), {"default": None, "help": "why llama-cpp-python is missing, for the output"}),
+        (("--llama-cpp",), {"default": None, "help": "built llama.cpp binaries (llama-bench) to time as the peer "
+                            "(default: $NNOPT_LLAMA_CPP)"}),
     )
     args, chosen = parse_args(__doc__ or "", "llm_speed", WORKLOADS, "SmolLM2 only, fewer rounds and int4 groups",
                               extra=options)

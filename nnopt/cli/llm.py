@@ -26,6 +26,7 @@ def register(commands: Any) -> None:
     actions = llm.add_subparsers(title="actions", metavar="ACTION", required=True)
     _register_eval(actions)
     _register_quantize(actions)
+    _register_prune(actions)
     _register_gguf(actions)
     _register_bench(actions)
 
@@ -61,90 +62,239 @@ def _register_eval(actions: Any) -> None:
     evaluate.set_defaults(handler=cmd_llm_eval)
 
 
+QUANTIZE_METHODS = ("rtn", "gptq", "awq", "smoothquant")
+CALIBRATED = ("gptq", "awq", "smoothquant")
+# method-only options: (dest, flag, the methods that read it); given with another method, it is refused
+METHOD_OPTIONS = (("damp", "--damp", ("gptq",)), ("act_order", "--act-order", ("gptq",)),
+                  ("no_clip", "--no-clip", ("awq",)), ("alpha", "--alpha", ("smoothquant",)),
+                  ("calibration_windows", "--calibration-windows", CALIBRATED),
+                  ("calibration_window", "--calibration-window", CALIBRATED),
+                  ("calibration_batch", "--calibration-batch", CALIBRATED))
+
+
 def _register_quantize(actions: Any) -> None:
     quantize = actions.add_parser(
-        "quantize", help="int8/int4 weights (round-to-nearest or GPTQ), streamed layer by layer",
+        "quantize", help="int8/int4 weights (RTN, GPTQ, AWQ) or W8A8 (SmoothQuant), streamed layer by layer",
         description="Quantize the decoder layers' projection weights of a Hugging Face safetensors checkpoint "
-        "(sharded or not) with round-to-nearest (--method rtn) or GPTQ (--method gptq: calibrated on the calibration "
-        "text, one decoder layer at a time, each layer's inputs carried from the quantized layer before it), "
-        "reading one decoder layer at a time and writing output shards as it goes, so peak memory is a few layers "
-        "whatever the model's size. The output "
-        "is a compressed-tensors checkpoint that transformers loads (pip install compressed-tensors). A killed "
-        "run continues from its last finished layer when the same command is run again. Peak RSS is measured.")
+        "(sharded or not), reading one decoder layer at a time and writing output shards as it goes, so peak "
+        "memory is a few layers whatever the model's size. --method rtn: round to nearest, no data; gptq: GPTQ; "
+        "awq: activation-aware scales folded into the norms (and clipping); smoothquant: W8A8, smoothing folded "
+        "into the norms, int8 weights per channel and dynamic per-token int8 activations. The calibrated methods "
+        "read the calibration text one decoder layer at a time, each layer's inputs carried from the quantized "
+        "layer before it. The output is a compressed-tensors checkpoint that transformers loads (pip install "
+        "compressed-tensors). A killed run continues from its last finished layer when the same command is run "
+        "again. Under torchrun (WORLD_SIZE > 1), gptq, awq and smoothquant split the calibration windows across "
+        "the processes and all-reduce each layer's statistics (docs/llm.md). Peak RSS is measured.")
     quantize.add_argument("source", metavar="SRC", help="a Hugging Face directory (config.json + safetensors)")
     quantize.add_argument("-o", "--out", required=True, metavar="OUT", help="the output directory (must not exist)")
-    quantize.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
-                          help="rtn: round to nearest, no data (default); gptq: GPTQ on the calibration text")
-    quantize.add_argument("--bits", type=int, choices=(4, 8), default=4, help="bits per weight (default 4)")
-    quantize.add_argument("--group-size", default="128", metavar="N|channel",
-                          help="inputs per scale, or channel for one scale per output row (default 128; a size "
-                          "that does not divide a layer's inputs leaves a partial last group)")
+    quantize.add_argument("--method", choices=QUANTIZE_METHODS, default="rtn",
+                          help="rtn (default), gptq, awq or smoothquant (W8A8); see above")
+    quantize.add_argument("--bits", type=int, choices=(4, 8), default=None,
+                          help="bits per weight (default 4; smoothquant: 8 only)")
+    quantize.add_argument("--group-size", default=None, metavar="N|channel",
+                          help="inputs per scale, or channel for one scale per output row (default 128; "
+                          "smoothquant: channel only; a size that does not divide a layer's inputs leaves a "
+                          "partial last group)")
     quantize.add_argument("--asymmetric", action="store_true", help="a zero point per group (default symmetric)")
     quantize.add_argument("--include-lm-head", action="store_true",
                           help="quantize lm_head too, with round-to-nearest (default: float)")
-    quantize.add_argument("--calibration-windows", default="32", metavar="N",
-                          help="gptq: windows of the calibration text (default 32)")
-    quantize.add_argument("--calibration-window", default="512", metavar="N",
-                          help="gptq: tokens per calibration window (default 512)")
-    quantize.add_argument("--calibration-batch", default="4", metavar="N",
-                          help="gptq: windows per forward pass (default 4)")
-    quantize.add_argument("--damp", type=float, default=0.01,
+    quantize.add_argument("--calibration-windows", default=None, metavar="N",
+                          help="gptq/awq/smoothquant: windows of the calibration text (default 32)")
+    quantize.add_argument("--calibration-window", default=None, metavar="N",
+                          help="gptq/awq/smoothquant: tokens per calibration window (default 512)")
+    quantize.add_argument("--calibration-batch", default=None, metavar="N",
+                          help="gptq/awq/smoothquant: windows per forward pass (default 4)")
+    quantize.add_argument("--damp", type=float, default=None,
                           help="gptq: dampening, a fraction of the Hessian's mean diagonal (default 0.01)")
-    quantize.add_argument("--act-order", action="store_true",
+    quantize.add_argument("--act-order", action="store_true", default=None,
                           help="gptq: quantize columns by decreasing Hessian diagonal (per channel only)")
+    quantize.add_argument("--no-clip", action="store_true", default=None,
+                          help="awq: skip the search for a clipping ratio per group")
+    quantize.add_argument("--alpha", type=float, default=None,
+                          help="smoothquant: migration strength in [0, 1] (default 0.5)")
     quantize.add_argument("--json", default=None, metavar="OUT.json", help="also write what was measured as JSON")
     quantize.set_defaults(handler=cmd_llm_quantize)
+
+
+def _quant_config(args: argparse.Namespace) -> Any:
+    """The weights' WeightQuantConfig for --method, --bits and --group-size (checked against the method)."""
+    from nnopt.quantization.weights import WeightQuantConfig
+
+    for dest, flag, methods in METHOD_OPTIONS:
+        if getattr(args, dest) is not None and args.method not in methods:
+            raise ConfigError(f"{flag} applies to --method {'/'.join(methods)}, not {args.method}")
+    _one_process_only(f"--method {args.method}", args.method == "rtn")
+    if args.method == "smoothquant":
+        if args.bits not in (None, 8) or args.group_size not in (None, "channel") or args.asymmetric:
+            raise ConfigError("--method smoothquant is W8A8: 8-bit symmetric weights per channel (leave out "
+                              "--bits, --group-size and --asymmetric)")
+        if args.include_lm_head:
+            raise ConfigError("--method smoothquant keeps lm_head in float; --include-lm-head does not apply")
+        return WeightQuantConfig(bits=8, per_channel=True)
+    bits = 4 if args.bits is None else args.bits
+    size = args.group_size or "128"
+    channel = size == "channel"
+    group = None if channel else parse_count(size, "--group-size")
+    return WeightQuantConfig(bits=bits, symmetric=not args.asymmetric, per_channel=channel, group_size=group)
+
+
+def _one_process_only(what: str, refused: bool = True) -> None:
+    """Refuse a command that does not split across processes when torchrun started several (each would
+    write the same output)."""
+    from nnopt.llm.methods import world_size
+
+    if refused and world_size() > 1:
+        raise ConfigError(f"{what} runs in one process; under torchrun (WORLD_SIZE={world_size()}) use --method "
+                          "gptq, awq or smoothquant, or run it without torchrun")
+
+
+def _calibration(args: argparse.Namespace) -> Any:
+    from nnopt.llm.layerwise import CalibrationConfig
+
+    defaults = CalibrationConfig()
+    return CalibrationConfig(
+        windows=parse_count(args.calibration_windows or str(defaults.windows), "--calibration-windows"),
+        window=parse_count(args.calibration_window or str(defaults.window), "--calibration-window"),
+        batch=parse_count(args.calibration_batch or str(defaults.batch), "--calibration-batch"))
+
+
+def _layer_progress(stack: Any, title: str) -> Any:
+    """A progress callback that opens one bar (titled ``title``) once the total number of units is known."""
+    from nnopt.progress import track
+
+    bars: list[Any] = []
+
+    def progress(done: int, total: int, unit: str) -> None:
+        if not bars:  # the total is known once the checkpoint's index is read
+            bars.append(stack.enter_context(track(title, total=total)))
+        bars[0].advance(1, status=unit)
+
+    return progress
 
 
 def cmd_llm_quantize(args: argparse.Namespace) -> int:
     import contextlib
 
-    from nnopt.llm.streaming import quantize_checkpoint_rtn
-    from nnopt.progress import track
-    from nnopt.quantization.weights import WeightQuantConfig
-
-    channel = args.group_size == "channel"
-    group = None if channel else parse_count(args.group_size, "--group-size")
-    config = WeightQuantConfig(bits=args.bits, symmetric=not args.asymmetric, per_channel=channel, group_size=group)
+    config = _quant_config(args)
     with contextlib.ExitStack() as stack:
-        bars: list[Any] = []
+        progress = _layer_progress(stack, "quantizing")
+        if args.method == "rtn":
+            from nnopt.llm.streaming import quantize_checkpoint_rtn
 
-        def progress(done: int, total: int, unit: str) -> None:
-            if not bars:  # the total is known once the checkpoint's index is read
-                bars.append(stack.enter_context(track("quantizing", total=total)))
-            bars[0].advance(1, status=unit)
-
-        if args.method == "gptq":
-            from nnopt.llm.gptq import GPTQConfig
-            from nnopt.llm.layerwise import CalibrationConfig, quantize_checkpoint_gptq
-
-            calibration = CalibrationConfig(
-                windows=parse_count(args.calibration_windows, "--calibration-windows"),
-                window=parse_count(args.calibration_window, "--calibration-window"),
-                batch=parse_count(args.calibration_batch, "--calibration-batch"))
-            result = quantize_checkpoint_gptq(
-                args.source, args.out, config, gptq=GPTQConfig(damp=args.damp, act_order=args.act_order),
-                calibration=calibration, progress=progress, include_lm_head=args.include_lm_head)
-        else:
             result = quantize_checkpoint_rtn(args.source, args.out, config, progress,
                                              include_lm_head=args.include_lm_head)
-    scheme = f"int{args.bits} {'per channel' if channel else f'groups of {group}'}, " \
-             f"{'asymmetric' if args.asymmetric else 'symmetric'}"
-    resumed = f", resumed after {result['resumed_units']} finished units" if result["resumed_units"] else ""
+        else:
+            from nnopt.llm.methods import quantize_checkpoint
+
+            calibration = _calibration(args)
+            settings: dict[str, Any] = {}
+            if args.method == "gptq":
+                from nnopt.llm.gptq import GPTQConfig
+
+                settings["gptq"] = GPTQConfig(damp=0.01 if args.damp is None else args.damp,
+                                              act_order=bool(args.act_order))
+            elif args.method == "awq":
+                from nnopt.llm.awq import AWQConfig
+
+                settings["awq"] = AWQConfig(clip=not args.no_clip)
+            else:
+                from nnopt.llm.smoothquant import SmoothQuantConfig
+
+                settings["smooth"] = SmoothQuantConfig(alpha=0.5 if args.alpha is None else args.alpha)
+            result = quantize_checkpoint(
+                args.method, args.source, args.out, config, calibration=calibration, progress=progress,
+                include_lm_head=args.include_lm_head, **settings)
+    if config.group_size is not None:
+        scheme = f"int{config.bits} groups of {config.group_size}"
+    else:
+        scheme = f"int{config.bits} per channel"
+    scheme += ", asymmetric" if not config.symmetric else ", symmetric"
+    if args.method == "smoothquant":
+        scheme += " + int8 activations per token (dynamic)"
+    resumed = f", resumed after {result['resumed_units']} finished units" if result.get("resumed_units") else ""
+    if result.get("rank", 0):
+        print(f"rank {result['rank']}: calibrated its share of the windows; rank 0 wrote {args.out}")
+        return 0
     print(f"quantized  {result['quantized_tensors']} weight matrices ({args.method}, {scheme}) in "
           f"{result['seconds']:.1f} s{resumed}")
     print(f"size       {result['source_bytes']:,} -> {result['output_bytes']:,} bytes "
           f"({result['source_bytes'] / max(1, result['output_bytes']):.2f}x smaller)")
     print(f"peak RSS   {result['peak_rss_bytes'] / 2**20:,.0f} MiB (measured: this process's high-water mark)")
     print(f"wrote {args.out} ({result['format']})")
-    if args.json:
-        from nnopt.io.atomic import atomic_write_bytes
-
-        document = {"source": args.source, "out": args.out, "config": config.to_dict(),
-                    **result}
-        atomic_write_bytes(Path(args.json), (json.dumps(document, indent=2) + "\n").encode())
-        print(f"wrote {args.json}")
+    _write_json(args.json, {"source": args.source, "out": args.out, "method": args.method,
+                            "config": config.to_dict(), **result})
     return 0
+
+
+def _register_prune(actions: Any) -> None:
+    prune = actions.add_parser(
+        "prune", help="zero half the weights (Wanda, SparseGPT or magnitude; unstructured or 2:4), layer by layer",
+        description="Prune the decoder layers' projection weights of a Hugging Face safetensors checkpoint one "
+        "decoder layer at a time, each layer's calibration inputs carried from the pruned layer before it: "
+        "magnitude (|w|, per output row: the control), wanda (|w| times the norm of its input over the "
+        "calibration text, per output row) or sparsegpt (the inverse Hessian of the inputs chooses the mask and "
+        "updates the kept weights). --sparsity zeroes that fraction of each matrix (unstructured); --pattern "
+        "N:M keeps N of every M consecutive inputs. The output is a float safetensors checkpoint with the zeros "
+        "in place (config.json records the sparsity), which transformers loads as it is. Zeros alone do not "
+        "make the dense kernels faster (docs/llm.md). Resumable like quantize; peak RSS is measured.")
+    prune.add_argument("source", metavar="SRC", help="a Hugging Face directory (config.json + safetensors)")
+    prune.add_argument("-o", "--out", required=True, metavar="OUT", help="the output directory (must not exist)")
+    prune.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), default="wanda",
+                       help="default wanda")
+    shape = prune.add_mutually_exclusive_group()
+    shape.add_argument("--sparsity", type=float, default=None,
+                       help="fraction of zeros per matrix, unstructured (default 0.5)")
+    shape.add_argument("--pattern", default=None, metavar="N:M", help="semi-structured: e.g. 2:4")
+    prune.add_argument("--calibration-windows", default="32", metavar="N",
+                       help="wanda/sparsegpt: windows of the calibration text (default 32)")
+    prune.add_argument("--calibration-window", default="512", metavar="N",
+                       help="wanda/sparsegpt: tokens per calibration window (default 512)")
+    prune.add_argument("--calibration-batch", default="4", metavar="N",
+                       help="wanda/sparsegpt: windows per forward pass (default 4)")
+    prune.add_argument("--json", default=None, metavar="OUT.json", help="also write what was measured as JSON")
+    prune.set_defaults(handler=cmd_llm_prune)
+
+
+def _pattern(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(f"--pattern: expected N:M such as 2:4, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def cmd_llm_prune(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from nnopt.llm.pruning import PruneConfig, prune_checkpoint
+
+    _one_process_only("nnopt llm prune")
+    config = PruneConfig(method=args.method, sparsity=args.sparsity, n_m=_pattern(args.pattern))
+    calibration = None
+    if args.method != "magnitude":
+        calibration = _calibration(args)
+    with contextlib.ExitStack() as stack:
+        result = prune_checkpoint(args.source, args.out, config, calibration=calibration,
+                                  progress=_layer_progress(stack, "pruning"))
+    resumed = f", resumed after {result['resumed_units']} finished units" if result.get("resumed_units") else ""
+    print(f"pruned     {result['pruned_weights']} weight matrices ({args.method}, {config.pattern}) in "
+          f"{result['seconds']:.1f} s{resumed}")
+    print(f"sparsity   {result['sparsity']:.4f} of {result['pruned_parameters']:,} weights are zero (measured in "
+          "the written file)")
+    print(f"peak RSS   {result['peak_rss_bytes'] / 2**20:,.0f} MiB (measured: this process's high-water mark)")
+    print(f"wrote {args.out} ({result['format']})")
+    _write_json(args.json, {"source": args.source, "out": args.out, **result})
+    return 0
+
+
+def _write_json(path: str | None, document: dict[str, Any]) -> None:
+    if not path:
+        return
+    from nnopt.io.atomic import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), (json.dumps(document, indent=2, default=str) + "\n").encode())
+    print(f"wrote {path}")
 
 
 def _register_gguf(actions: Any) -> None:
@@ -157,6 +307,9 @@ def _register_gguf(actions: Any) -> None:
     gguf.add_argument("model", metavar="SRC", help="a Hugging Face directory, a .gguf file, or smollm2")
     gguf.add_argument("-o", "--out", required=True, metavar="OUT.gguf", help="the GGUF file (must not exist)")
     gguf.add_argument("--quant", choices=("Q8_0", "Q4_0"), default="Q8_0", help="weight format (default Q8_0)")
+    gguf.add_argument("--embedding-quant", choices=("Q8_0", "Q4_0"), default="Q8_0",
+                      help="the token embeddings and output layer (default Q8_0, also in Q4_0 files: with tied "
+                      "embeddings they are the output layer, which every logit feels)")
     gguf.add_argument("--json", default=None, metavar="OUT.json", help="also write what was measured as JSON")
     gguf.set_defaults(handler=cmd_llm_gguf)
 
@@ -177,13 +330,15 @@ def cmd_llm_gguf(args: argparse.Namespace) -> int:
                 bars.append(stack.enter_context(track("writing GGUF", total=total)))
             bars[0].advance(1, status=name)
 
-        result = write_gguf(src, args.out, args.quant, progress=progress)
-    print(f"wrote      {args.out}: {result['output_bytes']:,} bytes ({args.quant}) in {result['seconds']:.1f} s")
+        result = write_gguf(src, args.out, args.quant, progress=progress, embedding_quant=args.embedding_quant)
+    print(f"wrote      {args.out}: {result['output_bytes']:,} bytes ({args.quant}, embeddings "
+          f"{args.embedding_quant}) in {result['seconds']:.1f} s")
     print(f"peak RSS   {result['peak_rss_bytes'] / 2**20:,.0f} MiB (measured: this process's high-water mark)")
     if args.json:
         from nnopt.io.atomic import atomic_write_bytes
 
-        document = {"source": str(src), "out": args.out, "quant": args.quant, **result}
+        document = {"source": str(src), "out": args.out, "quant": args.quant,
+                    "embedding_quant": args.embedding_quant, **result}
         atomic_write_bytes(Path(args.json), (json.dumps(document, indent=2, default=str) + "\n").encode())
         print(f"wrote {args.json}")
     return 0

@@ -10,17 +10,22 @@ quantized bytes.
 - **Weights**: every 2-D matrix whose rows are whole blocks of 32 (all of a Llama's: embeddings,
   projections, ``lm_head``) is stored in ``quant`` (``Q8_0``: an f16 scale and 32 int8 codes per block,
   8.5 bits a weight; ``Q4_0``: an f16 scale and 32 4-bit codes, 4.5 bits a weight), with ``gguf.quants``
-  (llama.cpp's reference rounding). Norm weights stay float32; a matrix whose rows are not whole blocks
-  is stored as float16.
+  (llama.cpp's reference rounding), except the token embeddings and the output layer (``token_embd``,
+  ``output``), which are stored in ``embedding_quant`` (``Q8_0`` unless told): with tied embeddings they
+  are the output layer, whose rounding every logit feels (measured on SmolLM2-135M in docs/llm.md;
+  llama.cpp's own quantize keeps the output layer at Q6_K in its Q4_0 files). Norm weights stay float32;
+  a matrix whose rows are not whole blocks is stored as float16.
 - **Layout**: Hugging Face names become llama.cpp's (``gguf.get_tensor_name_map``), and the rows of the
   q/k projections are reordered per head from Hugging Face's rotary layout (halves) to llama.cpp's
   (interleaved pairs); loaders undo it (tested: transformers' logits equal those of the dequantized
   weights). A tied ``lm_head`` is not written: llama.cpp and transformers then use the embeddings.
 - **Tokenizer**: a byte-level BPE ``tokenizer.json`` becomes llama.cpp's ``gpt2`` tokenizer (tokens, types,
-  merges, special ids, ``add_bos_token``, chat template); other tokenizers are refused. A GGUF source's
-  metadata, tokenizer included, is copied as it is.
+  merges, special ids, ``add_bos_token``, chat template from ``tokenizer_config.json`` or
+  ``chat_template.jinja``); other tokenizers are refused. A GGUF source's metadata, tokenizer included,
+  is copied as it is.
 - **GGUF source**: each tensor is dequantized (``gguf.quants.dequantize``) and quantized again to
-  ``quant``; names and layout are already llama.cpp's. Requantizing compounds the two roundings.
+  ``quant`` (``embedding_quant`` for the embeddings and output layer); names and layout are already
+  llama.cpp's. Requantizing compounds the two roundings.
 
 The file is written to a temporary sibling, fsynced and renamed into place; an existing output is refused.
 """
@@ -70,9 +75,11 @@ class _Planned:
 
 
 def write_gguf(src: str | Path, out_file: str | Path, quant: str = "Q8_0",
-               progress: ProgressFn | None = None) -> dict[str, Any]:
+               progress: ProgressFn | None = None, *, embedding_quant: str = "Q8_0") -> dict[str, Any]:
     """Write the Llama-family model at ``src`` (a Hugging Face safetensors directory or a ``.gguf`` file) to
-    ``out_file`` as GGUF with ``quant`` (``"Q8_0"`` or ``"Q4_0"``) weights.
+    ``out_file`` as GGUF with ``quant`` (``"Q8_0"`` or ``"Q4_0"``) weights; the token embeddings and the
+    output layer (``lm_head``, absent when tied) are stored in ``embedding_quant`` (``"Q8_0"``, the default,
+    or ``"Q4_0"`` to round them to 4 bits too).
 
     ``progress(done, total, name)`` is called after each tensor. Returns what was measured and written:
     seconds, peak RSS (``nnopt.llm.streaming.peak_rss_bytes``), source and output bytes, tensor counts per
@@ -82,7 +89,9 @@ def write_gguf(src: str | Path, out_file: str | Path, quant: str = "Q8_0",
     start = time.perf_counter()
     if quant not in QUANT_TYPES:
         raise ConfigError(f"GGUF quant must be one of {', '.join(QUANT_TYPES)}, got {quant!r}")
-    qtype = gguf.GGMLQuantizationType[quant]
+    if embedding_quant not in QUANT_TYPES:
+        raise ConfigError(f"GGUF embedding quant must be one of {', '.join(QUANT_TYPES)}, got {embedding_quant!r}")
+    qtype = _Types(gguf.GGMLQuantizationType[quant], gguf.GGMLQuantizationType[embedding_quant])
     source, out = Path(src), Path(out_file)
     if not source.exists():
         raise ConfigError(f"{source}: no such model directory or .gguf file")
@@ -178,12 +187,27 @@ def _encode(values: np.ndarray, qtype: Any) -> np.ndarray:
     return out.reshape(quant_shape_to_byte_shape(values.shape, qtype))
 
 
-def _weight_type(shape: tuple[int, ...], qtype: Any) -> Any:
-    """How a tensor is stored: ``qtype`` for matrices of whole blocks, F16 for other matrices, F32 otherwise."""
+# GGUF names of the matrices stored in embedding_quant: the embeddings and the output layer.
+EMBEDDING_TENSORS = ("token_embd.weight", "output.weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Types:
+    """The quantized types asked for: ``weights`` for the projections, ``embeddings`` for EMBEDDING_TENSORS."""
+
+    weights: Any  # gguf.GGMLQuantizationType
+    embeddings: Any
+
+
+def _weight_type(name: str, shape: tuple[int, ...], types: _Types) -> Any:
+    """How a tensor is stored: a quantized type for matrices of whole blocks (``types.embeddings`` for the
+    embeddings and output layer, ``types.weights`` for the others), F16 for other matrices, F32 otherwise."""
     import gguf
 
     if len(shape) == 2:
-        return qtype if shape[1] % BLOCK == 0 else gguf.GGMLQuantizationType.F16
+        if shape[1] % BLOCK:
+            return gguf.GGMLQuantizationType.F16
+        return types.embeddings if name in EMBEDDING_TENSORS else types.weights
     return gguf.GGMLQuantizationType.F32
 
 
@@ -216,7 +240,7 @@ class _Job:
 class _HFSource(_Job):
     """A Llama-family Hugging Face directory of safetensors shards."""
 
-    def __init__(self, root: Path, qtype: Any) -> None:
+    def __init__(self, root: Path, qtype: _Types) -> None:
         self.root = root
         self.architecture = "llama"
         config_path = root / "config.json"
@@ -270,7 +294,7 @@ class _HFSource(_Job):
 
         return safetensors_files(self.root)
 
-    def _plan(self, files: list[str], qtype: Any) -> list[_Planned]:
+    def _plan(self, files: list[str], qtype: _Types) -> list[_Planned]:
         import gguf
         from safetensors import SafetensorError, safe_open
 
@@ -298,7 +322,7 @@ class _HFSource(_Job):
                 raise UnsupportedModelError(f"{self.root}: tensor {key} has no llama.cpp name (not a plain Llama)")
             permute = heads if key.endswith("self_attn.q_proj.weight") else (
                 kv_heads if key.endswith("self_attn.k_proj.weight") else 0)
-            plan.append(_Planned(name, key, file, shape, _weight_type(shape, qtype), permute))
+            plan.append(_Planned(name, key, file, shape, _weight_type(name, shape, qtype), permute))
         if not any(t.name == "token_embd.weight" for t in plan):
             raise ConfigError(f"{self.root}: no model.embed_tokens.weight among the tensors")
         return plan
@@ -352,7 +376,7 @@ def _hf_order(key: str) -> tuple[int, int, str]:
 class _GGUFSource(_Job):
     """A GGUF file: its tensors dequantized and quantized again, its metadata copied."""
 
-    def __init__(self, path: Path, qtype: Any) -> None:
+    def __init__(self, path: Path, qtype: _Types) -> None:
         import gguf
 
         try:
@@ -372,7 +396,7 @@ class _GGUFSource(_Job):
         self.plan = []
         for t in self.reader.tensors:
             shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists ne0 (row length) first
-            self.plan.append(_Planned(t.name, t.name, "", shape, _weight_type(shape, qtype)))
+            self.plan.append(_Planned(t.name, t.name, "", shape, _weight_type(t.name, shape, qtype)))
 
     def add_metadata(self, writer: Any) -> None:
         import gguf
@@ -460,8 +484,11 @@ def _add_bpe_tokenizer(writer: Any, root: Path, config: dict[str, Any]) -> None:
         writer.add_add_bos_token(tokenizer_config["add_bos_token"])
     else:  # llama.cpp adds BOS unless told; a byte-level BPE tokenizer without the flag adds none
         writer.add_add_bos_token(False)
-    if isinstance(tokenizer_config.get("chat_template"), str):
-        writer.add_chat_template(tokenizer_config["chat_template"])
+    template = tokenizer_config.get("chat_template")
+    if not isinstance(template, str) and (root / "chat_template.jinja").is_file():  # transformers 5 saves it here
+        template = (root / "chat_template.jinja").read_text(encoding="utf-8")
+    if isinstance(template, str):
+        writer.add_chat_template(template)
 
 
 def _pre_tokenizer_name(pre: Any, path: Path) -> str:
@@ -470,7 +497,7 @@ def _pre_tokenizer_name(pre: Any, path: Path) -> str:
         return isinstance(p, dict) and p.get("type") == "ByteLevel" and p.get("use_regex", True) is True
 
     if byte_level(pre) and not pre.get("add_prefix_space", False):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name (its loader refuses "gpt2", which is the tokenizer model's name)
     if isinstance(pre, dict) and pre.get("type") == "Sequence":
         steps = pre.get("pretokenizers") or []
         if (len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits")

@@ -126,6 +126,75 @@ def test_quantize_with_gptq_calibrates_layer_by_layer_and_says_so(tiny_lm, tmp_p
     assert "kl_mean" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("method, extra, scheme", [
+    ("awq", ["--bits", "4", "--group-size", "32"], "(awq, int4 groups of 32, symmetric)"),
+    ("smoothquant", ["--alpha", "0.6"], "(smoothquant, int8 per channel, symmetric + int8 activations per token"),
+])
+def test_quantize_with_awq_and_smoothquant(tiny_lm, tmp_path, capsys, method, extra, scheme):
+    pytest.importorskip("compressed_tensors")
+    out, report = tmp_path / method, tmp_path / f"{method}.json"
+    assert main(["llm", "quantize", str(tiny_lm), "-o", str(out), "--method", method, *extra,
+                 "--calibration-windows", "2", "--calibration-window", "64", "--json", str(report)]) == 0
+    assert scheme in capsys.readouterr().out
+    quantization = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quantization["version"] == f"nnopt-{method}"
+    activations = [g["input_activations"] for g in quantization["config_groups"].values()]
+    assert all((a is not None) == (method == "smoothquant") for a in activations)
+    assert json.loads(report.read_text())["calibration_tokens"] == 2 * 64
+
+
+def test_commands_that_do_not_split_across_processes_are_refused_under_torchrun(tiny_lm, tmp_path, capsys,
+                                                                                monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for command in (["quantize", "--method", "rtn"], ["prune", "--method", "magnitude"]):
+        assert main(["llm", command[0], str(tiny_lm), "-o", str(tmp_path / "never"), *command[1:]]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "under torchrun (WORLD_SIZE=2)" in err, err
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "rtn", "--damp", "0.1"], "--damp applies to --method gptq, not rtn"),
+    (["--method", "gptq", "--alpha", "0.5"], "--alpha applies to --method smoothquant, not gptq"),
+    (["--method", "rtn", "--calibration-windows", "4"], "--calibration-windows applies to --method"),
+    (["--method", "smoothquant", "--bits", "4"], "--method smoothquant is W8A8"),
+    (["--method", "awq", "--act-order"], "--act-order applies to --method gptq, not awq"),
+])
+def test_options_of_another_method_are_refused(tiny_lm, tmp_path, capsys, args, message):
+    assert main(["llm", "quantize", str(tiny_lm), "-o", str(tmp_path / "never"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "never").exists()
+
+
+def test_prune_writes_a_float_checkpoint_with_the_pattern_it_reports(tiny_lm, tmp_path, capsys):
+    from safetensors import safe_open
+
+    out, report = tmp_path / "wanda-2-4", tmp_path / "prune.json"
+    assert main(["llm", "prune", str(tiny_lm), "-o", str(out), "--method", "wanda", "--pattern", "2:4",
+                 "--calibration-windows", "2", "--calibration-window", "64", "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    measured = json.loads(report.read_text())
+    assert measured["sparsity"] == pytest.approx(0.5) and measured["pattern_holds"] is True
+    assert f"sparsity   {measured['sparsity']:.4f}" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["nnopt_sparsity"]["pattern"] == "2:4"
+    checked = 0
+    for shard in sorted(out.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as fh:
+            for name in (n for n in fh.keys() if n.endswith("mlp.down_proj.weight")):
+                weight = fh.get_tensor(name)
+                assert bool(((weight.reshape(-1, 4) == 0).sum(dim=1) >= 2).all()), name
+                checked += 1
+    assert checked == 2
+    assert main(["llm", "eval", str(out), "--reference", str(tiny_lm), "--window", "64", "--max-windows", "2"]) == 0
+    for bad, message in [(["--pattern", "4:2"], "N:M"), (["--pattern", "x"], "--pattern: expected N:M"),
+                         (["--sparsity", "1.5"], "sparsity")]:
+        assert main(["llm", "prune", str(tiny_lm), "-o", str(tmp_path / "bad"), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+
+
 def test_gguf_writes_a_file_transformers_reads_back(tiny_lm, tmp_path, capsys):
     pytest.importorskip("gguf")
     pytest.importorskip("accelerate")
