@@ -1,16 +1,19 @@
-"""Peak memory of streaming RTN int4 quantization on Llama-shaped checkpoints bigger than it may use.
+"""Peak memory of streaming RTN and layer-by-layer GPTQ int4 quantization on Llama-shaped checkpoints.
 
 For each workload a Llama-shaped model with random weights (nnopt.llm.synthetic: TinyLlama-1.1B's shape
-in fp32, Llama-2-7B's in bf16) is written as sharded safetensors into a work directory, then
-``nnopt.llm.streaming.quantize_checkpoint_rtn`` quantizes it to int4 in groups of 128 in a fresh
-subprocess, so that the peak resident set (VmHWM, ``nnopt.llm.streaming.peak_rss_bytes``) is that run's
-alone. The output is
-spot-checked (a quantized matrix read back within half a step of the source). The baseline row (1.1B
-only) is the peak RSS of loading the same checkpoint with transformers' ``from_pretrained`` and running one
-forward pass (which makes every weight resident), the usual first step of non-streaming tools. Models
-are deleted afterwards unless --keep.
+in fp32, Llama-2-7B's in bf16) is written as sharded safetensors into a work directory, then quantized to
+int4 in groups of 128 in a fresh subprocess per run, so that the peak resident set (VmHWM,
+``nnopt.llm.streaming.peak_rss_bytes``) is that run's alone: ``nnopt.llm.streaming.quantize_checkpoint_rtn``
+for both models, and ``nnopt.llm.layerwise.quantize_checkpoint_gptq`` for the 1.1B one (calibration on
+--gptq-windows windows of 512 random token ids, the synthetic model having no tokenizer: the memory and
+the time do not depend on which ids). The output is spot-checked: layer 0's down_proj read back (RTN:
+within half a step of the source; both: its relative error). The baseline row (1.1B only) is the peak RSS
+of loading the same checkpoint with transformers' ``from_pretrained`` and running one forward pass (which
+makes every weight resident), the usual first step of non-streaming tools. Models are deleted afterwards
+unless --keep.
 
-Issue 20's target: the 7B-shaped bf16 model RTN-quantized to int4 with peak RSS ≤ 3 GiB.
+Issue 20's targets: the 7B-shaped bf16 model RTN-quantized to int4 with peak RSS ≤ 3 GiB; the 1.1B fp32
+model GPTQ-quantized to int4 with peak RSS ≤ 25% of its fp32 size.
 """
 
 from __future__ import annotations
@@ -31,20 +34,29 @@ from _common import log, parse_args, row, run_workloads, significant, write_resu
 
 WORKLOADS = ("llama-1.1b-fp32", "llama-7b-bf16")
 PRESET = {"llama-1.1b-fp32": "1.1b", "llama-7b-bf16": "7b"}
-TARGET_BYTES = {"llama-7b-bf16": 3 << 30}
+TARGET_RTN_BYTES = {"llama-7b-bf16": 3 << 30}
+GPTQ_TARGET_FRACTION = 0.25  # of the fp32 checkpoint's size
 GROUP, BITS = 128, 4
+WINDOW = 512
+SPOT = "model.layers.0.mlp.down_proj"
 EXTRA = ("params", "source_bytes", "peak_rss_bytes", "peak_rss_gib", "rss_fraction_of_source", "seconds",
-         "write_seconds", "target", "target_met", "spot_check_max_error_steps")
+         "write_seconds", "target", "target_met", "spot_check_max_error_steps", "spot_check_rel_error")
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in ("--child-quantize", "--child-write", "--child-load"):
+    if len(sys.argv) > 1 and sys.argv[1] in ("--child-quantize", "--child-gptq", "--child-write", "--child-load"):
         print(json.dumps(_child(sys.argv[1], sys.argv[2:])), flush=True)
         return
-    args, chosen = parse_args(__doc__ or "", "llm_memory", WORKLOADS, "the 1.1B model only (about 3 minutes)",
-                              extra=((("--workdir",), {"type": Path, "default": None,
-                                                        "help": "where the models are written (default: a temp dir)"}),
-                                     (("--keep",), {"action": "store_true", "help": "keep the written models"})))
+    args, chosen = parse_args(
+        __doc__ or "", "llm_memory", WORKLOADS, "the 1.1B model only, RTN only (about 3 minutes)",
+        extra=((("--workdir",), {"type": Path, "default": None,
+                                 "help": "where the models are written (default: a temp dir)"}),
+               (("--keep",), {"action": "store_true", "help": "keep the written models"}),
+               (("--gptq-windows",), {"type": int, "default": 8,
+                                      "help": f"GPTQ calibration windows of {WINDOW} tokens (0: no GPTQ row)"}),
+               (("--gptq-batch",), {"type": int, "default": 4, "help": "GPTQ calibration windows run at once"})))
+    if args.quick:
+        args.gptq_windows = 0
     if args.quick:
         chosen = [w for w in chosen if w == "llama-1.1b-fp32"]
     started = time.perf_counter()
@@ -59,8 +71,11 @@ def main() -> None:
     write_results("llm_memory", rows, args.out, extra_columns=EXTRA, extra_env={
         **env, "quick": args.quick, "method": "peak RSS = VmHWM of a fresh subprocess per run "
                   "(ru_maxrss would keep the parent's peak); "
-        "seconds = wall clock of quantize_checkpoint_rtn; sizes = bytes of the files; the subprocesses run "
-        "with glibc malloc's defaults (the allocator line is this parent process's)", "disk": _disk(base)})
+        "seconds = wall clock of quantize_checkpoint_rtn / quantize_checkpoint_gptq; sizes = bytes of the files; "
+        "the subprocesses run with glibc malloc's defaults (the allocator line is this parent process's)",
+        "gptq_calibration": {"windows": args.gptq_windows, "window": WINDOW, "batch": args.gptq_batch,
+                             "tokens": "uniform random ids, seed 0"},
+        "disk": _disk(base)})
     log(f"wrote {args.out} and {args.out.with_suffix('.md')} in {time.perf_counter() - started:.0f} s")
 
 
@@ -102,17 +117,29 @@ def _child(mode: str, argv: list[str]) -> dict[str, Any]:
         with torch.inference_mode():
             model(torch.ones(1, 8, dtype=torch.long))
         return {"seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes(), "params": params}
-    from nnopt.llm.streaming import quantize_checkpoint_rtn
     from nnopt.quantization.weights import WeightQuantConfig
 
     config = WeightQuantConfig(bits=BITS, group_size=GROUP)
-    result = quantize_checkpoint_rtn(argv[0], argv[1], config)
-    result["spot_check_max_error_steps"] = _spot_check(Path(argv[0]), Path(argv[1]), "model.layers.0.mlp.down_proj")
+    if mode == "--child-gptq":
+        from nnopt.llm.layerwise import CalibrationConfig, quantize_checkpoint_gptq
+
+        windows, batch = int(argv[2]), int(argv[3])
+        vocab = json.loads((Path(argv[0]) / "config.json").read_text())["vocab_size"]
+        tokens = torch.randint(0, vocab, (windows, WINDOW), generator=torch.Generator().manual_seed(0))
+        result = quantize_checkpoint_gptq(argv[0], argv[1], config, tokens=tokens,
+                                          calibration=CalibrationConfig(windows=windows, window=WINDOW, batch=batch))
+    else:
+        from nnopt.llm.streaming import quantize_checkpoint_rtn
+
+        result = quantize_checkpoint_rtn(argv[0], argv[1], config)
+    result["spot_check_max_error_steps"], result["spot_check_rel_error"] = _spot_check(
+        Path(argv[0]), Path(argv[1]), SPOT)
     return result
 
 
-def _spot_check(src: Path, out: Path, module: str) -> float:
-    """Largest |source − dequantized output| of one matrix, in units of its group's step (≤ 0.5 expected)."""
+def _spot_check(src: Path, out: Path, module: str) -> tuple[float, float]:
+    """Largest |source − dequantized output| of one matrix in units of its group's step (RTN: ≤ 0.5), and
+    ‖source − dequantized‖ / ‖source‖."""
     import torch
     from safetensors import safe_open
 
@@ -127,7 +154,8 @@ def _spot_check(src: Path, out: Path, module: str) -> float:
     codes = torch.stack((nibbles & 0xF, nibbles >> 4), dim=-1).reshape(w.shape[0], -1)[:, : w.shape[1]]
     codes = codes.to(torch.float32) - 8
     step_full = step.repeat_interleave(w.shape[1] // step.shape[1], dim=1)
-    return float(((codes * step_full - w).abs() / step_full).max())
+    error = codes * step_full - w
+    return float((error.abs() / step_full).max()), float(error.norm() / w.norm())
 
 
 def _rows_for(args: Any, workload: str) -> list[dict[str, Any]]:
@@ -135,10 +163,10 @@ def _rows_for(args: Any, workload: str) -> list[dict[str, Any]]:
     log(f"{workload}: writing the synthetic model")
     written = _run_child("--child-write", str(model_dir), PRESET[workload], threads=args.threads)
     source_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
-    log(f"{workload}: {source_bytes / 1e9:.2f} GB in {written['seconds']:.0f} s; quantizing in a subprocess")
+    log(f"{workload}: {source_bytes / 1e9:.2f} GB in {written['seconds']:.0f} s; RTN in a subprocess")
     result = _run_child("--child-quantize", str(model_dir), str(out_dir), threads=args.threads)
     log(f"{workload}: peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB, {result['seconds']:.0f} s")
-    target = TARGET_BYTES.get(workload)
+    target = TARGET_RTN_BYTES.get(workload)
     rows = []
     if workload == "llama-1.1b-fp32":
         log(f"{workload}: baseline, transformers from_pretrained in a subprocess")
@@ -148,19 +176,38 @@ def _rows_for(args: Any, workload: str) -> list[dict[str, Any]]:
                    file_bytes=source_bytes, params=written["parameters"])
         base.update(_memory_fields(loaded["peak_rss_bytes"], source_bytes, loaded["seconds"], written["parameters"]))
         rows.append(base)
-    out = row(workload=workload, tool="nnopt", variant=f"RTN int{BITS} g{GROUP} symmetric, streaming "
-              "(compressed-tensors pack-quantized)", file_bytes=result["output_bytes"], params=written["parameters"])
-    out.update(_memory_fields(result["peak_rss_bytes"], source_bytes, result["seconds"], written["parameters"]))
-    out.update({"write_seconds": significant(written["seconds"], 3),
-                "target": None if target is None else f"peak RSS <= {target / 2**30:g} GiB",
-                "target_met": None if target is None else result["peak_rss_bytes"] <= target,
-                "spot_check_max_error_steps": significant(result["spot_check_max_error_steps"], 4),
-                "output_shards": result["shards"]})
-    rows.append(out)
+    rows.append(_result_row(workload, f"RTN int{BITS} g{GROUP} symmetric, streaming (compressed-tensors "
+                            "pack-quantized)", result, written, source_bytes,
+                            None if target is None else (f"peak RSS <= {target / 2**30:g} GiB", target)))
     shutil.rmtree(out_dir, ignore_errors=True)
+    if workload == "llama-1.1b-fp32" and args.gptq_windows > 0:
+        log(f"{workload}: GPTQ ({args.gptq_windows} windows of {WINDOW}) in a subprocess")
+        result = _run_child("--child-gptq", str(model_dir), str(out_dir), str(args.gptq_windows),
+                            str(args.gptq_batch), threads=args.threads)
+        log(f"{workload}: peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB, {result['seconds']:.0f} s")
+        limit = int(GPTQ_TARGET_FRACTION * source_bytes)
+        rows.append(_result_row(
+            workload, f"GPTQ int{BITS} g{GROUP} symmetric, layer by layer, calibration {args.gptq_windows} x "
+            f"{WINDOW} tokens, batch {args.gptq_batch} (compressed-tensors pack-quantized)", result, written,
+            source_bytes, (f"peak RSS <= {GPTQ_TARGET_FRACTION:g} x fp32 size ({limit / 2**30:.2f} GiB)", limit)))
+        shutil.rmtree(out_dir, ignore_errors=True)
     if not args.keep:
         shutil.rmtree(model_dir, ignore_errors=True)
     return rows
+
+
+def _result_row(workload: str, variant: str, result: dict[str, Any], written: dict[str, Any], source_bytes: int,
+                target: tuple[str, int] | None) -> dict[str, Any]:
+    out = row(workload=workload, tool="nnopt", variant=variant, file_bytes=result["output_bytes"],
+              params=written["parameters"])
+    out.update(_memory_fields(result["peak_rss_bytes"], source_bytes, result["seconds"], written["parameters"]))
+    out.update({"write_seconds": significant(written["seconds"], 3),
+                "target": None if target is None else target[0],
+                "target_met": None if target is None else result["peak_rss_bytes"] <= target[1],
+                "spot_check_max_error_steps": significant(result["spot_check_max_error_steps"], 4),
+                "spot_check_rel_error": significant(result["spot_check_rel_error"], 4),
+                "output_shards": result["shards"]})
+    return out
 
 
 def _memory_fields(peak: int, source_bytes: int, seconds: float, params: int) -> dict[str, Any]:

@@ -32,15 +32,27 @@ from _common import log, parse_args, row, run_workloads, significant, write_resu
 
 WORKLOADS = ("smollm2-135m",)
 WINDOW = 512
-# (variant, method, bits, group size or None for per channel)
+# (variant, method, bits, group size or None for per channel, pruning pattern)
 VARIANTS = (
-    ("rtn-int8-channel", "rtn", 8, None),
-    ("rtn-int4-g128", "rtn", 4, 128),
-    ("gptq-int4-g128", "gptq", 4, 128),
-    ("rtn-int4-g64", "rtn", 4, 64),
-    ("gptq-int4-g64", "gptq", 4, 64),
+    ("rtn-int8-channel", "rtn", 8, None, None),
+    ("smoothquant-w8a8", "smoothquant", 8, None, None),
+    ("rtn-int4-g128", "rtn", 4, 128, None),
+    ("gptq-int4-g128", "gptq", 4, 128, None),
+    ("awq-int4-g128", "awq", 4, 128, None),
+    ("rtn-int4-g64", "rtn", 4, 64, None),
+    ("gptq-int4-g64", "gptq", 4, 64, None),
+    ("awq-int4-g64", "awq", 4, 64, None),
+    ("magnitude-50%", "magnitude", None, None, "0.5"),
+    ("wanda-50%", "wanda", None, None, "0.5"),
+    ("sparsegpt-50%", "sparsegpt", None, None, "0.5"),
+    ("magnitude-2:4", "magnitude", None, None, "2:4"),
+    ("wanda-2:4", "wanda", None, None, "2:4"),
+    ("sparsegpt-2:4", "sparsegpt", None, None, "2:4"),
 )
-EXTRA = ("perplexity", "kl_mean", "ppl_vs_fp32", "tokens_scored", "eval_windows", "calibration_windows",
+PRUNERS = ("magnitude", "wanda", "sparsegpt")
+QUICK = ("rtn-int8-channel", "smoothquant-w8a8", "rtn-int4-g128", "gptq-int4-g128", "awq-int4-g128",
+         "magnitude-50%", "wanda-50%", "sparsegpt-50%")
+EXTRA = ("perplexity", "kl_mean", "ppl_vs_fp32", "sparsity", "tokens_scored", "eval_windows", "calibration_windows",
          "peak_rss_bytes", "quantize_seconds", "eval_seconds")
 
 
@@ -52,15 +64,30 @@ def main() -> None:
         __doc__ or "", "llm_quality", WORKLOADS, "4 evaluation windows, 8 calibration windows, groups of 128 only",
         extra=((("--windows",), {"type": int, "default": 16, "help": "evaluation windows of 512 tokens"}),
                (("--calibration-windows",), {"type": int, "default": 32, "help": "GPTQ calibration windows of 512"}),
-               (("--workdir",), {"type": Path, "default": None, "help": "where the checkpoints go (temp dir)"})))
+               (("--workdir",), {"type": Path, "default": None, "help": "where the checkpoints go (temp dir)"}),
+               (("--variants",), {"default": None, "help": "comma-separated variants to run (default: all); "
+                                  "with --keep-others, the output file's other variants' rows are kept"}),
+               (("--keep-others",), {"action": "store_true",
+                                     "help": "keep the rows of variants not run from the existing output file (same "
+                                     "windows; each row records when it was measured)"})))
     if args.quick:
         args.windows, args.calibration_windows = 4, 8
+    known = [v[0] for v in VARIANTS]
+    args.chosen_variants = known if not args.variants else [v.strip() for v in args.variants.split(",") if v.strip()]
+    if set(args.chosen_variants) - set(known):
+        raise SystemExit(f"--variants: unknown {sorted(set(args.chosen_variants) - set(known))}; known: {known}")
+    if args.quick and not args.variants:
+        args.chosen_variants = list(QUICK)
     base = Path(tempfile.mkdtemp(prefix="nnopt-llm-quality-", dir=args.workdir))
     args.base = base
     try:
         rows, env = run_workloads(args, chosen, {"smollm2-135m": _rows})
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    for r in rows:
+        r["measured_at"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    if args.keep_others:
+        rows = _kept_rows(args.out, rows, args.windows)
     write_results("llm_quality", rows, args.out, extra_columns=EXTRA, extra_env={
         **env, "quick": args.quick, "window": WINDOW, "eval_windows": args.windows,
         "calibration_windows": args.calibration_windows,
@@ -75,6 +102,21 @@ def main() -> None:
                  "32, so int4 RTN in groups of 32 is near-lossless for this model and says little; groups of 64 "
                  "and 128 do not align with that grid"),
     })
+
+
+def _kept_rows(out: Path, rows: list[dict[str, Any]], windows: int) -> list[dict[str, Any]]:
+    """This run's rows, with the existing file's rows of the variants it did not run (same evaluation windows
+    only: another window count is another measurement), in VARIANTS' order, the fp32 row first."""
+    if not out.is_file():
+        return rows
+    old = json.loads(out.read_text())
+    if old.get("env", {}).get("eval_windows") != windows:
+        raise SystemExit(f"--keep-others: {out} was measured on {old.get('env', {}).get('eval_windows')} windows, "
+                         f"this run on {windows}")
+    fresh = {r["variant"] for r in rows}
+    merged = rows + [r for r in old["rows"] if r["variant"] not in fresh]
+    order = {name: k for k, name in enumerate(v[0] for v in VARIANTS)}
+    return sorted(merged, key=lambda r: (r["tool"] != "baseline", order.get(r["variant"], len(order))))
 
 
 def _child(mode: str, argv: list[str]) -> dict[str, Any]:
@@ -100,21 +142,26 @@ def _child(mode: str, argv: list[str]) -> dict[str, Any]:
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         lm.tokenizer.save_pretrained(out)
         return {"seconds": time.perf_counter() - start, "parameters": lm.parameters, "source": lm.source}
+    from nnopt.llm.layerwise import CalibrationConfig
     from nnopt.quantization.weights import WeightQuantConfig
 
-    src, out, method, bits, group, calib = argv[0], argv[1], argv[2], int(argv[3]), argv[4], int(argv[5])
-    config = WeightQuantConfig(bits=bits, group_size=None if group == "channel" else int(group),
+    src, out, method, bits, group, calib, pattern = argv[:7]
+    calibration = CalibrationConfig(windows=int(calib), window=WINDOW) if int(calib) else None
+    if method in PRUNERS:
+        from nnopt.llm.pruning import PruneConfig, prune_checkpoint
+
+        n_m = tuple(int(v) for v in pattern.split(":")) if ":" in pattern else None
+        prune = PruneConfig(method=method, sparsity=None if n_m else float(pattern), n_m=n_m)  # type: ignore[arg-type]
+        return prune_checkpoint(src, out, prune, calibration=calibration)
+    config = WeightQuantConfig(bits=int(bits), group_size=None if group == "channel" else int(group),
                                per_channel=group == "channel")
     if method == "rtn":
         from nnopt.llm.streaming import quantize_checkpoint_rtn
 
-        result = quantize_checkpoint_rtn(src, out, config)
-    else:
-        from nnopt.llm.layerwise import CalibrationConfig, quantize_checkpoint_gptq
+        return quantize_checkpoint_rtn(src, out, config)
+    from nnopt.llm.methods import quantize_checkpoint
 
-        result = quantize_checkpoint_gptq(src, out, config, calibration=CalibrationConfig(windows=calib,
-                                                                                          window=WINDOW))
-    return result
+    return quantize_checkpoint(method, src, out, config, calibration=calibration)
 
 
 def _run_child(mode: str, *argv: str, threads: int) -> dict[str, Any]:
@@ -165,13 +212,13 @@ def _rows(args: Any) -> list[dict[str, Any]]:
                "calibration_windows": None, "peak_rss_bytes": None, "quantize_seconds": None,
                "eval_seconds": round(base.seconds, 1), "method": base.method}]
     log(f"fp32: perplexity {base.perplexity:.4f} in {base.seconds:.0f} s")
-    variants = [v for v in VARIANTS if not args.quick or v[3] in (None, 128)]
-    for variant, method, bits, group in variants:
+    variants = [v for v in VARIANTS if v[0] in args.chosen_variants]
+    for variant, method, bits, group, pattern in variants:
         out = args.base / variant
-        calib = args.calibration_windows if method == "gptq" else 0
-        log(f"{variant}: quantizing in a subprocess")
+        calib = 0 if method in ("rtn", "magnitude") else args.calibration_windows
+        log(f"{variant}: writing it in a subprocess")
         made = _run_child("--child-quantize", str(fp32_dir), str(out), method, str(bits),
-                          "channel" if group is None else str(group), str(calib), threads=args.threads)
+                          "channel" if group is None else str(group), str(calib), str(pattern), threads=args.threads)
         loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
         result = quality.evaluate(loaded, windows, reference=reference, window=WINDOW)
         del loaded
@@ -182,6 +229,7 @@ def _rows(args: Any) -> list[dict[str, Any]]:
                     | {"perplexity": round(result.perplexity, 4), "kl_mean": significant(result.kl_mean or 0.0),
                        "ppl_vs_fp32": round(result.perplexity / base.perplexity, 5), **common,
                        "calibration_windows": calib or None, "peak_rss_bytes": made["peak_rss_bytes"],
+                       "sparsity": made.get("sparsity"),
                        "quantize_seconds": round(made["seconds"], 1), "eval_seconds": round(result.seconds, 1)})
         shutil.rmtree(out, ignore_errors=True)
     return rows

@@ -245,11 +245,11 @@ def _register_prune(actions: Any) -> None:
     shape.add_argument("--sparsity", type=float, default=None,
                        help="fraction of zeros per matrix, unstructured (default 0.5)")
     shape.add_argument("--pattern", default=None, metavar="N:M", help="semi-structured: e.g. 2:4")
-    prune.add_argument("--calibration-windows", default="32", metavar="N",
+    prune.add_argument("--calibration-windows", default=None, metavar="N",
                        help="wanda/sparsegpt: windows of the calibration text (default 32)")
-    prune.add_argument("--calibration-window", default="512", metavar="N",
+    prune.add_argument("--calibration-window", default=None, metavar="N",
                        help="wanda/sparsegpt: tokens per calibration window (default 512)")
-    prune.add_argument("--calibration-batch", default="4", metavar="N",
+    prune.add_argument("--calibration-batch", default=None, metavar="N",
                        help="wanda/sparsegpt: windows per forward pass (default 4)")
     prune.add_argument("--json", default=None, metavar="OUT.json", help="also write what was measured as JSON")
     prune.set_defaults(handler=cmd_llm_prune)
@@ -271,9 +271,10 @@ def cmd_llm_prune(args: argparse.Namespace) -> int:
 
     _one_process_only("nnopt llm prune")
     config = PruneConfig(method=args.method, sparsity=args.sparsity, n_m=_pattern(args.pattern))
-    calibration = None
-    if args.method != "magnitude":
-        calibration = _calibration(args)
+    given = [flag for dest, flag, _ in METHOD_OPTIONS if dest.startswith("calibration") and getattr(args, dest)]
+    if args.method == "magnitude" and given:
+        raise ConfigError(f"{given[0]} applies to --method wanda/sparsegpt: magnitude reads no calibration data")
+    calibration = None if args.method == "magnitude" else _calibration(args)
     with contextlib.ExitStack() as stack:
         result = prune_checkpoint(args.source, args.out, config, calibration=calibration,
                                   progress=_layer_progress(stack, "pruning"))

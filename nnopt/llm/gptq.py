@@ -28,6 +28,7 @@ point (int8), ``(out, groups)``, ``(out, 1)`` per channel or ``(1, 1)`` per tens
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
@@ -36,6 +37,10 @@ from nnopt.layers import primitives as P
 from nnopt.quantization.weights import WeightQuantConfig
 
 BLOCK = 128
+_TILE = 512  # rows and columns of an in×in matrix handled at a time where a whole-matrix temporary is avoided
+_UPDATE_ELEMENTS = 1 << 21
+
+Codes = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +74,17 @@ def gptq_codes(weight: torch.Tensor, h: torch.Tensor, config: WeightQuantConfig,
                gptq: GPTQConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ codes of one ``(out, in)`` matrix given the ``(in, in)`` Hessian of its inputs: int8 codes, float32
     step and int8 zero point in :func:`nnopt.llm.streaming.rtn_codes`' layout."""
+    return gptq_codes_consuming(weight, h, config, gptq, consume=False)
+
+
+def gptq_codes_consuming(weight: torch.Tensor, h: torch.Tensor, config: WeightQuantConfig,
+                         gptq: GPTQConfig | None = None, *, consume: bool = True) -> Codes:
+    """:func:`gptq_codes` that may use ``h`` (float64, C-contiguous) as its working memory, overwriting it,
+    where ``consume``: the caller's last use of that Hessian (:mod:`nnopt.llm.layerwise` frees each one after
+    its last matrix). Spares one ``in × in`` float64 copy: 242 MiB for a 5632-input down_proj. A float64
+    ``weight`` is overwritten as well (the working copy GPTQ would make of it). The codes are
+    :func:`gptq_codes`' own, except that an ``H`` still not positive definite after the dampening (possible
+    only with a tiny ``damp``) raises instead of being dampened further: it is gone."""
     gptq = gptq or GPTQConfig()
     config.validate()
     gptq.validate(config)
@@ -78,7 +94,7 @@ def gptq_codes(weight: torch.Tensor, h: torch.Tensor, config: WeightQuantConfig,
     if h.shape != (in_f, in_f):
         raise ConfigError(f"the Hessian must be ({in_f}, {in_f}) for a weight with {in_f} inputs, "
                           f"got {tuple(h.shape)}")
-    if not bool(torch.isfinite(h).all()) or not bool(torch.isfinite(weight).all()):
+    if not _all_finite(h) or not _all_finite(weight):
         raise ConfigError("GPTQ got a weight or Hessian with NaN or infinite values")
     group = config.group_size
     if group is not None and group > in_f:
@@ -86,17 +102,32 @@ def gptq_codes(weight: torch.Tensor, h: torch.Tensor, config: WeightQuantConfig,
     bits, symmetric = config.bits, config.symmetric
     qmin, qmax = P.qrange(bits, symmetric)
 
-    w = weight.detach().to(torch.float64).clone()
-    h = h.detach().to(torch.float64).clone()
+    w = weight.detach()
+    if not (consume and w.dtype == torch.float64):
+        w = w.to(torch.float64, copy=True)
     dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    perm = None
-    if gptq.act_order:
-        perm = torch.argsort(torch.diagonal(h), descending=True)
-        w, h = w[:, perm], h[perm][:, perm]
-    h += gptq.damp * float(torch.diagonal(h).mean()) * torch.eye(in_f, dtype=h.dtype)
-    hinv = _upper_cholesky_of_inverse(h)
+    perm = torch.argsort(torch.diagonal(h).masked_fill(dead, 1.0), descending=True) if gptq.act_order else None
+    if perm is not None:
+        w = w[:, perm]
+    in_place = consume and perm is None and h.dtype == torch.float64 and h.is_contiguous()
+    work = h.detach() if in_place else torch.empty(in_f, in_f, dtype=torch.float64)
+
+    def prepare(extra: float) -> None:
+        """``work`` = the dampened ``H`` (plus ``extra`` on its diagonal), from the caller's ``h``."""
+        if not in_place:
+            if perm is None:
+                work.copy_(h)
+            else:
+                work.copy_(h.detach().to(torch.float64)[perm][:, perm])
+        _symmetric_from_lower(work)  # Cholesky reads the lower triangle, as torch does for H itself
+        diagonal = torch.diagonal(work)
+        diagonal.masked_fill_(diagonal == 0, 1.0)  # dead inputs: weight 0 (above), diagonal 1
+        diagonal.add_(gptq.damp * float(diagonal.mean()))
+        if extra:
+            diagonal.add_(extra)
+
+    hinv = _upper_cholesky_of_inverse_in_place(work, prepare, retry=not in_place)
 
     n_cols = 1 if group is None else P.group_count(in_f, group)
     per_tensor = group is None and not config.per_channel
@@ -105,14 +136,17 @@ def gptq_codes(weight: torch.Tensor, h: torch.Tensor, config: WeightQuantConfig,
     if group is None:  # one scale for the whole row (or tensor), from the weights before any update
         scale, zero = P.compute_qparams(w, bits, symmetric, channel_axis=None if per_tensor else 0)
         steps[:], zeros[:] = _step(scale).expand(out_f, 1), zero.expand(out_f, 1)
-    codes = torch.empty(out_f, in_f, dtype=torch.float64)
+    codes = torch.empty(out_f, in_f, dtype=torch.int8)
     # A block holds whole groups, so a group's qparams come from weights that every earlier block updated.
     block = gptq.block if group is None else group * max(1, gptq.block // group)
+    # Columns of the lazy update at a time: bounds its temporary (out × columns, float64) to ~16 MiB.
+    chunk = max(block, (_UPDATE_ELEMENTS // max(out_f, 1)) // block * block)
     step_col = steps[:, 0].double()
     zero_col = zeros[:, 0].double()
     for b0 in range(0, in_f, block):
         b1 = min(b0 + block, in_f)
         w1 = w[:, b0:b1].clone()
+        q1 = torch.empty_like(w1)
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[b0:b1, b0:b1]
         for i in range(b1 - b0):
@@ -125,17 +159,20 @@ def gptq_codes(weight: torch.Tensor, h: torch.Tensor, config: WeightQuantConfig,
                 step_col, zero_col = steps[:, g].double(), zeros[:, g].double()
             x = w1[:, i]
             q = torch.round(x / step_col).add_(zero_col).clamp_(qmin, qmax)
-            codes[:, col] = q
+            q1[:, i] = q
             err = (x - (q - zero_col) * step_col) / hinv1[i, i]
             w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
             err1[:, i] = err
-        w[:, b1:] -= err1 @ hinv[b0:b1, b1:]
+        codes[:, b0:b1] = q1.to(torch.int8)  # integers in [qmin, qmax]: exact
+        for c0 in range(b1, in_f, chunk):
+            c1 = min(c0 + chunk, in_f)
+            w[:, c0:c1] -= err1 @ hinv[b0:b1, c0:c1]
+    del hinv
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
-    out_codes = codes.to(torch.int8)
     if per_tensor:
-        return out_codes, steps[:1].contiguous(), zeros[:1].to(torch.int8)
-    return out_codes, steps, zeros.to(torch.int8)
+        return codes, steps[:1].contiguous(), zeros[:1].to(torch.int8)
+    return codes, steps, zeros.to(torch.int8)
 
 
 def _step(scale: torch.Tensor) -> torch.Tensor:
@@ -143,19 +180,61 @@ def _step(scale: torch.Tensor) -> torch.Tensor:
     return (1.0 / scale.double()).float()
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or infinity in ``t`` (2-D), checked a block of rows at a time: no ``in × in`` mask."""
+    return all(bool(torch.isfinite(t[r:r + _TILE]).all()) for r in range(0, t.shape[0], _TILE))
+
+
+def _symmetric_from_lower(h: torch.Tensor) -> None:
+    """Copy the lower triangle of square ``h`` over its upper one, in place, a tile at a time."""
+    n = h.shape[0]
+    for i0 in range(0, n, _TILE):
+        i1 = min(i0 + _TILE, n)
+        h[i0:i1, i0:i1].copy_(h[i0:i1, i0:i1].tril() + h[i0:i1, i0:i1].tril(-1).t())
+        for j0 in range(i1, n, _TILE):
+            h[i0:i1, j0:j0 + _TILE] = h[j0:j0 + _TILE, i0:i1].t()
+
+
 def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of ``H⁻¹``; more dampening where the dampened ``H`` is still not positive
-    definite (a rank-deficient Hessian from few calibration tokens)."""
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    """Upper Cholesky factor of ``H⁻¹`` for a dampened float64 ``h`` (left as it is; its lower triangle is
+    read); more dampening where it is still not positive definite (a rank-deficient Hessian from few
+    calibration tokens). Raises :class:`ConfigError` if that does not help either."""
+    n = h.shape[0]
+    work = torch.empty(n, n, dtype=torch.float64)
+
+    def prepare(extra: float) -> None:
+        work.copy_(h)
+        _symmetric_from_lower(work)
+        if extra:
+            torch.diagonal(work).add_(extra)
+
+    return _upper_cholesky_of_inverse_in_place(work, prepare, retry=True)
+
+
+def _upper_cholesky_of_inverse_in_place(work: torch.Tensor, prepare: Callable[[float], None], *,
+                                        retry: bool) -> torch.Tensor:
+    """Upper Cholesky factor of ``H⁻¹``, computed in ``work``'s memory (an F-contiguous view of it is
+    returned): ``prepare(extra)`` fills ``work`` with the symmetric dampened ``H`` plus ``extra`` on the
+    diagonal. Each factorization runs in place on ``work``'s transpose, which LAPACK takes without a copy
+    (torch copies a C-contiguous matrix first); the factors are the ones ``torch.linalg.cholesky`` gives
+    on ``H`` itself. With ``retry``, more dampening where the dampened ``H`` is still not positive definite
+    (a rank-deficient Hessian from few calibration tokens)."""
+    view = work.t()
+    info = torch.empty((), dtype=torch.int32)
     extra = 0.0
-    mean_diag = float(torch.diagonal(h).mean())
-    for _ in range(6):
-        chol, info = torch.linalg.cholesky_ex(h + extra * eye)
+    mean_diag = 0.0
+    for attempt in range(6):
+        prepare(extra)
+        if attempt == 0:
+            mean_diag = float(torch.diagonal(work).mean())
+        torch.linalg.cholesky_ex(view, out=(view, info))
         if int(info) == 0:
-            inv = torch.cholesky_inverse(chol)
-            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            torch.cholesky_inverse(view, out=view)
+            torch.linalg.cholesky_ex(view, upper=True, out=(view, info))
             if int(info) == 0:
-                return torch.as_tensor(upper)
+                return view
+        if not retry:
+            break
         extra = mean_diag * (0.1 if extra == 0 else extra / mean_diag * 10)
     raise ConfigError("GPTQ: the input Hessian is not positive definite even after dampening; calibrate on "
-                      "more tokens")
+                      "more tokens" + ("" if retry else " or raise GPTQConfig.damp"))

@@ -47,11 +47,14 @@ def quantize_checkpoint(
     if method == "smoothquant":
         from nnopt.llm.smoothquant import WEIGHTS
 
-        if config != WEIGHTS:
+        if (config.bits, config.symmetric, config.per_channel, config.group_size) != (
+                WEIGHTS.bits, WEIGHTS.symmetric, WEIGHTS.per_channel, WEIGHTS.group_size):
             raise ConfigError("SmoothQuant is W8A8: 8-bit symmetric weights per channel, not "
                               f"{config.bits}-bit {'groups' if config.group_size else 'channels/tensor'}")
         if include_lm_head:
             raise ConfigError("SmoothQuant keeps lm_head in float; include_lm_head does not apply")
+        if config.layers:
+            raise ConfigError("SmoothQuant quantizes every decoder projection: a layers selection is not supported")
     if world_size() <= 1:
         return _one_process(method, src_dir, out_dir, config, calibration, progress, include_lm_head, gptq, awq,
                             smooth)

@@ -44,7 +44,6 @@ import torch
 
 from nnopt.errors import ConfigError
 from nnopt.llm import streaming
-from nnopt.llm.gptq import _upper_cholesky_of_inverse
 from nnopt.llm.layerwise import CalibrationConfig, InputStats, LayerContext, quantize_checkpoint_layerwise
 from nnopt.quantization.weights import WeightQuantConfig
 
@@ -182,12 +181,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += damp * float(torch.diagonal(h).mean()) * torch.eye(in_f, dtype=h.dtype)
-    try:
-        hinv = _upper_cholesky_of_inverse(h)
-    except ConfigError:
-        raise ConfigError(f"SparseGPT: the input Hessian of {name} is not positive definite even after "
-                          "dampening; calibrate on more tokens") from None
+    torch.diagonal(h).add_(damp * float(torch.diagonal(h).mean()))
+    hinv = _upper_cholesky_of_inverse(h, name)
+    del h
 
     for b0 in range(0, in_f, block):
         b1 = min(b0 + block, in_f)
@@ -219,6 +215,26 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     return w.to(weight.dtype)
 
 
+def _upper_cholesky_of_inverse(h: torch.Tensor, name: str) -> torch.Tensor:
+    """Upper Cholesky factor of ``H⁻¹`` (float64; ``h``, a private copy, is dampened further in place where
+    it is still not positive definite: a rank-deficient Hessian from few calibration tokens)."""
+    mean_diag = float(torch.diagonal(h).mean())
+    extra = added = 0.0
+    for _ in range(6):
+        torch.diagonal(h).add_(extra - added)
+        added = extra
+        chol, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(chol)
+            del chol
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return torch.as_tensor(upper)
+        extra = 0.1 * mean_diag if extra == 0 else extra * 10
+    raise ConfigError(f"SparseGPT: the input Hessian of {name} is not positive definite even after dampening; "
+                      "calibrate on more tokens")
+
+
 def _check_groups(in_f: int, m: int, name: str) -> None:
     if in_f % m:
         raise ConfigError(f"N:M pruning: M={m} does not divide the input dimension {in_f} of {name}")
@@ -244,10 +260,18 @@ def layer_method(prune: PruneConfig) -> Callable[[LayerContext], dict[str, Any]]
     pruner = PRUNERS[prune.method]
 
     def method(context: LayerContext) -> dict[str, Any]:
+        stats = context.stats  # the engine's own dict, read by no one after the method: each entry can go
+        last = {id(stats[name]): name for name in context.linears}  # early, after its last matrix
         for name, module in context.linears.items():
-            pruned = pruner(name, module.weight.detach().float(), context.stats[name], prune)
+            entry = stats[name]
+            pruned = pruner(name, module.weight.detach().float(), entry, prune)
             with torch.no_grad():
                 module.weight.copy_(pruned)
+            del pruned
+            if last[id(entry)] == name:
+                for user in [n for n, e in stats.items() if e is entry]:
+                    del stats[user]
+            del entry
         return {}
 
     return method

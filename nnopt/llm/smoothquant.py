@@ -53,9 +53,10 @@ _DECODER_LINEAR = re.compile(r"(^|\.)layers\.\d+\.")
 
 @dataclasses.dataclass(frozen=True)
 class SmoothQuantConfig:
-    """SmoothQuant's settings: the migration strength ``alpha`` in ``[0, 1]`` (0: no smoothing, 1: every
-    outlier moved into the weights); ``fold_linear_producers`` also smooths o_proj's and down_proj's inputs
-    through v_proj's and up_proj's rows (the paper smooths only the inputs that follow a norm);
+    """SmoothQuant's settings: the migration strength ``alpha`` in ``[0, 1]`` (0 moves the weights' range
+    into the activations, 1 every activation outlier into the weights); ``fold_linear_producers`` also smooths
+    o_proj's and down_proj's inputs through v_proj's and up_proj's rows (the paper smooths only the inputs
+    that follow a norm);
     ``quantize_carried_activations`` carries the calibration states through the layers with int8 inputs."""
 
     alpha: float = 0.5

@@ -1,9 +1,13 @@
 """Round-to-nearest weight quantization of a Hugging Face checkpoint, streamed one tensor at a time.
 
-:func:`quantize_checkpoint_rtn` never builds the model: it reads one decoder layer's tensors at a time
-with ``safetensors.safe_open``, quantizes the 2-D ``*.weight`` tensors of ``model.layers.*`` (the q/k/v/o
-and gate/up/down projections of Llama-family models) and writes output shards as it goes, so peak memory
-is about one output shard (``shard_bytes``, 256 MiB by default) plus one layer, whatever the model's size.
+:func:`quantize_checkpoint_rtn` never builds the model: it reads one tensor at a time from the safetensors
+shards (plain reads into memory of its own, not the library's memory map, whose pages would count in the
+resident set as long as a tensor from it lives), quantizes the 2-D ``*.weight`` tensors of
+``model.layers.*`` (the q/k/v/o and gate/up/down projections of Llama-family models) and writes output
+shards as it goes (:func:`save_safetensors`: each tensor straight from its memory, and each tensor that
+goes out unchanged, such as the embeddings, copied from its source file in chunks, never held). Peak memory
+is about one output shard of packed codes (``shard_bytes``, 256 MiB by default) plus one tensor and its
+temporaries, whatever the model's size.
 
 Quantization follows :class:`~nnopt.quantization.weights.WeightQuantConfig`: ``(S, z)`` per tensor, per
 output row (``per_channel``) or per group of ``group_size`` inputs, with a partial last group where the
@@ -53,10 +57,23 @@ from nnopt.quantization.weights import WeightQuantConfig
 INDEX_FILE = "model.safetensors.index.json"
 PROGRESS_FILE = "nnopt-progress.json"
 FORMAT = "pack-quantized"
-DEFAULT_SHARD_BYTES = 256 << 20  # output shards; peak memory ≈ this + one layer
+DEFAULT_SHARD_BYTES = 256 << 20  # output shards; peak memory ≈ this + one tensor
 _PROGRESS_VERSION = 1
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+# safetensors' dtype names and torch's dtypes, for the tensors read and written here without the library
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr) for name, attr in (
+        ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
+        ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"), ("U16", "uint16"),
+        ("U32", "uint32"), ("U64", "uint64"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+        ("C64", "complex64")) if hasattr(torch, attr)}
+_DTYPE_NAMES = {dtype: name for name, dtype in _TORCH_DTYPES.items()}
+# save_file's order of the tensors in a file: widest dtype first (the library's dtype order), then by name
+_DTYPE_RANK = {name: rank for rank, name in enumerate(
+    ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64",
+     "I64", "U64"))}
+_COPY_CHUNK = 16 << 20  # bytes copied at a time from a source file into an output shard
 _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2, "U16": 2}
 # Other weight formats a Hugging Face directory may also hold; never copied into the output.
 _SKIPPED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx")
@@ -76,19 +93,31 @@ class _Tensor:
     file: str
     shape: tuple[int, ...]
     dtype: str  # safetensors' name: F32, BF16, ...
+    begin: int = 0  # its bytes in the file: [begin, end)
+    end: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Copied:
+    """A source tensor that goes into an output shard unchanged: copied from its file in chunks when the shard
+    is written, never held in memory."""
+
+    src: Path
+    tensor: _Tensor
 
 
 @dataclasses.dataclass
 class UnitHooks:
     """How a calibrating algorithm (GPTQ, :mod:`nnopt.llm.layerwise`) plugs into the one writer.
 
-    ``codes(unit, tensors, chosen)`` gets a unit's tensors (one decoder layer's, by full name) and the names
-    chosen for quantization, and returns ``{name: (codes, step, zero)}`` in :func:`rtn_codes`' layout; chosen
-    names it leaves out are quantized with RTN. A value that is a tensor instead replaces the source tensor
-    of that name: a chosen weight is then quantized (RTN) or, with ``quantize`` false, written from it; any
-    other tensor (a norm weight that absorbed a smoothing scale) is written from it in the source's dtype.
-    ``commit(done_units)`` runs each time finished units are
-    made durable, before the progress file records them, and returns the names of files it wrote into the
+    ``codes(unit, tensors, chosen)`` gets a unit's tensors (one decoder layer's, by full name, each read into
+    memory of its own; the dict is the hook's to keep, empty or change: the writer reads again what it
+    writes) and the names chosen for quantization, and returns ``{name: (codes, step, zero)}`` in
+    :func:`rtn_codes`' layout; chosen names it leaves out are quantized with RTN. A value that is a tensor
+    instead replaces the source tensor of that name: a chosen weight is then quantized (RTN) or, with
+    ``quantize`` false, written from it; any other tensor (a norm weight that absorbed a smoothing scale) is
+    written from it in the source's dtype. ``commit(done_units)`` runs each time finished units are made
+    durable, before the progress file records them, and returns the names of files it wrote into the
     partial directory that a resumed run needs (the writer keeps them and deletes the previous ones).
     ``fingerprint`` joins the resume fingerprint (the algorithm's settings and calibration data);
     ``method`` is recorded as the quantization_config's ``version``; ``flush_each_unit`` ends an output
@@ -169,19 +198,16 @@ def write_quantized_checkpoint(
     state = _resume_state(partial, fingerprint)
     done_units: set[str] = set(state["done_units"])
     resumed = len(done_units)
-    buffer: dict[str, torch.Tensor] = {}
+    # Output tensors of the shard being filled, and unchanged source tensors to be copied into it.
+    buffer: dict[str, torch.Tensor | _Copied] = {}
     buffered_units: list[str] = []
 
     def flush() -> None:
         if not buffer:
             return
-        from safetensors.torch import save_file
-
         file_name = f"model-{len(state['shards']) + 1:05d}.safetensors"
         tmp = partial / (file_name + ".tmp")
-        save_file(buffer, str(tmp), metadata={"format": "pt"})
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        save_safetensors(tmp, buffer, metadata={"format": "pt"})  # fsynced
         os.replace(tmp, partial / file_name)
         state["shards"].append({"file": file_name, "tensors": sorted(buffer)})
         state["done_units"] += buffered_units
@@ -206,25 +232,31 @@ def write_quantized_checkpoint(
             # its calibration inputs through every layer
             if hooks.codes is not None and (unit_chosen or _LAYER.match(unit + ".")):
                 given = hooks.codes(unit, dict(_read_unit(src, members)), unit_chosen)
-            for name, tensor in _read_unit(src, members):
+            quantized = hooks.quantize
+            for t in members:  # one tensor in memory at a time, and none that goes out unchanged
+                name = t.name
                 replacement = given.pop(name, None)
                 if isinstance(replacement, torch.Tensor):
-                    if tuple(replacement.shape) != tuple(tensor.shape):
+                    if tuple(replacement.shape) != t.shape:
                         raise ConfigError(f"the tensor given for {name!r} is {tuple(replacement.shape)}; the "
-                                          f"source's is {tuple(tensor.shape)}")
-                    if name in chosen and hooks.quantize:
+                                          f"source's is {t.shape}")
+                    if name in chosen and quantized:
                         tensor = replacement  # quantized as it is (float32), not rounded to the source dtype
                     else:
-                        tensor = replacement.to(tensor.dtype).contiguous()
+                        tensor = replacement.to(_torch_dtype(t)).contiguous()
                     replacement = None
-                if name in chosen and hooks.quantize:
-                    buffer.update(_quantized_tensors(name, tensor, config, chosen[name], replacement))
+                elif name in chosen and quantized:
+                    # given codes need only the weight's shape
+                    tensor = _read_tensor(src, t) if replacement is None else torch.empty(t.shape, device="meta")
                 elif replacement is not None:
                     raise ConfigError(f"codes were given for {name!r}, which is not quantized")
                 else:
-                    # A private copy: get_tensor's tensor may share the file's memory map, and one such
-                    # tensor kept in the buffer would keep every page read from that file resident.
-                    buffer[name] = tensor.clone()
+                    buffer[name] = _Copied(src, t)
+                    continue
+                if name in chosen and quantized:
+                    buffer.update(_quantized_tensors(name, tensor, config, chosen[name], replacement))
+                else:
+                    buffer[name] = tensor
                 del tensor
             del given
             buffered_units.append(unit)
@@ -271,8 +303,9 @@ def write_quantized_checkpoint(
     }
 
 
-def _bytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+def _bytes(tensors: dict[str, torch.Tensor | _Copied]) -> int:
+    return sum(t.tensor.end - t.tensor.begin if isinstance(t, _Copied) else t.numel() * t.element_size()
+               for t in tensors.values())
 
 
 def _output_bytes(members: list[_Tensor], chosen: dict[str, int | None], config: WeightQuantConfig) -> int:
@@ -317,9 +350,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _read_source(src: Path) -> list[_Tensor]:
-    """Every tensor's name, file, shape and dtype, from the safetensors headers only."""
-    from safetensors import SafetensorError, safe_open
-
+    """Every tensor's name, file, shape, dtype and byte range, from the safetensors headers only (checked
+    as :mod:`nnopt.io.safetensors_check` does: sizes consistent, the offsets tiling the buffer)."""
     if (src / INDEX_FILE).is_file():
         weight_map = _read_json(src / INDEX_FILE).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
@@ -334,14 +366,31 @@ def _read_source(src: Path) -> list[_Tensor]:
         path = src / file_name
         if Path(file_name).name != file_name or not path.is_file():
             raise ModelFormatError(f"{src}: shard {file_name!r} is missing or not a plain file name")
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                for name in fh.keys():
-                    piece = fh.get_slice(name)
-                    out.append(_Tensor(name, file_name, tuple(piece.get_shape()), piece.get_dtype()))
-        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # safetensors' header errors
-            raise ModelFormatError(f"cannot read {path}: {exc}") from None
+        out += _header_tensors(path, file_name)
     return out
+
+
+def _header_tensors(path: Path, file_name: str) -> list[_Tensor]:
+    from nnopt.io import safetensors_check
+
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, 2)
+            fh.seek(0)
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise ModelFormatError(f"cannot read {path}: not a safetensors file ({size} bytes)")
+            header_len = int.from_bytes(prefix, "little")
+            safetensors_check._check_header_len(header_len, size, str(path))
+            raw = fh.read(header_len)
+    except OSError as exc:
+        raise ModelFormatError(f"cannot read {path}: {exc.strerror or exc}") from None
+    header = safetensors_check._parse_header(raw, str(path))
+    safetensors_check.check_header(header, size - 8 - header_len, str(path))
+    start = 8 + header_len
+    return [_Tensor(name, file_name, tuple(entry["shape"]), entry["dtype"], start + entry["data_offsets"][0],
+                    start + entry["data_offsets"][1])
+            for name, entry in header.items() if name != "__metadata__"]
 
 
 def _file_stamps(src: Path, tensors: list[_Tensor]) -> dict[str, list[int]]:
@@ -368,16 +417,118 @@ def _units(tensors: list[_Tensor]) -> list[tuple[str, list[_Tensor]]]:
 
 
 def _read_unit(src: Path, members: list[_Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """One unit's tensors, each file opened (memory-mapped) only while its tensors are read."""
-    from safetensors import safe_open
-
-    by_file: dict[str, list[str]] = {}
+    """One unit's tensors, each read into memory of its own (:func:`_read_tensor`)."""
     for t in members:
-        by_file.setdefault(t.file, []).append(t.name)
-    for file_name, names in by_file.items():
-        with safe_open(str(src / file_name), framework="pt") as fh:
-            for name in names:
-                yield name, fh.get_tensor(name)
+        yield t.name, _read_tensor(src, t)
+
+
+def _torch_dtype(t: _Tensor) -> torch.dtype:
+    dtype = _TORCH_DTYPES.get(t.dtype)
+    if dtype is None:
+        raise ModelFormatError(f"{t.file}: tensor {t.name!r} has dtype {t.dtype}, which this torch cannot hold")
+    return dtype
+
+
+def _read_tensor(src: Path, t: _Tensor) -> torch.Tensor:
+    """One tensor, read with plain reads into memory of its own. Not through safetensors' memory map: the
+    pages a map touches count in the resident set as long as any tensor from it lives (a 262 MB embedding
+    read then copied counted twice), and they are read once more when the writer copies or requantizes."""
+    buffer = torch.empty(t.end - t.begin, dtype=torch.uint8)
+    _read_range(src / t.file, t.begin, buffer.numpy().data, t.name)
+    return buffer.view(_torch_dtype(t)).reshape(t.shape)
+
+
+def read_rows(src: Path, t: _Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` (sorted, unique int64) of a 2-D source tensor, in its dtype, reading those rows only
+    (the calibration windows' embeddings without the whole table)."""
+    row_bytes = (t.end - t.begin) // max(t.shape[0], 1)
+    out = torch.empty(len(rows), row_bytes, dtype=torch.uint8)
+    view = out.numpy().data.cast("B")
+    ids = rows.tolist()
+    path = src / t.file
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            k = 0
+            while k < len(ids):  # runs of consecutive rows in one read
+                end = k + 1
+                while end < len(ids) and ids[end] == ids[end - 1] + 1:
+                    end += 1
+                _read_into(fh, t.begin + ids[k] * row_bytes, view[k * row_bytes:end * row_bytes], path, t.name)
+                k = end
+    except OSError as exc:
+        raise ModelFormatError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return out.view(_torch_dtype(t)).reshape(len(ids), *t.shape[1:])
+
+
+def _read_range(path: Path, offset: int, into: memoryview, name: str) -> None:
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            _read_into(fh, offset, into, path, name)
+    except OSError as exc:
+        raise ModelFormatError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _read_into(fh: Any, offset: int, into: memoryview, path: Path, name: str) -> None:
+    fh.seek(offset)
+    done = 0
+    while done < into.nbytes:
+        got = fh.readinto(into[done:])
+        if not got:
+            raise ModelFormatError(f"cannot read {path}: it ends inside tensor {name!r}")
+        done += got
+
+
+def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor | _Copied],
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file as ``safetensors.torch.save_file`` lays it out (tensors by dtype width, then
+    name; header padded to 8 bytes), each tensor written straight from its memory and each :class:`_Copied`
+    one copied from its source file in chunks, then fsync it: nothing of the file is assembled in memory."""
+    entries: list[tuple[str, str, tuple[int, ...], int, torch.Tensor | _Copied]] = []
+    for name, value in tensors.items():
+        if isinstance(value, _Copied):
+            t = value.tensor
+            entries.append((name, t.dtype, t.shape, t.end - t.begin, value))
+        else:
+            dtype = _DTYPE_NAMES.get(value.dtype)
+            if dtype is None:
+                raise OutputError(f"cannot write {name!r}: safetensors has no dtype for {value.dtype}")
+            value = value.detach().contiguous()
+            entries.append((name, dtype, tuple(value.shape), value.numel() * value.element_size(), value))
+    entries.sort(key=lambda e: (-_DTYPE_RANK.get(e[1], -1), e[0]))
+    header: dict[str, Any] = {} if metadata is None else {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape, nbytes, _ in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for _, _, _, nbytes, value in entries:
+            if not nbytes:
+                continue
+            if isinstance(value, _Copied):
+                _copy_range(value.src / value.tensor.file, value.tensor.begin, nbytes, fh, value.tensor.name)
+            else:
+                fh.write(value.reshape(-1).view(torch.uint8).numpy().data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _copy_range(path: Path, offset: int, nbytes: int, out: Any, name: str) -> None:
+    chunk = bytearray(min(nbytes, _COPY_CHUNK))
+    view = memoryview(chunk)
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            while nbytes:
+                size = min(nbytes, len(chunk))
+                _read_into(fh, offset, view[:size], path, name)
+                out.write(view[:size])
+                offset += size
+                nbytes -= size
+    except OSError as exc:
+        raise ModelFormatError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 # ------------------------------------------------------------------------------------------ selection

@@ -189,7 +189,8 @@ def test_prune_writes_a_float_checkpoint_with_the_pattern_it_reports(tiny_lm, tm
     assert checked == 2
     assert main(["llm", "eval", str(out), "--reference", str(tiny_lm), "--window", "64", "--max-windows", "2"]) == 0
     for bad, message in [(["--pattern", "4:2"], "N:M"), (["--pattern", "x"], "--pattern: expected N:M"),
-                         (["--sparsity", "1.5"], "sparsity")]:
+                         (["--sparsity", "1.5"], "sparsity"),
+                         (["--method", "magnitude", "--calibration-windows", "4"], "reads no calibration data")]:
         assert main(["llm", "prune", str(tiny_lm), "-o", str(tmp_path / "bad"), *bad]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err

@@ -8,8 +8,14 @@ from safetensors import safe_open
 
 from nnopt.errors import ConfigError, UnsupportedModelError
 from nnopt.layers import primitives as P
-from nnopt.llm.gptq import GPTQConfig, gptq_codes, hessian
-from nnopt.llm.layerwise import CalibrationConfig, quantize_checkpoint_gptq, quantize_checkpoint_layerwise
+from nnopt.llm.gptq import GPTQConfig, gptq_codes, gptq_codes_consuming, hessian
+from nnopt.llm.layerwise import (
+    CalibrationConfig,
+    _add_gram_upper,
+    _mirror_upper,
+    quantize_checkpoint_gptq,
+    quantize_checkpoint_layerwise,
+)
 from nnopt.llm.streaming import dequantize_rtn, partial_dir, quantize_checkpoint_rtn, rtn_codes
 from nnopt.llm.synthetic import LlamaShape, write_synthetic_llama
 from nnopt.quantization.weights import WeightQuantConfig
@@ -220,3 +226,45 @@ def test_a_layers_selection_that_skips_a_decoder_layer_still_carries_the_inputs_
     assert result["quantized_tensors"] == 7 and result["calibrated_layers"] == 2
     written = _tensors(tmp_path / "q")
     assert "model.layers.0.mlp.up_proj.weight" in written and "model.layers.1.mlp.up_proj.weight_packed" in written
+
+
+@pytest.mark.parametrize("config,gptq", [
+    (WeightQuantConfig(bits=4, group_size=64), GPTQConfig()),
+    (WeightQuantConfig(bits=4, per_channel=True), GPTQConfig(act_order=True)),
+], ids=["int4-g64", "int4-channel-actorder"])
+def test_gptq_in_the_hessians_memory_gives_the_same_codes_and_gptq_codes_leaves_its_hessian_alone(config, gptq):
+    x, w = _correlated(d=600)  # wider than a tile of the in-place symmetrization (512)
+    h = hessian(x)
+    before = h.clone()
+    codes = gptq_codes(w, h, config, gptq)
+    assert torch.equal(h, before)
+    work = h.clone()
+    consumed = gptq_codes_consuming(w, work, config, gptq)
+    assert all(torch.equal(a, b) for a, b in zip(codes, consumed, strict=True))
+    assert torch.equal(work, before) == gptq.act_order  # act-order permutes a copy; otherwise H is the workspace
+    # a Hessian that is not C-contiguous float64 is copied, never overwritten
+    odd = before.t().contiguous().t()
+    assert all(torch.equal(a, b) for a, b in zip(codes, gptq_codes_consuming(w, odd, config, gptq), strict=True))
+    assert torch.equal(odd, before)
+
+
+def test_the_engines_tiled_gram_matrix_is_the_whole_product_and_symmetric():
+    x = torch.randn(300, 1100, generator=torch.Generator().manual_seed(2))  # two whole tiles and a partial one
+    total = torch.zeros(1100, 1100, dtype=torch.float64)
+    _add_gram_upper(total, x[:120])
+    _add_gram_upper(total, x[120:])
+    _mirror_upper(total)
+    a, b = x[:120].double(), x[120:].double()
+    torch.testing.assert_close(total, a.t() @ a + b.t() @ b, rtol=1e-13, atol=1e-12)
+    assert torch.equal(total, total.t())
+
+
+def test_gptq_checkpoint_equals_the_per_matrix_engine_with_gptq_codes(tiny_dir, tmp_path):
+    """quantize_checkpoint_gptq frees each Hessian after its last matrix and works in its memory: same output."""
+    config = WeightQuantConfig(bits=4, group_size=32, symmetric=False)
+    quantize_checkpoint_gptq(tiny_dir, tmp_path / "a", config, tokens=TOKENS)
+    quantize_checkpoint_layerwise(tiny_dir, tmp_path / "b", config,
+                                  lambda name, w, h: gptq_codes(w, h, config, GPTQConfig()),
+                                  method="nnopt-gptq", settings={}, tokens=TOKENS)
+    a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

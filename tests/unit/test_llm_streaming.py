@@ -188,3 +188,35 @@ def test_a_checkpoint_with_nothing_to_quantize_is_refused(tmp_path):
     with pytest.raises(UnsupportedModelError, match="no weight to quantize"):
         quantize_checkpoint_rtn(src, tmp_path / "out", WeightQuantConfig(bits=4, group_size=16))
     assert not (tmp_path / "out").exists()
+
+
+def test_shards_are_save_files_bytes_and_source_tensors_are_read_and_copied_without_a_memory_map(tmp_path):
+    from safetensors.torch import save_file
+
+    from nnopt.llm import streaming
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "emb": torch.randn(9, 4, generator=g), "half": torch.randn(3, 2, generator=g).half(),
+        "bf": torch.randn(5, generator=g).bfloat16(), "codes": torch.arange(-4, 4, dtype=torch.int8),
+        "packed": torch.arange(6, dtype=torch.int32).reshape(2, 3), "shape": torch.tensor([2, 3]),
+        "f64": torch.randn(2, dtype=torch.float64, generator=g), "flag": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 3), "scalar": torch.tensor(1.5),
+    }
+    save_file(tensors, str(tmp_path / "a.safetensors"), metadata={"format": "pt"})
+    streaming.save_safetensors(tmp_path / "b.safetensors", tensors, metadata={"format": "pt"})
+    original = (tmp_path / "a.safetensors").read_bytes()
+    assert (tmp_path / "b.safetensors").read_bytes() == original  # save_file's layout, byte for byte
+    entries = {t.name: t for t in streaming._header_tensors(tmp_path / "a.safetensors", "a.safetensors")}
+    for name, tensor in tensors.items():
+        read = streaming._read_tensor(tmp_path, entries[name])
+        assert read.dtype == tensor.dtype and read.shape == tensor.shape and torch.equal(read, tensor), name
+    copied = {name: streaming._Copied(tmp_path, t) for name, t in entries.items()}
+    streaming.save_safetensors(tmp_path / "c.safetensors", copied, metadata={"format": "pt"})
+    assert (tmp_path / "c.safetensors").read_bytes() == original
+    rows = torch.tensor([0, 2, 3, 4, 8])  # runs of consecutive rows read at once
+    assert torch.equal(streaming.read_rows(tmp_path, entries["emb"], rows), tensors["emb"][rows])
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "model.safetensors").write_bytes(original[:-3])
+    with pytest.raises(ModelFormatError, match="run past the"):
+        streaming._read_source(tmp_path / "cut")
