@@ -4,13 +4,14 @@ For each workload a Llama-shaped model with random weights (nnopt.llm.synthetic:
 in fp32, Llama-2-7B's in bf16) is written as sharded safetensors into a work directory, then quantized to
 int4 in groups of 128 in a fresh subprocess per run, so that the peak resident set (VmHWM,
 ``nnopt.llm.streaming.peak_rss_bytes``) is that run's alone: ``nnopt.llm.streaming.quantize_checkpoint_rtn``
-for both models, and ``nnopt.llm.layerwise.quantize_checkpoint_gptq`` for the 1.1B one (calibration on
---gptq-windows windows of 512 random token ids, the synthetic model having no tokenizer: the memory and
-the time do not depend on which ids). The output is spot-checked: layer 0's down_proj read back (RTN:
-within half a step of the source; both: its relative error). The baseline row (1.1B only) is the peak RSS
-of loading the same checkpoint with transformers' ``from_pretrained`` and running one forward pass (which
-makes every weight resident), the usual first step of non-streaming tools. Models are deleted afterwards
-unless --keep.
+for both models, and ``nnopt.llm.layerwise.quantize_checkpoint_gptq`` for the 1.1B one, once per
+--gptq-batches value (calibration on --gptq-windows windows of 512 random token ids, the synthetic model
+having no tokenizer: the memory and the time do not depend on which ids; the carried hidden states take
+4 MiB per window, and a pass's activations about 70 MiB per window run at once). The output is
+spot-checked: layer 0's down_proj read back (RTN: within half a step of the source; both: its relative
+error). The baseline row (1.1B only) is the peak RSS of loading the same checkpoint with transformers'
+``from_pretrained`` and running one forward pass (which makes every weight resident), the usual first step
+of non-streaming tools. Models are deleted afterwards unless --keep.
 
 Issue 20's targets: the 7B-shaped bf16 model RTN-quantized to int4 with peak RSS ≤ 3 GiB; the 1.1B fp32
 model GPTQ-quantized to int4 with peak RSS ≤ 25% of its fp32 size.
@@ -54,7 +55,9 @@ def main() -> None:
                (("--keep",), {"action": "store_true", "help": "keep the written models"}),
                (("--gptq-windows",), {"type": int, "default": 8,
                                       "help": f"GPTQ calibration windows of {WINDOW} tokens (0: no GPTQ row)"}),
-               (("--gptq-batch",), {"type": int, "default": 4, "help": "GPTQ calibration windows run at once"})))
+               (("--gptq-batches",), {"default": "2,4",
+                                      "help": "GPTQ calibration windows run at once: one GPTQ row per value"})))
+    args.gptq_batches = [int(b) for b in str(args.gptq_batches).split(",") if b]
     if args.quick:
         args.gptq_windows = 0
     if args.quick:
@@ -73,7 +76,7 @@ def main() -> None:
                   "(ru_maxrss would keep the parent's peak); "
         "seconds = wall clock of quantize_checkpoint_rtn / quantize_checkpoint_gptq; sizes = bytes of the files; "
         "the subprocesses run with glibc malloc's defaults (the allocator line is this parent process's)",
-        "gptq_calibration": {"windows": args.gptq_windows, "window": WINDOW, "batch": args.gptq_batch,
+        "gptq_calibration": {"windows": args.gptq_windows, "window": WINDOW, "batches": args.gptq_batches,
                              "tokens": "uniform random ids, seed 0"},
         "disk": _disk(base)})
     log(f"wrote {args.out} and {args.out.with_suffix('.md')} in {time.perf_counter() - started:.0f} s")
@@ -180,15 +183,15 @@ def _rows_for(args: Any, workload: str) -> list[dict[str, Any]]:
                             "pack-quantized)", result, written, source_bytes,
                             None if target is None else (f"peak RSS <= {target / 2**30:g} GiB", target)))
     shutil.rmtree(out_dir, ignore_errors=True)
-    if workload == "llama-1.1b-fp32" and args.gptq_windows > 0:
-        log(f"{workload}: GPTQ ({args.gptq_windows} windows of {WINDOW}) in a subprocess")
-        result = _run_child("--child-gptq", str(model_dir), str(out_dir), str(args.gptq_windows),
-                            str(args.gptq_batch), threads=args.threads)
+    for batch in args.gptq_batches if workload == "llama-1.1b-fp32" and args.gptq_windows > 0 else []:
+        log(f"{workload}: GPTQ ({args.gptq_windows} windows of {WINDOW}, {batch} at a time) in a subprocess")
+        result = _run_child("--child-gptq", str(model_dir), str(out_dir), str(args.gptq_windows), str(batch),
+                            threads=args.threads)
         log(f"{workload}: peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB, {result['seconds']:.0f} s")
         limit = int(GPTQ_TARGET_FRACTION * source_bytes)
         rows.append(_result_row(
             workload, f"GPTQ int{BITS} g{GROUP} symmetric, layer by layer, calibration {args.gptq_windows} x "
-            f"{WINDOW} tokens, batch {args.gptq_batch} (compressed-tensors pack-quantized)", result, written,
+            f"{WINDOW} tokens, {batch} windows at a time (compressed-tensors pack-quantized)", result, written,
             source_bytes, (f"peak RSS <= {GPTQ_TARGET_FRACTION:g} x fp32 size ({limit / 2**30:.2f} GiB)", limit)))
         shutil.rmtree(out_dir, ignore_errors=True)
     if not args.keep:

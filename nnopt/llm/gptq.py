@@ -86,32 +86,37 @@ def gptq_codes_consuming(weight: torch.Tensor, h: torch.Tensor, config: WeightQu
     :func:`gptq_codes`' own, except that an ``H`` still not positive definite after the dampening (possible
     only with a tiny ``damp``) raises instead of being dampened further: it is gone."""
     gptq = gptq or GPTQConfig()
-    config.validate()
-    gptq.validate(config)
-    if weight.ndim != 2:
-        raise ConfigError(f"GPTQ needs a 2-D weight matrix, got shape {tuple(weight.shape)}")
-    out_f, in_f = weight.shape
-    if h.shape != (in_f, in_f):
-        raise ConfigError(f"the Hessian must be ({in_f}, {in_f}) for a weight with {in_f} inputs, "
-                          f"got {tuple(h.shape)}")
-    if not _all_finite(h) or not _all_finite(weight):
-        raise ConfigError("GPTQ got a weight or Hessian with NaN or infinite values")
-    group = config.group_size
-    if group is not None and group > in_f:
-        raise ConfigError(f"WeightQuantConfig.group_size: {group} exceeds the input dimension {in_f}")
-    bits, symmetric = config.bits, config.symmetric
-    qmin, qmax = P.qrange(bits, symmetric)
+    _check(weight, h.shape, config, gptq)
+    inverse = hessian_inverse(h, gptq, consume=consume)
+    return gptq_codes_from_inverse(weight, inverse, config, gptq, consume=consume)
 
-    w = weight.detach()
-    if not (consume and w.dtype == torch.float64):
-        w = w.to(torch.float64, copy=True)
+
+@dataclasses.dataclass
+class HessianInverse:
+    """What GPTQ needs of a Hessian, the same for every matrix fed the same inputs (q/k/v, gate/up):
+    ``upper`` the upper Cholesky factor of the dampened ``H⁻¹`` (in act order with ``perm``), ``dead`` the
+    inputs that never fired (their weights become 0), ``perm`` the act order or None."""
+
+    upper: torch.Tensor
+    dead: torch.Tensor
+    perm: torch.Tensor | None
+
+
+def hessian_inverse(h: torch.Tensor, gptq: GPTQConfig | None = None, *, consume: bool = False) -> HessianInverse:
+    """:class:`HessianInverse` of ``h`` for :func:`gptq_codes_from_inverse`: computed once for all the
+    matrices that share ``h``, in ``h``'s own memory where ``consume`` (``h`` float64 C-contiguous, without
+    act order; ``h`` is then overwritten and a Hessian still not positive definite after the dampening
+    raises), else in a copy, dampened further where needed as :func:`gptq_codes` does."""
+    gptq = gptq or GPTQConfig()
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise ConfigError(f"the Hessian must be square, got {tuple(h.shape)}")
+    if not _all_finite(h):
+        raise ConfigError("GPTQ got a weight or Hessian with NaN or infinite values")
+    n = h.shape[0]
     dead = torch.diagonal(h) == 0
-    w[:, dead] = 0.0
     perm = torch.argsort(torch.diagonal(h).masked_fill(dead, 1.0), descending=True) if gptq.act_order else None
-    if perm is not None:
-        w = w[:, perm]
     in_place = consume and perm is None and h.dtype == torch.float64 and h.is_contiguous()
-    work = h.detach() if in_place else torch.empty(in_f, in_f, dtype=torch.float64)
+    work = h.detach() if in_place else torch.empty(n, n, dtype=torch.float64)
 
     def prepare(extra: float) -> None:
         """``work`` = the dampened ``H`` (plus ``extra`` on its diagonal), from the caller's ``h``."""
@@ -122,12 +127,31 @@ def gptq_codes_consuming(weight: torch.Tensor, h: torch.Tensor, config: WeightQu
                 work.copy_(h.detach().to(torch.float64)[perm][:, perm])
         _symmetric_from_lower(work)  # Cholesky reads the lower triangle, as torch does for H itself
         diagonal = torch.diagonal(work)
-        diagonal.masked_fill_(diagonal == 0, 1.0)  # dead inputs: weight 0 (above), diagonal 1
+        diagonal.masked_fill_(diagonal == 0, 1.0)  # dead inputs: weight 0, diagonal 1
         diagonal.add_(gptq.damp * float(diagonal.mean()))
         if extra:
             diagonal.add_(extra)
 
-    hinv = _upper_cholesky_of_inverse_in_place(work, prepare, retry=not in_place)
+    return HessianInverse(_upper_cholesky_of_inverse_in_place(work, prepare, retry=not in_place), dead, perm)
+
+
+def gptq_codes_from_inverse(weight: torch.Tensor, inverse: HessianInverse, config: WeightQuantConfig,
+                            gptq: GPTQConfig | None = None, *, consume: bool = False) -> Codes:
+    """:func:`gptq_codes` of ``weight`` given its Hessian's :func:`hessian_inverse` (not changed); a float64
+    ``weight`` is overwritten where ``consume``."""
+    gptq = gptq or GPTQConfig()
+    hinv, dead, perm = inverse.upper, inverse.dead, inverse.perm
+    _check(weight, hinv.shape, config, gptq)
+    out_f, in_f = weight.shape
+    group = config.group_size
+    bits, symmetric = config.bits, config.symmetric
+    qmin, qmax = P.qrange(bits, symmetric)
+    w = weight.detach()
+    if not (consume and w.dtype == torch.float64):
+        w = w.to(torch.float64, copy=True)
+    w[:, dead] = 0.0
+    if perm is not None:
+        w = w[:, perm]
 
     n_cols = 1 if group is None else P.group_count(in_f, group)
     per_tensor = group is None and not config.per_channel
@@ -167,12 +191,29 @@ def gptq_codes_consuming(weight: torch.Tensor, h: torch.Tensor, config: WeightQu
         for c0 in range(b1, in_f, chunk):
             c1 = min(c0 + chunk, in_f)
             w[:, c0:c1] -= err1 @ hinv[b0:b1, c0:c1]
-    del hinv
+    del w
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     if per_tensor:
         return codes, steps[:1].contiguous(), zeros[:1].to(torch.int8)
     return codes, steps, zeros.to(torch.int8)
+
+
+def _check(weight: torch.Tensor, h_shape: tuple[int, ...], config: WeightQuantConfig, gptq: GPTQConfig) -> None:
+    """The settings, the weight's shape against its Hessian's and the weight's values (the Hessian's are
+    :func:`hessian_inverse`'s to check)."""
+    config.validate()
+    gptq.validate(config)
+    if weight.ndim != 2:
+        raise ConfigError(f"GPTQ needs a 2-D weight matrix, got shape {tuple(weight.shape)}")
+    in_f = weight.shape[1]
+    if tuple(h_shape) != (in_f, in_f):
+        raise ConfigError(f"the Hessian must be ({in_f}, {in_f}) for a weight with {in_f} inputs, "
+                          f"got {tuple(h_shape)}")
+    if not _all_finite(weight):
+        raise ConfigError("GPTQ got a weight or Hessian with NaN or infinite values")
+    if config.group_size is not None and config.group_size > in_f:
+        raise ConfigError(f"WeightQuantConfig.group_size: {config.group_size} exceeds the input dimension {in_f}")
 
 
 def _step(scale: torch.Tensor) -> torch.Tensor:

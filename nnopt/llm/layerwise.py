@@ -26,16 +26,16 @@ Peak memory is not the model's but one layer's: the layer in float32 (its source
 parameters without a copy where they are float32), its Hessians (float64, ``in²`` each: 242 MiB for a
 5632-input down_proj, about half of it resident during the calibration passes, whose upper triangles alone
 are accumulated), one batch's activations, the carried hidden states (``windows × window × hidden × 4``
-bytes) and the embedding rows of the calibration tokens (not the table). GPTQ frees each Hessian after its
-last matrix and works in that Hessian's memory (:func:`nnopt.llm.gptq.gptq_codes_consuming`), and freed
-heap memory is handed back to the system after each step (glibc ``malloc_trim``). Measured on a
-TinyLlama-1.1B-shaped fp32 checkpoint (4.4 GB): see ``benchmarks/llm_memory.py``.
+bytes) and the embedding rows of the calibration tokens (not the table). GPTQ inverts each Hessian once, in
+its own memory, for all the matrices that share it, frees it after the last of them and drops each float32
+weight once it holds the float64 copy it works on (:func:`nnopt.llm.gptq.hessian_inverse`); freed heap
+memory is handed back to the system after each batch and step (glibc ``malloc_trim``). Measured on a
+TinyLlama-1.1B-shaped fp32 checkpoint (4.4 GB): ``benchmarks/llm_memory.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import importlib
 import os
@@ -49,7 +49,7 @@ import torch
 
 from nnopt.errors import ConfigError, UnsupportedModelError
 from nnopt.llm import streaming
-from nnopt.llm.gptq import GPTQConfig, gptq_codes_consuming
+from nnopt.llm.gptq import GPTQConfig, HessianInverse, gptq_codes_from_inverse, hessian_inverse
 from nnopt.quantization.weights import WeightQuantConfig
 
 CARRIED = "carried-{}.safetensors"
@@ -143,36 +143,49 @@ def quantize_checkpoint_gptq(
     config.validate()
     gptq.validate(config)
     return quantize_checkpoint_layerwise(
-        src_dir, out_dir, config, layer_method=_gptq_method(config, gptq), method="nnopt-gptq",
+        src_dir, out_dir, config, layer_method=_GPTQMethod(config, gptq), method="nnopt-gptq",
         settings={"gptq": dataclasses.asdict(gptq)}, calibration=calibration, tokens=tokens, progress=progress,
         include_lm_head=include_lm_head, shard_bytes=shard_bytes)
 
 
-def _gptq_method(config: WeightQuantConfig, gptq: GPTQConfig) -> LayerMethod:
-    """:func:`per_matrix` with :func:`nnopt.llm.gptq.gptq_codes`, the same codes, that lets each Hessian go
-    as soon as its last matrix is done and lets that matrix's GPTQ work in the Hessian's memory: the peak
-    holds one down_proj Hessian (in², float64), not it, its copy and the attention's and MLP's Hessians."""
+class _GPTQMethod:
+    """:func:`per_matrix` with :func:`nnopt.llm.gptq.gptq_codes`, the same codes, in less memory: each
+    Hessian's inverse factor is computed once, in the Hessian's own memory, for all the matrices fed the same
+    inputs (q/k/v, gate/up), and freed after the last of them; each float32 weight goes once GPTQ holds its
+    float64 copy. The engine leaves the Hessians' lower triangles to it (``upper_only``): each is written just
+    before its inverse, so that until then about half of a Hessian is resident. The peak holds one down_proj
+    Hessian (in², float64) instead of it, a copy and the other Hessians, and no float32 weight beside its
+    float64 copy."""
 
-    def method(context: LayerContext) -> dict[str, Codes]:
+    upper_only = True
+
+    def __init__(self, config: WeightQuantConfig, gptq: GPTQConfig) -> None:
+        self.config, self.gptq = config, gptq
+
+    def __call__(self, context: LayerContext) -> dict[str, Codes]:
         stats = context.stats  # the engine's own dict: nothing reads the statistics after the method
         last = {id(stats[name]): name for name in context.linears}
+        inverses: dict[int, HessianInverse] = {}
         result: dict[str, Codes] = {}
         for name, module in context.linears.items():
             entry = stats[name]
-            consume = last[id(entry)] == name
-            # GPTQ's float64 working copy of the weight supersedes the float32 one, which goes at once: the
-            # engine puts the dequantized codes in its place (nothing runs the layer before that).
+            key = id(entry)
+            if key not in inverses:
+                _mirror_upper(entry.hessian)  # (already symmetric where the engine wrote it whole)
+                inverses[key] = hessian_inverse(entry.hessian, self.gptq, consume=True)
+            # The engine puts the dequantized codes in the float32 weight's place (nothing runs the layer
+            # before that): it goes as soon as GPTQ has its working copy.
             weight = module.weight.detach().to(torch.float64)
             module.weight.data = module.weight.data.new_empty(0)
-            result[name] = gptq_codes_consuming(weight, entry.hessian, config, gptq, consume=consume)
+            result[name] = gptq_codes_from_inverse(weight, inverses[key], self.config, self.gptq, consume=True)
             del weight
-            if consume:
+            if last[key] == name:
+                del inverses[key]
                 for user in [n for n, e in stats.items() if e is entry]:
                     del stats[user]
             del entry
+            streaming.return_freed_memory()  # the float32 weight and GPTQ's temporaries, from the heap
         return result
-
-    return method
 
 
 def quantize_checkpoint_layerwise(
@@ -219,6 +232,8 @@ class _Engine:
         self.src, self.partial = src, streaming.partial_dir(out)
         self.config, self.method, self.batch = config, method, calibration.batch
         self.quantize, self.reduce_stats = quantize, reduce_stats
+        # a method that writes the Hessians' lower triangles itself (GPTQ's): not before, to save memory
+        self.upper_only = bool(getattr(method, "upper_only", False)) and reduce_stats is None
         self.model_config = _model_config(src)
         self.layer_class, self.rotary_class = _layer_classes(self.model_config)
         self.tokens = _calibration_tokens(src, calibration, tokens, self.model_config)
@@ -275,7 +290,7 @@ class _Engine:
             # a new tensor in place of the weight's (a method may have dropped it, as GPTQ does)
             module.weight.data = streaming.dequantize_rtn(codes, step, zero, group)
         del stats, given, context
-        _return_freed_memory()
+        streaming.return_freed_memory()
         for key, value in layer.state_dict().items():  # what the method changed besides the chosen weights
             name = prefix + key
             if name not in linears and name in tensors and not torch.equal(value, tensors[name].float()):
@@ -283,7 +298,7 @@ class _Engine:
                     value.copy_(value.to(dtypes[name]).float())
                 result[name] = value.detach().clone()
         self._forward(layer, hidden)  # in place: the quantized layer's outputs are the next layer's inputs
-        _return_freed_memory()
+        streaming.return_freed_memory()
         self.next_layer = index + 1
         self.calibrated += 1
         del layer
@@ -357,17 +372,24 @@ class _Engine:
         cos, sin = self._rotary(hidden[:1], positions)
         return cos, sin
 
+    def _layer_inputs(self, hidden: torch.Tensor) -> dict[str, Any]:
+        """The decoder layer's keyword inputs for windows shaped like ``hidden``. No mask tensor: the layers
+        run with SDPA attention (:func:`_model_config`), which is causal by ``is_causal`` when it gets none,
+        with the same outputs as an additive causal mask (tested) and without the batch × heads × window²
+        scores that a mask makes the CPU kernel materialize (26 MiB per 2 windows of 512 on a 1.1B layer)."""
+        positions = torch.arange(hidden.shape[1]).unsqueeze(0)
+        return {"attention_mask": None, "position_ids": positions,
+                "position_embeddings": self._position_embeddings(hidden)}
+
     def _forward(self, layer: torch.nn.Module, hidden: torch.Tensor) -> None:
         """Every calibration window through ``layer``, its outputs written over its inputs."""
-        window = hidden.shape[1]
-        mask = torch.full((window, window), float("-inf")).triu(1)[None, None]  # causal, additive
-        position = self._position_embeddings(hidden)
-        positions = torch.arange(window).unsqueeze(0)
+        inputs = self._layer_inputs(hidden)
         with torch.no_grad():
             for b0 in range(0, hidden.shape[0], self.batch):
-                out = layer(hidden[b0:b0 + self.batch], attention_mask=mask, position_ids=positions,
-                            position_embeddings=position)
+                out = layer(hidden[b0:b0 + self.batch], **inputs)
                 hidden[b0:b0 + self.batch] = out[0] if isinstance(out, tuple) else out
+                del out
+                streaming.return_freed_memory()  # this batch's activations
 
     def _statistics(self, layer: torch.nn.Module, linears: dict[str, torch.nn.Linear],
                     hidden: torch.Tensor) -> dict[str, InputStats]:
@@ -403,28 +425,29 @@ class _Engine:
             return record
 
         handles = [module.register_forward_hook(hook(name)) for name, module in linears.items()]
-        window = hidden.shape[1]
-        mask = torch.full((window, window), float("-inf")).triu(1)[None, None]
-        position = self._position_embeddings(hidden)
-        positions = torch.arange(window).unsqueeze(0)
+        inputs = self._layer_inputs(hidden)
         try:
             with torch.no_grad():
                 for b0 in range(0, hidden.shape[0], self.batch):
                     seen.clear()
-                    layer(hidden[b0:b0 + self.batch], attention_mask=mask, position_ids=positions,
-                          position_embeddings=position)
+                    layer(hidden[b0:b0 + self.batch], **inputs)
+                    streaming.return_freed_memory()  # this batch's activations
         finally:
             for handle in handles:
                 handle.remove()
         seen.clear()
-        _return_freed_memory()  # the passes' activations, before the lower triangles are written
-        for total in sums.values():
-            _mirror_upper(total)
+        streaming.return_freed_memory()  # the passes' activations, before the lower triangles are written
+        if not self.upper_only:
+            for total in sums.values():
+                _mirror_upper(total)
         stats = {name: InputStats(total, absmax[name], counts[name]) for name, total in sorted(sums.items())}
         if self.reduce_stats is not None:
             self.reduce_stats(stats)
         for entry in stats.values():
-            entry.hessian.mul_(2.0 / entry.tokens)
+            if self.upper_only:
+                _scale_upper(entry.hessian, 2.0 / entry.tokens)
+            else:
+                entry.hessian.mul_(2.0 / entry.tokens)
         for name, owner in shared.items():
             if name not in stats:
                 stats[name] = stats[owner]
@@ -444,23 +467,6 @@ def _zeros_upper(n: int) -> torch.Tensor:
     return total
 
 
-def _return_freed_memory() -> None:
-    """Give the memory that the heap holds free back to the system (glibc ``malloc_trim``; elsewhere
-    nothing): a calibration pass's activations and GPTQ's temporaries, freed, otherwise stay resident beside
-    the next step's (measured on the 1.1B model: 170-230 MiB after each step)."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@functools.lru_cache(maxsize=1)
-def _glibc() -> Any:
-    from nnopt.runtime import _glibc as find
-
-    libc = find()
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
-
-
 def _add_gram_upper(total: torch.Tensor, x: torch.Tensor) -> None:
     """``total += XᵀX`` (float64) on and above the diagonal only, a tile of columns at a time: half the
     work of the whole product, and no float64 copy of ``X`` nor ``in × in`` temporary (242 MiB for a
@@ -472,6 +478,12 @@ def _add_gram_upper(total: torch.Tensor, x: torch.Tensor) -> None:
         for j0 in range(i0, n, _TILE):
             b = a if j0 == i0 else x[:, j0:j0 + _TILE].double()
             total[i0:i0 + _TILE, j0:j0 + _TILE] += a_t @ b
+
+
+def _scale_upper(total: torch.Tensor, factor: float) -> None:
+    """``total *= factor`` on and above the diagonal (the tiles :func:`_zeros_upper` wrote) only."""
+    for i0 in range(0, total.shape[0], _TILE):
+        total[i0:i0 + _TILE, i0:].mul_(factor)
 
 
 def _mirror_upper(total: torch.Tensor) -> None:

@@ -35,6 +35,7 @@ The same writer takes codes from a calibrating algorithm instead of RTN (:class:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -255,9 +256,11 @@ def write_quantized_checkpoint(
                     continue
                 if name in chosen and quantized:
                     buffer.update(_quantized_tensors(name, tensor, config, chosen[name], replacement))
+                    del tensor
+                    return_freed_memory()  # the source tensor and RTN's temporaries
                 else:
                     buffer[name] = tensor
-                del tensor
+                    del tensor
             del given
             buffered_units.append(unit)
             if _bytes(buffer) >= shard_bytes or hooks.flush_each_unit:
@@ -301,6 +304,23 @@ def write_quantized_checkpoint(
         "resumed_units": resumed,
         "units": len(units),
     }
+
+
+def return_freed_memory() -> None:
+    """Give the memory the heap holds free back to the system (glibc ``malloc_trim``; elsewhere nothing).
+    Tensors of a few MiB come from the heap, and freed they stay resident beside the next step's (measured
+    on the 1.1B model: 170-230 MiB after each step of a layer's calibration; RTN 949 → 617 MiB peak)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc() -> Any:
+    from nnopt.runtime import _glibc as find
+
+    libc = find()
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
 
 
 def _bytes(tensors: dict[str, torch.Tensor | _Copied]) -> int:

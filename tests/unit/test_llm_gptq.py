@@ -8,7 +8,14 @@ from safetensors import safe_open
 
 from nnopt.errors import ConfigError, UnsupportedModelError
 from nnopt.layers import primitives as P
-from nnopt.llm.gptq import GPTQConfig, gptq_codes, gptq_codes_consuming, hessian
+from nnopt.llm.gptq import (
+    GPTQConfig,
+    gptq_codes,
+    gptq_codes_consuming,
+    gptq_codes_from_inverse,
+    hessian,
+    hessian_inverse,
+)
 from nnopt.llm.layerwise import (
     CalibrationConfig,
     _add_gram_upper,
@@ -246,6 +253,14 @@ def test_gptq_in_the_hessians_memory_gives_the_same_codes_and_gptq_codes_leaves_
     odd = before.t().contiguous().t()
     assert all(torch.equal(a, b) for a, b in zip(codes, gptq_codes_consuming(w, odd, config, gptq), strict=True))
     assert torch.equal(odd, before)
+    # one inverse for every matrix fed the same inputs (q/k/v): each one's codes as gptq_codes gives them
+    inverse = hessian_inverse(h, gptq)
+    assert torch.equal(h, before)
+    other = torch.randn(20, 600, generator=torch.Generator().manual_seed(5)) * 0.02
+    for matrix in (w, other):
+        expected = gptq_codes(matrix, h, config, gptq)
+        got = gptq_codes_from_inverse(matrix, inverse, config, gptq)
+        assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
 
 
 def test_the_engines_tiled_gram_matrix_is_the_whole_product_and_symmetric():

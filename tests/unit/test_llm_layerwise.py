@@ -124,3 +124,30 @@ def test_bad_method_results_and_arguments_are_refused(tiny_dir, tmp_path):
     with pytest.raises(ConfigError, match="not a chosen weight"):
         quantize_checkpoint_layerwise(tiny_dir, tmp_path / "b", WeightQuantConfig(), layer_method=stray,
                                       method="x", settings={}, tokens=TOKENS)
+
+
+def test_the_engines_maskless_layer_passes_are_causal_and_equal_to_an_explicit_causal_mask(tiny_dir, tmp_path):
+    seen = []
+
+    def check(context: LayerContext) -> dict:
+        inputs = context.inputs[:2].clone()
+        got = context.forward(inputs)
+        window = inputs.shape[1]
+        mask = torch.full((window, window), float("-inf")).triu(1)[None, None]
+        positions = torch.arange(window).unsqueeze(0)
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        position = LlamaRotaryEmbedding(config=context.layer.self_attn.config)(inputs[:1], positions)
+        with torch.no_grad():
+            out = context.layer(inputs, attention_mask=mask, position_ids=positions, position_embeddings=position)
+        expected = out[0] if isinstance(out, tuple) else out
+        changed = inputs.clone()
+        changed[:, -1] += 1.0  # the last token changes: no earlier position may see it
+        later = context.forward(changed)
+        seen.append((torch.allclose(got, expected, atol=1e-6, rtol=0),
+                     torch.equal(got[:, :-1], later[:, :-1]), torch.equal(got[:, -1], later[:, -1])))
+        return {}
+
+    quantize_checkpoint_layerwise(tiny_dir, tmp_path / "out", WeightQuantConfig(), layer_method=check,
+                                  method="test-causal", settings={}, tokens=TOKENS, quantize=False)
+    assert seen and all(same and causal and not last for same, causal, last in seen)
