@@ -55,7 +55,9 @@ def render_markdown(doc: dict[str, Any], extra_columns: tuple[str, ...] = ()) ->
     header = (f"# {doc['benchmark']}\n\n{env['device']} ({env['cpu']}; {isa}), {env['threads']} threads, "
               f"torch {env['torch']}. "
               + ("Latency measured side by side in one process (variants alternated). " if timed else "")
-              + "Accuracy on the held-out test split; file bytes of the written file (measured)."
+              + ("Accuracy on the held-out test split. " if any(r.get("accuracy") is not None for r in rows) else "")
+              + ("File bytes of the written file (measured)." if any(r.get("file_bytes") is not None for r in rows)
+                 else "")
               + (" Energy (`energy_mj`) per inference; how each figure was obtained is its row's `energy_method` "
                  "in the JSON." if any(r.get("energy_mj") is not None for r in rows) else "") + "\n\n")
     return header + table + "\n"
