@@ -45,6 +45,12 @@ def check_safetensors(data: bytes | memoryview, name: str) -> None:
 def check_safetensors_file(path: str | Path) -> None:
     """:func:`check_safetensors` on a file, reading only its header (the buffer length comes from
     the file's size)."""
+    read_checked_header(path)
+
+
+def read_checked_header(path: str | Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header, checked as :func:`check_safetensors` checks it (the buffer length from
+    the file's size), and the file offset where its data buffer starts; only the header is read."""
     path = Path(path)
     try:
         with open(path, "rb") as fh:
@@ -58,7 +64,9 @@ def check_safetensors_file(path: str | Path) -> None:
             raw = fh.read(header_len)
     except OSError as exc:
         raise ModelFormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    check_header(_parse_header(raw, str(path)), size - 8 - header_len, str(path))
+    header = _parse_header(raw, str(path))
+    check_header(header, size - 8 - header_len, str(path))
+    return header, 8 + header_len
 
 
 def _check_header_len(header_len: int, file_bytes: int, name: str) -> None:

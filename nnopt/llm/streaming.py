@@ -391,23 +391,9 @@ def _read_source(src: Path) -> list[_Tensor]:
 
 
 def _header_tensors(path: Path, file_name: str) -> list[_Tensor]:
-    from nnopt.io import safetensors_check
+    from nnopt.io.safetensors_check import read_checked_header
 
-    try:
-        with open(path, "rb") as fh:
-            size = fh.seek(0, 2)
-            fh.seek(0)
-            prefix = fh.read(8)
-            if len(prefix) < 8:
-                raise ModelFormatError(f"cannot read {path}: not a safetensors file ({size} bytes)")
-            header_len = int.from_bytes(prefix, "little")
-            safetensors_check._check_header_len(header_len, size, str(path))
-            raw = fh.read(header_len)
-    except OSError as exc:
-        raise ModelFormatError(f"cannot read {path}: {exc.strerror or exc}") from None
-    header = safetensors_check._parse_header(raw, str(path))
-    safetensors_check.check_header(header, size - 8 - header_len, str(path))
-    start = 8 + header_len
+    header, start = read_checked_header(path)
     return [_Tensor(name, file_name, tuple(entry["shape"]), entry["dtype"], start + entry["data_offsets"][0],
                     start + entry["data_offsets"][1])
             for name, entry in header.items() if name != "__metadata__"]
