@@ -44,6 +44,7 @@ import torch
 
 from nnopt.errors import ConfigError
 from nnopt.llm import streaming
+from nnopt.llm.gptq import GPTQConfig, hessian_inverse
 from nnopt.llm.layerwise import CalibrationConfig, InputStats, LayerContext, quantize_checkpoint_layerwise
 from nnopt.quantization.weights import WeightQuantConfig
 
@@ -177,13 +178,12 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
             raise ConfigError(f"SparseGPT: block {block} must be a multiple of M={n_m[1]}")
 
     w = weight.detach().to(torch.float64).clone()
-    h = hessian.detach().to(torch.float64).clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
+    try:  # GPTQ's: the same dampening, dead inputs and factor
+        inverse = hessian_inverse(hessian, GPTQConfig(damp=damp))
+    except ConfigError as exc:
+        raise ConfigError(f"SparseGPT, {name}: {exc}") from None
+    hinv, dead = inverse.upper, inverse.dead
     w[:, dead] = 0.0
-    torch.diagonal(h).add_(damp * float(torch.diagonal(h).mean()))
-    hinv = _upper_cholesky_of_inverse(h, name)
-    del h
 
     for b0 in range(0, in_f, block):
         b1 = min(b0 + block, in_f)
@@ -213,26 +213,6 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         w[:, b0:b1] = q1  # exact zeros where pruned
         w[:, b1:] -= err1 @ hinv[b0:b1, b1:]
     return w.to(weight.dtype)
-
-
-def _upper_cholesky_of_inverse(h: torch.Tensor, name: str) -> torch.Tensor:
-    """Upper Cholesky factor of ``H⁻¹`` (float64; ``h``, a private copy, is dampened further in place where
-    it is still not positive definite: a rank-deficient Hessian from few calibration tokens)."""
-    mean_diag = float(torch.diagonal(h).mean())
-    extra = added = 0.0
-    for _ in range(6):
-        torch.diagonal(h).add_(extra - added)
-        added = extra
-        chol, info = torch.linalg.cholesky_ex(h)
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(chol)
-            del chol
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0:
-                return torch.as_tensor(upper)
-        extra = 0.1 * mean_diag if extra == 0 else extra * 10
-    raise ConfigError(f"SparseGPT: the input Hessian of {name} is not positive definite even after dampening; "
-                      "calibrate on more tokens")
 
 
 def _check_groups(in_f: int, m: int, name: str) -> None:
