@@ -36,6 +36,7 @@ from nnopt.config import CONFIG_VERSION, Config
 from nnopt.data import Dataset
 from nnopt.errors import ConfigError
 from nnopt.io.model_dir import WEIGHT_FILES
+from nnopt.io.yaml_file import read_yaml_file
 from nnopt.techniques import Technique, kinds, run_technique, technique_for, technique_named, working_copy
 
 __all__ = [
@@ -176,22 +177,7 @@ def _describe(value: Any) -> str:
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read a YAML recipe file (``yaml.safe_load``: nothing in it is executed)."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such recipe file" if not path.exists() else f"{path}: not a file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from None
+    data = read_yaml_file(path)
     return parse_recipe(data, where=str(path))
 
 

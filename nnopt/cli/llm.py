@@ -29,6 +29,8 @@ def register(commands: Any) -> None:
     _register_prune(actions)
     _register_gguf(actions)
     _register_bench(actions)
+    _register_run(actions)
+    _register_auto(actions)
 
 
 def _register_eval(actions: Any) -> None:
@@ -487,3 +489,111 @@ def _load(model: str, gguf: str | None, dtype: Any) -> Any:
     if model == "smollm2" and not path.exists():
         path = source.smollm2_gguf()
     return source.load_causal_lm(path, gguf_file=gguf, dtype=dtype)
+
+
+def _register_run(actions: Any) -> None:
+    run = actions.add_parser(
+        "run", help="run an LLM recipe (YAML: llm-prune and/or llm-quantize steps) on a checkpoint, streamed",
+        description="Run a YAML recipe of at most one llm-prune step (magnitude, wanda, sparsegpt; sparsity or an "
+        "N:M pattern) then at most one llm-quantize step (rtn, gptq, awq, smoothquant; bits, group_size, "
+        "symmetric and the method's own settings) on a Hugging Face safetensors checkpoint, one decoder layer at "
+        "a time, as nnopt llm prune and quantize do (see docs/llm.md and examples/llm/). The intermediate pruned "
+        "checkpoint lives in a temporary directory beside OUT and is removed, also when a step fails; OUT "
+        "appears whole at the end, with the recipe recorded as nnopt_plan.yaml. GPTQ after pruning is refused: "
+        "its updates would fill the pruned zeros. Seconds, bytes, sparsity and peak RSS are measured.")
+    run.add_argument("recipe", metavar="RECIPE.yaml", help="the LLM recipe (see examples/llm/)")
+    run.add_argument("source", metavar="SRC", help="a Hugging Face directory (config.json + safetensors)")
+    run.add_argument("-o", "--out", required=True, metavar="OUT", help="the output directory (must not exist)")
+    run.add_argument("--json", default=None, metavar="OUT.json", help="also write what was measured as JSON")
+    run.set_defaults(handler=cmd_llm_run)
+
+
+def cmd_llm_run(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from nnopt.llm.plan import load_plan, run_plan
+
+    plan = load_plan(args.recipe)
+    with contextlib.ExitStack() as stack:
+        result = run_plan(plan, args.source, args.out, progress=lambda title: _layer_progress(stack, title))
+    for step in result["steps"]:
+        line = f"{step['kind']:<12} {step['method']}: {step['seconds']:.1f} s, {step['output_bytes']:,} bytes written"
+        if "sparsity" in step:
+            line += f", sparsity {step['sparsity']:.4f} (measured in the written file)"
+        print(line)
+    print(f"plan       {result['description']}")
+    print(f"size       {result['source_bytes']:,} -> {result['output_bytes']:,} bytes of safetensors "
+          f"({result['source_bytes'] / max(1, result['output_bytes']):.2f}x smaller)")
+    print(f"peak RSS   {result['peak_rss_bytes'] / 2**20:,.0f} MiB (measured: this process's high-water mark)")
+    print(f"wrote {args.out} ({result['format']}; the recipe in nnopt_plan.yaml)")
+    _write_json(args.json, {"recipe": args.recipe, "source": args.source, "out": args.out, **result})
+    return 0
+
+
+def _register_auto(actions: Any) -> None:
+    from nnopt.llm.auto import CANDIDATE_HELP, DEFAULT_CANDIDATES
+
+    auto = actions.add_parser(
+        "auto", help="the smallest quantized checkpoint within a perplexity budget, measured candidate by candidate",
+        description="Measure the source's perplexity on held-out text once, then run candidate LLM plans in the "
+        "order of their expected size (bits per weight, known in advance) and measure each written checkpoint's "
+        "perplexity and next-token KL from the source on the same windows, and its bytes; stop at the first "
+        "candidate within --max-increase (every later one is expected at least as big) and keep it: OUT/model "
+        "(the checkpoint, moved, not run again), OUT/recipe.yaml (runnable with nnopt llm run), OUT/report.json "
+        "and OUT/report.md (every candidate tried, measured). Exit status 0 with a chosen plan, 3 when none "
+        "meets the budget (the reports are still written, no OUT/model), 2 on bad input.")
+    auto.add_argument("source", metavar="SRC", help="a Hugging Face directory (config.json + safetensors)")
+    auto.add_argument("-o", "--out", required=True, metavar="OUT", help="the output directory (must not exist)")
+    auto.add_argument("--max-increase", required=True, metavar="P",
+                      help="allowed perplexity increase over the source: a fraction (0.02) or a percentage (2%%)")
+    auto.add_argument("--objective", choices=("size",), default="size",
+                      help="size: bytes of the safetensors written (the only objective for now)")
+    auto.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES), metavar="A,B,...",
+                      help=f"comma-separated: {CANDIDATE_HELP} (default {','.join(DEFAULT_CANDIDATES)}); tried "
+                      "smallest expected size first")
+    auto.add_argument("--text", default=None, metavar="FILE",
+                      help="a UTF-8 text file to evaluate on (default: nnopt's held-out evaluation text, never the "
+                      "calibration text)")
+    auto.add_argument("--eval-windows", default="8", metavar="N", help="evaluation windows (default 8)")
+    auto.add_argument("--window", default="512", metavar="N", help="tokens per evaluation window (default 512)")
+    auto.add_argument("--calibration-windows", default=None, metavar="N",
+                      help="gptq/awq/smoothquant: windows of the calibration text (default 32)")
+    auto.add_argument("--calibration-window", default=None, metavar="N",
+                      help="gptq/awq/smoothquant: tokens per calibration window (default 512)")
+    auto.add_argument("--calibration-batch", default=None, metavar="N",
+                      help="gptq/awq/smoothquant: windows per forward pass (default 4)")
+    auto.set_defaults(handler=cmd_llm_auto)
+
+
+def cmd_llm_auto(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from nnopt.cli.options import parse_fraction
+    from nnopt.llm.auto import auto_quantize
+    from nnopt.llm.plan import LLMCalibration
+
+    _one_process_only("nnopt llm auto")
+    max_increase = parse_fraction(args.max_increase, "--max-increase")
+    if max_increase < 0:
+        raise ConfigError(f"--max-increase must be >= 0 (0.02 or 2%), got {args.max_increase!r}")
+    candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    calibration = _calibration(args)
+    with contextlib.ExitStack() as stack:
+        result = auto_quantize(
+            args.source, args.out, max_increase=max_increase, objective=args.objective, candidates=candidates,
+            text=args.text, eval_windows=parse_count(args.eval_windows, "--eval-windows"),
+            window=parse_count(args.window, "--window"),
+            calibration=LLMCalibration(windows=calibration.windows, window=calibration.window,
+                                       batch=calibration.batch),
+            log=lambda line: print(line, flush=True),
+            progress=lambda title: _layer_progress(stack, title))
+    if result.chosen is not None:
+        chosen = next(r for r in result.candidates if r.chosen)
+        print(f"chosen     {chosen.name}: perplexity {chosen.perplexity:.4f} ({chosen.increase:+.2%}, within "
+              f"{result.max_increase:.2%}), {chosen.output_bytes:,} bytes ({result.source_bytes:,} before)")
+        print(f"wrote {args.out}: model/, recipe.yaml (nnopt llm run), report.json, report.md")
+    else:
+        print(f"none of the {len(result.candidates)} candidates keeps perplexity within +{result.max_increase:.2%};"
+              f" wrote {args.out}: report.json, report.md")
+    print(f"peak RSS   {result.peak_rss_bytes / 2**20:,.0f} MiB (measured: this process's high-water mark)")
+    return result.exit_code
