@@ -219,9 +219,8 @@ def cmd_llm_quantize(args: argparse.Namespace) -> int:
         return 0
     print(f"quantized  {result['quantized_tensors']} weight matrices ({args.method}, {scheme}) in "
           f"{result['seconds']:.1f} s{resumed}")
-    print(f"size       {result['source_bytes']:,} -> {result['output_bytes']:,} bytes "
-          f"({result['source_bytes'] / max(1, result['output_bytes']):.2f}x smaller)")
-    print(f"peak RSS   {result['peak_rss_bytes'] / 2**20:,.0f} MiB (measured: this process's high-water mark)")
+    _print_size(result["source_bytes"], result["output_bytes"])
+    _print_peak(result["peak_rss_bytes"])
     print(f"wrote {args.out} ({result['format']})")
     _write_json(args.json, {"source": args.source, "out": args.out, "method": args.method,
                             "config": config.to_dict(), **result})
@@ -285,10 +284,19 @@ def cmd_llm_prune(args: argparse.Namespace) -> int:
           f"{result['seconds']:.1f} s{resumed}")
     print(f"sparsity   {result['sparsity']:.4f} of {result['pruned_parameters']:,} weights are zero (measured in "
           "the written file)")
-    print(f"peak RSS   {result['peak_rss_bytes'] / 2**20:,.0f} MiB (measured: this process's high-water mark)")
+    _print_peak(result["peak_rss_bytes"])
     print(f"wrote {args.out} ({result['format']})")
     _write_json(args.json, {"source": args.source, "out": args.out, **result})
     return 0
+
+
+def _print_size(source_bytes: int, output_bytes: int, what: str = "") -> None:
+    print(f"size       {source_bytes:,} -> {output_bytes:,} bytes{what} ({source_bytes / max(1, output_bytes):.2f}x "
+          "smaller)")
+
+
+def _print_peak(peak_rss_bytes: int) -> None:
+    print(f"peak RSS   {peak_rss_bytes / 2**20:,.0f} MiB (measured: this process's high-water mark)")
 
 
 def _write_json(path: str | None, document: dict[str, Any]) -> None:
@@ -336,7 +344,7 @@ def cmd_llm_gguf(args: argparse.Namespace) -> int:
         result = write_gguf(src, args.out, args.quant, progress=progress, embedding_quant=args.embedding_quant)
     print(f"wrote      {args.out}: {result['output_bytes']:,} bytes ({args.quant}, embeddings "
           f"{args.embedding_quant}) in {result['seconds']:.1f} s")
-    print(f"peak RSS   {result['peak_rss_bytes'] / 2**20:,.0f} MiB (measured: this process's high-water mark)")
+    _print_peak(result["peak_rss_bytes"])
     if args.json:
         from nnopt.io.atomic import atomic_write_bytes
 
@@ -457,7 +465,7 @@ def cmd_llm_eval(args: argparse.Namespace) -> int:
           f"{result.window} ({result.seconds:.1f} s)")
     if result.kl_mean is not None:
         print(f"kl_mean    {result.kl_mean:.6f} nats per position")
-    print(f"peak RSS   {peak / 2**20:,.0f} MiB (measured: this process's high-water mark)")
+    _print_peak(peak)
     print(f"method     {result.method}")
     if args.json:
         from nnopt.io.atomic import atomic_write_bytes
@@ -522,9 +530,8 @@ def cmd_llm_run(args: argparse.Namespace) -> int:
             line += f", sparsity {step['sparsity']:.4f} (measured in the written file)"
         print(line)
     print(f"plan       {result['description']}")
-    print(f"size       {result['source_bytes']:,} -> {result['output_bytes']:,} bytes of safetensors "
-          f"({result['source_bytes'] / max(1, result['output_bytes']):.2f}x smaller)")
-    print(f"peak RSS   {result['peak_rss_bytes'] / 2**20:,.0f} MiB (measured: this process's high-water mark)")
+    _print_size(result["source_bytes"], result["output_bytes"], " of safetensors")
+    _print_peak(result["peak_rss_bytes"])
     print(f"wrote {args.out} ({result['format']}; the recipe in nnopt_plan.yaml)")
     _write_json(args.json, {"recipe": args.recipe, "source": args.source, "out": args.out, **result})
     return 0
@@ -595,5 +602,5 @@ def cmd_llm_auto(args: argparse.Namespace) -> int:
     else:
         print(f"none of the {len(result.candidates)} candidates keeps perplexity within +{result.max_increase:.2%};"
               f" wrote {args.out}: report.json, report.md")
-    print(f"peak RSS   {result.peak_rss_bytes / 2**20:,.0f} MiB (measured: this process's high-water mark)")
+    _print_peak(result.peak_rss_bytes)
     return result.exit_code
