@@ -146,8 +146,9 @@ def _one_process_only(what: str, refused: bool = True) -> None:
     from nnopt.llm.methods import world_size
 
     if refused and world_size() > 1:
-        raise ConfigError(f"{what} runs in one process; under torchrun (WORLD_SIZE={world_size()}) use --method "
-                          "gptq, awq or smoothquant, or run it without torchrun")
+        raise ConfigError(f"{what} runs in one process, not under torchrun (WORLD_SIZE={world_size()}): run it "
+                          "without torchrun; only nnopt llm quantize --method gptq, awq or smoothquant splits across "
+                          "processes")
 
 
 def _calibration(args: argparse.Namespace) -> Any:
@@ -161,15 +162,23 @@ def _calibration(args: argparse.Namespace) -> Any:
 
 
 def _layer_progress(stack: Any, title: str) -> Any:
-    """A progress callback that opens one bar (titled ``title``) once the total number of units is known."""
+    """A progress callback that opens one bar (titled ``title``) once the total number of units is known, and
+    closes it after the last unit, so that the bars of steps run one after another do not stay live together
+    (``stack`` closes it on an error)."""
+    import contextlib
+
     from nnopt.progress import track
 
     bars: list[Any] = []
+    own = contextlib.ExitStack()
+    stack.callback(own.close)
 
     def progress(done: int, total: int, unit: str) -> None:
         if not bars:  # the total is known once the checkpoint's index is read
-            bars.append(stack.enter_context(track(title, total=total)))
+            bars.append(own.enter_context(track(title, total=total)))
         bars[0].advance(1, status=unit)
+        if done >= total:
+            own.close()
 
     return progress
 

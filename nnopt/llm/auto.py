@@ -80,6 +80,10 @@ class AutoResult:
     method: str
     peak_rss_bytes: int
     seconds: float
+    # the chosen plan and the source on the windows after the selection windows, which the search never
+    # read: {"windows", "source_perplexity", "perplexity", "increase", "kl_mean"} (None: none chosen, or the
+    # text too short for them)
+    held_out: dict[str, Any] | None = None
 
     @property
     def exit_code(self) -> int:
@@ -200,7 +204,8 @@ def auto_quantize(
         raise ConfigError(f"window {window} is longer than the model's {source.max_positions} positions")
     ids = corpus.tokenize(source.tokenizer, eval_text)
     baseline = quality.evaluate(source.model, ids, window=window, max_windows=eval_windows)
-    method = (f"measured: perplexity on {baseline.windows} windows of {baseline.window} tokens of {text_name}, "
+    method = (f"measured: perplexity on {baseline.windows} windows of {baseline.window} tokens of {text_name} "
+              "(the selection windows; the chosen plan also on the windows after them, in held_out), "
               "KL(P_source || P_candidate) over the same positions: "
               f"{baseline.method.removeprefix('measured: ')}")
     say(f"source     perplexity {baseline.perplexity:.4f} on {baseline.windows} windows of {baseline.window} "
@@ -227,16 +232,24 @@ def auto_quantize(
         if all(r.error is not None for r in results):
             raise ConfigError(f"no candidate could run on {src}: {results[0].name}: {results[0].error}")
         chosen_index = select(results)
+        held_out = None
         if chosen_index is not None:
             results[chosen_index] = dataclasses.replace(results[chosen_index], chosen=True)
             (trials / f"{chosen_index + 1}").rename(work / "model")
+            held_out = _held_out(work / "model", source.model, ids[baseline.windows * baseline.window:], window,
+                                 eval_windows)
+            if held_out is not None:
+                say(f"held out   the chosen plan on {held_out['windows']} later windows, never used to choose: "
+                    f"perplexity {held_out['perplexity']:.4f} ({held_out['increase']:+.2%} over the source's "
+                    f"{held_out['source_perplexity']:.4f})")
             (work / "recipe.yaml").write_text(plan_to_yaml(plans[order[chosen_index]]), encoding="utf-8")
         shutil.rmtree(trials)
         chosen = order[chosen_index] if chosen_index is not None else None
         result_all = AutoResult(
             out=out, chosen=chosen, source_perplexity=baseline.perplexity, source_bytes=source_bytes,
             max_increase=float(max_increase), candidates=tuple(results), not_tried=tuple(order[len(results):]),
-            method=method, peak_rss_bytes=peak_rss_bytes(), seconds=time.perf_counter() - start)
+            method=method, peak_rss_bytes=peak_rss_bytes(), seconds=time.perf_counter() - start,
+            held_out=held_out)
         (work / "report.json").write_text(json.dumps(result_all.to_dict(), indent=2) + "\n", encoding="utf-8")
         (work / "report.md").write_text(report_markdown(result_all), encoding="utf-8")
     return result_all
@@ -269,16 +282,34 @@ def _try(name: str, plan: LLMPlan, src: Path, target: Path, reference: Any, ids:
                            expected_bits=expected_bits(plan))
     try:
         written = run_plan(plan, src, target, progress=progress)
+        candidate = load_causal_lm(target, dtype=torch.float32, tokenizer=False, progress=False).model
+        scores = _measure(candidate, reference, ids, window, eval_windows)
+        del candidate  # one candidate model in memory at a time
     except NnoptError as exc:  # e.g. a group of 128 inputs in a model whose layers have 64
-        return dataclasses.replace(base, error=str(exc))
-    candidate = load_causal_lm(target, dtype=torch.float32, tokenizer=False, progress=False).model
-    scores = _measure(candidate, reference, ids, window, eval_windows)
-    del candidate  # one candidate model in memory at a time
+        return dataclasses.replace(base, error=str(exc).replace(str(target), f"candidate {name}"))
     increase = scores.perplexity / source_ppl - 1
     return dataclasses.replace(
         base, perplexity=scores.perplexity, increase=increase, kl_mean=scores.kl_mean,
         output_bytes=written["output_bytes"], seconds=written["seconds"], eval_seconds=scores.seconds,
         meets_budget=increase <= max_increase)
+
+
+def _held_out(model_dir: Path, reference: Any, ids: Any, window: int, eval_windows: int) -> dict[str, Any] | None:
+    """The chosen checkpoint and the source on up to ``eval_windows`` windows of ``ids`` (the tokens after
+    the selection windows): the selection windows chose the plan, so their figures are biased in its favour.
+    None when not one window is left."""
+    import torch
+
+    from nnopt.llm import quality
+    from nnopt.llm.source import load_causal_lm
+
+    if ids.numel() < window:
+        return None
+    source = quality.evaluate(reference, ids, window=window, max_windows=eval_windows)
+    chosen = load_causal_lm(model_dir, dtype=torch.float32, tokenizer=False, progress=False).model
+    scores = _measure(chosen, reference, ids, window, eval_windows)
+    return {"windows": scores.windows, "source_perplexity": source.perplexity, "perplexity": scores.perplexity,
+            "increase": scores.perplexity / source.perplexity - 1, "kl_mean": scores.kl_mean}
 
 
 def _measure(model: Any, reference: Any, ids: Any, window: int, eval_windows: int) -> Any:
@@ -319,5 +350,10 @@ def report_markdown(result: AutoResult) -> str:
     if result.not_tried:
         lines.append(f"Not tried (expected at least as big as the chosen one): {', '.join(result.not_tried)}.")
     lines.append(f"Chosen: {result.chosen}." if result.chosen else "No candidate meets the budget (exit status 3).")
+    if result.held_out is not None:
+        h = result.held_out
+        lines.append(f"Held out: on the {h['windows']} windows after the selection windows, which did not take part "
+                     f"in the choice, the chosen plan's perplexity is {h['perplexity']:.4f} ({h['increase']:+.2%} "
+                     f"over the source's {h['source_perplexity']:.4f}), KL {h['kl_mean']:.5f}.")
     lines.append(f"Peak RSS {result.peak_rss_bytes / 2**20:,.0f} MiB (measured: this process's high-water mark).")
     return "\n".join(lines) + "\n"

@@ -80,7 +80,7 @@ def gptq_codes(weight: torch.Tensor, h: torch.Tensor, config: WeightQuantConfig,
 def gptq_codes_consuming(weight: torch.Tensor, h: torch.Tensor, config: WeightQuantConfig,
                          gptq: GPTQConfig | None = None, *, consume: bool = True) -> Codes:
     """:func:`gptq_codes` that may use ``h`` (float64, C-contiguous) as its working memory, overwriting it,
-    where ``consume``: the caller's last use of that Hessian (:mod:`nnopt.llm.layerwise` frees each one after
+    where ``consume``: the caller's last use of that Hessian (:mod:`nnopt.llm.distributed` frees each one after
     its last matrix). Spares one ``in × in`` float64 copy: 242 MiB for a 5632-input down_proj. A float64
     ``weight`` is overwritten as well (the working copy GPTQ would make of it). The codes are
     :func:`gptq_codes`' own, except that an ``H`` still not positive definite after the dampening (possible

@@ -125,6 +125,21 @@ class LLMPlan:
     def steps(self) -> tuple[PruneStep | QuantizeStep, ...]:
         return tuple(s for s in (self.prune, self.quantize) if s is not None)
 
+    def validate(self) -> None:
+        """What :func:`parse_plan` checks, for a plan built in Python: at least one step, each step's configs,
+        and no method that fills pruned zeros after a prune step."""
+        if not self.steps:
+            raise ConfigError("the plan has no step")
+        if self.prune is not None:
+            self.prune.config.validate()
+        if self.quantize is not None:
+            if self.quantize.method not in QUANTIZE_METHODS:
+                raise ConfigError(f"quantize method must be one of {', '.join(QUANTIZE_METHODS)}, got "
+                                  f"{self.quantize.method!r}")
+            self.quantize.weights.validate()
+            if self.prune is not None and self.quantize.method not in KEEPS_ZEROS:
+                raise ConfigError(_fills_zeros(self.quantize.method))
+
     @property
     def calibrated(self) -> bool:
         """Whether a step reads the calibration text."""
@@ -133,6 +148,11 @@ class LLMPlan:
 
 
 # ------------------------------------------------------------------------------------------ parsing
+
+
+def _fills_zeros(method: str) -> str:
+    return (f"method {method} after {PRUNE_KIND} would fill the pruned zeros (GPTQ's error-compensating updates "
+            f"change the weights not yet quantized, zeros included); after pruning use {', '.join(KEEPS_ZEROS)}")
 
 
 def parse_plan(data: Any, where: str = "plan") -> LLMPlan:
@@ -173,9 +193,7 @@ def parse_plan(data: Any, where: str = "plan") -> LLMPlan:
                                   f"at most one {QUANTIZE_KIND} step)")
             quantize = _parse_quantize(item, place)
             if prune is not None and quantize.method not in KEEPS_ZEROS:
-                raise ConfigError(f"{place}: method {quantize.method} after {PRUNE_KIND} would fill the pruned "
-                                  "zeros (GPTQ's error-compensating updates change the weights not yet quantized, "
-                                  f"zeros included); after pruning use {', '.join(KEEPS_ZEROS)}")
+                raise ConfigError(f"{place}: {_fills_zeros(quantize.method)}")
     return LLMPlan(prune=prune, quantize=quantize, name=data.get("name", ""),
                    description=data.get("description", ""), calibration=calibration)
 
@@ -397,8 +415,7 @@ def run_plan(plan: LLMPlan, src_dir: str | Path, out_dir: str | Path,
     from nnopt.llm.streaming import peak_rss_bytes
 
     src, out = Path(src_dir), Path(out_dir)
-    if not plan.steps:
-        raise ConfigError("the plan has no step")
+    plan.validate()
     if world_size() > 1:
         raise ConfigError(f"nnopt llm run runs in one process; under torchrun (WORLD_SIZE={world_size()}) use "
                           "nnopt llm quantize --method gptq|awq|smoothquant")

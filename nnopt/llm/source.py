@@ -158,15 +158,32 @@ def _load_hf_directory(root: Path, dtype: torch.dtype, with_tokenizer: bool) -> 
     from safetensors import SafetensorError  # a truncated or corrupt shard
 
     start = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if _asymmetric_compressed_tensors(raw):
+        # transformers 5.25 cannot run compressed-tensors' asymmetric packed layers (a zero_point size
+        # mismatch); dequantized at load they are the same weights
+        extra["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            root, local_files_only=True, trust_remote_code=False, use_safetensors=True, dtype=dtype)
+            root, local_files_only=True, trust_remote_code=False, use_safetensors=True, dtype=dtype, **extra)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise ConfigError(f"{root}: transformers could not load the model: {brief(exc)}") from None
     tokenizer = None
     if with_tokenizer and any((root / name).is_file() for name in TOKENIZER_FILES):
         tokenizer = _tokenizer(transformers, root, {})
     return _loaded(model, tokenizer, model_type, source, time.perf_counter() - start)
+
+
+def _asymmetric_compressed_tensors(config: Any) -> bool:
+    """Whether ``config.json`` holds a compressed-tensors quantization_config with asymmetric weights."""
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(quant, dict) or quant.get("quant_method") != "compressed-tensors":
+        return False
+    groups = quant.get("config_groups")
+    if not isinstance(groups, dict):
+        return False
+    return any(isinstance(g, dict) and isinstance(g.get("weights"), dict) and g["weights"].get("symmetric") is False
+               for g in groups.values())
 
 
 def _gguf_header(path: Path) -> tuple[str, bool]:

@@ -76,6 +76,10 @@ def test_auto_with_a_loose_budget_keeps_the_smallest_and_its_recipe_reproduces_i
     report = json.loads((out / "report.json").read_text())
     # the default ladder, smallest first: the first candidate (AWQ int4, groups of 128) is within any budget
     assert report["chosen"] == "awq-int4-g128" and [c["name"] for c in report["candidates"]] == ["awq-int4-g128"]
+    # the chosen plan is also measured on windows the choice never read, after the selection windows
+    held = report["held_out"]
+    assert held["windows"] == 3 and held["perplexity"] > 1 and held["source_perplexity"] > 1
+    assert held["perplexity"] != report["candidates"][0]["perplexity"] and "held out" in printed
     assert report["not_tried"] == ["gptq-int4-g128", "awq-int4-g64", "gptq-int4-g64", "rtn-int8-channel"]
     (chosen,) = report["candidates"]
     assert chosen["chosen"] and chosen["meets_budget"] and chosen["output_bytes"] == _safetensors_bytes(out / "model")
@@ -127,7 +131,7 @@ def test_auto_exits_3_with_the_reports_when_no_candidate_meets_the_budget(tiny, 
     assert "none of the 2 candidates keeps perplexity within +5.00%" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
     report = json.loads((out / "report.json").read_text())
-    assert report["method"].startswith(f"measured: perplexity on 3 windows of 64 tokens of {text}, KL")
+    assert report["method"].startswith(f"measured: perplexity on 3 windows of 64 tokens of {text} (the selection")
     assert report["chosen"] is None and [c["meets_budget"] for c in report["candidates"]] == [False, False]
     assert "No candidate meets the budget (exit status 3)" in (out / "report.md").read_text()
 
@@ -146,3 +150,13 @@ def test_auto_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys, a
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("nnopt: error:") and message in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_auto_measures_an_asymmetric_candidate(tiny, tmp_path, capsys):
+    # transformers runs compressed-tensors' asymmetric layers only dequantized at load: nnopt's loader does that
+    out = tmp_path / "auto"
+    assert main(["llm", "auto", str(tiny), "--candidates", "rtn-int4-g32-asym", "--max-increase", "1000%",
+                 "-o", str(out), *FAST]) == 0
+    (candidate,) = json.loads((out / "report.json").read_text())["candidates"]
+    assert candidate["error"] is None and candidate["chosen"] and candidate["perplexity"] > 1
+    capsys.readouterr()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from nnopt.errors import ConfigError
+from nnopt.errors import ConfigError, OutputError
 from nnopt.llm.auto import CandidateResult, expected_bits, parse_candidate, select
 from nnopt.llm.plan import (
     PLAN_FILE,
@@ -257,7 +257,7 @@ def test_a_failed_step_leaves_no_output_and_no_intermediate(tiny, tmp_path):
         run_plan(plan, tiny, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "out").mkdir()
-    with pytest.raises(Exception, match="exists"):
+    with pytest.raises(OutputError, match="exists"):
         run_plan(plan, tiny, tmp_path / "out")
 
 
@@ -273,3 +273,13 @@ def test_own_calibration_text(tiny, tmp_path):
                         "steps": [{"kind": "llm-prune"}]})
     with pytest.raises(ConfigError, match=f"calibration text {text}: the text has .* fewer than one window"):
         run_plan(short, tiny, tmp_path / "out2")
+
+
+def test_a_plan_built_in_python_is_checked_as_a_parsed_one(tiny, tmp_path):
+    parsed = parse_plan(_plan({"kind": "llm-prune", "method": "magnitude"}, {"kind": "llm-quantize"}))
+    gptq = dataclasses.replace(parsed.quantize, method="gptq")
+    with pytest.raises(ConfigError, match="method gptq after llm-prune would fill the pruned zeros"):
+        run_plan(dataclasses.replace(parsed, quantize=gptq), tiny, tmp_path / "out")
+    with pytest.raises(ConfigError, match="the plan has no step"):
+        run_plan(dataclasses.replace(parsed, prune=None, quantize=None), tiny, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

@@ -215,3 +215,20 @@ def test_an_interrupted_run_resumes_to_the_same_output(tiny_dir, wanda_out, tmp_
     assert result["resumed_units"] == 1 and result["calibrated_layers"] == 1
     first, resumed = _tensors(wanda_out[0]), _tensors(out)
     assert all(torch.equal(first[name], resumed[name]) for name in first)
+
+
+def test_sparsegpts_inverse_factor_is_the_one_it_computed_before_sharing_gptqs():
+    # the SparseGPT rows of benchmarks/results/llm_quality.json were measured before sparsegpt_prune took
+    # GPTQ's hessian_inverse: the factor must be the same, bit for bit
+    from nnopt.llm.gptq import GPTQConfig, hessian_inverse
+
+    x = torch.randn(300, 96, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x[:, 7] = 0.0  # a dead input
+    h = 2 * x.t() @ x / 300
+    old = h.clone()
+    dead = torch.diagonal(old) == 0
+    old[dead, dead] = 1.0
+    torch.diagonal(old).add_(0.01 * float(torch.diagonal(old).mean()))
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(old)), upper=True)
+    new = hessian_inverse(h, GPTQConfig(damp=0.01))
+    assert torch.equal(new.upper, upper) and torch.equal(new.dead, dead)
