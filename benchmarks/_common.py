@@ -52,7 +52,8 @@ def render_markdown(doc: dict[str, Any], extra_columns: tuple[str, ...] = ()) ->
     isa = env.get("isa", "ISA class not recorded")
     if env.get("onednn_max_cpu_isa"):
         isa += f", oneDNN capped with ONEDNN_MAX_CPU_ISA={env['onednn_max_cpu_isa']}"
-    header = (f"# {doc['benchmark']}\n\n{env['device']} ({env['cpu']}; {isa}), {env['threads']} threads, "
+    threads = f"{env['threads']} thread{'' if env['threads'] == 1 else 's'}"
+    header = (f"# {doc['benchmark']}\n\n{env['device']} ({env['cpu']}; {isa}), {threads}, "
               f"torch {env['torch']}. "
               + ("Latency measured side by side in one process (variants alternated). " if timed else "")
               + ("Accuracy on the held-out test split. " if any(r.get("accuracy") is not None for r in rows) else "")

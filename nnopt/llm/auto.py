@@ -129,13 +129,14 @@ def _calibration_dict(calibration: LLMCalibration) -> dict[str, Any]:
 
 def expected_bits(plan: LLMPlan) -> float:
     """Bits per quantized weight the plan is expected to write: the code bits, plus a float32 scale (and a
-    zero point) per group; 32 for a plan that does not quantize (pruned weights are written dense)."""
+    zero point, packed at the code's own bits) per group; 32 for a plan that does not quantize (pruned weights
+    are written dense)."""
     if plan.quantize is None:
         return 32.0
     w = plan.quantize.weights
     if w.group_size is None:
         return float(w.bits)
-    return w.bits + (32 if w.symmetric else 40) / w.group_size
+    return w.bits + (32 if w.symmetric else 32 + w.bits) / w.group_size
 
 
 def select(results: Sequence[CandidateResult]) -> int | None:

@@ -155,7 +155,8 @@ def test_gptq_fills_pruned_zeros_and_rtn_keeps_them():
 
 def test_candidate_names_and_their_expected_sizes():
     assert expected_bits(parse_candidate("awq-int4-g128")) == 4.25
-    assert expected_bits(parse_candidate("rtn-int4-g64-asym")) == 4 + 40 / 64
+    # a float32 scale and a zero point packed at 4 bits per group
+    assert expected_bits(parse_candidate("rtn-int4-g64-asym")) == 4 + (32 + 4) / 64
     assert expected_bits(parse_candidate("rtn-int8-channel")) == 8
     assert parse_candidate("smoothquant-w8a8").quantize.method == "smoothquant"
     plan = parse_candidate("gptq-int4-g32", LLMCalibration(4, 64, 2))
