@@ -87,8 +87,7 @@ def _register_quantize(actions: Any) -> None:
         "compressed-tensors). A killed run continues from its last finished layer when the same command is run "
         "again. Under torchrun (WORLD_SIZE > 1), gptq, awq and smoothquant split the calibration windows across "
         "the processes and all-reduce each layer's statistics (docs/llm.md). Peak RSS is measured.")
-    quantize.add_argument("source", metavar="SRC", help="a Hugging Face directory (config.json + safetensors)")
-    quantize.add_argument("-o", "--out", required=True, metavar="OUT", help="the output directory (must not exist)")
+    _add_source_and_out(quantize)
     quantize.add_argument("--method", choices=QUANTIZE_METHODS, default="rtn",
                           help="rtn (default), gptq, awq or smoothquant (W8A8); see above")
     quantize.add_argument("--bits", type=int, choices=(4, 8), default=None,
@@ -100,12 +99,7 @@ def _register_quantize(actions: Any) -> None:
     quantize.add_argument("--asymmetric", action="store_true", help="a zero point per group (default symmetric)")
     quantize.add_argument("--include-lm-head", action="store_true",
                           help="quantize lm_head too, with round-to-nearest (default: float)")
-    quantize.add_argument("--calibration-windows", default=None, metavar="N",
-                          help="gptq/awq/smoothquant: windows of the calibration text (default 32)")
-    quantize.add_argument("--calibration-window", default=None, metavar="N",
-                          help="gptq/awq/smoothquant: tokens per calibration window (default 512)")
-    quantize.add_argument("--calibration-batch", default=None, metavar="N",
-                          help="gptq/awq/smoothquant: windows per forward pass (default 4)")
+    _add_calibration_arguments(quantize, "gptq/awq/smoothquant")
     quantize.add_argument("--damp", type=float, default=None,
                           help="gptq: dampening, a fraction of the Hessian's mean diagonal (default 0.01)")
     quantize.add_argument("--act-order", action="store_true", default=None,
@@ -116,6 +110,21 @@ def _register_quantize(actions: Any) -> None:
                           help="smoothquant: migration strength in [0, 1] (default 0.5)")
     quantize.add_argument("--json", default=None, metavar="OUT.json", help="also write what was measured as JSON")
     quantize.set_defaults(handler=cmd_llm_quantize)
+
+
+def _add_source_and_out(parser: Any) -> None:
+    parser.add_argument("source", metavar="SRC", help="a Hugging Face directory (config.json + safetensors)")
+    parser.add_argument("-o", "--out", required=True, metavar="OUT", help="the output directory (must not exist)")
+
+
+def _add_calibration_arguments(parser: Any, methods: str) -> None:
+    """--calibration-windows/-window/-batch (read by :func:`_calibration`) for the ``methods`` that calibrate."""
+    parser.add_argument("--calibration-windows", default=None, metavar="N",
+                        help=f"{methods}: windows of the calibration text (default 32)")
+    parser.add_argument("--calibration-window", default=None, metavar="N",
+                        help=f"{methods}: tokens per calibration window (default 512)")
+    parser.add_argument("--calibration-batch", default=None, metavar="N",
+                        help=f"{methods}: windows per forward pass (default 4)")
 
 
 def _quant_config(args: argparse.Namespace) -> Any:
@@ -247,20 +256,14 @@ def _register_prune(actions: Any) -> None:
         "N:M keeps N of every M consecutive inputs. The output is a float safetensors checkpoint with the zeros "
         "in place (config.json records the sparsity), which transformers loads as it is. Zeros alone do not "
         "make the dense kernels faster (docs/llm.md). Resumable like quantize; peak RSS is measured.")
-    prune.add_argument("source", metavar="SRC", help="a Hugging Face directory (config.json + safetensors)")
-    prune.add_argument("-o", "--out", required=True, metavar="OUT", help="the output directory (must not exist)")
+    _add_source_and_out(prune)
     prune.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), default="wanda",
                        help="default wanda")
     shape = prune.add_mutually_exclusive_group()
     shape.add_argument("--sparsity", type=float, default=None,
                        help="fraction of zeros per matrix, unstructured (default 0.5)")
     shape.add_argument("--pattern", default=None, metavar="N:M", help="semi-structured: e.g. 2:4")
-    prune.add_argument("--calibration-windows", default=None, metavar="N",
-                       help="wanda/sparsegpt: windows of the calibration text (default 32)")
-    prune.add_argument("--calibration-window", default=None, metavar="N",
-                       help="wanda/sparsegpt: tokens per calibration window (default 512)")
-    prune.add_argument("--calibration-batch", default=None, metavar="N",
-                       help="wanda/sparsegpt: windows per forward pass (default 4)")
+    _add_calibration_arguments(prune, "wanda/sparsegpt")
     prune.add_argument("--json", default=None, metavar="OUT.json", help="also write what was measured as JSON")
     prune.set_defaults(handler=cmd_llm_prune)
 
@@ -519,8 +522,7 @@ def _register_run(actions: Any) -> None:
         "appears whole at the end, with the recipe recorded as nnopt_plan.yaml. GPTQ after pruning is refused: "
         "its updates would fill the pruned zeros. Seconds, bytes, sparsity and peak RSS are measured.")
     run.add_argument("recipe", metavar="RECIPE.yaml", help="the LLM recipe (see examples/llm/)")
-    run.add_argument("source", metavar="SRC", help="a Hugging Face directory (config.json + safetensors)")
-    run.add_argument("-o", "--out", required=True, metavar="OUT", help="the output directory (must not exist)")
+    _add_source_and_out(run)
     run.add_argument("--json", default=None, metavar="OUT.json", help="also write what was measured as JSON")
     run.set_defaults(handler=cmd_llm_run)
 
@@ -558,8 +560,7 @@ def _register_auto(actions: Any) -> None:
         "(the checkpoint, moved, not run again), OUT/recipe.yaml (runnable with nnopt llm run), OUT/report.json "
         "and OUT/report.md (every candidate tried, measured). Exit status 0 with a chosen plan, 3 when none "
         "meets the budget (the reports are still written, no OUT/model), 2 on bad input.")
-    auto.add_argument("source", metavar="SRC", help="a Hugging Face directory (config.json + safetensors)")
-    auto.add_argument("-o", "--out", required=True, metavar="OUT", help="the output directory (must not exist)")
+    _add_source_and_out(auto)
     auto.add_argument("--max-increase", required=True, metavar="P",
                       help="allowed perplexity increase over the source: a fraction (0.02) or a percentage (2%%)")
     auto.add_argument("--objective", choices=("size",), default="size",
@@ -572,12 +573,7 @@ def _register_auto(actions: Any) -> None:
                       "calibration text)")
     auto.add_argument("--eval-windows", default="8", metavar="N", help="evaluation windows (default 8)")
     auto.add_argument("--window", default="512", metavar="N", help="tokens per evaluation window (default 512)")
-    auto.add_argument("--calibration-windows", default=None, metavar="N",
-                      help="gptq/awq/smoothquant: windows of the calibration text (default 32)")
-    auto.add_argument("--calibration-window", default=None, metavar="N",
-                      help="gptq/awq/smoothquant: tokens per calibration window (default 512)")
-    auto.add_argument("--calibration-batch", default=None, metavar="N",
-                      help="gptq/awq/smoothquant: windows per forward pass (default 4)")
+    _add_calibration_arguments(auto, "gptq/awq/smoothquant")
     auto.set_defaults(handler=cmd_llm_auto)
 
 

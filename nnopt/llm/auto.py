@@ -170,7 +170,7 @@ def auto_quantize(
 
     from nnopt.io.atomic import atomic_directory, check_replaceable, refuse_input_overlap
     from nnopt.llm import corpus, quality
-    from nnopt.llm.plan import describe_plan, plan_to_yaml
+    from nnopt.llm.plan import describe_plan, plan_to_yaml, safetensors_bytes
     from nnopt.llm.source import load_causal_lm
     from nnopt.llm.streaming import peak_rss_bytes
 
@@ -212,7 +212,7 @@ def auto_quantize(
     say(f"source     perplexity {baseline.perplexity:.4f} on {baseline.windows} windows of {baseline.window} "
         f"tokens ({baseline.seconds:.1f} s); budget: at most {baseline.perplexity * (1 + max_increase):.4f} "
         f"(+{max_increase:.2%})")
-    source_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    source_bytes = safetensors_bytes(src)
 
     results: list[CandidateResult] = []
     chosen_index: int | None = None

@@ -56,7 +56,7 @@ from nnopt.quantization.weights import WeightQuantConfig
 
 __all__ = [
     "PLAN_FILE", "LLMCalibration", "LLMPlan", "PruneStep", "QuantizeStep", "describe_plan", "load_plan",
-    "parse_plan", "plan_to_dict", "plan_to_yaml", "run_plan",
+    "parse_plan", "plan_to_dict", "plan_to_yaml", "run_plan", "safetensors_bytes",
 ]
 
 PLAN_FILE = "nnopt_plan.yaml"  # the plan, recorded in the output directory
@@ -399,6 +399,11 @@ def describe_plan(plan: LLMPlan) -> str:
 # ------------------------------------------------------------------------------------------ running
 
 
+def safetensors_bytes(directory: Path) -> int:
+    """Bytes of the ``*.safetensors`` files in ``directory`` (a checkpoint's weights, measured on disk)."""
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+
+
 def run_plan(plan: LLMPlan, src_dir: str | Path, out_dir: str | Path,
              progress: StepProgress | None = None) -> dict[str, Any]:
     """Run ``plan`` on the Hugging Face checkpoint ``src_dir``, writing ``out_dir`` (which must not exist).
@@ -444,7 +449,7 @@ def run_plan(plan: LLMPlan, src_dir: str | Path, out_dir: str | Path,
             os.rename(item, work / item.name)
         current.rmdir()
         (work / PLAN_FILE).write_text(plan_to_yaml(plan), encoding="utf-8")
-    output_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    output_bytes = safetensors_bytes(out)
     summary: dict[str, Any] = {
         "plan": plan_to_dict(plan), "description": describe_plan(plan), "steps": figures,
         "seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes(),

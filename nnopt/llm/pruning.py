@@ -170,8 +170,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     if hessian.shape != (in_f, in_f):
         raise ConfigError(f"SparseGPT: the Hessian must be ({in_f}, {in_f}) for {name} with {in_f} inputs, "
                           f"got {tuple(hessian.shape)}")
-    if not bool(torch.isfinite(hessian).all()) or not bool(torch.isfinite(weight).all()):
-        raise ConfigError(f"SparseGPT got a weight or Hessian with NaN or infinite values ({name})")
+    if not bool(torch.isfinite(weight).all()):  # the Hessian's values are hessian_inverse's to check
+        raise ConfigError(f"SparseGPT got a weight with NaN or infinite values ({name})")
     if n_m is not None:
         _check_groups(in_f, n_m[1], name)
         if block % n_m[1]:

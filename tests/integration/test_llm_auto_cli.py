@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from nnopt.cli import main
-from nnopt.llm.synthetic import LlamaShape, write_synthetic_llama
+from nnopt.llm.plan import safetensors_bytes
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("compressed_tensors")
@@ -23,17 +23,10 @@ FAST = ["--window", "64", "--eval-windows", "3", "--calibration-windows", "3", "
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_bpe_tokenizer):
-    """A random 2-layer Llama whose projections take 128 and 256 inputs (groups of 128 fit), with a tokenizer."""
-    path = tmp_path_factory.mktemp("llm") / "tiny"
-    shape = LlamaShape(128, 256, 2, 4, 2, len(tiny_bpe_tokenizer), max_position_embeddings=128)
-    write_synthetic_llama(path, shape, seed=2, shard_bytes=300_000)
-    tiny_bpe_tokenizer.save_pretrained(path)
-    return path
+def tiny(tiny_llama_with_tokenizer):
+    return tiny_llama_with_tokenizer
 
 
-def _safetensors_bytes(directory):
-    return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
 
 
 @pytest.mark.parametrize("recipe", ["wanda-2of4-int8", "awq-int4-g128"])
@@ -44,7 +37,7 @@ def test_llm_run_runs_each_example_recipe_as_shipped(tiny, tmp_path, capsys, rec
     printed = capsys.readouterr().out
     measured = json.loads(report.read_text())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run.json"]
-    assert (out / "nnopt_plan.yaml").is_file() and measured["output_bytes"] == _safetensors_bytes(out)
+    assert (out / "nnopt_plan.yaml").is_file() and measured["output_bytes"] == safetensors_bytes(out)
     assert measured["output_bytes"] < measured["source_bytes"] and "peak RSS" in printed
     assert f"wrote {out}" in printed
     if recipe.startswith("wanda"):
@@ -82,7 +75,7 @@ def test_auto_with_a_loose_budget_keeps_the_smallest_and_its_recipe_reproduces_i
     assert held["perplexity"] != report["candidates"][0]["perplexity"] and "held out" in printed
     assert report["not_tried"] == ["gptq-int4-g128", "awq-int4-g64", "gptq-int4-g64", "rtn-int8-channel"]
     (chosen,) = report["candidates"]
-    assert chosen["chosen"] and chosen["meets_budget"] and chosen["output_bytes"] == _safetensors_bytes(out / "model")
+    assert chosen["chosen"] and chosen["meets_budget"] and chosen["output_bytes"] == safetensors_bytes(out / "model")
     assert chosen["perplexity"] > 0 and chosen["kl_mean"] > 0 and report["source_perplexity"] > 0
     assert chosen["increase"] == pytest.approx(chosen["perplexity"] / report["source_perplexity"] - 1)
     assert report["method"].startswith("measured: perplexity on 3 windows of 64 tokens of nnopt's evaluation text")

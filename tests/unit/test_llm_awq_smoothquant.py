@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import checkpoint_tensors as _tensors
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -145,13 +146,6 @@ def test_clip_search_keeps_the_layout_and_a_ratio_of_one_is_rtn():
         assert clipped < plain, (config, clipped, plain)
         assert not torch.equal(codes, exact[0])
 
-
-def _tensors(directory):
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as fh:
-            out.update({k: fh.get_tensor(k) for k in fh.keys()})
-    return out
 
 
 def _expected_model(src_dir, out_dir, bits):

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import checkpoint_tensors as _tensors
 from safetensors import safe_open
 
 from nnopt.errors import ConfigError, UnsupportedModelError
@@ -99,13 +100,6 @@ def test_gptq_refusals():
     with pytest.raises(ConfigError, match="bits"):
         gptq_codes(w, h, WeightQuantConfig(bits=1))
 
-
-def _tensors(directory):
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as fh:
-            out.update({k: fh.get_tensor(k) for k in fh.keys()})
-    return out
 
 
 def _dequantized_model(tiny_dir, out_dir, config):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
+from conftest import checkpoint_tensors as _tensors
 
 from nnopt.errors import ConfigError
 from nnopt.llm.layerwise import LayerContext, quantize_checkpoint_layerwise
@@ -23,13 +23,6 @@ def tiny_dir(tmp_path_factory):
     write_synthetic_llama(path, SHAPE, seed=5)
     return path
 
-
-def _tensors(directory):
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as fh:
-            out.update({name: fh.get_tensor(name) for name in fh.keys()})
-    return out
 
 
 def _rescale(context: LayerContext) -> dict:

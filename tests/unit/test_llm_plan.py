@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from conftest import checkpoint_tensors as _tensors
 
 from nnopt.errors import ConfigError, OutputError
 from nnopt.llm.auto import CandidateResult, expected_bits, parse_candidate, select
@@ -21,7 +21,6 @@ from nnopt.llm.plan import (
     plan_to_yaml,
     run_plan,
 )
-from nnopt.llm.synthetic import LlamaShape, write_synthetic_llama
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "llm"
 SMALL = {"windows": 3, "window": 32, "batch": 3}
@@ -183,21 +182,9 @@ def test_select_takes_the_smallest_measured_within_the_budget():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_bpe_tokenizer):
-    """A random 2-layer Llama (inputs of 128 and 256) with a byte-level BPE tokenizer."""
-    path = tmp_path_factory.mktemp("llm") / "tiny"
-    shape = LlamaShape(128, 256, 2, 4, 2, len(tiny_bpe_tokenizer), max_position_embeddings=128)
-    write_synthetic_llama(path, shape, seed=1, shard_bytes=300_000)
-    tiny_bpe_tokenizer.save_pretrained(path)
-    return path
+def tiny(tiny_llama_with_tokenizer):
+    return tiny_llama_with_tokenizer
 
-
-def _stored(directory):
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as fh:
-            out.update({k: fh.get_tensor(k) for k in fh.keys()})
-    return out
 
 
 def _zero_codes(stored, base, bits):
@@ -234,7 +221,7 @@ def test_prune_then_quantize_keeps_the_zeros_and_leaves_no_intermediate(tiny, tm
     assert result["sparsity"] == 0.5 and result["steps"][0]["pattern_holds"]
     assert result["output_bytes"] == sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors"))
     assert result["output_bytes"] < result["source_bytes"] and result["peak_rss_bytes"] > 0
-    stored = _stored(tmp_path / "out")
+    stored = _tensors(tmp_path / "out")
     bases = [k.removesuffix(".weight_packed") for k in stored if k.endswith(".weight_packed")]
     assert len(bases) == 14
     for base in bases:  # at least the pruned zeros: every group of 4 inputs still holds 2 exact zeros

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
+from conftest import checkpoint_tensors as _tensors
 
 from nnopt.errors import ConfigError
 from nnopt.llm.gptq import hessian
@@ -137,13 +137,6 @@ def tiny_dir(tmp_path_factory):
     write_synthetic_llama(path, SHAPE, seed=3, shard_bytes=60_000)
     return path
 
-
-def _tensors(directory):
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as fh:
-            out.update({k: fh.get_tensor(k) for k in fh.keys()})
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
+from conftest import checkpoint_tensors as _tensors
 
 from nnopt.errors import ConfigError, ModelFormatError, OutputError, UnsupportedModelError
 from nnopt.layers import primitives as P
@@ -23,13 +23,6 @@ def tiny_dir(tmp_path_factory):
     (path / "tokenizer_config.json").write_text('{"model_max_length": 64}')
     return path
 
-
-def _tensors(directory) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as fh:
-            out.update({k: fh.get_tensor(k) for k in fh.keys()})
-    return out
 
 
 def test_synthetic_writer_is_sharded_deterministic_and_loads_in_transformers(tiny_dir, tmp_path):
