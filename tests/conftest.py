@@ -66,17 +66,6 @@ def tiny_bpe_tokenizer():
     return train_tiny_bpe_tokenizer()
 
 
-def checkpoint_tensors(directory) -> dict:
-    """Every tensor of a safetensors checkpoint directory (all its shards), by name."""
-    from safetensors import safe_open
-
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as fh:
-            out.update({name: fh.get_tensor(name) for name in fh.keys()})
-    return out
-
-
 @pytest.fixture(scope="session")
 def tiny_llama_with_tokenizer(tmp_path_factory, tiny_bpe_tokenizer):
     """A random 2-layer Llama whose projections take 128 and 256 inputs (groups of 128 fit), with a byte-level

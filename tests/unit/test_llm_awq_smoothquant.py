@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import checkpoint_tensors as _tensors
+from checkpoint_files import checkpoint_tensors as _tensors
 from safetensors import safe_open
 from safetensors.torch import save_file
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import checkpoint_tensors as _tensors
+from checkpoint_files import checkpoint_tensors as _tensors
 
 from nnopt.errors import ConfigError
 from nnopt.llm.layerwise import LayerContext, quantize_checkpoint_layerwise

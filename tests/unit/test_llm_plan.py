@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import checkpoint_tensors as _tensors
+from checkpoint_files import checkpoint_tensors as _tensors
 
 from nnopt.errors import ConfigError, OutputError
 from nnopt.llm.auto import CandidateResult, expected_bits, parse_candidate, select

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import checkpoint_tensors as _tensors
+from checkpoint_files import checkpoint_tensors as _tensors
 
 from nnopt.errors import ConfigError, ModelFormatError, OutputError, UnsupportedModelError
 from nnopt.layers import primitives as P
