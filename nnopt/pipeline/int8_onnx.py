@@ -120,11 +120,13 @@ class Int8OnnxResult:
 
 
 def int8_onnx(model: nn.Module, data: torch.Tensor, options: Int8OnnxOptions = Int8OnnxOptions(),
-              path: str | Path | None = None, progress: Callable[[str], None] | None = None) -> Int8OnnxResult:
+              path: str | Path | None = None, progress: Callable[[str], None] | None = None,
+              on_step: Callable[[dict[str, Any], bytes], None] | None = None) -> Int8OnnxResult:
     """Static int8 of ``model`` as an ONNX Runtime QDQ graph, meeting ``options.target_agreement`` where it can.
 
     ``data``: a float tensor of inputs (e.g. images, (N, 3, H, W)); the first ``calibration_samples`` rows
     calibrate, the next ``validation_samples`` rows check fidelity. ``model`` is not modified.
+    ``on_step`` receives each fallback step (as in ``steps``) with its int8 file, e.g. to time every step.
     """
     from nnopt.io.onnx_export import export_onnx
     from nnopt.quantization.equalize import correct_bias
@@ -178,6 +180,8 @@ def int8_onnx(model: nn.Module, data: torch.Tensor, options: Int8OnnxOptions = I
             int8 = quantizer.quantize(exclude=kept, fp32_onnx=float_graph(kept) if regraph else None)
             agreement, kl = agreement_and_kl(run_onnx(int8, validation.numpy()), reference)
             steps.append({"float_layers": count, "layers": list(kept), "agreement": agreement, "kl": kl})
+            if on_step is not None:
+                on_step(steps[-1], int8)
             say(f"{count} layers in float: validation agreement {agreement:.1%}")
             if agreement >= options.target_agreement:
                 best = (agreement, int8, kept, kl)

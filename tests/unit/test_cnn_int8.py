@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -174,3 +175,83 @@ def _number(value: object) -> float:
     import numpy as np
 
     return float(np.asarray(value["data"] if isinstance(value, dict) else value).reshape(-1)[0])
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.inner, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.stem(x))
+        y = torch.relu(self.inner(y) + y)
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_layer_kept_in_float_keeps_its_additions_and_activations_in_float() -> None:
+    """ONNX Runtime quantizes the tensors of every addition or activation not excluded by name, so a layer
+    excluded alone still reads 8-bit tensors; float_region takes the nodes around it along."""
+    import onnx
+
+    from nnopt.io.onnx_export import export_onnx
+    from nnopt.quantization.onnx_static import QdqQuantizer, float_region, layer_nodes, run_onnx
+
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    x = torch.randn(32, 3, 12, 12)
+    graph = export_onnx(model, x[:1])
+    nodes = layer_nodes(graph)
+    graph_nodes = onnx.load_from_string(graph).graph.node
+    ops = {n.name: n.op_type for n in graph_nodes}
+    stem_output = next(n.output[0] for n in graph_nodes if n.name == nodes["stem"])
+    stem_relu = next(n.name for n in graph_nodes if n.op_type == "Relu" and n.input[0] == stem_output)
+    region = float_region(graph, [nodes["inner"]])
+    kinds = sorted(ops[name] for name in region)
+    assert nodes["inner"] in region and nodes["stem"] not in region and nodes["head"] not in region
+    assert kinds.count("Add") == 1 and kinds.count("Relu") == 1  # the addition and the ReLU after it
+    # the ReLU after the int8 stem stays with it, so the stem's output is quantized over the ReLU's range
+    assert stem_relu not in region and float_region(graph, [nodes["stem"]]).count(stem_relu) == 1
+    assert float_region(graph, []) == []
+    batches = [x[i:i + 16].numpy() for i in range(0, 32, 16)]
+    reference = model(x).detach().numpy()
+    with QdqQuantizer(graph, batches, "minmax", "uint8") as quantizer:
+        all_float = quantizer.quantize(exclude=tuple(nodes))
+        assert not any(n.op_type == "QuantizeLinear" for n in onnx.load_from_string(all_float).graph.node)
+        assert abs(run_onnx(all_float, x.numpy()) - reference).max() < 1e-4  # every layer in float: the float model
+        int8 = run_onnx(quantizer.quantize(), x.numpy())
+        assert abs(int8 - reference).max() > 1e-3  # while the all-int8 graph does round
+
+
+def test_a_layer_kept_in_float_is_not_requantized_by_onnxruntime() -> None:
+    """ONNX Runtime's WeightBiasQuantization optimizer gives a float Conv fed by a per-tensor DequantizeLinear
+    per-tensor int8 weights; the file's float layers read their input through a per-channel one instead."""
+    import onnx
+    import onnxruntime as ort
+
+    from nnopt.io.onnx_export import export_onnx
+    from nnopt.quantization.onnx_static import QdqQuantizer, layer_nodes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                          nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    with torch.no_grad():
+        model[2].weight[0] *= 50  # one wide channel: per-tensor int8 weights would crush the others
+    x = torch.randn(32, 3, 12, 12)
+    graph = export_onnx(model, x[:1])
+    batches = [x[i:i + 16].numpy() for i in range(0, 32, 16)]
+    with QdqQuantizer(graph, batches, "minmax", "uint8") as quantizer:
+        int8 = quantizer.quantize(exclude=("2",))
+    inner = layer_nodes(graph)["2"]
+    nodes = onnx.load_from_string(int8).graph.node
+    feed = next(n for n in nodes if n.output[0] == next(m for m in nodes if m.name == inner).input[0])
+    per_channel_feed = feed.op_type == "DequantizeLinear" and any(a.name == "axis" for a in feed.attribute)
+
+    def run(disabled: list[str]) -> np.ndarray:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(int8, options, providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=disabled)
+        return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+    assert np.array_equal(run([]), run(["WeightBiasQuantization"]))
+    assert per_channel_feed
