@@ -5,6 +5,9 @@ Sources, in this order, whichever are installed (nothing is downloaded):
   dependency, reading JPEG needs Pillow: the ``images`` extra);
 - the colour photographs that scikit-image ships in its package (astronaut, cat, coffee, rocket,
   motorcycles, ...): only the image files are read, with Pillow; scikit-image is never imported;
+- on request (``sources`` naming ``tuxpaint``), the photographs among Tux Paint's stamps, from the Debian package
+  ``tuxpaint-stamps-default``: about 120 cut-out photographs of animals, plants, food, vehicles and tools,
+  each laid on a grey square, the objects an ImageNet classifier is made for;
 - any folder of images the caller names.
 
 :func:`photo_splits` assigns whole photographs to either the fitting split (calibration, recovery)
@@ -15,6 +18,7 @@ fewer than two photographs it refuses rather than leak.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +35,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
                   "motorcycle_right.png")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+SOURCES = ("sklearn", "skimage", "tuxpaint")
+DEFAULT_SOURCES = ("sklearn", "skimage")
+TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")  # Debian: apt-get install tuxpaint-stamps-default
+# a stamp is taken as a photograph when its opaque pixels hold this many colours at 6 bits per channel;
+# drawings and clip art hold a few hundred
+PHOTO_COLOURS = 2000
+STAMP_MIN_SIDE = 128
+STAMP_BACKGROUND = (124, 116, 104)  # ImageNet's mean colour, so the background normalizes to about zero
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,14 +51,65 @@ class Photo:
     pixels: np.ndarray  # (height, width, 3) uint8 RGB
 
 
-def offline_photos(folder: str | Path | None = None) -> list[Photo]:
-    """Every photograph the installed packages (and ``folder``) hold, in a fixed order."""
-    photos = _sklearn_photos() + _skimage_photos()
+def offline_photos(folder: str | Path | None = None, sources: Sequence[str] = DEFAULT_SOURCES) -> list[Photo]:
+    """Every photograph the named installed ``sources`` (and ``folder``) hold, in a fixed order."""
+    unknown = sorted(set(sources) - set(SOURCES))
+    if unknown:
+        raise ConfigError(f"unknown photo source(s) {', '.join(unknown)}; known: {', '.join(SOURCES)}")
+    photos = []
+    if "sklearn" in sources:
+        photos += _sklearn_photos()
+    if "skimage" in sources:
+        photos += _skimage_photos()
+    if "tuxpaint" in sources:
+        photos += stamp_photos()
     if folder is not None:
         photos += _folder_photos(Path(folder))
     if not photos:
         raise ConfigError("no photographs found: install Pillow (pip install 'nnopt[images]') or name a folder")
     return photos
+
+
+def stamp_photos(root: str | Path = TUXPAINT_STAMPS) -> list[Photo]:
+    """The photographs among Tux Paint's stamps under ``root``, each centred on a grey square 15% larger.
+
+    Left out: the ``symbols`` folder and any ``cartoon`` folder, stamps smaller than 128 pixels a side, copies
+    of a stamp already taken, and drawings with fewer than :data:`PHOTO_COLOURS` colours (a few shaded
+    drawings pass; some small photographs do not).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"Tux Paint stamps not found at {root}: apt-get install tuxpaint-stamps-default")
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ConfigError("reading Tux Paint stamps needs Pillow: pip install 'nnopt[images]'") from None
+    photos, seen = [], set()
+    for path in sorted(root.rglob("*.png")):
+        relative = path.relative_to(root)
+        if relative.parts[0] == "symbols" or "cartoon" in relative.parts:
+            continue
+        try:
+            with Image.open(path) as image:
+                stamp = image.convert("RGBA")
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read stamp {path}: {exc}") from None
+        rgba = np.asarray(stamp)
+        digest = hashlib.sha256(rgba.tobytes()).digest()  # one photograph filed in two folders is one scene
+        if min(stamp.size) < STAMP_MIN_SIDE or digest in seen or not _is_photograph(rgba):
+            continue
+        seen.add(digest)
+        side = int(max(stamp.size) * 1.15)
+        canvas = Image.new("RGBA", (side, side), (*STAMP_BACKGROUND, 255))
+        canvas.alpha_composite(stamp, ((side - stamp.size[0]) // 2, (side - stamp.size[1]) // 2))
+        photos.append(Photo(relative.as_posix(), np.asarray(canvas.convert("RGB"))))
+    return photos
+
+
+def _is_photograph(rgba: np.ndarray) -> bool:
+    opaque = (rgba[..., :3][rgba[..., 3] > 128] // 4).astype(np.int32)
+    codes = (opaque[:, 0] << 12) | (opaque[:, 1] << 6) | opaque[:, 2]
+    return len(np.unique(codes)) >= PHOTO_COLOURS
 
 
 def _sklearn_photos() -> list[Photo]:
@@ -122,11 +185,12 @@ def random_crops(photos: Sequence[Photo], count: int, size: int = 224, seed: int
 
 
 def _scene(name: str) -> str:
-    stem = Path(name).stem
-    for side in ("_left", "_right"):
-        if stem.endswith(side):
-            return stem[: -len(side)]
-    return stem
+    """Photographs of one scene share this key: a stereo pair, or a stamp and its mirrored copy."""
+    path = Path(name)
+    for side in ("_left", "_right", "_mirror"):
+        if path.stem.endswith(side):
+            return (path.parent / path.stem[: -len(side)]).as_posix()
+    return (path.parent / path.stem).as_posix()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,13 +208,13 @@ class PhotoSplits:
 
 
 def photo_splits(fit: int = 256, held_out: int = 500, size: int = 224, seed: int = 0,
-                 folder: str | Path | None = None) -> PhotoSplits:
+                 folder: str | Path | None = None, sources: Sequence[str] = DEFAULT_SOURCES) -> PhotoSplits:
     """Whole scenes alternate between the fitting and held-out sides; crops are cut from each side.
 
     Photographs of one scene (scikit-image's ``motorcycle_left``/``motorcycle_right`` stereo pair) stay on
     one side, so no held-out crop shows a scene the optimizer saw.
     """
-    photos = offline_photos(folder)
+    photos = offline_photos(folder, sources)
     scenes: dict[str, list[Photo]] = {}
     for photo in photos:
         scenes.setdefault(_scene(photo.name), []).append(photo)

@@ -28,6 +28,10 @@ def register(commands: Any) -> None:
                         help="photos (default): crops of the photographs installed packages ship, whole photographs "
                         "held out; or an .npz/.npy file or image folder (nnopt.load_data: its test split is held out)")
     parser.add_argument("--image-size", type=int, default=224, help="crop size for --data photos (default 224)")
+    parser.add_argument("--photo-sources", default="sklearn,skimage", metavar="LIST",
+                        help="--data photos: comma-separated sources among sklearn, skimage and tuxpaint (the "
+                        "photographs among Tux Paint's stamps: apt-get install tuxpaint-stamps-default); "
+                        "default sklearn,skimage")
     parser.add_argument("--calibration", choices=("minmax", "percentile", "entropy"), default="minmax")
     parser.add_argument("--rounding", choices=("nearest", "learned"), default="nearest",
                         help="nearest (default, with bias correction) or learned: AdaRound-style rounding of every "
@@ -123,7 +127,8 @@ def _data(args: argparse.Namespace, options: Any) -> tuple[Any, Any, str]:
     if args.data == "photos":
         from nnopt.photos import photo_splits
 
-        splits = photo_splits(fit=needed, held_out=args.held_out, size=args.image_size)
+        sources = tuple(s.strip() for s in args.photo_sources.split(",") if s.strip())
+        splits = photo_splits(fit=needed, held_out=args.held_out, size=args.image_size, sources=sources)
         return splits.fit, splits.held_out, splits.describe()
     from nnopt.datafiles import load_data
 

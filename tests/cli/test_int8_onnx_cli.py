@@ -36,3 +36,15 @@ def test_int8_onnx_writes_the_file_and_a_measured_report(tmp_path: Path, capsys:
     assert (tmp_path / "images.npy").read_bytes() == before  # the input is never modified
     assert main(["int8-onnx", str(tmp_path / "model"), "-o", str(out), "--data", str(tmp_path / "images.npy")]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_int8_onnx_refuses_an_unknown_photo_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import nnopt
+    from nnopt.models.registry import create_model
+
+    nnopt.save_model(create_model("mobilenet_v2", image_size=32, width=0.25, num_classes=10, seed=0),
+                     tmp_path / "model")
+    code = main(["int8-onnx", str(tmp_path / "model"), "-o", str(tmp_path / "m.onnx"), "--photo-sources",
+                 "sklearn,flickr", "--image-size", "32"])
+    assert code == 2 and "unknown photo source(s) flickr" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()

@@ -65,3 +65,57 @@ def test_a_photo_folder_is_read_and_a_missing_one_refused(tmp_path) -> None:  # 
     assert offline_photos(tmp_path)[-1].name == "a.png"
     with pytest.raises(ConfigError, match="not a directory"):
         offline_photos(tmp_path / "nope")
+
+
+def _save_rgba(path, pixels) -> None:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, "RGBA").save(path)
+
+
+def test_stamp_photos_keep_photographs_once_and_skip_drawings_symbols_and_small_ones(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("PIL")
+    import numpy as np
+
+    from nnopt.photos import STAMP_BACKGROUND, _scene, stamp_photos
+
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (150, 200, 4), dtype=np.uint8)
+    photo[..., 3] = 255
+    photo[:10, :, 3] = 0  # a transparent band lies over the grey background
+    drawing = np.zeros((150, 150, 4), np.uint8)
+    drawing[..., 3] = 255
+    drawing[:, 75:, 0] = 200  # two flat colours: clip art
+    _save_rgba(tmp_path / "animals" / "cat.png", photo)
+    _save_rgba(tmp_path / "animals" / "cat_mirror.png", photo[:, ::-1].copy())
+    _save_rgba(tmp_path / "people" / "cat.png", photo)  # the same photograph filed twice
+    _save_rgba(tmp_path / "food" / "drawn.png", drawing)
+    _save_rgba(tmp_path / "symbols" / "noise.png", photo)
+    _save_rgba(tmp_path / "town" / "cartoon" / "house.png", photo)
+    _save_rgba(tmp_path / "tiny.png", photo[:64, :64].copy())
+    photos = stamp_photos(tmp_path)
+    assert [p.name for p in photos] == ["animals/cat.png", "animals/cat_mirror.png"]
+    side = int(200 * 1.15)
+    assert photos[0].pixels.shape == (side, side, 3)
+    assert tuple(photos[0].pixels[0, 0]) == STAMP_BACKGROUND
+    assert _scene(photos[0].name) == _scene(photos[1].name) != _scene("people/cat.png")
+    with pytest.raises(ConfigError, match="tuxpaint-stamps-default"):
+        stamp_photos(tmp_path / "missing")
+
+
+def test_unknown_photo_sources_are_refused() -> None:
+    from nnopt.photos import offline_photos
+
+    with pytest.raises(ConfigError, match="unknown photo source"):
+        offline_photos(sources=("flickr",))
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/tuxpaint/stamps").is_dir(),
+                    reason="Debian package tuxpaint-stamps-default not installed")
+def test_installed_stamps_split_by_scene() -> None:
+    from nnopt.photos import photo_splits
+
+    splits = photo_splits(fit=4, held_out=4, size=32, sources=("tuxpaint",))
+    assert len(splits.fit_photos) > 40 and len(splits.held_out_photos) > 40
+    assert not set(splits.fit_photos) & set(splits.held_out_photos)
