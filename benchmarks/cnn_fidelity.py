@@ -1,7 +1,10 @@
 """cnn_fidelity: how close any int8 MobileNetV2 can come to fp32 on the held-out photo crops (issue 19's 99%).
 
-Top-1 agreement with the fp32 model (``accuracy`` column) and softmax KL on the 500 held-out crops of
-``nnopt.photos.photo_splits`` (whole photographs held out), for perturbations that isolate each part of int8:
+Top-1 agreement with the fp32 model (``accuracy`` column) and softmax KL on two sets of 500 held-out crops
+(``images``): ``scenes``, from ``nnopt.photos.photo_splits`` (scikit-learn's and scikit-image's photographs,
+whole photographs held out), and ``stamps``, from the photographs among Tux Paint's stamps (Debian package
+``tuxpaint-stamps-default``; left out where it is not installed), for perturbations that isolate each part of
+int8:
 - ``fp32, input ±0.5 pixel level``: uniform noise of half an 8-bit pixel level per input value (in the normalized
   units, 1/255/std per channel): what quantizing the input to uint8 does (ONNX Runtime's range for these crops,
   about [-2.1, 2.6], gives a step of about 1.07 pixel levels). Also ±1 level.
@@ -13,22 +16,28 @@ Top-1 agreement with the fp32 model (``accuracy`` column) and softmax KL on the 
   ``int8 (fold only)``: the same
   quantizer on the folded model without equalization or bias correction, with all layers and with the first
   convolution kept in float (the input is then not quantized).
-No timing: fidelity only. Figures: measured (ONNX Runtime / torch outputs on this CPU).
+- the fallback's frontier: ``int8_onnx`` with every step of its fallback, from no layer to all of them in float
+  (the most int8-sensitive first, with the additions and activations around them), each step's file timed at
+  batch 32 in ONNX Runtime beside ONNX Runtime fp32 (alternated in one process), and its held-out agreement.
+Figures: measured (ONNX Runtime / torch outputs and latency on this CPU).
 
-    python benchmarks/cnn_fidelity.py [--quick] [--threads 2] [--out PATH]
+    python benchmarks/cnn_fidelity.py [--quick] [--threads 2] [--no-stamps] [--no-frontier] [--out PATH]
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from _common import log, parse_args, row, run_workloads, write_results
 from torch import nn
 
 WORKLOADS = ("mobilenet_v2",)
 PIXEL_STD = (0.229, 0.224, 0.225)  # ImageNet's, as nnopt.photos normalizes
+FRONTIER_BATCH = 32
 
 
 def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -56,55 +65,119 @@ def _weights_on_grid(model: nn.Module, weights: str) -> nn.Module:
 def fidelity_rows(name: str, args: Any) -> list[dict[str, Any]]:
     from nnopt.io.onnx_export import export_onnx
     from nnopt.models.imagenet_cnns import pretrained_mobilenet_v2
-    from nnopt.photos import photo_splits
+    from nnopt.photos import TUXPAINT_STAMPS, photo_splits
     from nnopt.pipeline.int8_onnx import Int8OnnxOptions, agreement_and_kl, int8_onnx, prepare_for_int8
     from nnopt.quantization.onnx_static import QdqQuantizer, run_onnx
 
     model = pretrained_mobilenet_v2().eval()
-    splits = photo_splits(fit=256, held_out=100 if args.quick else 500)
+    crops = 100 if args.quick else 500
+    splits = photo_splits(fit=256, held_out=crops)
     log(splits.describe())
-    held_out = splits.held_out
-    reference = _outputs(model, held_out)
-    probabilities = torch.softmax(reference, -1).topk(2, -1).values
-    margins = probabilities[:, 0] - probabilities[:, 1]
-    scores: dict[tuple[str, str], tuple[float, float]] = {}
+    held_out = {"scenes": splits.held_out}
+    if TUXPAINT_STAMPS.is_dir() and not args.no_stamps:
+        stamps = photo_splits(fit=1, held_out=crops, sources=("tuxpaint",))
+        held_out["stamps"] = stamps.held_out
+        log(f"{crops} held-out crops of {len(stamps.held_out_photos)} Tux Paint stamps")
+    references = {images: _outputs(model, x) for images, x in held_out.items()}
+    scores: dict[tuple[str, str], dict[str, tuple[float, float]]] = {}
+
+    def score(tool: str, variant: str, outputs: Callable[[torch.Tensor], Any]) -> None:
+        scores[tool, variant] = {images: agreement_and_kl(np.asarray(outputs(x)), references[images].numpy())
+                                 for images, x in held_out.items()}
+        measured = scores[tool, variant].items()
+        log(f"{variant}: " + ", ".join(f"{images} {a:.1%} (KL {kl:.4f})" for images, (a, kl) in measured))
+
     for levels in (0.5, 1.0):
-        scores["torch", f"fp32, input ±{levels:g} pixel level"] = agreement_and_kl(
-            _outputs(model, _pixel_noise(held_out, levels)).numpy(), reference.numpy())
+        score("torch", f"fp32, input ±{levels:g} pixel level",
+              lambda x, lv=levels: _outputs(model, _pixel_noise(x, lv)).numpy())
     folded, _ = prepare_for_int8(model, splits.fit[:128], Int8OnnxOptions(equalize=False))
     for weights in ("uint8", "int8"):
-        scores["nnopt", f"weights only, 8-bit per channel ({weights} codes)"] = agreement_and_kl(
-            _outputs(_weights_on_grid(folded, weights), held_out).numpy(), reference.numpy())
+        on_grid = _weights_on_grid(folded, weights)
+        score("nnopt", f"weights only, 8-bit per channel ({weights} codes)",
+              lambda x, m=on_grid: _outputs(m, x).numpy())
     for calibration_method in ("minmax", "percentile", "entropy"):
-        log(f"int8 (all layers), {calibration_method} calibration")
         result = int8_onnx(model, splits.fit, Int8OnnxOptions(calibration=calibration_method, target_agreement=0.0,
                                                               max_float_layers=0))
-        scores["nnopt", f"int8 (CLE + bias correction), all layers, {calibration_method}"] = agreement_and_kl(
-            run_onnx(result.onnx, held_out.numpy()), reference.numpy())
+        score("nnopt", f"int8 (CLE + bias correction), all layers, {calibration_method}",
+              lambda x, f=result.onnx: run_onnx(f, x.numpy()))
     first = next(n for n, m in folded.named_modules() if isinstance(m, nn.Conv2d))
     calibration = splits.fit[:128]
     batches = [calibration[i:i + 16].numpy() for i in range(0, len(calibration), 16)]
     with QdqQuantizer(export_onnx(folded, calibration[:1]), batches, "minmax", "auto") as quantizer:
         for label, exclude in (("all layers", ()), (f"first conv ({first}) in float", (first,))):
-            log(f"int8 (fold only), {label}")
-            scores["nnopt", f"int8 (fold only), {label}"] = agreement_and_kl(
-                run_onnx(quantizer.quantize(exclude=exclude), held_out.numpy()), reference.numpy())
+            int8 = quantizer.quantize(exclude=exclude)
+            score("nnopt", f"int8 (fold only), {label}", lambda x, f=int8: run_onnx(f, x.numpy()))
     rows = []
-    for (tool, variant), (agreement, kl) in scores.items():
-        log(f"{variant}: agreement {agreement:.1%}, KL {kl:.4f}")
-        rows.append(row(workload=name, tool=tool, variant=variant, batch=None, accuracy=round(agreement, 4))
-                    | {"softmax_kl": round(kl, 4)})
-    rows[0] |= {"held_out_crops": len(held_out),
-                "top2_margin_below_0_02": round(float((margins < 0.02).double().mean()), 4),
-                "median_top1_probability": round(float(probabilities[:, 0].median()), 4)}
+    for (tool, variant), by_images in scores.items():
+        for images, (agreement, kl) in by_images.items():
+            rows.append(row(workload=name, tool=tool, variant=variant, batch=None, accuracy=round(agreement, 4))
+                        | {"softmax_kl": round(kl, 4), "images": images})
+    for images, reference in references.items():
+        probabilities = torch.softmax(reference, -1).topk(2, -1).values
+        margins = probabilities[:, 0] - probabilities[:, 1]
+        first_row = next(r for r in rows if r["images"] == images)
+        first_row |= {"held_out_crops": len(reference),
+                      "top2_margin_below_0_02": round(float((margins < 0.02).double().mean()), 4),
+                      "median_top1_probability": round(float(probabilities[:, 0].median()), 4)}
+    if not args.no_frontier:
+        rows += _frontier_rows(name, model, splits.fit, held_out, references, args)
+    return rows
+
+
+def _frontier_rows(name: str, model: nn.Module, fit: torch.Tensor, held_out: dict[str, torch.Tensor],
+                   references: dict[str, torch.Tensor], args: Any) -> list[dict[str, Any]]:
+    """The fallback's every step, up to all layers in float: held-out agreement and batch-32 latency beside
+    ONNX Runtime fp32, timed side by side in one process."""
+    from nnopt.io.onnx_export import export_onnx
+    from nnopt.metrics.runtimes import build_runtime
+    from nnopt.metrics.speed import compare_calls
+    from nnopt.pipeline.int8_onnx import Int8OnnxOptions, agreement_and_kl, int8_onnx
+    from nnopt.quantization.onnx_static import run_onnx
+
+    layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    files: dict[str, bytes] = {"onnxruntime fp32": export_onnx(model, fit[:1])}
+    kept: dict[str, list[str]] = {}
+
+    def keep(step: dict[str, Any], onnx: bytes) -> None:
+        label = f"nnopt int8, {step['float_layers']} most sensitive layers in float"
+        files[label], kept[label] = onnx, step["layers"]
+        log(f"{label}: validation agreement {step['agreement']:.1%}")
+
+    log(f"fallback frontier: 0 to {layers} layers in float")
+    int8_onnx(model, fit, Int8OnnxOptions(target_agreement=1.0, max_float_layers=layers), on_step=keep)
+    inputs = torch.randn(FRONTIER_BATCH, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    calls = {label: build_runtime("onnxruntime", inputs, onnx=onnx, threads=args.threads).call
+             for label, onnx in files.items()}
+    log(f"timing {len(calls)} files at batch {FRONTIER_BATCH}")
+    with torch.inference_mode():
+        timings = compare_calls(calls, FRONTIER_BATCH, warmup=2, min_calls=3, min_seconds=0.5 if args.quick else 3.0,
+                                rounds=3 if args.quick else 7)
+    base = timings["onnxruntime fp32"].median_ms
+    rows = []
+    for label, onnx in files.items():
+        timing = timings[label]
+        for images, x in held_out.items():
+            agreement, kl = agreement_and_kl(run_onnx(onnx, x.numpy()), references[images].numpy())
+            rows.append(row(
+                workload=name, tool=label.split()[0], variant=label, batch=FRONTIER_BATCH,
+                latency_ms_median=round(timing.median_ms, 2), latency_ms_p10=round(timing.p10_ms, 2),
+                latency_ms_p90=round(timing.p90_ms, 2), speedup_vs_baseline=round(base / timing.median_ms, 3),
+                accuracy=round(agreement, 4), file_bytes=len(onnx),
+            ) | {"softmax_kl": round(kl, 4), "images": images, "baseline": "onnxruntime fp32",
+                 "float_layers": kept.get(label)})
     return rows
 
 
 def main() -> None:
-    args, chosen = parse_args(__doc__ or "", "cnn_fidelity", WORKLOADS, "100 held-out crops")
+    args, chosen = parse_args(__doc__ or "", "cnn_fidelity", WORKLOADS, "100 held-out crops", extra=(
+        (("--no-stamps",), {"action": "store_true", "help": "leave out the Tux Paint stamps' held-out crops"}),
+        (("--no-frontier",), {"action": "store_true", "help": "leave out the fallback's steps and their timing"}),
+    ))
     rows, env = run_workloads(args, chosen, {"mobilenet_v2": lambda a: fidelity_rows("mobilenet_v2", a)})
     env["images"] = "nnopt.photos.photo_splits: whole photographs held out; accuracy = top-1 agreement with fp32"
-    write_results("cnn_fidelity", rows, args.out, env, extra_columns=("softmax_kl",))
+    env["stamps"] = ("held-out crops of the photographs among Tux Paint's stamps (Debian tuxpaint-stamps-default), "
+                     "never used to calibrate")
+    write_results("cnn_fidelity", rows, args.out, env, extra_columns=("images", "softmax_kl"))
     log(f"wrote {args.out}")
 
 

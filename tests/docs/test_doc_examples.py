@@ -159,9 +159,9 @@ def shell_commands(block: Block) -> list[Command]:
 
 
 def is_setup(argv: list[str]) -> bool:
-    """make/pip/git, python -m venv/pip, python benchmarks/NAME.py: not run inside the test suite."""
+    """make/pip/git/apt-get, python -m venv/pip, python benchmarks/NAME.py: not run inside the test suite."""
     name = Path(argv[0]).name
-    if name in {"make", "pip", "pip3", "git"}:
+    if name in {"make", "pip", "pip3", "git", "apt-get"}:
         return True
     if re.fullmatch(r"python(3(\.\d+)?)?", name) and len(argv) > 1:
         if argv[1] == "-m" and len(argv) > 2 and argv[2] in {"venv", "pip"}:
