@@ -53,6 +53,8 @@ class Photo:
 
 def offline_photos(folder: str | Path | None = None, sources: Sequence[str] = DEFAULT_SOURCES) -> list[Photo]:
     """Every photograph the named installed ``sources`` (and ``folder``) hold, in a fixed order."""
+    if isinstance(sources, str):
+        sources = (sources,)
     unknown = sorted(set(sources) - set(SOURCES))
     if unknown:
         raise ConfigError(f"unknown photo source(s) {', '.join(unknown)}; known: {', '.join(SOURCES)}")

@@ -87,6 +87,10 @@ def float_region(onnx_bytes: bytes, nodes: Sequence[str]) -> list[str]:
     """``nodes`` and every node that is not a layer (Conv/Gemm/MatMul) joined to one of them, directly or
     through other such nodes: the additions, activations and pooling around a layer kept in float.
 
+    This reaches far along a chain of residual additions: one float layer of a ResNet stage takes every
+    addition and ReLU of that stage along (measured correct; it costs conversions, which the fallback's
+    timing shows).
+
     ONNX Runtime's quantizer quantizes each of those nodes' tensors unless the node itself is excluded, so a
     layer excluded alone still reads and writes 8-bit tensors wherever an addition or pooling sits next to it.
     An activation right after an int8 layer stays with that layer: in float, it would leave the layer's
@@ -169,10 +173,14 @@ def _input_channels(node: Any, weight_shape: list[int]) -> int | None:
     if node.op_type == "Conv" and len(weight_shape) >= 3:
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
         return int(weight_shape[1] * group)
+    if node.op_type == "ConvTranspose" and len(weight_shape) >= 3:
+        return int(weight_shape[0])  # its weight is (C_in, C_out / group, k...)
     if node.op_type == "Gemm" and len(weight_shape) == 2:
+        if next((a.i for a in node.attribute if a.name == "transA"), 0):
+            return None  # input axis 1 is then not the channel axis
         trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
         return int(weight_shape[1] if trans_b else weight_shape[0])
-    return None  # MatMul (the input's channel axis is its last, not 1) and ConvTranspose: left as they are
+    return None  # MatMul: the input's channel axis is its last, and WeightBiasQuantization leaves MatMul alone
 
 
 def _after_int8_layer(node: Any, producer: Mapping[str, Any], region: set[str]) -> bool:

@@ -255,3 +255,32 @@ def test_a_layer_kept_in_float_is_not_requantized_by_onnxruntime() -> None:
 
     assert np.array_equal(run([]), run(["WeightBiasQuantization"]))
     assert per_channel_feed
+
+
+def test_float_transposed_convolutions_and_gemms_read_a_per_channel_input() -> None:
+    from nnopt.io.onnx_export import export_onnx
+    from nnopt.quantization.onnx_static import QdqQuantizer, layer_nodes, run_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.ConvTranspose2d(8, 6, 3, stride=2), nn.ReLU(),
+                          nn.Conv2d(6, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 19 * 19, 16), nn.ReLU(),
+                          nn.Linear(16, 3)).eval()
+    with torch.no_grad():
+        model[2].weight[0] *= 50
+        model[9].weight[0] *= 50
+    x = torch.randn(16, 3, 12, 12)
+    graph = export_onnx(model, x[:1])
+    with QdqQuantizer(graph, [x.numpy()], "minmax", "uint8") as quantizer:
+        int8 = quantizer.quantize(exclude=("2", "9"))  # each reads the output of an int8 layer's ReLU
+    nodes = onnx_nodes(int8)
+    for name in ("2", "9"):
+        layer = next(n for n in nodes if n.name == layer_nodes(graph)[name])
+        feed = next(n for n in nodes if n.output[0] == layer.input[0])
+        assert feed.op_type == "DequantizeLinear" and any(a.name == "axis" for a in feed.attribute)
+    assert run_onnx(int8, x.numpy()).shape == (16, 3)
+
+
+def onnx_nodes(onnx_bytes: bytes) -> list:  # type: ignore[type-arg]
+    import onnx
+
+    return list(onnx.load_from_string(onnx_bytes).graph.node)
