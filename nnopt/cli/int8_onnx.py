@@ -28,7 +28,7 @@ def register(commands: Any) -> None:
                         help="photos (default): crops of the photographs installed packages ship, whole photographs "
                         "held out; or an .npz/.npy file or image folder (nnopt.load_data: its test split is held out)")
     parser.add_argument("--image-size", type=int, default=224, help="crop size for --data photos (default 224)")
-    parser.add_argument("--photo-sources", default="sklearn,skimage", metavar="LIST",
+    parser.add_argument("--photo-sources", default=None, metavar="LIST",
                         help="--data photos: comma-separated sources among sklearn, skimage and tuxpaint (the "
                         "photographs among Tux Paint's stamps: apt-get install tuxpaint-stamps-default); "
                         "default sklearn,skimage")
@@ -122,14 +122,21 @@ def _model(source: str) -> Any:
     return load_model(source)
 
 
+DEFAULT_SOURCES_TEXT = "sklearn,skimage"
+
+
 def _data(args: argparse.Namespace, options: Any) -> tuple[Any, Any, str]:
     needed = options.calibration_samples + options.validation_samples
     if args.data == "photos":
         from nnopt.photos import photo_splits
 
-        sources = tuple(s.strip() for s in args.photo_sources.split(",") if s.strip())
+        sources = tuple(s.strip() for s in (args.photo_sources or DEFAULT_SOURCES_TEXT).split(",") if s.strip())
+        if not sources:
+            raise ConfigError("--photo-sources names no source; known: sklearn, skimage, tuxpaint")
         splits = photo_splits(fit=needed, held_out=args.held_out, size=args.image_size, sources=sources)
         return splits.fit, splits.held_out, splits.describe()
+    if args.photo_sources is not None:
+        raise ConfigError("--photo-sources applies to --data photos only")
     from nnopt.datafiles import load_data
 
     dataset = load_data(args.data, image_size=args.image_size)

@@ -48,3 +48,9 @@ def test_int8_onnx_refuses_an_unknown_photo_source(tmp_path: Path, capsys: pytes
                  "sklearn,flickr", "--image-size", "32"])
     assert code == 2 and "unknown photo source(s) flickr" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
+    np.save(tmp_path / "images.npy", np.zeros((8, 3, 32, 32), np.float32))
+    for extra, message in ((["--photo-sources", " , "], "names no source"),
+                           (["--data", str(tmp_path / "images.npy"), "--photo-sources", "tuxpaint"],
+                            "applies to --data photos only")):
+        assert main(["int8-onnx", str(tmp_path / "model"), "-o", str(tmp_path / "m.onnx"), *extra]) == 2
+        assert message in capsys.readouterr().err
