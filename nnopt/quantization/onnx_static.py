@@ -152,11 +152,10 @@ def keep_float_layers_float(onnx_bytes: bytes, layers: Sequence[str]) -> bytes:
         if channels is None:
             continue
         prefix = f"{node.name}_float_input"
-        graph.initializer.extend([
-            numpy_helper.from_array(np.full(channels, numpy_helper.to_array(scale).item(),
-                                            numpy_helper.to_array(scale).dtype), f"{prefix}_scale"),
-            numpy_helper.from_array(np.full(channels, numpy_helper.to_array(zero).item(),
-                                            numpy_helper.to_array(zero).dtype), f"{prefix}_zero_point"),
+        scale_value, zero_value = numpy_helper.to_array(scale), numpy_helper.to_array(zero)
+        graph.initializer.extend([  # the per-tensor values repeated per channel: the same computation
+            numpy_helper.from_array(np.full(channels, scale_value.item(), scale_value.dtype), f"{prefix}_scale"),
+            numpy_helper.from_array(np.full(channels, zero_value.item(), zero_value.dtype), f"{prefix}_zero_point"),
         ])
         nodes.insert(len(nodes) - 1, helper.make_node(  # just before the layer: the order stays topological
             "DequantizeLinear", [source.input[0], f"{prefix}_scale", f"{prefix}_zero_point"], [prefix], name=prefix,

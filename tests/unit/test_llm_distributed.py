@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from nnopt.errors import ConfigError, OutputError
 from nnopt.llm import distributed
@@ -93,11 +92,10 @@ def _worker(src: Path, root: Path) -> None:
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as fh:
-            out.update({name: fh.get_tensor(name) for name in fh.keys()})
-    return out
+    # imported here: this file also runs as a torchrun script, where tests/ is not on sys.path
+    from checkpoint_files import checkpoint_tensors
+
+    return checkpoint_tensors(path)
 
 
 def _codes_differ(a: Path, b: Path) -> tuple[int, int]:
