@@ -47,6 +47,11 @@ def register(commands: Any) -> None:
                         help="top-1 agreement with the float model to reach on validation inputs (default 0.99)")
     parser.add_argument("--max-float-layers", type=int, default=12,
                         help="most layers kept in float to reach the target (default 12; 0: everything int8)")
+    parser.add_argument("--distill-steps", type=int, default=0,
+                        help="where the target is still missed: Adam steps distilling the int8 file through its own "
+                        "simulation on the calibration inputs, kept only if validation KL falls (default 0: off)")
+    parser.add_argument("--distill-train", choices=("all", "biases"), default="all",
+                        help="what distillation trains: all weights and biases (default) or biases alone")
     parser.add_argument("--weights", choices=("auto", "uint8", "int8"), default="auto",
                         help="weight codes: auto (default) takes int8 only where ONNX Runtime's u8xs8 kernel is exact")
     parser.add_argument("--no-equalize", action="store_true", help="skip cross-layer equalization")
@@ -81,7 +86,7 @@ def cmd_int8_onnx(args: argparse.Namespace) -> int:
         rounding_samples=args.rounding_samples, calibration_samples=args.calibration_samples,
         validation_samples=args.validation_samples, equalize=not args.no_equalize,
         bias_correction=not args.no_bias_correction, weights=args.weights, target_agreement=args.target_agreement,
-        max_float_layers=args.max_float_layers,
+        max_float_layers=args.max_float_layers, distill_steps=args.distill_steps, distill_train=args.distill_train,
     )
     options.validate()
     runtimes = tuple(r.strip() for r in args.runtimes.split(",") if r.strip())

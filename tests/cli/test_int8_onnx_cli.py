@@ -26,12 +26,19 @@ def test_int8_onnx_writes_the_file_and_a_measured_report(tmp_path: Path, capsys:
     out, report = tmp_path / "model.int8.onnx", tmp_path / "report.json"
     code = main(["int8-onnx", str(tmp_path / "model"), "-o", str(out), "--data", str(tmp_path / "images.npy"),
                  "--calibration-samples", "24", "--validation-samples", "16", "--max-float-layers", "1",
-                 "--batch", "4", "--seconds", "0", "--runtimes", "onnxruntime", "--json", str(report)])
+                 "--batch", "4", "--seconds", "0", "--runtimes", "onnxruntime", "--json", str(report),
+                 "--distill-steps", "3"])
     assert code == 0 and out.stat().st_size > 0
     doc = json.loads(report.read_text())
     assert doc["held_out"]["rows"] == 16 and 0.0 <= doc["held_out"]["agreement"] <= 1.0
     assert "onnxruntime fp32" in doc["latency_ms"] and "onnxruntime int8" in doc["latency_ms"]
     assert doc["fastest"] in doc["latency_ms"] and doc["int8"]["steps"][0]["float_layers"] == 0
+    assert doc["int8"]["options"]["distill_steps"] == 3
+    # distillation runs only where the fallback's steps missed the target, and says whether its file was kept
+    fallback = [step for step in doc["int8"]["steps"] if not step.get("distilled")]
+    distilled = [step for step in doc["int8"]["steps"] if step.get("distilled")]
+    missed = max(step["agreement"] for step in fallback) < 0.99
+    assert len(distilled) == int(missed) and ("distillation" in doc["int8"]["preparation"]) == missed
     assert "held-out: top-1 agreement" in capsys.readouterr().out
     assert (tmp_path / "images.npy").read_bytes() == before  # the input is never modified
     assert main(["int8-onnx", str(tmp_path / "model"), "-o", str(out), "--data", str(tmp_path / "images.npy")]) == 2
