@@ -16,12 +16,18 @@ int8:
   ``int8 (fold only)``: the same
   quantizer on the folded model without equalization or bias correction, with all layers and with the first
   convolution kept in float (the input is then not quantized).
+- ``int8 file simulated``: the all-int8 file (CLE, min-max, no bias correction) run in torch through
+  ``nnopt.quantization.qdq_simulation.QdqSimulation``, its own quantization points and ranges, with weights or
+  activations at other widths (``float``: not rounded, activations still clipped to the calibrated range): how
+  much of int8's error each part makes, and how many activation bits 99% would take;
+- ``distilled``: that file with its biases (or all weights) trained through the simulation to follow fp32 on
+  fitting crops (scenes, plus stamps of the fitting side), written back as codes (``distill_qdq``);
 - the fallback's frontier: ``int8_onnx`` with every step of its fallback, from no layer to all of them in float
   (the most int8-sensitive first, with the additions and activations around them), each step's file timed at
   batch 32 in ONNX Runtime beside ONNX Runtime fp32 (alternated in one process), and its held-out agreement.
 Figures: measured (ONNX Runtime / torch outputs and latency on this CPU).
 
-    python benchmarks/cnn_fidelity.py [--quick] [--threads 2] [--no-stamps] [--no-frontier] [--out PATH]
+    python benchmarks/cnn_fidelity.py [--quick] [--threads 2] [--no-stamps] [--no-frontier] [--no-distill] [--out PATH]
 """
 
 from __future__ import annotations
@@ -107,6 +113,7 @@ def fidelity_rows(name: str, args: Any) -> list[dict[str, Any]]:
         for label, exclude in (("all layers", ()), (f"first conv ({first}) in float", (first,))):
             int8 = quantizer.quantize(exclude=exclude)
             score("nnopt", f"int8 (fold only), {label}", lambda x, f=int8: run_onnx(f, x.numpy()))
+    _width_and_distill_rows(folded_equalized(model, splits.fit[:128]), splits.fit, score, args)
     rows = []
     for (tool, variant), by_images in scores.items():
         for images, (agreement, kl) in by_images.items():
@@ -124,6 +131,56 @@ def fidelity_rows(name: str, args: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def folded_equalized(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+    from nnopt.pipeline.int8_onnx import Int8OnnxOptions, prepare_for_int8
+
+    return prepare_for_int8(model, calibration, Int8OnnxOptions())[0]
+
+
+def _width_and_distill_rows(prepared: nn.Module, fit: torch.Tensor,
+                            score: Callable[[str, str, Callable[[torch.Tensor], Any]], None], args: Any) -> None:
+    """The all-int8 file (CLE, min-max, no bias correction) run in torch through ``QdqSimulation`` with each part at
+    other widths, keeping every tensor's calibrated range; then the file distilled through that simulation."""
+    from nnopt.io.onnx_export import export_onnx
+    from nnopt.photos import TUXPAINT_STAMPS, photo_splits
+    from nnopt.pipeline.int8_onnx import DISTILL_LR
+    from nnopt.quantization.onnx_static import QdqQuantizer, run_onnx
+    from nnopt.quantization.qdq_simulation import DistillConfig, QdqSimulation, distill_qdq
+
+    calibration = fit[:128]
+    float_onnx = export_onnx(prepared, calibration[:1])
+    batches = [calibration[i:i + 16].numpy() for i in range(0, len(calibration), 16)]
+    with QdqQuantizer(float_onnx, batches, "minmax", "auto") as quantizer:
+        int8 = quantizer.quantize()
+    score("nnopt", "int8 file (CLE, no bias correction), all layers", lambda x: run_onnx(int8, x.numpy()))
+    simulation = QdqSimulation(int8, float_onnx).eval()
+
+    def simulated(x: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return torch.cat([simulation(x[i:i + 25]) for i in range(0, len(x), 25)]).numpy()
+
+    widths = ((None, None), (8, None), (None, 8), (None, 10), (None, 12), (8, 8))
+    for weight_bits, activation_bits in widths[:3] if args.quick else widths:
+        simulation.weight_bits, simulation.activation_bits = weight_bits, activation_bits
+        weights = f"{weight_bits}-bit" if weight_bits else "float"
+        activations = f"{activation_bits}-bit" if activation_bits else "float (clipped to the calibrated range)"
+        score("nnopt", f"int8 file simulated: weights {weights}, activations {activations}", simulated)
+    if args.no_distill:
+        return
+    rows = [fit]
+    if TUXPAINT_STAMPS.is_dir() and not args.no_stamps:  # stamps of the fitting side: never in the held-out set
+        rows.append(photo_splits(fit=len(fit), held_out=1, sources=("tuxpaint",)).fit)
+    inputs = torch.cat(rows)
+    teacher = torch.from_numpy(run_onnx(float_onnx, inputs.numpy()))
+    steps = 20 if args.quick else 200
+    for config in (DistillConfig(steps=steps, lr=DISTILL_LR[train], train=train) for train in DISTILL_LR):
+        log(f"distilling the int8 file ({config.train}, {steps} steps) on {len(inputs)} fitting crops")
+        distilled, summary = distill_qdq(int8, float_onnx, inputs, teacher, config)
+        log(f"training KL {summary['kl_first_steps']:.4f} -> {summary['kl_last_steps']:.4f}")
+        score("nnopt", f"int8 file distilled through its simulation ({config.train}, {steps} steps, lr {config.lr:g}, "
+                       f"{len(inputs)} fitting crops)", lambda x, f=distilled: run_onnx(f, x.numpy()))
+
+
 def _frontier_rows(name: str, model: nn.Module, fit: torch.Tensor, held_out: dict[str, torch.Tensor],
                    references: dict[str, torch.Tensor], args: Any) -> list[dict[str, Any]]:
     """The fallback's every step, up to all layers in float: held-out agreement and batch-32 latency beside
@@ -139,6 +196,8 @@ def _frontier_rows(name: str, model: nn.Module, fit: torch.Tensor, held_out: dic
     kept: dict[str, list[str]] = {}
 
     def keep(step: dict[str, Any], onnx: bytes) -> None:
+        if step.get("distilled"):
+            return  # the frontier is the fallback's own steps
         label = f"nnopt int8, {step['float_layers']} most sensitive layers in float"
         files[label], kept[label] = onnx, step["layers"]
         log(f"{label}: validation agreement {step['agreement']:.1%}")
@@ -170,8 +229,10 @@ def _frontier_rows(name: str, model: nn.Module, fit: torch.Tensor, held_out: dic
 
 def main() -> None:
     args, chosen = parse_args(__doc__ or "", "cnn_fidelity", WORKLOADS, "100 held-out crops", extra=(
-        (("--no-stamps",), {"action": "store_true", "help": "leave out the Tux Paint stamps' held-out crops"}),
+        (("--no-stamps",), {"action": "store_true", "help": "leave out the Tux Paint stamps (held-out crops, and the "
+                                                               "fitting-side stamps distillation trains on)"}),
         (("--no-frontier",), {"action": "store_true", "help": "leave out the fallback's steps and their timing"}),
+        (("--no-distill",), {"action": "store_true", "help": "leave out the distillation through the simulation"}),
     ))
     rows, env = run_workloads(args, chosen, {"mobilenet_v2": lambda a: fidelity_rows("mobilenet_v2", a)})
     env["images"] = "nnopt.photos.photo_splits: whole photographs held out; accuracy = top-1 agreement with fp32"
