@@ -16,7 +16,9 @@ products in saturating 16-bit lanes on x86 CPUs without VNNI (measured here, AMD
 288,032 on a product of 582,930), as ONNX Runtime does. A known-answer check (:mod:`nnopt.kernel_check`)
 runs OpenVINO's QDQ MatMul with extreme codes once per process when a model holds int8 weight
 constants, and :class:`OpenVinoRunner` refuses such a model where the check failed; uint8 weights with
-zero point 128 (nnopt's default U8U8 export) were exact here.
+zero point 128 (nnopt's default U8U8 export) were exact there. On an AMD EPYC with AVX-512 VNNI it was the other
+way round: signed weights exact, uint8 weights (zero point 128) off by 3,221 on extreme codes. So uint8 weight
+codes are checked the same way (``openvino-qdq-u8u8``), and a model holding them is refused where that fails.
 
 OpenVINO is the ``openvino`` extra, imported lazily; without it every entry point raises
 :class:`~nnopt.errors.UnsupportedModelError` naming ``pip install 'nnopt[openvino]'``.
@@ -178,6 +180,7 @@ OPENVINO_KERNELS = {
     "openvino-qdq-u8u8": (False, False, (0, 255)),  # nnopt's default U8U8 export
 }
 SIGNED_OPENVINO_KERNELS = ("openvino-qdq-u8s8", "openvino-qdq-s8s8")
+UNSIGNED_OPENVINO_KERNELS = ("openvino-qdq-u8u8",)
 
 
 def check_openvino_kernel(name: str) -> Any:
@@ -195,19 +198,34 @@ def int8_weight_constants(model: Any) -> list[str]:
             if op.get_type_name() == "Constant" and op.get_output_element_type(0) == ov.Type.i8]
 
 
+def uint8_weight_constants(model: Any) -> list[str]:
+    """Names of the uint8 weight codes of an ``openvino.Model``: uint8 constants of two or more dimensions (an
+    activation's zero point is a scalar, a weight's per-channel zero points one-dimensional)."""
+    ov = _openvino()
+    return [op.get_friendly_name() for op in model.get_ops()
+            if op.get_type_name() == "Constant" and op.get_output_element_type(0) == ov.Type.u8
+            and len(op.get_output_partial_shape(0)) >= 2]
+
+
 def refuse_wrong_int8(model: Any, what: str = "this model") -> None:
-    """Refuse ``model`` (an ``openvino.Model``) where its int8 weights would give wrong results on this CPU:
-    OpenVINO's u8×s8 / s8×s8 QDQ MatMul failed its known-answer check (a CPU without VNNI)."""
-    found = int8_weight_constants(model)
-    if not found:
-        return
-    failed = [c for c in map(check_openvino_kernel, SIGNED_OPENVINO_KERNELS) if c.passed is False]
-    if failed:
-        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
-        raise UnsupportedModelError(
-            f"{what} holds int8 weights ({found[0]!r}{more}), which OpenVINO computes wrongly on this CPU "
-            f"({failed[0].kernel} failed its known-answer check: {failed[0].detail}); write it with uint8 weights "
-            "(zero point 128) instead (nnopt convert --int8-weights uint8, or QuantType.QUInt8 weights)")
+    """Refuse ``model`` (an ``openvino.Model``) where its 8-bit weights would give wrong results on this CPU:
+    OpenVINO's QDQ MatMul with that kind of weight codes failed its known-answer check. Signed codes fail on
+    CPUs without VNNI (u8×s8 pairs saturating in 16 bits); uint8 codes with zero point 128 failed on an AMD EPYC
+    with AVX-512 VNNI."""
+    checks = ((int8_weight_constants(model), SIGNED_OPENVINO_KERNELS, "int8", "uint8 weights (zero point 128)",
+               "nnopt convert --int8-weights uint8, or QuantType.QUInt8 weights"),
+              (uint8_weight_constants(model), UNSIGNED_OPENVINO_KERNELS, "uint8", "int8 weights",
+               "nnopt convert --int8-weights int8, nnopt int8-onnx --weights int8, or QuantType.QInt8 weights"))
+    for found, kernels, kind, other, how in checks:
+        if not found:
+            continue
+        failed = [c for c in map(check_openvino_kernel, kernels) if c.passed is False]
+        if failed:
+            more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+            raise UnsupportedModelError(
+                f"{what} holds {kind} weights ({found[0]!r}{more}), which OpenVINO computes wrongly on this CPU "
+                f"({failed[0].kernel} failed its known-answer check: {failed[0].detail}); write it with {other} "
+                f"instead ({how})")
 
 
 class OpenVinoRunner:
@@ -289,4 +307,4 @@ def _array(value: Any) -> np.ndarray[Any, Any]:
 
 __all__ = ["HINTS", "OPENVINO_FIX", "OPENVINO_KERNELS", "OpenVinoRunner", "check_openvino_kernel", "convert_onnx",
            "int8_weight_constants", "openvino_available", "openvino_version", "read_openvino", "refuse_wrong_int8",
-           "write_openvino"]
+           "uint8_weight_constants", "write_openvino"]
