@@ -113,7 +113,7 @@ def fidelity_rows(name: str, args: Any) -> list[dict[str, Any]]:
         for label, exclude in (("all layers", ()), (f"first conv ({first}) in float", (first,))):
             int8 = quantizer.quantize(exclude=exclude)
             score("nnopt", f"int8 (fold only), {label}", lambda x, f=int8: run_onnx(f, x.numpy()))
-    _width_and_distill_rows(folded_equalized(model, splits.fit[:128]), splits.fit, score, args)
+    _width_and_distill_rows(model, splits.fit, batches, score, args)
     rows = []
     for (tool, variant), by_images in scores.items():
         for images, (agreement, kl) in by_images.items():
@@ -131,40 +131,30 @@ def fidelity_rows(name: str, args: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def folded_equalized(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
-    from nnopt.pipeline.int8_onnx import Int8OnnxOptions, prepare_for_int8
-
-    return prepare_for_int8(model, calibration, Int8OnnxOptions())[0]
-
-
-def _width_and_distill_rows(prepared: nn.Module, fit: torch.Tensor,
+def _width_and_distill_rows(model: nn.Module, fit: torch.Tensor, batches: list[np.ndarray],
                             score: Callable[[str, str, Callable[[torch.Tensor], Any]], None], args: Any) -> None:
     """The all-int8 file (CLE, min-max, no bias correction) run in torch through ``QdqSimulation`` with each part at
     other widths, keeping every tensor's calibrated range; then the file distilled through that simulation."""
     from nnopt.io.onnx_export import export_onnx
     from nnopt.photos import TUXPAINT_STAMPS, photo_splits
-    from nnopt.pipeline.int8_onnx import DISTILL_LR
+    from nnopt.pipeline.int8_onnx import Int8OnnxOptions, prepare_for_int8
     from nnopt.quantization.onnx_static import QdqQuantizer, run_onnx
-    from nnopt.quantization.qdq_simulation import DistillConfig, QdqSimulation, distill_qdq
+    from nnopt.quantization.qdq_simulation import DISTILL_LR, DistillConfig, QdqSimulation, distill_qdq
 
-    calibration = fit[:128]
-    float_onnx = export_onnx(prepared, calibration[:1])
-    batches = [calibration[i:i + 16].numpy() for i in range(0, len(calibration), 16)]
+    prepared, _ = prepare_for_int8(model, fit[:128], Int8OnnxOptions())  # folded and equalized
+    float_onnx = export_onnx(prepared, fit[:1])
     with QdqQuantizer(float_onnx, batches, "minmax", "auto") as quantizer:
         int8 = quantizer.quantize()
     score("nnopt", "int8 file (CLE, no bias correction), all layers", lambda x: run_onnx(int8, x.numpy()))
     simulation = QdqSimulation(int8, float_onnx).eval()
-
-    def simulated(x: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            return torch.cat([simulation(x[i:i + 25]) for i in range(0, len(x), 25)]).numpy()
 
     widths = ((None, None), (8, None), (None, 8), (None, 10), (None, 12), (8, 8))
     for weight_bits, activation_bits in widths[:3] if args.quick else widths:
         simulation.weight_bits, simulation.activation_bits = weight_bits, activation_bits
         weights = f"{weight_bits}-bit" if weight_bits else "float"
         activations = f"{activation_bits}-bit" if activation_bits else "float (clipped to the calibrated range)"
-        score("nnopt", f"int8 file simulated: weights {weights}, activations {activations}", simulated)
+        score("nnopt", f"int8 file simulated: weights {weights}, activations {activations}",
+              lambda x: _outputs(simulation, x).numpy())
     if args.no_distill:
         return
     rows = [fit]
@@ -173,12 +163,13 @@ def _width_and_distill_rows(prepared: nn.Module, fit: torch.Tensor,
     inputs = torch.cat(rows)
     teacher = torch.from_numpy(run_onnx(float_onnx, inputs.numpy()))
     steps = 20 if args.quick else 200
-    for config in (DistillConfig(steps=steps, lr=DISTILL_LR[train], train=train) for train in DISTILL_LR):
+    for config in (DistillConfig(steps=steps, train=train) for train in DISTILL_LR):
         log(f"distilling the int8 file ({config.train}, {steps} steps) on {len(inputs)} fitting crops")
         distilled, summary = distill_qdq(int8, float_onnx, inputs, teacher, config)
         log(f"training KL {summary['kl_first_steps']:.4f} -> {summary['kl_last_steps']:.4f}")
-        score("nnopt", f"int8 file distilled through its simulation ({config.train}, {steps} steps, lr {config.lr:g}, "
-                       f"{len(inputs)} fitting crops)", lambda x, f=distilled: run_onnx(f, x.numpy()))
+        score("nnopt", f"int8 file distilled through its simulation ({config.train}, {steps} steps, "
+                       f"lr {config.learning_rate:g}, {len(inputs)} fitting crops)",
+              lambda x, f=distilled: run_onnx(f, x.numpy()))
 
 
 def _frontier_rows(name: str, model: nn.Module, fit: torch.Tensor, held_out: dict[str, torch.Tensor],

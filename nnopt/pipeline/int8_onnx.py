@@ -36,7 +36,6 @@ from nnopt.errors import ConfigError
 
 FLOAT_LAYER_STEPS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 ROUNDINGS = ("nearest", "learned")
-DISTILL_LR = {"biases": 1e-4, "all": 1e-5}  # Adam; weights move on a far finer scale than biases
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +65,7 @@ class Int8OnnxOptions:
 
     def validate(self) -> None:
         from nnopt.quantization.onnx_static import CALIBRATIONS, WEIGHT_TYPES
+        from nnopt.quantization.qdq_simulation import DISTILL_LR
 
         if self.calibration not in CALIBRATIONS:
             raise ConfigError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}")
@@ -237,8 +237,7 @@ def _distilled(best: tuple[float, bytes, tuple[str, ...], float], float_onnx: by
 
     _, int8, kept, kl = best
     teacher = torch.from_numpy(run_onnx(reference_onnx, calibration.numpy()))
-    config = DistillConfig(steps=options.distill_steps, lr=DISTILL_LR[options.distill_train],
-                           train=options.distill_train)
+    config = DistillConfig(steps=options.distill_steps, train=options.distill_train)
     say(f"distilling the int8 file ({config.train}) on {len(calibration)} calibration inputs")
     try:
         distilled, summary = distill_qdq(int8, float_onnx, calibration, teacher, config, progress=say)

@@ -2,9 +2,10 @@
 
 :class:`QdqSimulation` interprets the int8 graph that ONNX Runtime's quantizer wrote (QuantizeLinear /
 DequantizeLinear pairs around convolutions, additions, pooling): every activation is fake-quantized with
-the file's own scale and zero point, every weight on its own per-channel grid. Run with
-ONNX Runtime's graph optimizations off, the file computes the same (tested); its fused integer kernels
-round a few intermediate values the other way, which no simulation reproduces bit for bit.
+the file's own scale and zero point, every weight on its own per-channel grid. On small models it computes what
+ONNX Runtime computes from the file with graph optimizations off, within two output steps (tested): float sums
+in another order land a few values on the other side of a rounding boundary, as ONNX Runtime's own fused
+kernels do, and a deep network amplifies such flips.
 
 What it is for:
 - **what-if widths**: ``activation_bits`` / ``weight_bits`` change the width while keeping each tensor's
@@ -38,12 +39,12 @@ _QUANTIZED_SUFFIX = "_quantized"  # ONNX Runtime's quantizer names a weight's co
 
 @dataclasses.dataclass
 class _Weight:
-    """A weight (or bias) behind a DequantizeLinear: trained in float, written back as codes."""
+    """A weight behind a DequantizeLinear: trained in float, written back as codes."""
 
     key: str
     codes: str          # the initializer holding the codes
     scale: str          # the initializer holding the scale
-    zero_point: np.ndarray
+    zero: torch.Tensor  # zero point(s), float32, one per channel or one
     axis: int
     factor: torch.Tensor    # scale / |w|max per channel, as the quantizer derived it (symmetric weights)
     original: torch.Tensor  # the file's scale: kept for an all-zero channel, and where only float rounding differs
@@ -53,11 +54,14 @@ class _Weight:
 
 @dataclasses.dataclass
 class _Bias:
+    """An int32 bias behind a DequantizeLinear: its step is the input scale times the weight's scale."""
+
     key: str
     codes: str
     scale: str
-    input_scale: float  # the layer's input scale: times the weight's, the bias's scale (step)
-    weight_output: str  # the weight's DequantizeLinear output
+    input_scale: float
+    weight_output: str      # the weight's DequantizeLinear output
+    original: torch.Tensor  # the file's step
 
 
 class QdqSimulation(nn.Module):
@@ -155,8 +159,8 @@ class QdqSimulation(nn.Module):
         self.params[key] = nn.Parameter(torch.from_numpy(np.asarray(value, np.float32).copy()))
         low, high = _CODE_RANGES[codes.dtype]
         self._weights[dq.output[0]] = _Weight(
-            key, dq.input[0], dq.input[1], np.asarray(zero), axis, torch.from_numpy(factor.astype(np.float32)),
-            torch.from_numpy(scale.astype(np.float32)), low, high)
+            key, dq.input[0], dq.input[1], torch.from_numpy(np.asarray(zero, np.float32).reshape(-1)), axis,
+            torch.from_numpy(factor.astype(np.float32)), torch.from_numpy(scale.astype(np.float32)), low, high)
 
     def _add_bias(self, dq: Any, floats: dict[str, np.ndarray], input_scale: float, weight_output: str) -> None:
         codes, scale = self._consts[dq.input[0]], self._consts[dq.input[1]]
@@ -165,7 +169,8 @@ class QdqSimulation(nn.Module):
             value = codes.astype(np.float64) * scale
         key = f"bias{len(self.params)}"
         self.params[key] = nn.Parameter(torch.from_numpy(np.asarray(value, np.float32).copy()))
-        self._biases[dq.output[0]] = _Bias(key, dq.input[0], dq.input[1], input_scale, weight_output)
+        self._biases[dq.output[0]] = _Bias(key, dq.input[0], dq.input[1], input_scale, weight_output,
+                                           torch.from_numpy(np.asarray(scale, np.float32).reshape(-1)))
 
     # ------------------------------------------------------------------ running
 
@@ -177,30 +182,31 @@ class QdqSimulation(nn.Module):
             largest = value.abs().amax().reshape(1)
         else:
             largest = value.abs().amax(dim=[i for i in range(value.ndim) if i != weight.axis])
-        derived = torch.where(largest > 0, largest * weight.factor, weight.original)
-        return torch.where(torch.isclose(derived, weight.original, rtol=1e-6, atol=0.0), weight.original, derived)
+        return _kept(torch.where(largest > 0, largest * weight.factor, weight.original), weight.original)
 
     def _bias_step(self, bias: _Bias) -> torch.Tensor:
         """The bias's int32 step: the input scale times the weight's (current) scale."""
-        return _kept(self._weight_scale(self._weights[bias.weight_output]) * bias.input_scale, self._consts[bias.scale])
+        return _kept(self._weight_scale(self._weights[bias.weight_output]) * bias.input_scale, bias.original)
 
     def _fake_bias(self, bias: _Bias) -> torch.Tensor:
         step = self._bias_step(bias)
         return _fake_quantize(self.params[bias.key], step, torch.zeros_like(step), -2**31, 2**31 - 1)
 
+    def _grid(self, weight: _Weight, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """The weight's scale and zero point, shaped to broadcast along its channel axis, and its code range."""
+        scale, zero, low, high = self._weight_scale(weight), weight.zero, weight.low, weight.high
+        if bits != 8:  # the same range on a finer or coarser grid, zero point kept in place
+            scale, zero, low, high = _rewidth(scale, zero, low, high, bits)
+        shape = [1] * self.params[weight.key].ndim
+        if scale.numel() > 1:
+            shape[weight.axis] = -1
+        return scale.reshape(shape), zero.reshape(shape).float(), low, high
+
     def _fake_weight(self, weight: _Weight) -> torch.Tensor:
         value: torch.Tensor = self.params[weight.key]
         if self.weight_bits is None:
             return value
-        scale = self._weight_scale(weight)
-        zero = torch.from_numpy(weight.zero_point.astype(np.int32)).reshape(-1)
-        low, high = weight.low, weight.high
-        if self.weight_bits != 8:  # the same range on a finer or coarser grid, zero point kept in place
-            scale, zero, low, high = _rewidth(scale, zero, low, high, self.weight_bits)
-        shape = [1] * value.ndim
-        if scale.numel() > 1:
-            shape[weight.axis] = -1
-        return _fake_quantize(value, scale.reshape(shape), zero.reshape(shape).float(), low, high)
+        return _fake_quantize(value, *self._grid(weight, self.weight_bits))
 
     def _fake_activation(self, x: torch.Tensor, scale_name: str, zero_name: str) -> torch.Tensor:
         scale, zero = float(self._consts[scale_name].reshape(-1)[0]), self._consts[zero_name].reshape(-1)[0]
@@ -263,14 +269,8 @@ class QdqSimulation(nn.Module):
 
         with torch.no_grad():
             for weight in self._weights.values():
-                value = self.params[weight.key]
-                scale = self._weight_scale(weight)
-                shape = [1] * value.ndim
-                if scale.numel() > 1:
-                    shape[weight.axis] = -1
-                zero = torch.from_numpy(weight.zero_point.astype(np.float32)).reshape(shape if scale.numel() > 1
-                                                                                      else [1] * value.ndim)
-                codes = torch.clamp(torch.round(value / scale.reshape(shape)) + zero, weight.low, weight.high)
+                scale, zero, low, high = self._grid(weight)
+                codes = torch.clamp(torch.round(self.params[weight.key] / scale) + zero, low, high)
                 put(weight.codes, codes.numpy())
                 put(weight.scale, scale.numpy().reshape(self._consts[weight.scale].shape))
             for bias in self._biases.values():
@@ -302,11 +302,10 @@ def _fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, low
     return (codes - zero) * scale
 
 
-def _kept(scale: torch.Tensor, original: np.ndarray) -> torch.Tensor:
+def _kept(scale: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
     """``original`` where ``scale`` only differs from it by float rounding: an untrained file exports unchanged
     (a scale one ulp off moves values on rounding boundaries, and the network amplifies such flips)."""
-    before = torch.from_numpy(np.asarray(original, np.float64).reshape(-1)).to(scale.dtype)
-    return torch.where(torch.isclose(scale, before, rtol=1e-6, atol=0.0), before, scale)
+    return torch.where(torch.isclose(scale, original, rtol=1e-6, atol=0.0), original, scale)
 
 
 def _float_name(codes_name: str) -> str:
@@ -415,22 +414,31 @@ def _pool(op: str, x: torch.Tensor, attrs: dict[str, Any]) -> torch.Tensor:
 # ------------------------------------------------------------------ distillation through the file
 
 
+# Adam's learning rate by what is trained: weights move on a far finer scale than biases
+DISTILL_LR = {"all": 1e-5, "biases": 1e-4}
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-    """``train``: ``all`` (weights and biases) or ``biases`` (few parameters; a larger ``lr`` suits them, 1e-4).
-    Adam, ``lr``, ``steps`` of ``batch`` random rows; loss: softmax KL from the float model's outputs."""
+    """``train``: ``all`` (weights and biases) or ``biases`` (few parameters). Adam at ``lr`` (None: the
+    :data:`DISTILL_LR` of ``train``), ``steps`` of ``batch`` random rows; loss: softmax KL from the float model's
+    outputs."""
 
     steps: int = 200
-    lr: float = 1e-5
+    lr: float | None = None
     batch: int = 16
     train: str = "all"
     seed: int = 0
 
+    @property
+    def learning_rate(self) -> float:
+        return DISTILL_LR[self.train] if self.lr is None else self.lr
+
     def validate(self) -> None:
-        if self.steps < 1 or self.batch < 1 or self.lr <= 0:
+        if self.train not in DISTILL_LR:
+            raise ConfigError(f"train must be one of {', '.join(DISTILL_LR)}, got {self.train!r}")
+        if self.steps < 1 or self.batch < 1 or self.learning_rate <= 0:
             raise ConfigError("distillation needs steps >= 1, batch >= 1 and lr > 0")
-        if self.train not in ("biases", "all"):
-            raise ConfigError(f"train must be 'biases' or 'all', got {self.train!r}")
 
 
 def distill_qdq(qdq_onnx: bytes, float_onnx: bytes, inputs: torch.Tensor, teacher: torch.Tensor,
@@ -446,7 +454,7 @@ def distill_qdq(qdq_onnx: bytes, float_onnx: bytes, inputs: torch.Tensor, teache
     trained = [p for key, p in simulation.params.items() if config.train == "all" or key.startswith("bias")]
     if not trained:
         raise UnsupportedModelError("the QDQ file has no quantized layer to train")
-    optimizer = torch.optim.Adam(trained, lr=config.lr)
+    optimizer = torch.optim.Adam(trained, lr=config.learning_rate)
     generator = torch.Generator().manual_seed(config.seed)
     target = teacher.float().log_softmax(-1)
     losses: list[float] = []
@@ -461,7 +469,7 @@ def distill_qdq(qdq_onnx: bytes, float_onnx: bytes, inputs: torch.Tensor, teache
         if progress and (step % 20 == 0 or step == config.steps):
             progress(f"distilling the int8 file: step {step}/{config.steps}, KL {np.mean(losses[-20:]):.4f}")
     window = max(1, min(20, config.steps // 4))
-    summary = {"steps": config.steps, "lr": config.lr, "batch": config.batch, "train": config.train,
+    summary = {"steps": config.steps, "lr": config.learning_rate, "batch": config.batch, "train": config.train,
                "rows": len(inputs), "parameters": sum(p.numel() for p in trained),
                "kl_first_steps": float(np.mean(losses[:window])), "kl_last_steps": float(np.mean(losses[-window:])),
                "method": "measured: softmax KL of the simulated file from the float outputs on the training rows"}
